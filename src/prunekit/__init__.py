@@ -1,0 +1,38 @@
+"""prunekit: prune Hugging Face causal language models one block at a time, and measure it.
+
+    from prunekit import load, calibration_data, prune_, WandaConfig
+    model, tok = load("default")                      # hub id, local dir, or a .gguf file
+    report = prune_(model, WandaConfig(sparsity=0.5), calib=calibration_data(tok, samples=128))
+
+Public names are imported on first use, so `import prunekit` stays cheap (no transformers import).
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "prune_": ".engine",
+    "load": ".loading",
+    "calibration_data": ".data",
+    "evaluation_data": ".data",
+    "perplexity": ".eval.perplexity",
+    "save_pretrained_atomic": ".export",
+    "sparsity_report": ".report",
+    "SparsityConfig": ".config",
+    "MagnitudeConfig": ".methods.magnitude",
+    "WandaConfig": ".methods.wanda",
+    "SparseGPTConfig": ".methods.sparsegpt",
+    "run_recipe": ".recipe",
+    "load_recipe": ".recipe",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name], __name__), name)
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,385 @@
+"""The sequential engine: prune a model one decoder block at a time.
+
+    capture   run the calibration windows through the embeddings once; record the input of
+              block 0 and the keyword arguments every block receives (masks, rotary tables:
+              sliding-window families use different ones per layer)
+    per block onload it to the compute device, attach observers to its target linears,
+              run the cached inputs through it, prune, keep the *pruned* outputs as the next
+              block's inputs, offload it
+
+Only one block is on the accelerator at a time; cached activations live on `cache_device`
+(the compute device by default, "cpu" for the low-memory mode).
+
+Two orders inside a block (`sequential`):
+  "true"   each group of linears (q/k/v, then o, then gate/up, then down) is pruned as soon as
+           every calibration window has reached it, so later groups observe the outputs of the
+           already-pruned earlier ones. This costs a single forward pass per block: every window
+           runs in its own thread, strictly one thread at a time (`_Lockstep`), and the threads
+           meet before each group.
+  "block"  every group observes the dense block, then all are pruned, then a second pass
+           propagates the pruned outputs (what the reference SparseGPT and Wanda code do).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from .masks import check_pruned
+from .models import spec_for
+from .models.spec import get_module, in_features, is_linear, weight_view
+from .registry import method_for_config
+from .report import LayerRecord, PruneReport, memory_now
+
+log = logging.getLogger("prunekit")
+
+PROBE_ROWS = 4096  # calibration tokens kept per group to measure each layer's reconstruction error
+
+
+@dataclass
+class _Layer:
+    name: str                 # full module name, e.g. "model.layers.3.mlp.down_proj"
+    module: nn.Module
+    sparsity: float
+
+
+@dataclass
+class _Group:
+    """Linears of one block that read the same input; they share one observer."""
+    layers: list[_Layer]
+    stats: object = None
+    probe: list[Tensor] = field(default_factory=list)
+    pruned: bool = False
+
+
+def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str | torch.device | None = None,
+           sequential: str = "true", batch_size: int = 8, cache_device: str | torch.device | None = None,
+           progress: bool = True) -> PruneReport:
+    """Prune `model` in place with `config` (e.g. `WandaConfig(sparsity=0.5)`).
+
+    calib: (samples, seqlen) token ids from `calibration_data`; may be None only for data-free
+    methods (magnitude). Returns a `PruneReport` (per-layer achieved sparsity, reconstruction
+    error, time and memory per block). Raises if any layer does not hold the requested pattern.
+    """
+    method = method_for_config(config)
+    if sequential not in ("true", "block"):
+        raise ValueError(f"sequential must be 'true' or 'block', got {sequential!r}")
+    if method.stats is not None and calib is None:
+        raise ValueError(f"{method.name} needs calibration data: pass calib=calibration_data(tokenizer, ...)")
+    spec = spec_for(model)
+    blocks = get_module(model, spec.blocks)
+    plan = [_plan_block(spec, i, block, config) for i, block in enumerate(blocks)]
+    if not any(plan):
+        raise ValueError(f"targets={config.targets} ignore={config.ignore} select no linear layer in {spec.blocks}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    cache_device = torch.device(cache_device) if cache_device is not None else device
+
+    report = PruneReport(method=method.name, config=config, sequential=sequential,
+                         calibration_windows=0 if calib is None else int(calib.shape[0]),
+                         calibration_seqlen=0 if calib is None else int(calib.shape[1]))
+    started = time.perf_counter()
+    with torch.no_grad():
+        if calib is None:
+            hidden, kwargs = None, None
+        else:
+            hidden, kwargs = _capture(model, blocks, calib, batch_size, cache_device)
+        bar = _progress(len(blocks), f"{method.name}", enabled=progress)
+        for index, block in enumerate(blocks):
+            block_start = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            home = _module_device(block)
+            block.to(device)
+            groups = plan[index]
+            for group in groups:
+                if method.stats is not None:
+                    group.stats = method.stats(in_features(group.layers[0].module), device)
+            records: list[LayerRecord] = []
+            prune = lambda group: records.extend(_prune_group(group, method, config, index, device))  # noqa: E731
+            if hidden is None:
+                for group in groups:
+                    prune(group)
+            else:
+                probe_every = max(1, math.ceil(calib.numel() / PROBE_ROWS))
+                hidden = _run_block(block, groups, hidden, [kw[index] for kw in kwargs], device, cache_device,
+                                    sequential, prune, probe_every)
+            block.to(home)
+            del groups  # frees observers and probes
+            plan[index] = []
+            failures = [f"{r.name}: {r.problem}" for r in records if r.problem]
+            if failures:
+                raise RuntimeError("pruning did not produce the requested pattern in block "
+                                   f"{index}:\n  " + "\n  ".join(failures))
+            report.layers.extend(records)
+            mem = memory_now(device)
+            report.blocks.append({"block": index, "seconds": round(time.perf_counter() - block_start, 3), **mem})
+            errors = [r.error for r in records if r.error is not None]
+            mean_error = sum(errors) / len(errors) if errors else float("nan")
+            log.info("block %d: %d layers, mean rel. error %.4f, %s", index, len(records), mean_error, mem)
+            bar.set_postfix(err=f"{mean_error:.4f}", mem=mem.get("peak_mb", mem.get("rss_mb")))
+            bar.update(1)
+        bar.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _plan_block(spec, index: int, block: nn.Module, config) -> list[_Group]:
+    groups = []
+    for names in spec.groups:
+        layers = []
+        for name in names:
+            full = f"{spec.blocks}.{index}.{name}"
+            module = get_module(block, name)
+            if not is_linear(module):
+                raise TypeError(f"{full} is a {type(module).__name__}, not a linear layer; fix the model spec")
+            sparsity = config.sparsity_for(full)
+            if sparsity:
+                layers.append(_Layer(full, module, sparsity))
+        if layers:
+            groups.append(_Group(layers))
+    return groups
+
+
+def _prune_group(group: _Group, method, config, block_index: int, device) -> list[LayerRecord]:
+    """Apply the method to every layer of the group, write the weights back, verify them."""
+    group.pruned = True
+    X = torch.cat(group.probe) if group.probe else None                       # (rows, in)
+    records = []
+    for layer in group.layers:
+        start = time.perf_counter()
+        stored = weight_view(layer.module)                                     # (out, in), storage dtype
+        W = stored.detach().to(device=device, dtype=torch.float32, copy=True)
+        zeros_before = int((W == 0).sum())
+        layer_config = replace(config, sparsity=layer.sparsity)
+        W_new = method.fn(W, group.stats, layer_config)
+        if not torch.isfinite(W_new).all():
+            raise FloatingPointError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
+                                     "(check the calibration data and the model dtype)")
+        stored.copy_(W_new.to(stored.dtype))
+        error = None
+        if X is not None:
+            reference = X @ W.T
+            error = float((X @ (W - stored.float()).T).norm() / reference.norm().clamp_min(1e-12))
+        note = None
+        if hasattr(group.stats, "inverse_cholesky") and getattr(layer_config, "damp", None) is not None:
+            note = group.stats.inverse_cholesky(layer_config.damp)[2]
+            if note:
+                log.warning("%s: %s", layer.name, note)
+        problem = check_pruned(stored, layer.sparsity, config.nm, config.per, zeros_before)
+        records.append(LayerRecord(name=layer.name, block=block_index, requested=layer.sparsity,
+                                   zeros=int((stored == 0).sum()), numel=stored.numel(), error=error,
+                                   seconds=round(time.perf_counter() - start, 4), note=note, problem=problem))
+    group.stats = None
+    group.probe = []
+    return records
+
+
+def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, prune, probe_every):
+    """Observe and prune one block; return its pruned outputs (one tensor per calibration chunk)."""
+    first_of = {}   # module -> its group, for the first layer of each group only (they share the input)
+    for group in groups:
+        for layer in group.layers:
+            first_of[layer.module] = group
+    lockstep = _Lockstep(len(hidden)) if sequential == "true" else None
+    seen = threading.local()
+
+    def observe(module, args):
+        group = first_of[module]
+        if id(group) in seen.groups:                       # k/v after q: same input, already observed
+            return
+        seen.groups.add(id(group))
+        X = args[0]
+        if group.stats is not None:
+            group.stats.update(X)
+        group.probe.append(X.reshape(-1, X.shape[-1])[::probe_every].float())
+        if lockstep is not None:
+            lockstep.meet(group, lambda: prune(group))
+
+    outputs: list[Tensor | None] = [None] * len(hidden)
+
+    def forward(i: int, record: bool):
+        seen.groups = set() if record else {id(g) for g in groups}
+        with torch.no_grad():
+            args, kw = _to_device(kwargs[i], device)
+            out = block(hidden[i].to(device), *args, **kw)
+        outputs[i] = (out[0] if isinstance(out, tuple) else out).to(cache_device)
+
+    handles = [module.register_forward_pre_hook(observe) for module in first_of]
+    try:
+        if lockstep is not None:
+            lockstep.run(lambda i: forward(i, record=True))
+        else:
+            for i in range(len(hidden)):
+                forward(i, record=True)
+            for handle in handles:
+                handle.remove()
+            for group in groups:
+                prune(group)
+            for i in range(len(hidden)):
+                forward(i, record=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missed = [g.layers[0].name for g in groups if not g.pruned]
+    if missed:
+        raise RuntimeError(f"these layers never received calibration input, so they were not pruned: {missed}")
+    return outputs
+
+
+class _Lockstep:
+    """Run fn(i) for i in range(n), each in its own thread, strictly one thread at a time.
+
+    A thread that calls `meet(point, action)` hands over to the next thread; the last thread to
+    arrive runs `action()` (prune the group whose input everybody has now seen) and hands back to
+    thread 0, so all threads continue past the point with the pruned weights. The order is fixed
+    (0, 1, ..., n-1 at every point), so results are deterministic.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.turn = 0
+        self.cond = threading.Condition()
+        self.failure: BaseException | None = None
+        self.points: list = []         # meeting points in the order thread 0 reached them
+        self.local = threading.local()
+
+    def run(self, fn) -> None:
+        threads = [threading.Thread(target=self._worker, args=(i, fn), daemon=True) for i in range(self.n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def meet(self, point, action) -> None:
+        i, k = self.local.index, self.local.count
+        self.local.count += 1
+        if i == 0:
+            self.points.append(point)
+        elif k >= len(self.points) or self.points[k] is not point:
+            raise RuntimeError("calibration chunks took different paths through the block "
+                               "(data-dependent routing?); use sequential='block'")
+        if i == self.n - 1:
+            action()
+        self._hand_over(i)
+        self._wait(i)
+
+    def _worker(self, i: int, fn) -> None:
+        self.local.index, self.local.count = i, 0
+        try:
+            self._wait(i)
+            fn(i)
+            if self.local.count != len(self.points):
+                raise RuntimeError("calibration chunks took different paths through the block; use sequential='block'")
+        except _Aborted:
+            return
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            with self.cond:
+                self.failure = self.failure or err
+                self.cond.notify_all()
+            return
+        self._hand_over(i)
+
+    def _wait(self, i: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == i or self.failure is not None)
+            if self.failure is not None:
+                raise _Aborted
+
+    def _hand_over(self, i: int) -> None:
+        with self.cond:
+            self.turn = (i + 1) % self.n
+            self.cond.notify_all()
+
+
+class _Aborted(Exception):
+    """Another lockstep thread failed; this one stops quietly."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture stubs to end the embedding pass before the LM head."""
+
+
+def _capture(model, blocks, calib: Tensor, batch_size: int, cache_device):
+    """Inputs of block 0 and every block's other arguments, as (args, kwargs), per calibration chunk.
+
+    Each block's forward is replaced by a stub that records its kwargs and returns its input
+    unchanged, so one cheap pass (embeddings, masks, rotary tables) yields the per-block kwargs.
+    The stub mimics the block's return type, learned by running block 0 once on the first chunk.
+    """
+    chunks = list(calib.split(batch_size))
+    inputs: list[Tensor] = []
+    kwargs: list[list[tuple[tuple, dict]]] = []
+    embed_device = _model_device(model)
+    returns_tuple = None
+    current: list[tuple[tuple, dict]] = []
+
+    def stub_for(index: int):
+        def stub(hidden_states, *args, **kw):
+            current.append((args, kw))
+            if index == 0:
+                inputs.append(hidden_states.to(cache_device))
+                if returns_tuple is None:
+                    raise _StopForward
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return (hidden_states,) if returns_tuple else hidden_states
+        return stub
+
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = stub_for(index)
+        for chunk_index, chunk in enumerate(chunks):
+            if returns_tuple is None:        # learn the blocks' return type from the real block 0
+                try:
+                    model(input_ids=chunk.to(embed_device), use_cache=False)
+                except _StopForward:
+                    pass
+                del blocks[0].forward
+                args, kw = current[0]
+                probe = blocks[0](inputs[0].to(embed_device), *args, **kw)
+                returns_tuple = isinstance(probe, tuple)
+                blocks[0].forward = stub_for(0)
+                inputs.clear()
+                current.clear()
+            try:
+                model(input_ids=chunk.to(embed_device), use_cache=False)
+            except _StopForward:
+                pass
+            if len(current) != len(blocks):
+                raise RuntimeError(f"the model called {len(current)} of its {len(blocks)} blocks during capture")
+            kwargs.append(current)
+            current = []
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    return inputs, kwargs
+
+
+def _to_device(value, device):
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=f"prune {desc}", unit="block", disable=not enabled)

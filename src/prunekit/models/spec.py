@@ -1,0 +1,52 @@
+"""Architecture knowledge as data: one frozen `ModelSpec` per model family.
+
+A spec says where the decoder blocks live and which linear layers inside a block read the
+same input. Everything else (head geometry, GQA, biases) is read from `model.config` when
+needed. Methods never name modules; the engine asks the spec.
+
+`groups` lists the prunable linear layers of one block in execution order. Layers in the same
+group read the same input tensor (q/k/v, gate/up), so they share one set of statistics (one
+Hessian, one inverse) and, in true-sequential mode, are pruned together before the block moves
+on to the next group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_types: tuple[str, ...]          # config.model_type values served by this spec
+    blocks: str                           # dotted path of the nn.ModuleList of decoder blocks
+    groups: tuple[tuple[str, ...], ...]   # linear names relative to a block, grouped by shared input
+    embeddings: tuple[str, ...] = ()      # dotted paths of embedding modules (never pruned by default)
+    lm_head: str = "lm_head"
+
+    def __post_init__(self):
+        names = [name for group in self.groups for name in group]
+        if len(names) != len(set(names)):
+            raise ValueError(f"spec for {self.model_types}: a linear layer is listed twice: {names}")
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    """`get_module(model, "model.layers")` -> the module at that dotted path (clear error if absent)."""
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError as err:
+        raise AttributeError(f"{type(root).__name__} has no submodule {dotted!r}; the model spec does not fit this model") from err
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer whose weight is stored as (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_view(module: nn.Module):
+    """The weight as an (out, in) view, whatever the storage layout (Conv1D stores (in, out))."""
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+def in_features(module: nn.Module) -> int:
+    return weight_view(module).shape[1]

@@ -1,0 +1,218 @@
+"""Recipes: YAML -> frozen dataclasses -> function arguments, and back.
+
+    model: default                       # hub id, local dir, .gguf file, or "default"
+    calibration: {source: default, samples: 128, seqlen: 512, seed: 0}
+    steps:
+      - {method: wanda, sparsity: 0.5, nm: [2, 4]}
+    eval: {data: default, seqlen: 512}
+    export: {path: out/smollm2-wanda-2of4}
+
+`load_recipe` validates every key (an unknown key names the nearest valid one), `--set a.b=v`
+overrides are applied to the raw mapping before validation, and `dump_recipe` writes only the
+sections in full and steps without their default values, so load -> dump reproduces a
+canonical file exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .registry import get_method, method_for_config
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str = "default"       # "default" (offline), a .txt/.jsonl file or dir, or wikitext2 / c4 / ptb
+    samples: int = 128            # number of random windows
+    seqlen: int = 512             # tokens per window (capped; never max_position_embeddings)
+    seed: int = 0
+    batch_size: int = 8           # windows per forward pass
+
+    def __post_init__(self):
+        for name in ("samples", "seqlen", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"calibration.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.seqlen < 2:
+            raise ValueError("calibration.seqlen must be at least 2")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    data: str = "default"         # evaluation text source (its held-out split)
+    seqlen: int = 512
+    stride: int | None = None     # None: non-overlapping windows
+    max_tokens: int | None = None
+    dense: bool = True            # also measure the model before pruning
+
+    def __post_init__(self):
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise ValueError(f"eval.seqlen must be an integer >= 2, got {self.seqlen!r}")
+        if self.stride is not None and not 0 < self.stride <= self.seqlen:
+            raise ValueError(f"eval.stride must be in [1, seqlen], got {self.stride!r}")
+
+
+@dataclass(frozen=True)
+class Export:
+    path: str
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str = "default"
+    dtype: str = "float32"
+    device: str = "cpu"                   # compute device: cpu, cuda, cuda:1, auto
+    sequential: str = "true"              # "true": one pass, later groups see pruned inputs; "block": reference order
+    cache_device: str | None = None       # where cached activations live; "cpu" = low-memory mode on a GPU
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    calibration: Calibration = field(default_factory=Calibration)
+    steps: tuple = ()
+    eval: Evaluation | None = None
+    export: Export | None = None
+
+    def __post_init__(self):
+        if not self.steps:
+            raise ValueError("a recipe needs at least one step, e.g. steps: [{method: wanda, sparsity: 0.5}]")
+        if self.sequential not in ("true", "block"):
+            raise ValueError(f"sequential must be 'true' or 'block', got {self.sequential!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+
+
+_SECTIONS = {"calibration": Calibration, "eval": Evaluation, "export": Export}
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    if not isinstance(raw, dict):
+        raise ValueError(f"a recipe is a mapping (model:, steps:, ...), got {type(raw).__name__}")
+    _check_keys("recipe", raw, Recipe)
+    values = dict(raw)
+    for key, cls in _SECTIONS.items():
+        if values.get(key) is not None:
+            if not isinstance(values[key], dict):
+                raise ValueError(f"{key} must be a mapping, got {values[key]!r}")
+            _check_keys(key, values[key], cls)
+            values[key] = cls(**values[key])
+    steps = values.get("steps") or []
+    if not isinstance(steps, list):
+        raise ValueError("steps must be a list of {method: ..., ...} mappings")
+    values["steps"] = tuple(step_from_dict(step, f"steps.{i}") for i, step in enumerate(steps))
+    return Recipe(**values)
+
+
+def step_from_dict(raw: dict, where: str = "step"):
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise ValueError(f"{where} must be a mapping with a 'method' key, got {raw!r}")
+    values = dict(raw)
+    method = get_method(values.pop("method"))
+    _check_keys(where, values, method.config_cls)
+    for key in ("nm", "targets", "ignore"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    return method.config_cls(**values)
+
+
+def load_recipe(path_or_text: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe from a YAML file (or YAML text), apply `a.b.c=value` overrides, validate."""
+    text = Path(path_or_text).read_text() if _is_file(path_or_text) else str(path_or_text)
+    raw = yaml.safe_load(text)
+    for override in overrides:
+        apply_override(raw, override)
+    return recipe_from_dict(raw)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`steps.0.sparsity=0.6` sets raw["steps"][0]["sparsity"] = 0.6 (the value is parsed as YAML)."""
+    if "=" not in override:
+        raise ValueError(f"--set expects key=value (e.g. steps.0.sparsity=0.6), got {override!r}")
+    path, value = override.split("=", 1)
+    keys = path.strip().split(".")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        node = _child(node, key, ".".join(keys[:depth + 1]), create=True)
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_index(node, last, path)] = yaml.safe_load(value)
+    else:
+        node[last] = yaml.safe_load(value)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None, width=100)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Model and sections in full (a recipe file documents its protocol), steps minimal."""
+    out = {"model": recipe.model}
+    out.update(_non_default(recipe, skip=("model", "steps", *_SECTIONS)))
+    out["calibration"] = dataclasses.asdict(recipe.calibration)
+    out["steps"] = [step_to_dict(step) for step in recipe.steps]
+    for key in ("eval", "export"):
+        value = getattr(recipe, key)
+        if value is not None:
+            out[key] = dataclasses.asdict(value)
+    return out
+
+
+def step_to_dict(step) -> dict:
+    out = {"method": method_for_config(step).name}
+    skip = ("sparsity",) if step.nm is not None else ()
+    out.update(_non_default(step, skip=skip))
+    return out
+
+
+def _non_default(obj, skip=()) -> dict:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in skip:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value != default:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _check_keys(where: str, raw: dict, cls) -> None:
+    valid = [f.name for f in fields(cls)]
+    if where.startswith("step"):
+        valid = ["method", *valid]
+    for key in raw:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown key {key!r} in {where}{hint} (valid: {', '.join(valid)})")
+
+
+def _child(node, key: str, where: str, create: bool):
+    if isinstance(node, list):
+        return node[_index(node, key, where)]
+    if not isinstance(node, dict):
+        raise ValueError(f"--set {where}: {where.rsplit('.', 1)[0]} is not a mapping")
+    if key not in node or node[key] is None:
+        if not create:
+            raise ValueError(f"--set {where}: no such key")
+        node[key] = {}
+    return node[key]
+
+
+def _index(node: list, key: str, where: str) -> int:
+    if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
+        raise ValueError(f"--set {where}: {key!r} is not an index of a list of {len(node)} items")
+    return int(key)
+
+
+def _is_file(value) -> bool:
+    if isinstance(value, Path):
+        return True
+    text = str(value)
+    if "\n" in text or ":" in text and not text.endswith((".yaml", ".yml")):
+        return False
+    if text.endswith((".yaml", ".yml")) and not Path(text).exists():
+        raise FileNotFoundError(f"recipe file not found: {text}")
+    return Path(text).is_file()

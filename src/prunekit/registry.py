@@ -1,0 +1,61 @@
+"""Method registry: `@register(name, Config, stats=...)` maps a method name to its config class
+and its pure function. Duplicate names are rejected; there is no dispatch on method names
+anywhere else in the code.
+
+A method function has the signature `fn(W, stats, cfg) -> W_pruned` where
+`W` is a float32 (out, in) weight, `stats` the observer the method declared (or None) and `cfg`
+its config with the sparsity already resolved for this layer.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type
+    fn: Callable
+    stats: type | None       # observer class the method needs, None for data-free methods
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config_cls: type, stats: type | None = None):
+    def decorate(fn: Callable) -> Callable:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
+        _METHODS[name] = Method(name, config_cls, fn, stats)
+        config_cls.method = name
+        return fn
+    return decorate
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, _METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def method_for_config(cfg) -> Method:
+    _load_builtin_methods()
+    for method in _METHODS.values():
+        if type(cfg) is method.config_cls:
+            return method
+    raise TypeError(f"{type(cfg).__name__} is not the config of a registered method")
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def _load_builtin_methods() -> None:
+    # Explicit imports (no package walking): each import registers one method.
+    from .methods import magnitude, sparsegpt, wanda  # noqa: F401

@@ -1,0 +1,113 @@
+"""What pruning achieved: per-layer records, per-block time and memory, and a sparsity scan of
+any model (also one loaded back from disk)."""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    block: int
+    requested: float          # sparsity asked for this layer
+    zeros: int                # zeros actually stored after pruning
+    numel: int
+    error: float | None       # ||X W^T - X W'^T|| / ||X W^T|| on a sample of calibration tokens
+    seconds: float
+    note: str | None = None   # e.g. a SparseGPT dampening fallback
+    problem: str | None = None
+
+    @property
+    def achieved(self) -> float:
+        return self.zeros / self.numel
+
+
+@dataclass
+class PruneReport:
+    method: str
+    config: object
+    sequential: str
+    calibration_windows: int
+    calibration_seqlen: int
+    layers: list[LayerRecord] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over weights, across all pruned layers."""
+        total = sum(r.numel for r in self.layers)
+        return sum(r.zeros for r in self.layers) / total if total else 0.0
+
+    def table(self) -> str:
+        lines = [f"{'layer':<48} {'requested':>9} {'achieved':>9} {'rel.err':>8}"]
+        for r in self.layers:
+            error = f"{r.error:8.4f}" if r.error is not None else f"{'-':>8}"
+            lines.append(f"{r.name:<48} {r.requested:9.2%} {r.achieved:9.2%} {error}")
+        lines.append(f"{'all pruned layers':<48} {'':>9} {self.sparsity:9.2%}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "config": _plain(self.config),
+            "sequential": self.sequential,
+            "calibration_windows": self.calibration_windows,
+            "calibration_seqlen": self.calibration_seqlen,
+            "seconds": round(self.seconds, 3),
+            "sparsity_of_pruned_layers": self.sparsity,
+            "layers": [dataclasses.asdict(r) | {"achieved": r.achieved} for r in self.layers],
+            "blocks": self.blocks,
+        }
+
+
+def sparsity_report(model: nn.Module) -> dict:
+    """Zero fraction of every linear layer in the decoder blocks, plus totals.
+
+    Works on any supported model, e.g. one reloaded with `AutoModelForCausalLM.from_pretrained`.
+    """
+    from .models import spec_for
+    from .models.spec import get_module, is_linear, weight_view
+
+    spec = spec_for(model)
+    layers = {}
+    for name, module in get_module(model, spec.blocks).named_modules(prefix=spec.blocks):
+        if is_linear(module):
+            W = weight_view(module)
+            layers[name] = {"zeros": int((W == 0).sum()), "numel": W.numel()}
+    block_zeros = sum(v["zeros"] for v in layers.values())
+    block_numel = sum(v["numel"] for v in layers.values())
+    all_params = sum(p.numel() for p in model.parameters())
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    return {
+        "layers": {k: v["zeros"] / v["numel"] for k, v in layers.items()},
+        "block_linear_sparsity": block_zeros / block_numel if block_numel else 0.0,
+        "model_sparsity": all_zeros / all_params,
+        "parameters": all_params,
+    }
+
+
+def memory_now(device: torch.device) -> dict:
+    """Peak accelerator memory of the current block, or the process's RSS now and at its peak."""
+    if device.type == "cuda":
+        return {"peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    import psutil
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "peak_rss_mb": round(peak_mb, 1)}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

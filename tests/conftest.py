@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models built from Hugging Face configs, no download."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import transformers
+
+VOCAB = 128
+
+# 2-layer models of every supported family; widths are multiples of 8 so 2:4 and 4:8 apply.
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                              num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB),
+    "mistral": lambda: transformers.MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                                  num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB,
+                                                  sliding_window=8),
+    "qwen2": lambda: transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                              num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB),
+    "qwen3": lambda: transformers.Qwen3Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                              num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB),
+    "gemma2": lambda: transformers.Gemma2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                                num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                                                vocab_size=VOCAB, sliding_window=8),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                                         num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                                                         vocab_size=VOCAB, sliding_window=8,
+                                                         layer_types=["sliding_attention", "full_attention"]),
+    "phi3": lambda: transformers.Phi3Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                            num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB,
+                                            pad_token_id=0, eos_token_id=0, bos_token_id=0),
+    "opt": lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=96, num_attention_heads=4, num_hidden_layers=2,
+                                          vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=64),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=64, eos_token_id=0, bos_token_id=0),
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family]())
+    return model.eval()
+
+
+@pytest.fixture
+def calib():
+    return torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(1))
