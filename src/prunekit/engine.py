@@ -83,11 +83,13 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
                          calibration_windows=0 if calib is None else int(calib.shape[0]),
                          calibration_seqlen=0 if calib is None else int(calib.shape[1]))
     started = time.perf_counter()
+    rss_at_start = memory_now(torch.device("cpu"))["rss_mb"]
     with torch.no_grad():
         if calib is None:
             hidden, kwargs = None, None
         else:
             hidden, kwargs = _capture(model, blocks, calib, batch_size, cache_device)
+            report.memory_budget = _memory_budget(rss_at_start, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"{method.name}", enabled=progress)
         for index, block in enumerate(blocks):
             block_start = time.perf_counter()
@@ -126,6 +128,26 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         bar.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _memory_budget(rss_at_start_mb: float, blocks, plan, hidden: list[Tensor], sequential: str) -> dict:
+    """What peak memory should be: what was resident before pruning + one block + cached activations.
+
+    Cached activations are the block inputs and outputs of every calibration token; in
+    true-sequential mode every chunk also holds the residual stream and the input of the group
+    being pruned while it waits for the others (at most hidden + the widest group input).
+    """
+    mb = 2**20
+    tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+    hidden_size, elem = hidden[0].shape[-1], hidden[0].element_size()
+    cache = 2 * tokens * hidden_size * elem
+    if sequential == "true":
+        widest = max((in_features(g.layers[0].module) for groups in plan for g in groups), default=0)
+        cache += tokens * (hidden_size + widest) * 4
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    total = rss_at_start_mb + (block + cache) / mb
+    return {"rss_at_start_mb": round(rss_at_start_mb), "block_mb": round(block / mb), "activations_mb": round(cache / mb),
+            "budget_mb": round(1.2 * total)}
 
 
 def _plan_block(spec, index: int, block: nn.Module, config) -> list[_Group]:

@@ -38,6 +38,7 @@ class PruneReport:
     layers: list[LayerRecord] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    memory_budget: dict = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -64,6 +65,7 @@ class PruneReport:
             "sparsity_of_pruned_layers": self.sparsity,
             "layers": [dataclasses.asdict(r) | {"achieved": r.achieved} for r in self.layers],
             "blocks": self.blocks,
+            "memory_budget": self.memory_budget,
         }
 
 

@@ -1,0 +1,223 @@
+"""Save a pruned model atomically, as safetensors, with a `prunekit.json` provenance record.
+
+`save_pretrained_atomic(model, tokenizer, out_dir, metadata)` writes everything into a temp
+folder next to `out_dir` (same filesystem) and renames it into place, so `out_dir` is either
+the complete new export or untouched -- never half-written after a crash, a full disk or
+Ctrl-C after an hour of pruning. The result loads with plain
+``AutoModelForCausalLM.from_pretrained(out_dir)``.
+
+Safety rules (checked up front by `check_output_dir`, which `run_recipe` also calls before
+any work so a bad path fails in a second):
+
+* an existing `out_dir` is refused unless ``overwrite=True`` (CLI ``--overwrite``);
+* with overwrite, the old folder is moved aside, the new one renamed in, then the old one
+  deleted: a crash in between leaves one of them, never neither;
+* paths in `protect` (the input model's directory or file) are never written into or
+  replaced, nor is any folder containing one or inside one -- even with overwrite;
+* overwrite only replaces a folder that is empty or looks like a model export
+  (``prunekit.json`` or ``config.json``), and never the working directory, the home
+  directory, a filesystem root or one of their ancestors: ``--out . --overwrite`` must not
+  delete a project.
+
+Weights are written only as safetensors (never pickles) and `prunekit.json` is plain JSON:
+dataclasses become dicts, tuples lists, paths/dtypes/devices strings, and non-finite floats
+the strings "nan"/"inf"/"-inf".
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import inspect
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+METADATA_FILE = "prunekit.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+_EXPORT_MARKERS = (METADATA_FILE, "config.json")
+
+
+def _version(dist: str, fallback: str | None = None) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return fallback
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions recorded in every `prunekit.json`."""
+    import torch
+    import transformers
+    return {
+        "prunekit": _version("prunekit", "0.1.0+src"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": _version("safetensors"),
+        "python": platform.python_version(),
+    }
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain-JSON form of metadata (dataclasses, tuples, paths, dtypes, numpy/torch scalars)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((to_jsonable(v) for v in value), key=repr)
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)   # "nan", "inf", "-inf"
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value)
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    try:
+        import torch
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return to_jsonable(value.item())
+        if isinstance(value, torch.Tensor):
+            return to_jsonable(value.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(value, "tolist"):                               # numpy arrays and scalars
+        return to_jsonable(value.tolist())
+    return str(value)                                          # dtypes, devices, anything else
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _related(a: Path, b: Path) -> bool:
+    """a == b, a inside b, or b inside a."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _never_replace() -> list[Path]:
+    homes = [Path.cwd().resolve(), Path.home().resolve()]
+    return homes + [Path(p.anchor) for p in homes]
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
+                     protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Validate an export destination before any work; returns the resolved path.
+
+    Raises ValueError if `out_dir` is, contains, or lies inside a protected path (even with
+    overwrite) or, with overwrite, is not a replaceable export folder; FileExistsError if it
+    exists and `overwrite` is False; NotADirectoryError if it exists as a file.
+    """
+    raw = Path(os.path.abspath(Path(out_dir).expanduser()))
+    out = raw.resolve()
+    for item in protect or ():
+        if item is None or str(item) == "":
+            continue
+        guarded = _resolved(item)
+        if _related(out, guarded):
+            raise ValueError(f"refusing to write {out}: it is, contains, or lies inside the input model "
+                             f"{guarded}, which is never overwritten (choose another --out)")
+    if raw.is_symlink():  # replacing would swap the link, not its target: let the user decide
+        raise FileExistsError(f"{out_dir} is a symlink (to {os.readlink(raw)}); remove it or choose another --out")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory; choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
+                              "(overwrite=True) to replace it, or choose another --out")
+    for special in _never_replace():
+        if out == special or out in special.parents:
+            raise ValueError(f"refusing to overwrite {out}: it is the working directory, the home directory "
+                             "or one of their parents")
+    entries = [p.name for p in out.iterdir()]
+    if entries and not any(name in entries for name in _EXPORT_MARKERS):
+        raise ValueError(f"refusing to overwrite {out}: it does not look like a model export (no "
+                         f"{' or '.join(_EXPORT_MARKERS)}) and is not empty; remove it yourself if it is disposable")
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_permissions(folder: Path) -> None:
+    """Give a freshly written folder the modes the umask would: mkdtemp makes 0700 and
+    safetensors >= 0.8 writes its files 0600, which would lock other users out of an export."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _save_model(model, path: Path) -> None:
+    params = inspect.signature(model.save_pretrained).parameters
+    if "safe_serialization" in params:  # transformers 4.x; 5.x always writes safetensors
+        model.save_pretrained(path, safe_serialization=True)
+    else:
+        model.save_pretrained(path)
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadata: dict | None = None,
+                           overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write `model` (safetensors), `tokenizer` and `prunekit.json` to `out_dir` atomically.
+
+    `metadata` is merged into `prunekit.json` with ``versions`` (prunekit, torch, transformers,
+    safetensors, python) and ``saved_at`` (UTC). See the module docstring for the rules on
+    existing folders, `overwrite` and `protect`. Returns the resolved `out_dir`.
+    """
+    protect = list(protect or ())
+    out = check_output_dir(out_dir, overwrite=overwrite, protect=protect)
+    record = to_jsonable(dict(metadata or {}))
+    record["versions"] = {**library_versions(), **(record.get("versions") or {})}
+    record.setdefault("saved_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"  # fail before writing
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    aside: Path | None = None
+    try:
+        _save_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        pickles = sorted(p.name for p in tmp.rglob("*") if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise RuntimeError(f"save_pretrained wrote pickle files {pickles}; refusing to export them")
+        if not any(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"save_pretrained wrote no *.safetensors into {tmp}")
+        (tmp / METADATA_FILE).write_text(text)
+        normalize_permissions(tmp)
+
+        check_output_dir(out, overwrite=overwrite, protect=protect)  # the world may have moved meanwhile
+        if out.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, aside / out.name)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if aside is not None and not out.exists():
+                os.rename(aside / out.name, out)  # put the old export back
+                aside.rmdir()
+                aside = None
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return out
