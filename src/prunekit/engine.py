@@ -38,7 +38,7 @@ from .report import LayerRecord, PruneReport, memory_now
 
 log = logging.getLogger("prunekit")
 
-PROBE_ROWS = 4096  # calibration tokens kept per group to measure each layer's reconstruction error
+PROBE_ROWS = 512  # calibration tokens kept per group to measure each layer's reconstruction error
 
 
 @dataclass
