@@ -43,3 +43,26 @@ def tiny_model(family: str, seed: int = 0):
 @pytest.fixture
 def calib():
     return torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer trained offline on a slice of the default corpus (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prunekit.data import load_text
+    text, _ = load_text("default", "calibration")
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<pad>", "</s>"])
+    tk.train_from_iterator(text[:200_000].splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 2-layer Llama with a tokenizer: what a user's local checkpoint looks like."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

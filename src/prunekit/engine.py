@@ -21,8 +21,11 @@ Two orders inside a block (`sequential`):
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -83,13 +86,13 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
                          calibration_windows=0 if calib is None else int(calib.shape[0]),
                          calibration_seqlen=0 if calib is None else int(calib.shape[1]))
     started = time.perf_counter()
-    rss_at_start = memory_now(torch.device("cpu"))["rss_mb"]
+    _one_malloc_arena()
     with torch.no_grad():
         if calib is None:
             hidden, kwargs = None, None
         else:
             hidden, kwargs = _capture(model, blocks, calib, batch_size, cache_device)
-            report.memory_budget = _memory_budget(rss_at_start, blocks, plan, hidden, sequential)
+            report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"{method.name}", enabled=progress)
         for index, block in enumerate(blocks):
             block_start = time.perf_counter()
@@ -113,6 +116,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
             block.to(home)
             del groups  # frees observers and probes
             plan[index] = []
+            _release_freed_memory()
             failures = [f"{r.name}: {r.problem}" for r in records if r.problem]
             if failures:
                 raise RuntimeError("pruning did not produce the requested pattern in block "
@@ -130,24 +134,52 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     return report
 
 
-def _memory_budget(rss_at_start_mb: float, blocks, plan, hidden: list[Tensor], sequential: str) -> dict:
-    """What peak memory should be: what was resident before pruning + one block + cached activations.
+def _memory_budget(model, blocks, plan, hidden: list[Tensor], sequential: str) -> dict:
+    """What peak memory should be: the model + one block + cached activations, plus 20%.
 
-    Cached activations are the block inputs and outputs of every calibration token; in
-    true-sequential mode every chunk also holds the residual stream and the input of the group
-    being pruned while it waits for the others (at most hidden + the widest group input).
+    Cached activations are the block inputs of every calibration token (outputs replace them in
+    place); in true-sequential mode every chunk also holds the residual stream and the input of
+    the group being pruned while it waits for the others (at most hidden + the widest group input).
+    The Python interpreter and its libraries come on top (about 0.4 GB with torch + transformers).
     """
     mb = 2**20
     tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
     hidden_size, elem = hidden[0].shape[-1], hidden[0].element_size()
-    cache = 2 * tokens * hidden_size * elem
+    cache = tokens * hidden_size * elem                   # block inputs; outputs overwrite them chunk by chunk
     if sequential == "true":
         widest = max((in_features(g.layers[0].module) for groups in plan for g in groups), default=0)
         cache += tokens * (hidden_size + widest) * 4
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
-    total = rss_at_start_mb + (block + cache) / mb
-    return {"rss_at_start_mb": round(rss_at_start_mb), "block_mb": round(block / mb), "activations_mb": round(cache / mb),
-            "budget_mb": round(1.2 * total)}
+    return {"model_mb": round(model_bytes / mb), "block_mb": round(block / mb), "activations_mb": round(cache / mb),
+            "budget_mb": round(1.2 * (model_bytes + block + cache) / mb)}
+
+
+def _one_malloc_arena() -> None:
+    """glibc gives every thread its own malloc arena and keeps freed memory in it; with one thread
+    per calibration chunk that raises peak RSS. One shared arena measured on SmolLM2, 64 windows:
+    peak 2.6 -> 2.3 GB and 7% faster. (A fixed 4 MB mmap threshold reached 1.6 GB but cost 17%
+    in page faults, so it is not used.) No-op off glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-8, 1)   # M_ARENA_MAX = 1
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed at the end of a block back to the OS (glibc's malloc_trim)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _plan_block(spec, index: int, block: nn.Module, config) -> list[_Group]:
@@ -222,14 +254,15 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
         if lockstep is not None:
             lockstep.meet(group, lambda: prune(group))
 
-    outputs: list[Tensor | None] = [None] * len(hidden)
-
     def forward(i: int, record: bool):
+        """Run chunk i through the block; in the propagating pass its output replaces its input."""
         seen.groups = set() if record else {id(g) for g in groups}
         with torch.no_grad():
             args, kw = _to_device(kwargs[i], device)
             out = block(hidden[i].to(device), *args, **kw)
-        outputs[i] = (out[0] if isinstance(out, tuple) else out).to(cache_device)
+        if record and lockstep is None:
+            return                                    # block order: pass 1 only observes
+        hidden[i] = (out[0] if isinstance(out, tuple) else out).to(cache_device)
 
     handles = [module.register_forward_pre_hook(observe) for module in first_of]
     try:
@@ -250,7 +283,7 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
     missed = [g.layers[0].name for g in groups if not g.pruned]
     if missed:
         raise RuntimeError(f"these layers never received calibration input, so they were not pruned: {missed}")
-    return outputs
+    return hidden
 
 
 class _Lockstep:

@@ -1,0 +1,38 @@
+"""The benchmark commands run end to end with tiny shapes (the real runs are in BENCHMARKS.md)."""
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    assert _load("gpu_7b").main(["--tiny", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["mode"]) for r in rows} == {(m, d) for m in ("wanda", "sparsegpt") for d in ("gpu", "lowmem")}
+    assert all(r["sparsity"] == pytest.approx(0.5) for r in rows)
+
+
+def test_cpu_bench_runs_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    src = str(Path(__file__).parents[1] / "src")
+    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "cpu.json"
+    bench = _load("cpu_smollm2")
+    assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "640",
+                       "--only", "dense", "--only", "sparsegpt-2:4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["dense", "sparsegpt-2:4"]
+    assert rows[1]["sparsity"] == pytest.approx(0.5) and rows[1]["budget_mb"] > 0 and rows[1]["peak_rss_mb"] > 0
+    assert "seqlen=32" in rows[0]["protocol"]
