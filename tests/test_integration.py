@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunekit.api import run_recipe
+from prunekit.loading import load
 from prunekit.recipe import recipe_from_dict
 from prunekit.report import sparsity_report
 
@@ -37,7 +38,9 @@ def test_smollm2_prune_eval_export_reload(step, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out).eval()        # plain transformers, no prunekit code
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert sparsity_report(model)["block_linear_sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert model.lm_head.weight.count_nonzero() == model.lm_head.weight.numel()   # not pruned
+    dense_model, _ = load("default")                                  # embeddings / lm_head untouched
+    assert torch.equal(model.lm_head.weight, dense_model.lm_head.weight)
+    assert torch.equal(model.model.embed_tokens.weight, dense_model.model.embed_tokens.weight)
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["pruned_perplexity"]["ppl"] == pytest.approx(pruned)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
