@@ -75,6 +75,7 @@ def test_list(capsys):
     (["--method", "wanda", "--nm", "2-4"], "N:M"),
     (["--method", "wanda"], "--sparsity"),
     (["--method", "wanda", "--sparsity", "0.5", "--set", "steps.0.sparsty=0.3"], "did you mean 'sparsity'"),
+    (["--method", "wanda", "--sparsity", "0.5", "--seqlen", "4096"], "longer than the model's context"),
 ])
 def test_bad_input_fails_fast_and_writes_nothing(tiny_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "never"

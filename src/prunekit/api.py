@@ -43,6 +43,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     started = time.perf_counter()
     model, tokenizer = load(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
                             allow_pickle=recipe.allow_pickle)
+    _check_seqlen(model.config, recipe)
     n_params = sum(p.numel() for p in model.parameters())
     echo(f"model: {recipe.model} ({model.config.model_type}, {n_params / 1e6:.1f}M parameters, "
          f"{recipe.dtype}), compute on {device}")
@@ -85,6 +86,19 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
         echo(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")
         result["export"] = str(out)
     return result
+
+
+def _check_seqlen(config, recipe: Recipe) -> None:
+    """Windows longer than the model's context would be silently wrong: refuse them up front."""
+    from .data import default_seqlen
+    context = default_seqlen(config, cap=1 << 30)
+    asked = [("calibration.seqlen", recipe.calibration.seqlen)]
+    if recipe.eval is not None:
+        asked.append(("eval.seqlen", recipe.eval.seqlen))
+    for name, value in asked:
+        if value > context:
+            raise ValueError(f"{name}={value} is longer than the model's context ({context} positions); "
+                             f"use --seqlen {min(512, context)}")
 
 
 def _perplexity(perplexity, model, eval_text, recipe: Recipe, device):

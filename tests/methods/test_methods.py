@@ -165,3 +165,32 @@ def test_nm_sets_sparsity_and_overrides_resolve():
     assert cfg.sparsity_for("model.layers.0.mlp.up_proj") == 0.25
     assert cfg.sparsity_for("model.layers.1.mlp.up_proj") == 0.5
     assert cfg.sparsity_for("model.layers.1.mlp.down_proj") is None
+
+
+def _wanda_reference_mask(W, scaler_row, sparsity, prune_n=0, prune_m=0):
+    """Transcription of the mask logic of `prune_wanda` in locuslab/wanda (lib/prune.py)."""
+    W_metric = torch.abs(W) * torch.sqrt(scaler_row.reshape((1, -1)))
+    W_mask = torch.zeros_like(W_metric) == 1
+    if prune_n != 0:
+        for ii in range(W_metric.shape[1]):
+            if ii % prune_m == 0:
+                tmp = W_metric[:, ii:(ii + prune_m)].float()
+                W_mask.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
+    else:
+        sort_res = torch.sort(W_metric, dim=-1, stable=True)
+        indices = sort_res[1][:, :int(W_metric.shape[1] * sparsity)]
+        W_mask.scatter_(1, indices, True)
+    return W_mask
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_wanda_matches_reference_mask(nm):
+    torch.manual_seed(0)
+    W = torch.randn(48, 64)
+    X = torch.randn(300, 64) * torch.rand(64) * 4
+    stats = _stats(InputNorm, X)
+    # the reference keeps a running mean of squared norms; a positive scale does not change any mask
+    scaler_row = stats.sq_norm / stats.tokens
+    expected = _wanda_reference_mask(W, scaler_row, 0.5, *(nm or (0, 0)))
+    ours = get_method("wanda").fn(W, stats, WandaConfig(sparsity=0.5, nm=nm))
+    assert torch.equal(ours == 0, expected)
