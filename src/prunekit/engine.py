@@ -91,7 +91,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         if calib is None:
             hidden, kwargs = None, None
         else:
-            hidden, kwargs = _capture(model, blocks, calib, batch_size, cache_device)
+            hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
             report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"{method.name}", enabled=progress)
         for index, block in enumerate(blocks):
@@ -361,12 +361,13 @@ class _StopForward(Exception):
     """Raised by the capture stubs to end the embedding pass before the LM head."""
 
 
-def _capture(model, blocks, calib: Tensor, batch_size: int, cache_device):
+def _capture(model, blocks, calib: Tensor, batch_size: int, device, cache_device):
     """Inputs of block 0 and every block's other arguments, as (args, kwargs), per calibration chunk.
 
     Each block's forward is replaced by a stub that records its kwargs and returns its input
     unchanged, so one cheap pass (embeddings, masks, rotary tables) yields the per-block kwargs.
-    The stub mimics the block's return type, learned by running block 0 once on the first chunk.
+    The stub mimics the block's return type, learned by running block 0 once on the first chunk
+    (on the compute device, where one block forward is cheap).
     """
     chunks = list(calib.split(batch_size))
     inputs: list[Tensor] = []
@@ -397,9 +398,12 @@ def _capture(model, blocks, calib: Tensor, batch_size: int, cache_device):
                 except _StopForward:
                     pass
                 del blocks[0].forward
-                args, kw = current[0]
-                probe = blocks[0](inputs[0].to(embed_device), *args, **kw)
+                args, kw = _to_device(current[0], device)
+                home = _module_device(blocks[0])
+                probe = blocks[0].to(device)(inputs[0].to(device), *args, **kw)
+                blocks[0].to(home)
                 returns_tuple = isinstance(probe, tuple)
+                del probe
                 blocks[0].forward = stub_for(0)
                 inputs.clear()
                 current.clear()
