@@ -116,7 +116,6 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
             block.to(home)
             del groups  # frees observers and probes
             plan[index] = []
-            _release_freed_memory()
             failures = [f"{r.name}: {r.problem}" for r in records if r.problem]
             if failures:
                 raise RuntimeError("pruning did not produce the requested pattern in block "
@@ -158,18 +157,12 @@ def _memory_budget(model, blocks, plan, hidden: list[Tensor], sequential: str) -
 def _one_malloc_arena() -> None:
     """glibc gives every thread its own malloc arena and keeps freed memory in it; with one thread
     per calibration chunk that raises peak RSS. One shared arena measured on SmolLM2, 64 windows:
-    peak 2.6 -> 2.3 GB and 7% faster. (A fixed 4 MB mmap threshold reached 1.6 GB but cost 17%
-    in page faults, so it is not used.) No-op off glibc."""
+    peak 2.6 -> 2.3 GB and 7% faster. (A fixed 4 MB mmap threshold reached 1.6 GB and malloc_trim
+    after each block saved 15%, but both cost 10-20% in page faults, so neither is used; see
+    BENCHMARKS.md.) No-op off glibc."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(-8, 1)   # M_ARENA_MAX = 1
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed at the end of a block back to the OS (glibc's malloc_trim)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _libc():
@@ -177,7 +170,7 @@ def _libc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+        return libc if hasattr(libc, "mallopt") else None
     except OSError:
         return None
 
