@@ -228,7 +228,7 @@ def _prune_group(group: _Group, method, config, block_index: int, device) -> lis
 
 def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, prune, probe_every):
     """Observe and prune one block; return its pruned outputs (one tensor per calibration chunk)."""
-    first_of = {}   # module -> its group, for the first layer of each group only (they share the input)
+    first_of = {}   # module -> its group; whichever layer of a group runs first observes the shared input
     for group in groups:
         for layer in group.layers:
             first_of[layer.module] = group
@@ -243,7 +243,8 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
         X = args[0]
         if group.stats is not None:
             group.stats.update(X)
-        group.probe.append(X.reshape(-1, X.shape[-1])[::probe_every].float())
+        # a copy, not a view: a view would keep every chunk's whole input alive until pruning
+        group.probe.append(X.reshape(-1, X.shape[-1])[::probe_every].to(torch.float32, copy=True))
         if lockstep is not None:
             lockstep.meet(group, lambda: prune(group))
 
