@@ -228,15 +228,15 @@ def _prune_group(group: _Group, method, config, block_index: int, device) -> lis
 
 def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, prune, probe_every):
     """Observe and prune one block; return its pruned outputs (one tensor per calibration chunk)."""
-    first_of = {}   # module -> its group; whichever layer of a group runs first observes the shared input
+    group_of = {}   # module -> its group; whichever layer of a group runs first observes the shared input
     for group in groups:
         for layer in group.layers:
-            first_of[layer.module] = group
+            group_of[layer.module] = group
     lockstep = _Lockstep(len(hidden)) if sequential == "true" else None
     seen = threading.local()
 
     def observe(module, args):
-        group = first_of[module]
+        group = group_of[module]
         if id(group) in seen.groups:                       # k/v after q: same input, already observed
             return
         seen.groups.add(id(group))
@@ -258,7 +258,7 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
             return                                    # block order: pass 1 only observes
         hidden[i] = (out[0] if isinstance(out, tuple) else out).to(cache_device)
 
-    handles = [module.register_forward_pre_hook(observe) for module in first_of]
+    handles = [module.register_forward_pre_hook(observe) for module in group_of]
     try:
         if lockstep is not None:
             lockstep.run(lambda i: forward(i, record=True))
