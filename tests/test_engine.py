@@ -114,6 +114,17 @@ def test_method_architecture_matrix(family, config, calib, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, logits)
 
 
+def test_sparsegpt_per_layer_counts_per_column_block(calib):
+    """70% of each 24-column block: the per-block floors sum to less than int(numel * 0.7), and
+    verification must expect exactly that (a 70% SmolLM2 run once tripped over it)."""
+    model = tiny_model("llama")
+    config = SparseGPTConfig(sparsity=0.7, blocksize=24)
+    report = prune_(model, config, calib, progress=False)
+    q = next(r for r in report.layers if r.name.endswith("0.self_attn.q_proj"))     # (64, 64): blocks 24, 24, 16
+    assert q.zeros == config.layer_zeros(64, 64, 0.7) == 2 * int(64 * 24 * 0.7) + int(64 * 16 * 0.7)
+    assert q.zeros < int(64 * 64 * 0.7)
+
+
 def test_magnitude_needs_no_data():
     model = tiny_model("gpt2")
     report = prune_(model, MagnitudeConfig(sparsity=0.5), None, progress=False)

@@ -42,6 +42,11 @@ class SparsityConfig:
             _check_sparsity(f"overrides[{pattern!r}]", value)
         object.__setattr__(self, "overrides", dict(self.overrides))
 
+    def layer_zeros(self, out_features: int, in_features: int, sparsity: float) -> int:
+        """Zeros a per="layer" selection must produce for this shape (methods that select in
+        pieces, like SparseGPT's column blocks, override this)."""
+        return int(out_features * in_features * sparsity)
+
     def sparsity_for(self, name: str) -> float | None:
         """Sparsity to apply to the module `name`, or None if it is not a target."""
         if self.targets and not any(re.search(p, name) for p in self.targets):

@@ -217,7 +217,8 @@ def _prune_group(group: _Group, method, config, block_index: int, device) -> lis
             note = group.stats.inverse_cholesky(layer_config.damp)[2]
             if note:
                 log.warning("%s: %s", layer.name, note)
-        problem = check_pruned(stored, layer.sparsity, config.nm, config.per, zeros_before)
+        problem = check_pruned(stored, layer.sparsity, config.nm, config.per, zeros_before,
+                               layer_zeros=config.layer_zeros(*stored.shape, layer.sparsity))
         records.append(LayerRecord(name=layer.name, block=block_index, requested=layer.sparsity,
                                    zeros=int((stored == 0).sum()), numel=stored.numel(), error=error,
                                    seconds=round(time.perf_counter() - start, 4), note=note, problem=problem))

@@ -47,11 +47,13 @@ def nm_violations(W: Tensor, n: int, m: int) -> int:
     return int((zeros < n).sum())
 
 
-def check_pruned(W: Tensor, sparsity: float, nm: tuple[int, int] | None, per: str, zeros_before: int = 0) -> str | None:
+def check_pruned(W: Tensor, sparsity: float, nm: tuple[int, int] | None, per: str, zeros_before: int = 0,
+                 layer_zeros: int | None = None) -> str | None:
     """Verify an (out, in) weight holds what was asked. Returns a reason string, or None if it is right.
 
     The achieved zero count must be at least the requested count (per row, for per="row") and
-    at most requested + the zeros that were already there before pruning.
+    at most requested + the zeros that were already there before pruning. `layer_zeros` is the
+    requested count for per="layer" when the method selects in pieces (default int(numel * sparsity)).
     """
     out_features, in_features = W.shape
     zeros = int((W == 0).sum())
@@ -67,7 +69,7 @@ def check_pruned(W: Tensor, sparsity: float, nm: tuple[int, int] | None, per: st
             return f"{short} rows hold fewer than {per_row} zeros"
         wanted = per_row * out_features
     else:
-        wanted = int(W.numel() * sparsity)
+        wanted = int(W.numel() * sparsity) if layer_zeros is None else layer_zeros
     if zeros < wanted:
         return f"{zeros} zeros, expected {wanted} ({sparsity:.2%})"
     if zeros > wanted + zeros_before:

@@ -45,6 +45,11 @@ class SparseGPTConfig(SparsityConfig):
         if not 0 <= self.damp < 10:
             raise ValueError(f"damp must be in [0, 10), got {self.damp} (0.01 is the paper's value)")
 
+    def layer_zeros(self, out_features: int, in_features: int, sparsity: float) -> int:
+        """The mask is chosen per block of columns, so the count is a sum of per-block floors."""
+        return sum(int(out_features * min(self.blocksize, in_features - i1) * sparsity)
+                   for i1 in range(0, in_features, self.blocksize))
+
 
 @register("sparsegpt", SparseGPTConfig, stats=Hessian)
 def sparsegpt(W: Tensor, stats: Hessian, cfg: SparseGPTConfig) -> Tensor:
