@@ -23,20 +23,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-RUNS = {
-    "magnitude-50": ["--method", "magnitude", "--sparsity", "0.5"],
-    "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
-    "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5"],
-    "magnitude-2:4": ["--method", "magnitude", "--nm", "2:4"],
-    "wanda-2:4": ["--method", "wanda", "--nm", "2:4"],
-    "sparsegpt-2:4": ["--method", "sparsegpt", "--nm", "2:4"],
-    "magnitude-4:8": ["--method", "magnitude", "--nm", "4:8"],
-    "wanda-4:8": ["--method", "wanda", "--nm", "4:8"],
-    "sparsegpt-4:8": ["--method", "sparsegpt", "--nm", "4:8"],
-    "magnitude-70": ["--method", "magnitude", "--sparsity", "0.7"],
-    "wanda-70": ["--method", "wanda", "--sparsity", "0.7"],
-    "sparsegpt-70": ["--method", "sparsegpt", "--sparsity", "0.7"],
-}
+PATTERNS = {"50": ["--sparsity", "0.5"], "2:4": ["--nm", "2:4"], "4:8": ["--nm", "4:8"], "70": ["--sparsity", "0.7"]}
+RUNS = {f"{method}-{name}": ["--method", method, *args]
+        for name, args in PATTERNS.items() for method in ("magnitude", "wanda", "sparsegpt")}
 
 
 def main(argv=None) -> int:
