@@ -45,18 +45,23 @@ def calib():
     return torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(1))
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer trained offline on a slice of the default corpus (no download)."""
+def word_tokenizer(lines, vocab_size=VOCAB):
+    """A word-level tokenizer trained offline on `lines` (no download), with <unk>/<pad>/</s>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from prunekit.data import load_text
-    text, _ = load_text("default", "calibration")
     tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<pad>", "</s>"])
-    tk.train_from_iterator(text[:200_000].splitlines(), trainer)
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "</s>"])
+    tk.train_from_iterator(lines, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer trained on a slice of the default corpus."""
+    from prunekit.data import load_text
+    text, _ = load_text("default", "calibration")
+    return word_tokenizer(text[:200_000].splitlines())
 
 
 @pytest.fixture(scope="session")

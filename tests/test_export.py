@@ -7,19 +7,15 @@ import stat
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import word_tokenizer
 from prunekit import export
 from prunekit.export import METADATA_FILE, check_output_dir, save_pretrained_atomic
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(["the cat sat on the mat", "a dog ran far away"],
-                           trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    return word_tokenizer(["the cat sat on the mat", "a dog ran far away"])
 
 
 def tiny_llama(seed=0):

@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
+from conftest import word_tokenizer
 from prunekit import loading
 from prunekit.loading import describe_source, load, resolve_device, resolve_dtype
 
@@ -21,11 +22,7 @@ SENTENCES = ["hello world the cat sat on the mat", "a dog ran far away from the 
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    return word_tokenizer(SENTENCES)
 
 
 def tiny_llama(seed=0, tie=False):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from .recipe import Recipe, recipe_to_dict
 from .registry import method_for_config
 
