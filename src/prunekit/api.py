@@ -56,7 +56,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
             result["dense_perplexity"] = dense.to_dict()
 
     calib = None
-    if any(method_for_config(step).stats is not None for step in recipe.steps):
+    if any(method_for_config(step).needs_calibration for step in recipe.steps):
         c = recipe.calibration
         calib = calibration_data(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
         result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed}

@@ -70,10 +70,18 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     error, time and memory per block). Raises if any layer does not hold the requested pattern.
     """
     method = method_for_config(config)
+    if method.needs_calibration and calib is None:
+        raise ValueError(f"{method.name} needs calibration data: pass calib=calibration_data(tokenizer, ...)")
+    if method.scope == "width":       # remove heads / channels: structured.py drives its own pass
+        from .structured import prune_width_
+        return prune_width_(model, config, calib, device=device, batch_size=batch_size,
+                            cache_device=cache_device, progress=progress)
+    if method.scope == "depth":       # remove whole blocks
+        from .depth import prune_depth_
+        return prune_depth_(model, config, calib, device=device, batch_size=batch_size,
+                            cache_device=cache_device, progress=progress)
     if sequential not in ("true", "block"):
         raise ValueError(f"sequential must be 'true' or 'block', got {sequential!r}")
-    if method.stats is not None and calib is None:
-        raise ValueError(f"{method.name} needs calibration data: pass calib=calibration_data(tokenizer, ...)")
     spec = spec_for(model)
     blocks = get_module(model, spec.blocks)
     plan = [_plan_block(spec, i, block, config) for i, block in enumerate(blocks)]
@@ -93,7 +101,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         else:
             hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
             report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
-        bar = _progress(len(blocks), f"{method.name}", enabled=progress)
+        bar = _progress(len(blocks), f"prune {method.name}", enabled=progress)
         for index, block in enumerate(blocks):
             block_start = time.perf_counter()
             if device.type == "cuda":
@@ -281,6 +289,57 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
     return hidden
 
 
+class BlockStep:
+    """One decoder block during `block_stream`: on the compute device, with its cached inputs."""
+
+    def __init__(self, index, block, inputs, kwargs, device, cache_device):
+        self.index, self.block, self.inputs = index, block, inputs
+        self.kwargs, self.device, self.cache_device = kwargs, device, cache_device
+        self.outputs: list[Tensor] | None = None
+
+    def run_chunk(self, i: int, hidden: Tensor | None = None, block: nn.Module | None = None) -> Tensor:
+        """Block output for calibration chunk i (its cached input, or `hidden`), on the compute
+        device. Grad mode is the caller's; `block` runs another block with this one's arguments."""
+        args, kw = _to_device(self.kwargs[i], self.device)
+        x = (self.inputs[i] if hidden is None else hidden).to(self.device)
+        out = (block or self.block)(x, *args, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self) -> list[Tensor]:
+        """Run every chunk; the outputs (on the cache device) become the next block's inputs."""
+        with torch.no_grad():
+            self.outputs = [self.run_chunk(i).to(self.cache_device) for i in range(len(self.inputs))]
+        return self.outputs
+
+
+def block_stream(model: nn.Module, calib: Tensor, *, device=None, batch_size: int = 8, cache_device=None,
+                 progress: bool = True, desc: str = "blocks"):
+    """Yield a `BlockStep` per decoder block, in order, with only that block on `device`.
+
+    The caller observes (hooks, `run_chunk`) and may change the block; whatever `step.outputs`
+    holds when the caller moves on (`step.forward()` is called if it did not) feeds the next
+    block. Structured, depth and scoring passes share this loop instead of copying it.
+    """
+    spec = spec_for(model)
+    blocks = get_module(model, spec.blocks)
+    device = torch.device(device) if device is not None else _model_device(model)
+    cache_device = torch.device(cache_device) if cache_device is not None else device
+    with torch.no_grad():
+        hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
+    bar = _progress(len(blocks), desc, enabled=progress)
+    try:
+        for index, block in enumerate(blocks):
+            home = _module_device(block)
+            block.to(device)
+            step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device)
+            yield step
+            hidden = step.outputs if step.outputs is not None else step.forward()
+            block.to(home)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 class _Lockstep:
     """Run fn(i) for i in range(n), each in its own thread, strictly one thread at a time.
 
@@ -436,4 +495,4 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=f"prune {desc}", unit="block", disable=not enabled)
+    return tqdm(total=total, desc=desc, unit="block", disable=not enabled)

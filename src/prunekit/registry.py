@@ -2,9 +2,13 @@
 and its pure function. Duplicate names are rejected; there is no dispatch on method names
 anywhere else in the code.
 
-A method function has the signature `fn(W, stats, cfg) -> W_pruned` where
-`W` is a float32 (out, in) weight, `stats` the observer the method declared (or None) and `cfg`
-its config with the sparsity already resolved for this layer.
+Methods have one of three scopes, each with its own function signature:
+
+    "linear"  fn(W, stats, cfg) -> W_pruned: `W` a float32 (out, in) weight, `stats` the observer
+              the method declared (or None), `cfg` its config with this layer's sparsity
+              (unstructured and N:M methods; the engine in `engine.py` drives them)
+    "width"   scores for the heads and channels of one block (see `structured.py`)
+    "depth"   fn(model, calib, cfg, ...) -> blocks to remove (see `depth.py`)
 """
 from __future__ import annotations
 
@@ -19,16 +23,29 @@ class Method:
     config_cls: type
     fn: Callable
     stats: type | None       # observer class the method needs, None for data-free methods
+    scope: str = "linear"    # "linear", "width" or "depth" (see the module docstring)
+    calibrated: bool | None = None   # needs calibration data; None: exactly when it has an observer
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.stats is not None if self.calibrated is None else self.calibrated
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type, stats: type | None = None):
+SCOPES = ("linear", "width", "depth")
+
+
+def register(name: str, config_cls: type, stats: type | None = None, scope: str = "linear",
+             calibrated: bool | None = None):
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
     def decorate(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
-        _METHODS[name] = Method(name, config_cls, fn, stats)
+        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated)
         config_cls.method = name
         return fn
     return decorate
