@@ -69,6 +69,56 @@ class PruneReport:
         }
 
 
+@dataclass
+class StructureReport:
+    """What a width or depth step removed, for `prunekit.json` and the summary table.
+
+    Parameter counts are given for the decoder blocks (what `sparsity` is a fraction of) and for
+    the whole model (embeddings and head included).
+    """
+    method: str
+    config: object
+    block_params_before: int
+    block_params_after: int
+    model_params_before: int
+    model_params_after: int
+    seconds: float = 0.0
+    removed_blocks: list[int] = field(default_factory=list)   # depth: indices in the input model
+    widths: list[dict] = field(default_factory=list)          # width: per block, the kept sizes
+    scores: dict = field(default_factory=dict)                # the importance values behind the choice
+    notes: list[str] = field(default_factory=list)            # e.g. compensation that a family cannot store
+
+    @property
+    def removed_fraction(self) -> float:
+        """Fraction of the decoder blocks' parameters removed."""
+        return 1 - self.block_params_after / self.block_params_before if self.block_params_before else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "config": _plain(self.config),
+            "seconds": round(self.seconds, 3),
+            "block_params_before": self.block_params_before,
+            "block_params_after": self.block_params_after,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "removed_fraction_of_block_params": self.removed_fraction,
+            "removed_blocks": self.removed_blocks,
+            "widths": self.widths,
+            "scores": _plain(self.scores),
+            "notes": self.notes,
+        }
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters in the decoder blocks, parameters in the whole model); tied weights count once."""
+    from .models import spec_for
+    from .models.spec import get_module
+
+    blocks = get_module(model, spec_for(model).blocks)
+    return (sum(p.numel() for p in blocks.parameters()), sum(p.numel() for p in model.parameters()))
+
+
 def sparsity_report(model: nn.Module) -> dict:
     """Zero fraction of every linear layer in the decoder blocks, plus totals.
 
