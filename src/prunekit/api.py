@@ -19,7 +19,24 @@ EXPECTED_SPEEDUP = {
                     "(once compressed) and a quality measurement",
     "nm": "N:M sparsity: no speedup with dense kernels; 2:4 needs a sparse-tensor-core runtime "
           "(measured gains there are 0-30% and none at decode batch 1)",
+    "width": "width pruning: a physically smaller dense model that runs faster everywhere; decode at batch 1 "
+             "reads every weight once per token, so expect up to about {ideal:.2f}x there (1 / (1 - {s:g}) of the "
+             "block time; embeddings, head and attention over the context do not shrink), less for large "
+             "batches and prefill; measure it with `prunekit bench`",
+    "depth": "depth pruning: removes {amount} decoder blocks; prefill and decode time fall with the block count "
+             "on every device (up to 1 / (1 - removed fraction) of the block time); measure it with `prunekit bench`",
 }
+
+
+def expected_speedup(step) -> str:
+    """What a user should expect from this step, said before any work is done."""
+    scope = method_for_config(step).scope
+    if scope == "linear":
+        return EXPECTED_SPEEDUP["nm" if step.nm else "unstructured"]
+    if scope == "width":
+        return EXPECTED_SPEEDUP["width"].format(ideal=1 / (1 - step.sparsity), s=step.sparsity)
+    amount = f"{step.layers}" if getattr(step, "layers", None) else f"{step.sparsity:.0%} of the"
+    return EXPECTED_SPEEDUP["depth"].format(amount=amount)
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
@@ -28,7 +45,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     from .eval.perplexity import perplexity
     from .export import check_output_dir, save_pretrained_atomic
     from .loading import describe_source, load, resolve_device
-    from .report import sparsity_report
+    from .report import StructureReport, parameter_counts, sparsity_report
+    from .structured import block_widths, stock_widths
 
     source = describe_source(recipe.model)
     protect = [source["path"]] if source.get("path") else []
@@ -36,7 +54,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
         check_output_dir(recipe.export.path, overwrite=recipe.export.overwrite, protect=protect)
     device = resolve_device(recipe.device)
     for step in recipe.steps:
-        echo(f"expected speedup: {EXPECTED_SPEEDUP['nm' if step.nm else 'unstructured']}")
+        echo(f"expected speedup: {expected_speedup(step)}")
 
     started = time.perf_counter()
     model, tokenizer = load(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
@@ -66,8 +84,14 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
         report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
                         batch_size=recipe.calibration.batch_size, cache_device=recipe.cache_device,
                         progress=progress)
-        echo(f"step {index}: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
-             f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential})")
+        if isinstance(report, StructureReport):
+            echo(f"step {index}: {report.method} removed {report.removed_fraction:.2%} of the block parameters "
+                 f"({report.block_params_before / 1e6:.1f}M -> {report.block_params_after / 1e6:.1f}M; model "
+                 f"{report.model_params_before / 1e6:.1f}M -> {report.model_params_after / 1e6:.1f}M), "
+                 f"{report.seconds:.1f} s" + "".join(f"\n  note: {note}" for note in report.notes))
+        else:
+            echo(f"step {index}: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
+                 f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential})")
         result["steps"].append(report.to_dict())
 
     if recipe.eval is not None:
@@ -75,13 +99,18 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
         echo(f"pruned {pruned}")
         result["pruned_perplexity"] = pruned.to_dict()
     result["sparsity"] = sparsity_report(model)
+    result["parameters_after"] = parameter_counts(model)[1]
+    result["structure"] = {"stock": stock_widths(model) is not None, "num_blocks": len(block_widths(model)),
+                           "widths": block_widths(model)}
     result["seconds"] = round(time.perf_counter() - started, 2)
     echo(summary_table(result))
 
     if recipe.export is not None:
         out = save_pretrained_atomic(model, tokenizer, recipe.export.path, metadata=_metadata(result),
                                      overwrite=recipe.export.overwrite, protect=protect)
-        echo(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+        how = ("AutoModelForCausalLM.from_pretrained" if result["structure"]["stock"] else
+               "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe")
+        echo(f"saved to {out} (loads with {how})")
         result["export"] = str(out)
     return result
 
@@ -111,14 +140,15 @@ def _metadata(result: dict) -> dict:
 
 
 def summary_table(result: dict) -> str:
-    rows = [("model", "perplexity", "sparsity (block linears)")]
+    rows = [("model", "perplexity", "parameters", "sparsity (block linears)")]
     dense = result.get("dense_perplexity")
     pruned = result.get("pruned_perplexity")
     if dense:
-        rows.append(("dense", f"{dense['ppl']:.3f}", "-"))
-    rows.append(("pruned", f"{pruned['ppl']:.3f}" if pruned else "-",
+        rows.append(("dense", f"{dense['ppl']:.3f}", f"{result['parameters'] / 1e6:.1f}M", "-"))
+    after = result.get("parameters_after", result["parameters"])
+    rows.append(("pruned", f"{pruned['ppl']:.3f}" if pruned else "-", f"{after / 1e6:.1f}M",
                  f"{result['sparsity']['block_linear_sparsity']:.2%}"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    width = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, width)) for row in rows]
     protocol = (pruned or dense or {}).get("protocol")
     if protocol:

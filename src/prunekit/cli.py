@@ -32,8 +32,20 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a model one-shot with calibration data")
     prune.add_argument("model", help='hub id, local directory, .gguf file, or "default" (embedded SmolLM2-135M)')
-    prune.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt (see `prunekit list`)")
-    prune.add_argument("--sparsity", type=float, help="fraction of weights to zero per layer, in [0, 1)")
+    prune.add_argument("--method", required=True,
+                       help="unstructured/N:M: magnitude, wanda, sparsegpt; width: magnitude-sp, wanda-sp, flap, taylor; "
+                            "depth: block-influence, angular, sleb, last-k, laco (see `prunekit list`)")
+    prune.add_argument("--sparsity", type=float,
+                       help="in [0, 1): fraction of weights zeroed per layer (unstructured), of the decoder blocks' "
+                            "parameters removed (width), or of the blocks removed (depth)")
+    prune.add_argument("--layers", type=int, help="depth: remove exactly this many decoder blocks")
+    prune.add_argument("--round-to", type=int, help="width: kept FFN channels are a multiple of this (default 8)")
+    prune.add_argument("--uniform", dest="uniform", action="store_const", const=True, default=None,
+                       help="width: every block loses the same share (default except flap)")
+    prune.add_argument("--non-uniform", dest="uniform", action="store_const", const=False,
+                       help="width: one global ranking decides each block's widths (flap's default)")
+    prune.add_argument("--heads", choices=["auto", "query", "kv"],
+                       help="width: remove query heads evenly inside KV groups, or whole KV groups")
     prune.add_argument("--nm", help="N:M pattern, e.g. 2:4 (N zeros in every M consecutive weights)")
     prune.add_argument("--per", choices=["row", "layer"], help="comparison group for unstructured sparsity")
     prune.add_argument("--ignore", action="append", default=None, metavar="REGEX", help="leave matching layers dense")
@@ -95,6 +107,9 @@ def prune_args_to_dict(args) -> dict:
         step["nm"] = _parse_nm(args.nm)
     if args.per:
         step["per"] = args.per
+    for key in ("layers", "round_to", "uniform", "heads"):
+        if getattr(args, key) is not None:
+            step[key] = getattr(args, key)
     if args.ignore:
         step["ignore"] = list(args.ignore)
     raw = {
@@ -120,8 +135,8 @@ def _parse_nm(text: str) -> list[int]:
 
 def _prune(args) -> int:
     from .recipe import apply_override, recipe_from_dict
-    if args.sparsity is None and not args.nm:
-        raise ValueError("give --sparsity (e.g. 0.5) or --nm (e.g. 2:4)")
+    if args.sparsity is None and not args.nm and args.layers is None:
+        raise ValueError("give --sparsity (e.g. 0.5), --nm (e.g. 2:4) or, for depth methods, --layers N")
     raw = prune_args_to_dict(args)
     for override in args.set:
         apply_override(raw, override)
@@ -168,9 +183,12 @@ def _eval(args) -> int:
 
 def _list(args) -> int:
     from .models import supported_model_types
-    from .registry import available_methods
-    print("methods:     " + ", ".join(available_methods()))
-    print("model types: " + ", ".join(supported_model_types()))
+    from .registry import available_methods, get_method
+    kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth"}
+    for scope, label in kinds.items():
+        names = [name for name in available_methods() if get_method(name).scope == scope]
+        print(f"{label + ':':<18}" + ", ".join(names))
+    print(f"{'model types:':<18}" + ", ".join(supported_model_types()))
     return 0
 
 

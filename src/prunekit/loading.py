@@ -384,9 +384,59 @@ def _check_local_dir(path: Path, allow_pickle: bool) -> None:
     raise ValueError(f"{path} has a config.json but no weights (*.safetensors)")
 
 
+def recorded_widths(path: str | os.PathLike) -> list[dict] | None:
+    """Per-block widths of a non-uniform width-pruned export (from its prunekit.json), else None."""
+    meta = Path(path) / "prunekit.json"
+    if not meta.is_file():
+        return None
+    structure = json.loads(meta.read_text()).get("structure") or {}
+    return None if structure.get("stock", True) else structure["widths"]
+
+
+def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` from an export whose blocks have different widths.
+
+    A stock config has one `intermediate_size` and one head count for all blocks, so a
+    non-uniform export keeps the input model's config.json and records each block's widths in
+    prunekit.json. This builds the stock model class from that config, re-slices each block to
+    its recorded widths and loads the safetensors weights into it: no custom modeling code and
+    no pickles. (Uniform exports load with plain `AutoModelForCausalLM.from_pretrained`.)
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from .structured import resize_to_
+
+    path = Path(path)
+    widths = recorded_widths(path)
+    if widths is None:
+        return _from_pretrained(str(path), resolve_dtype(dtype), trust_remote_code, allow_pickle=False)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    torch_dtype = resolve_dtype(dtype)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 dtype=None if torch_dtype == "auto" else torch_dtype)
+    resize_to_(model, widths)
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()                        # the tied output embedding is saved once
+    tied = {k for k in missing if _is_tied_alias(model, k)}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
 def _from_pretrained(location: str, dtype, trust_remote_code: bool, allow_pickle: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if recorded_widths(location) is not None:
+        return load_pruned(location, dtype, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, trust_remote_code=trust_remote_code,
         # safetensors only unless pickles are allowed; then prefer safetensors, fall back to .bin

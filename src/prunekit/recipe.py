@@ -161,7 +161,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def step_to_dict(step) -> dict:
     out = {"method": method_for_config(step).name}
-    skip = ("sparsity",) if step.nm is not None else ()
+    skip = ("sparsity",) if getattr(step, "nm", None) is not None else ()
     out.update(_non_default(step, skip=skip))
     return out
 

@@ -85,3 +85,35 @@ class Hessian:
             result = (torch.diag(damped.rsqrt()), damp, "Cholesky failed at 100x dampening; diagonal fallback (no OBS update)")
         self._inverse[damp] = result
         return result
+
+
+class MeanVar:
+    """Mean and variance of each input feature over all calibration tokens (FLAP's fluctuation
+    metric and its bias compensation). Sums are kept in float64: E[x^2] - E[x]^2 of activations
+    with large means loses every digit in float32."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)      # (in,)
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)   # (in,)
+        self.tokens = 0
+
+    def update(self, X: Tensor) -> None:
+        X = X.reshape(-1, X.shape[-1]).double()                                     # (tokens, in)
+        self.sum += X.sum(dim=0)
+        self.sq_sum += X.square().sum(dim=0)
+        self.tokens += X.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        return (self.sum / max(self.tokens, 1)).float()
+
+    @property
+    def var(self) -> Tensor:
+        """Unbiased sample variance (n - 1), as FLAP's running estimate."""
+        n = max(self.tokens, 2)
+        mean = self.sum / max(self.tokens, 1)
+        return ((self.sq_sum - self.tokens * mean.square()) / (n - 1)).clamp_min(0).float()
+
+    @property
+    def sq_norm(self) -> Tensor:
+        return self.sq_sum.float()

@@ -5,7 +5,7 @@ GPT-2's linear layers are `Conv1D` modules whose weight is stored (in, out); `we
 """
 from __future__ import annotations
 
-from .spec import ModelSpec
+from .spec import Channels, ConfigNames, Heads, ModelSpec
 
 GPT2 = ModelSpec(
     model_types=("gpt2",),
@@ -17,6 +17,10 @@ GPT2 = ModelSpec(
         ("mlp.c_proj",),
     ),
     embeddings=("transformer.wte", "transformer.wpe"),
+    heads=Heads("attn", "attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"),
+    channels=Channels("mlp", ("mlp.c_fc",), "mlp.c_proj"),
+    config_names=ConfigNames(heads="n_head", kv_heads=None, head_dim=None, intermediate="n_inner",
+                             attention_bias=None, mlp_bias=None),   # Conv1D layers always have biases
 )
 
 

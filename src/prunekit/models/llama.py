@@ -12,7 +12,7 @@ Only the causal-LM classes are covered: `gemma3_text` is `Gemma3ForCausalLM`; th
 """
 from __future__ import annotations
 
-from .spec import ModelSpec
+from .spec import Channels, ConfigNames, Heads, ModelSpec
 
 LLAMA = ModelSpec(
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
@@ -24,6 +24,8 @@ LLAMA = ModelSpec(
         ("mlp.down_proj",),                                             # reads act(gate) * up
     ),
     embeddings=("model.embed_tokens",),
+    heads=Heads("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    channels=Channels("mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
 )
 
 PHI3 = ModelSpec(
@@ -36,4 +38,6 @@ PHI3 = ModelSpec(
         ("mlp.down_proj",),
     ),
     embeddings=("model.embed_tokens",),
+    heads=Heads("self_attn", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
+    channels=Channels("mlp", ("mlp.gate_up_proj",), "mlp.down_proj", fused=2),
 )

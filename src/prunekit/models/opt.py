@@ -6,7 +6,7 @@ token embedding.
 """
 from __future__ import annotations
 
-from .spec import ModelSpec
+from .spec import Channels, ConfigNames, Heads, ModelSpec
 
 OPT = ModelSpec(
     model_types=("opt",),
@@ -18,4 +18,8 @@ OPT = ModelSpec(
         ("fc2",),
     ),
     embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+    heads=Heads("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+    channels=Channels("", ("fc1",), "fc2"),
+    config_names=ConfigNames(kv_heads=None, head_dim=None, intermediate="ffn_dim", attention_bias="enable_bias",
+                             mlp_bias="enable_bias"),
 )

@@ -17,12 +17,64 @@ import torch.nn as nn
 
 
 @dataclass(frozen=True)
+class Heads:
+    """A block's attention as one coupled group: q/k/v rows (producers) -> o columns (consumer).
+
+    Removing a query head removes head_dim rows of q and the same head_dim columns of o; removing
+    a KV group also removes its head_dim rows of k and v. A fused projection (Phi-3 `qkv_proj`,
+    GPT-2 `c_attn`) names the same layer for q, k and v; its rows are [q heads | k heads | v heads].
+    """
+    module: str                     # the attention module (its head counts are updated in place)
+    q: str
+    k: str
+    v: str
+    o: str
+
+    @property
+    def fused(self) -> bool:
+        return self.q == self.k == self.v
+
+
+@dataclass(frozen=True)
+class Channels:
+    """A block's MLP as one coupled group: producer rows (gate, up) -> consumer columns (down).
+
+    A fused producer (Phi-3 `gate_up_proj`) stacks `fused` row blocks ([gate | up]); channel c is
+    row c of every block.
+    """
+    module: str
+    producers: tuple[str, ...]
+    consumer: str
+    fused: int = 1
+
+
+@dataclass(frozen=True)
+class ConfigNames:
+    """Where a family's config keeps the widths that structured pruning changes.
+
+    `head_dim=None`: the family derives head_dim from hidden_size / heads (OPT, GPT-2), so a
+    checkpoint with fewer heads cannot be described by a stock config (see `structured.py`).
+    Bias flags are used only if the config class has them (Llama has both; Qwen2, Mistral and
+    Phi-3 have none, so an output bias cannot be added there).
+    """
+    heads: str = "num_attention_heads"
+    kv_heads: str | None = "num_key_value_heads"   # None: multi-head attention (kv heads = heads)
+    head_dim: str | None = "head_dim"
+    intermediate: str = "intermediate_size"
+    attention_bias: str | None = "attention_bias"  # config flag that gives q/k/v/o biases
+    mlp_bias: str | None = "mlp_bias"              # config flag that gives gate/up/down biases
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     model_types: tuple[str, ...]          # config.model_type values served by this spec
     blocks: str                           # dotted path of the nn.ModuleList of decoder blocks
     groups: tuple[tuple[str, ...], ...]   # linear names relative to a block, grouped by shared input
     embeddings: tuple[str, ...] = ()      # dotted paths of embedding modules (never pruned by default)
     lm_head: str = "lm_head"
+    heads: Heads | None = None            # width pruning: the attention's coupled group
+    channels: Channels | None = None      # width pruning: the MLP's coupled group
+    config_names: ConfigNames = ConfigNames()
 
     def __post_init__(self):
         names = [name for group in self.groups for name in group]

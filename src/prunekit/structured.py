@@ -1,0 +1,611 @@
+"""Width pruning: remove whole attention heads and MLP channels, so the result is a physically
+smaller dense model (fewer heads, a narrower FFN) that every runtime runs faster.
+
+A block's width is two coupled groups, declared in the model spec (`models/spec.py`):
+
+    heads     q/k/v rows (producers) -> o columns (consumer); head_dim rows/columns per head
+    channels  gate/up rows (producers) -> down columns (consumer); one row/column per channel
+
+A *unit* is what is removed at once: a query head ("query" mode: the same number of query heads
+leaves every KV group, so `num_attention_heads % num_key_value_heads == 0` still holds), a whole
+KV group with its query heads ("kv" mode; for multi-head attention this is one head), or an FFN
+channel.
+
+`prune_width_` (called by `engine.prune_` for methods registered with `scope="width"`):
+
+  1. scores   the method maps (Coupled, stats, cfg) -> one score per unit, or one per consumer
+              column (averaged per unit). Activation statistics are observed on the consumer's
+              input (o_proj / down_proj) in a block-by-block calibration pass
+              (`engine.block_stream`); gradient scores backpropagate through one block at a time.
+  2. select   uniform: every block loses the same share; attention the nearest whole number of
+              units, the MLP the rest of the parameter budget. Non-uniform: FLAP's adaptive
+              search, scores standardized per block and group, then one global ranking in which
+              each unit counts with its parameter cost. Kept channels are rounded to a multiple of
+              `round_to` (GEMM-friendly); query heads stay a multiple of the KV heads.
+  3. remove   slice rows and columns, update the attention modules' head counts, optionally fold
+              the mean contribution of the removed inputs into the consumer's bias (FLAP), and
+              rewrite the config when every block has the same widths (a stock checkpoint).
+
+Uniform mode prunes each block as soon as it is scored and propagates the pruned outputs (later
+blocks see what they will see at inference). Non-uniform mode needs every score before it can
+choose, so it scores on the dense model, like FLAP's reference code.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .models import spec_for
+from .models.spec import get_module, weight_view
+from .registry import method_for_config
+from .report import StructureReport, parameter_counts
+
+log = logging.getLogger("prunekit")
+
+
+@dataclass(frozen=True)
+class WidthConfig:
+    """Shared fields of the width-pruning methods (magnitude-sp, wanda-sp, flap, taylor)."""
+    sparsity: float = 0.25        # fraction of the decoder blocks' parameters to remove
+    uniform: bool = True          # same share in every block; False: global (adaptive) allocation
+    round_to: int = 8             # kept FFN channels are a multiple of this (64/128 for big GEMMs)
+    heads: str = "auto"           # "query", "kv", or "auto" (query heads for GQA, whole heads for MHA)
+    round_heads: bool = True      # round removed query heads to whole multiples of the KV heads
+    attention: bool = True        # prune attention heads
+    mlp: bool = True              # prune FFN channels
+
+    def __post_init__(self):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be a number in [0, 1) (fraction of block parameters), got {self.sparsity!r}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer (e.g. 8, 64, 128), got {self.round_to!r}")
+        if self.heads not in ("auto", "query", "kv"):
+            raise ValueError(f"heads must be 'auto', 'query' or 'kv', got {self.heads!r}")
+        if not (self.attention or self.mlp):
+            raise ValueError("attention=false and mlp=false leave nothing to prune")
+
+
+@dataclass
+class Coupled:
+    """One coupled group of one block, as score functions see it.
+
+    `producers` are (module, row_units) pairs: row_units[r] is the unit that output row r belongs
+    to, or -1 for rows that stay whatever is removed (k/v rows in "query" mode).
+    `column_units[c]` is the unit of consumer input column c.
+    """
+    kind: str                                    # "heads" or "channels"
+    block: int
+    units: int
+    producers: list[tuple[nn.Module, Tensor]]
+    consumer: nn.Module
+    column_units: Tensor                         # (columns,)
+    per_group: int                               # units per KV group whose removal must be equal; 1 = free
+    cost: int                                    # parameters removed with one unit
+    head_dim: int = 1
+
+    def weights(self) -> tuple[list[Tensor], Tensor]:
+        """(producer weights, consumer weight), each a float32 (out, in) tensor."""
+        return ([weight_view(m).detach().float() for m, _ in self.producers],
+                weight_view(self.consumer).detach().float())
+
+    def unit_sum(self, column_values: Tensor) -> Tensor:
+        """Sum per-column values into per-unit values, (columns,) -> (units,)."""
+        out = torch.zeros(self.units, dtype=column_values.dtype, device=column_values.device)
+        return out.index_add_(0, self.column_units.to(column_values.device), column_values)
+
+    def row_sum(self, index: int, row_values: Tensor) -> Tensor:
+        """Sum per-row values of producer `index` into per-unit values (rows of no unit dropped)."""
+        rows = self.producers[index][1].to(row_values.device)
+        keep = rows >= 0
+        out = torch.zeros(self.units, dtype=row_values.dtype, device=row_values.device)
+        return out.index_add_(0, rows[keep], row_values[keep])
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def head_dim(config, spec) -> int:
+    names = spec.config_names
+    value = getattr(config, names.head_dim, None) if names.head_dim else None
+    return int(value) if value else config.hidden_size // getattr(config, names.heads)
+
+
+def coupled_groups(model: nn.Module, index: int, block: nn.Module, cfg: WidthConfig) -> list[Coupled]:
+    """The block's coupled groups that `cfg` prunes, read from the modules' current shapes."""
+    spec = spec_for(model)
+    groups = []
+    if cfg.attention and spec.heads is not None:
+        groups.append(_heads(spec, model.config, index, block, cfg))
+    if cfg.mlp and spec.channels is not None:
+        groups.append(_channels(spec, index, block))
+    return groups
+
+
+def _bias_numel(module: nn.Module) -> int:
+    return 1 if getattr(module, "bias", None) is not None else 0
+
+
+def head_counts(spec, config, block: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of one block, from its weights' shapes."""
+    h = spec.heads
+    hd = head_dim(config, spec)
+    n_heads = weight_view(get_module(block, h.o)).shape[1] // hd
+    if h.fused:
+        n_kv = (weight_view(get_module(block, h.q)).shape[0] - n_heads * hd) // (2 * hd)
+    else:
+        n_kv = weight_view(get_module(block, h.k)).shape[0] // hd
+    return n_heads, n_kv, hd
+
+
+def _heads(spec, config, index: int, block: nn.Module, cfg: WidthConfig) -> Coupled:
+    h = spec.heads
+    n_heads, n_kv, hd = head_counts(spec, config, block)
+    o, q = get_module(block, h.o), get_module(block, h.q)
+    hidden, q_in = weight_view(o).shape[0], weight_view(q).shape[1] + _bias_numel(q)
+    per_kv = n_heads // n_kv
+    mode = cfg.heads if cfg.heads != "auto" else ("query" if per_kv > 1 else "kv")
+    q_head = torch.arange(n_heads * hd) // hd                                 # query head of each q row
+    kv_head = torch.arange(n_kv * hd) // hd
+    if mode == "query":                 # unit = query head; k/v rows stay
+        units, q_units, kv_units, per_group = n_heads, q_head, torch.full_like(kv_head, -1), per_kv
+        cost = hd * q_in + hd * hidden
+    else:                               # unit = KV group: its k/v rows and its query heads
+        units, q_units, kv_units, per_group = n_kv, q_head // per_kv, kv_head, 1
+        cost = (per_kv + 2) * hd * q_in + per_kv * hd * hidden
+    if h.fused:
+        producers = [(q, torch.cat([q_units, kv_units, kv_units]))]
+    else:
+        producers = [(q, q_units), (get_module(block, h.k), kv_units), (get_module(block, h.v), kv_units)]
+    return Coupled("heads", index, units, producers, o, q_units.clone(), per_group, cost, hd)
+
+
+def _channels(spec, index: int, block: nn.Module) -> Coupled:
+    c = spec.channels
+    consumer = get_module(block, c.consumer)
+    n = weight_view(consumer).shape[1]
+    producers = []
+    cost = weight_view(consumer).shape[0]
+    for name in c.producers:
+        module = get_module(block, name)
+        producers.append((module, torch.arange(n * c.fused) % n))
+        cost += c.fused * (weight_view(module).shape[1] + _bias_numel(module))
+    return Coupled("channels", index, n, producers, consumer, torch.arange(n), 1, cost)
+
+
+def block_widths(model: nn.Module) -> list[dict]:
+    """Per block: query heads, KV heads and FFN channels, read from the weights' shapes."""
+    spec = spec_for(model)
+    widths = []
+    for block in get_module(model, spec.blocks):
+        entry = {}
+        if spec.heads is not None:
+            entry["heads"], entry["kv_heads"], _ = head_counts(spec, model.config, block)
+        if spec.channels is not None:
+            entry["channels"] = weight_view(get_module(block, spec.channels.consumer)).shape[1]
+        widths.append(entry)
+    return widths
+
+
+# ----------------------------------------------------------------------------- the pass
+
+def prune_width_(model: nn.Module, config: WidthConfig, calib: Tensor | None = None, *, device=None,
+                 batch_size: int = 8, cache_device=None, progress: bool = True) -> StructureReport:
+    """Remove `config.sparsity` of the decoder blocks' parameters as whole heads and channels."""
+    from .engine import _model_device, _module_device, _progress, block_stream
+
+    method = method_for_config(config)
+    spec = spec_for(model)
+    if spec.heads is None and spec.channels is None:
+        raise ValueError(f"the {model.config.model_type} spec declares no heads/channels to prune by width")
+    block_before, model_before = parameter_counts(model)
+    started = time.perf_counter()
+    blocks = get_module(model, spec.blocks)
+    device = torch.device(device) if device is not None else _model_device(model)
+    report = StructureReport(method.name, config, block_before, 0, model_before, 0)
+    budget = _Budget(config, [_block_params(b) for b in blocks])
+    pending = []      # non-uniform: every block's scores and statistics until all are scored
+
+    def visit(index: int, block: nn.Module, step=None) -> bool:
+        """Score one block; in uniform mode also prune it. True if the block changed."""
+        groups = coupled_groups(model, index, block, config)
+        stats = _observe(step, groups, method) if step is not None else [None] * len(groups)
+        scores = [_unit_scores(g, method.fn(g, s, config), standardize=not config.uniform)
+                  for g, s in zip(groups, stats)]
+        if not config.uniform:
+            pending.append((index, groups, scores, stats))
+            return False
+        _remove(model, groups, scores, budget.uniform(index, groups), stats, config, report)
+        return True
+
+    if method.needs_calibration:
+        for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
+                                 progress=progress, desc=f"score {method.name}"):
+            if visit(step.index, step.block, step):
+                step.outputs = None          # run again: the next block sees the pruned outputs
+    else:
+        bar = _progress(len(blocks), f"score {method.name}", enabled=progress)
+        for index, block in enumerate(blocks):
+            home = _module_device(block)
+            visit(index, block.to(device))
+            block.to(home)
+            bar.update(1)
+        bar.close()
+
+    if pending:
+        for (index, groups, scores, stats), n_keep in zip(pending, budget.global_selection(pending)):
+            home = _module_device(blocks[index])
+            blocks[index].to(device)
+            _remove(model, groups, scores, n_keep, stats, config, report)
+            blocks[index].to(home)
+
+    write_config(model)
+    report.block_params_after, report.model_params_after = parameter_counts(model)
+    report.widths = block_widths(model)
+    report.seconds = time.perf_counter() - started
+    log.info("%s: removed %.2f%% of the block parameters", method.name, 100 * report.removed_fraction)
+    return report
+
+
+def _block_params(block: nn.Module) -> int:
+    return sum(p.numel() for p in block.parameters())
+
+
+def _observe(step, groups: list[Coupled], method) -> list:
+    """Run the calibration chunks through the block once; return one observer per group."""
+    if method.stats is None:
+        step.forward()
+        return [None] * len(groups)
+    if getattr(method.stats, "needs_grad", False):
+        return _observe_gradients(step, groups, method.stats)
+    stats = [method.stats(weight_view(g.consumer).shape[1], step.device) for g in groups]
+    by_module = {g.consumer: s for g, s in zip(groups, stats)}
+
+    def hook(module, args):
+        by_module[module].update(args[0])
+
+    handles = [g.consumer.register_forward_pre_hook(hook) for g in groups]
+    try:
+        step.forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _observe_gradients(step, groups: list[Coupled], stats_cls) -> list:
+    """Backpropagate through this block only, one calibration chunk at a time: the observer
+    defines the loss on the block's output (`loss`) and reads the weights' gradients (`update`)."""
+    stats = [stats_cls(g) for g in groups]
+    params = list(step.block.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for i in range(len(step.inputs)):
+            with torch.enable_grad():
+                stats[0].loss(step.run_chunk(i), step.index, i).backward()
+            for s in stats:
+                s.update()
+            for p in params:
+                p.grad = None
+    finally:
+        for p, flag in zip(params, was):
+            p.requires_grad_(flag)
+    step.forward()
+    return stats
+
+
+def _unit_scores(group: Coupled, scores: Tensor, standardize: bool) -> Tensor:
+    """Per-unit scores from a method's output (per unit, or per consumer column: averaged).
+
+    With `standardize` (non-uniform selection) the values are z-scored within this block and
+    group first, as FLAP's reference does before its global ranking (per column, then averaged
+    per head).
+    """
+    scores = scores.detach().double().cpu()
+    columns = group.column_units.numel()
+    if scores.numel() not in (group.units, columns):
+        raise ValueError(f"a {group.kind} score needs {group.units} (per unit) or {columns} (per column) values, "
+                         f"got {scores.numel()}")
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError(f"block {group.block}: non-finite {group.kind} scores (check the calibration data)")
+    if standardize and scores.numel() > 1:
+        scores = (scores - scores.mean()) / scores.std().clamp_min(1e-12)
+    if scores.numel() == group.units:
+        return scores
+    return group.unit_sum(scores) / group.unit_sum(torch.ones_like(scores))
+
+
+# ----------------------------------------------------------------------------- selection
+
+class _Budget:
+    """Turns `sparsity` (a fraction of block parameters) into the number of units each group keeps."""
+
+    def __init__(self, cfg: WidthConfig, block_params: list[int]):
+        self.cfg = cfg
+        self.block_params = block_params
+
+    def uniform(self, index: int, groups: list[Coupled]) -> list[int]:
+        """Every block loses `sparsity` of its parameters: attention the feasible number of units
+        nearest to its share, the MLP the rest (kept channels rounded to `round_to`)."""
+        target = self.cfg.sparsity * self.block_params[index]
+        heads = next((g for g in groups if g.kind == "heads"), None)
+        channels = next((g for g in groups if g.kind == "channels"), None)
+        removed = {"heads": 0, "channels": 0}
+        if heads is not None:
+            share = target if channels is None else self.cfg.sparsity * _total_params(heads)
+            removed["heads"] = self._heads_to_remove(heads, share)
+        if channels is not None:
+            rest = max(0.0, target - removed["heads"] * (heads.cost if heads is not None else 0))
+            removed["channels"] = channels.units - self._round_channels(channels, channels.units - rest / channels.cost)
+        return [g.units - removed[g.kind] for g in groups]
+
+    def _heads_to_remove(self, group: Coupled, share: float) -> int:
+        kv = group.units // group.per_group
+        step = kv if group.per_group > 1 and self.cfg.round_heads else 1
+        best = min(range(0, group.units + 1, step), key=lambda k: abs(k * group.cost - share))
+        if best >= group.units:
+            raise ValueError(f"block {group.block}: sparsity {self.cfg.sparsity} would remove every attention head; "
+                             "lower it or set attention=false")
+        if group.per_group > 1 and best % kv:
+            raise ValueError(f"block {group.block}: keeping {group.units - best} query heads with {kv} KV heads breaks "
+                             "num_attention_heads % num_key_value_heads == 0; allow rounding (round_heads=true) "
+                             "or remove whole KV groups (heads=kv)")
+        return best
+
+    def _round_channels(self, group: Coupled, kept: float) -> int:
+        multiple = self.cfg.round_to
+        rounded = int(round(kept / multiple)) * multiple
+        if rounded < multiple:
+            raise ValueError(f"block {group.block}: sparsity {self.cfg.sparsity} leaves {max(kept, 0):.0f} of "
+                             f"{group.units} FFN channels, fewer than round_to={multiple}; lower the sparsity")
+        return min(rounded, group.units)
+
+    def global_selection(self, pending: list) -> list[list[int]]:
+        """FLAP's adaptive structure search: one ranking of every unit of every block (standardized
+        scores), each unit weighted by its parameter cost; remove from the bottom until the removed
+        parameters come closest to the budget. Then make each block feasible: at least one unit,
+        equal query heads per KV group, kept channels a multiple of `round_to`."""
+        entries = []   # (score, cost, (position in pending, group position))
+        for p, (_, groups, scores, _) in enumerate(pending):
+            for g, (group, score) in enumerate(zip(groups, scores)):
+                entries.extend((float(v), group.cost, (p, g)) for v in score)
+        entries.sort(key=lambda e: e[0])
+        target = self.cfg.sparsity * sum(self.block_params)
+        removed_params = torch.tensor([0.0] + [e[1] for e in entries], dtype=torch.float64).cumsum(0)
+        n_remove = int(torch.argmin((removed_params - target).abs()))
+        removed = [[0] * len(groups) for _, groups, _, _ in pending]
+        for _, _, (p, g) in entries[:n_remove]:
+            removed[p][g] += 1
+        keep = []
+        for p, (_, groups, _, _) in enumerate(pending):
+            keep.append([self._feasible(group, group.units - removed[p][g]) for g, group in enumerate(groups)])
+        return keep
+
+    def _feasible(self, group: Coupled, n_keep: int) -> int:
+        if group.kind == "channels":
+            multiple = self.cfg.round_to
+        else:
+            multiple = group.units // group.per_group if group.per_group > 1 else 1
+        return min(group.units, max(multiple, int(round(n_keep / multiple)) * multiple))
+
+
+def _total_params(group: Coupled) -> int:
+    """Parameters of the group's layers (producers and consumer, biases included)."""
+    modules = {id(m): m for m, _ in group.producers} | {id(group.consumer): group.consumer}
+    return sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
+
+
+def choose_units(group: Coupled, scores: Tensor, n_keep: int) -> Tensor:
+    """The `n_keep` best-scored units, sorted; with KV groups the best n_keep / kv of each group,
+    so every KV group keeps the same number of query heads."""
+    if group.per_group > 1:
+        kv = group.units // group.per_group
+        by_group = scores.reshape(kv, group.per_group)
+        top = by_group.topk(n_keep // kv, dim=1).indices + torch.arange(kv)[:, None] * group.per_group
+        return top.flatten().sort().values
+    return scores.topk(n_keep).indices.sort().values
+
+
+# ----------------------------------------------------------------------------- removal
+
+def _remove(model, groups: list[Coupled], scores: list[Tensor], n_keep: list[int], stats: list,
+            cfg: WidthConfig, report: StructureReport) -> None:
+    spec = spec_for(model)
+    for group, score, keep_count, stat in zip(groups, scores, n_keep, stats):
+        if keep_count >= group.units:
+            continue
+        keep = choose_units(group, score, keep_count)
+        mask = torch.zeros(group.units, dtype=torch.bool)
+        mask[keep] = True
+        columns = mask[group.column_units]                                     # (columns,) kept columns
+        if getattr(cfg, "bias", False) and stat is not None and hasattr(stat, "mean"):
+            _compensate(model, spec, group, ~columns, stat.mean, report)
+        for module, rows in group.producers:
+            keep_rows = (rows < 0) | mask[rows.clamp_min(0)]
+            keep_rows_(module, keep_rows.nonzero().squeeze(1))
+        keep_columns_(group.consumer, columns.nonzero().squeeze(1))
+        if group.kind == "heads":
+            _set_head_counts(model, spec, group.block, report)
+        report.scores.setdefault(group.kind, {})[group.block] = [round(float(v), 6) for v in score]
+
+
+def _compensate(model, spec, group: Coupled, removed: Tensor, mean: Tensor, report: StructureReport) -> None:
+    """FLAP bias compensation: the removed inputs' average contribution W[:, removed] @ mean[removed]
+    is added to the consumer's output bias, so the block's output keeps its mean."""
+    consumer = group.consumer
+    if getattr(consumer, "bias", None) is None and not _enable_bias(model, spec, group.kind):
+        layer = spec.heads.o if group.kind == "heads" else spec.channels.consumer
+        note = (f"{group.kind}: no bias compensation, stock {model.config.model_type} has no bias on {layer} "
+                "and no config flag to add one")
+        if note not in report.notes:
+            report.notes.append(note)
+            log.warning(note)
+        return
+    W = weight_view(consumer).detach().float()                                 # (out, columns)
+    delta = W[:, removed.to(W.device)] @ mean.to(W.device)[removed.to(W.device)]   # (out,)
+    consumer.bias.data += delta.to(consumer.bias.dtype)
+
+
+def _enable_bias(model, spec, kind: str) -> bool:
+    """Set the config flag that gives the group's layers biases and add zero biases to every block
+    (a stock config has one flag for all blocks). False if the family has no such flag."""
+    names = spec.config_names
+    flag = names.attention_bias if kind == "heads" else names.mlp_bias
+    if flag is None or not hasattr(model.config, flag):
+        return False
+    setattr(model.config, flag, True)
+    h, c = spec.heads, spec.channels
+    governed = {h.q, h.k, h.v, h.o} if kind == "heads" else {*c.producers, c.consumer}
+    if flag == names.attention_bias == names.mlp_bias:       # OPT: one flag for every linear
+        governed = {h.q, h.k, h.v, h.o, *c.producers, c.consumer}
+    for block in get_module(model, spec.blocks):
+        for name in governed:
+            module = get_module(block, name)
+            if module.bias is None:
+                W = module.weight
+                module.bias = nn.Parameter(torch.zeros(weight_view(module).shape[0], dtype=W.dtype, device=W.device))
+    return True
+
+
+def keep_rows_(module: nn.Module, rows: Tensor) -> None:
+    """Keep only these output rows of a linear layer (weight and bias), in place."""
+    conv1d = type(module).__name__ == "Conv1D"
+    W = module.weight.data                                                       # Linear (out, in); Conv1D (in, out)
+    rows = rows.to(W.device)
+    module.weight = nn.Parameter(W[:, rows].contiguous() if conv1d else W[rows].contiguous(),
+                                 requires_grad=module.weight.requires_grad)
+    if module.bias is not None:
+        module.bias = nn.Parameter(module.bias.data[rows].contiguous(), requires_grad=module.bias.requires_grad)
+    if conv1d:
+        module.nf = rows.numel()
+    else:
+        module.out_features = rows.numel()
+
+
+def keep_columns_(module: nn.Module, columns: Tensor) -> None:
+    """Keep only these input columns of a linear layer, in place."""
+    conv1d = type(module).__name__ == "Conv1D"
+    W = module.weight.data
+    columns = columns.to(W.device)
+    module.weight = nn.Parameter(W[columns].contiguous() if conv1d else W[:, columns].contiguous(),
+                                 requires_grad=module.weight.requires_grad)
+    if conv1d:
+        module.nx = columns.numel()
+    else:
+        module.in_features = columns.numel()
+
+
+def _set_head_counts(model, spec, index: int, report=None) -> None:
+    """Tell the attention module its new head counts (each family reads different attributes).
+
+    Modules that read head counts from the shared config in forward (Phi-3's fused split) get a
+    copy of the config with this block's values when they differ from the model's.
+    """
+    block = get_module(model, spec.blocks)[index]
+    attention = get_module(block, spec.heads.module)
+    n_heads, n_kv, hd = head_counts(spec, model.config, block)
+    values = {"num_heads": n_heads, "num_key_value_heads": n_kv, "num_key_value_groups": n_heads // n_kv,
+              "split_size": n_heads * hd}
+    for name, value in values.items():
+        if hasattr(attention, name):
+            setattr(attention, name, value)
+    names = spec.config_names
+    config = getattr(attention, "config", None)
+    if config is not None and (getattr(config, names.heads) != n_heads or
+                               (names.kv_heads and getattr(config, names.kv_heads) != n_kv)):
+        if config is model.config:
+            config = attention.config = copy.copy(model.config)
+        setattr(config, names.heads, n_heads)
+        if names.kv_heads:
+            setattr(config, names.kv_heads, n_kv)
+        if names.head_dim:
+            setattr(config, names.head_dim, hd)
+
+
+# ----------------------------------------------------------------------------- config and reload
+
+def stock_widths(model: nn.Module) -> dict | None:
+    """The config values that describe every block, or None if the blocks differ (non-uniform) or
+    the family cannot express them (OPT/GPT-2 derive head_dim from hidden_size / heads)."""
+    spec = spec_for(model)
+    widths = block_widths(model)
+    if any(w != widths[0] for w in widths):
+        return None
+    names = spec.config_names
+    values = {}
+    if "heads" in widths[0]:
+        hd = head_dim(model.config, spec)
+        if names.head_dim is None and widths[0]["heads"] * hd != model.config.hidden_size:
+            return None
+        values[names.heads] = widths[0]["heads"]
+        if names.kv_heads:
+            values[names.kv_heads] = widths[0]["kv_heads"]
+        if names.head_dim:
+            values[names.head_dim] = hd
+    if "channels" in widths[0]:
+        values[names.intermediate] = widths[0]["channels"]
+    return values
+
+
+def write_config(model: nn.Module) -> bool:
+    """Write uniform widths into `model.config` (True), or leave it for `load_pruned` (False).
+
+    With a stock config the attention modules can share the model's config again."""
+    values = stock_widths(model)
+    if values is None:
+        return False
+    for name, value in values.items():
+        setattr(model.config, name, value)
+    spec = spec_for(model)
+    if spec.heads is not None:
+        for block in get_module(model, spec.blocks):
+            attention = get_module(block, spec.heads.module)
+            if getattr(attention, "config", None) is not None:
+                attention.config = model.config
+    if spec.channels is not None:
+        for block in get_module(model, spec.blocks):
+            mlp = get_module(block, spec.channels.module)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = values.get(spec.config_names.intermediate, mlp.intermediate_size)
+    return True
+
+
+def resize_to_(model: nn.Module, widths: list[dict]) -> None:
+    """Shrink a freshly built model's blocks to recorded widths (the first heads/channels of each),
+    so a non-uniform checkpoint's weights fit; used by `load_pruned`."""
+    spec = spec_for(model)
+    blocks = get_module(model, spec.blocks)
+    if len(widths) != len(blocks):
+        raise ValueError(f"the recorded widths list {len(widths)} blocks, the config builds {len(blocks)}")
+    for index, (block, width) in enumerate(zip(blocks, widths)):
+        if spec.heads is not None and "heads" in width:
+            n_heads, n_kv, hd = head_counts(spec, model.config, block)
+            per_kv = n_heads // n_kv
+            if width["kv_heads"] > n_kv or width["heads"] > n_heads or width["heads"] % width["kv_heads"]:
+                raise ValueError(f"block {index}: recorded heads {width} do not fit the config")
+            keep_heads = torch.cat([torch.arange(width["heads"] // width["kv_heads"]) + g * per_kv
+                                    for g in range(width["kv_heads"])])
+            q = torch.cat([torch.arange(hd) + h * hd for h in keep_heads.tolist()])
+            kv = torch.arange(width["kv_heads"] * hd)
+            h = spec.heads
+            if h.fused:
+                keep_rows_(get_module(block, h.q), torch.cat([q, n_heads * hd + kv, (n_heads + n_kv) * hd + kv]))
+            else:
+                keep_rows_(get_module(block, h.q), q)
+                keep_rows_(get_module(block, h.k), kv)
+                keep_rows_(get_module(block, h.v), kv)
+            keep_columns_(get_module(block, h.o), q)
+            _set_head_counts(model, spec, index)
+        if spec.channels is not None and "channels" in width:
+            c = spec.channels
+            n = weight_view(get_module(block, c.consumer)).shape[1]
+            keep = torch.arange(width["channels"])
+            for name in c.producers:
+                keep_rows_(get_module(block, name), torch.cat([keep + k * n for k in range(c.fused)]))
+            keep_columns_(get_module(block, c.consumer), keep)
