@@ -160,6 +160,24 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
     return {"protocol": protocol, "rows": rows}
 
 
+def measure(lm: torch.nn.Module, *, batches: Sequence[int] = (1,), prompt_len: int = 512, new_tokens: int = 128,
+            device: str = "cpu", repeats: int = 5, warmup: int = 1, name: str = "in-memory") -> dict[str, Any]:
+    """Measure a model already in memory (on `device`), in this process: the same rows as
+    `benchmark`, without speedups. For scripts that build or prune models in place (a 7B model
+    is not worth a save/load round trip just to be timed)."""
+    dev = _check_device(device)
+    memory_method = _reset_peak_memory(dev)
+    info = _model_info(lm)
+    rows = [_row("model", name, info, _measure_batch(lm, batch, prompt_len, new_tokens, dev, repeats, warmup,
+                                                      PROMPT_SEED))
+            for batch in _check_batches(batches)]
+    protocol = {"device": str(dev), "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
+                "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup": warmup, "repeats": repeats,
+                "statistic": "median over repeats; spread = min-max", "memory": memory_method,
+                "isolation": "in-process", "torch": torch.__version__, "transformers": _transformers_version()}
+    return {"protocol": protocol, "rows": rows}
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The protocol as a few lines, then one markdown table: a column per model, and the speedup
     (baseline / model, from median times) for prefill and decode."""

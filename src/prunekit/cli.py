@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, TypeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, TypeError, RuntimeError) as err:
         if args.verbose:
             raise
         print(f"prunekit: error: {err}", file=sys.stderr)
@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", type=Path, help="also write the results as JSON")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, do nothing")
     run.set_defaults(handler=_run)
+
+    from .bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
 
     listing = sub.add_parser("list", help="methods and supported model types")
     listing.set_defaults(handler=_list)

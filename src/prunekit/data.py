@@ -388,6 +388,9 @@ def load_text(source: str | os.PathLike = "default", split: str = "calibration")
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D LongTensor, without special tokens and without truncation."""
     from transformers import PreTrainedTokenizerBase
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so text cannot be turned into tokens; save the model's "
+                         "tokenizer next to it (tokenizer.save_pretrained(DIR))")
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         # verbose=False: no "sequence longer than the model's maximum" warning; we cut windows ourselves
         ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False,

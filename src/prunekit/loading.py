@@ -403,7 +403,7 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
     no pickles. (Uniform exports load with plain `AutoModelForCausalLM.from_pretrained`.)
     """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     from .structured import resize_to_
@@ -428,12 +428,11 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
         raise ValueError(f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, _tokenizer(str(path), trust_remote_code)
 
 
 def _from_pretrained(location: str, dtype, trust_remote_code: bool, allow_pickle: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if recorded_widths(location) is not None:
         return load_pruned(location, dtype, trust_remote_code)
@@ -442,8 +441,22 @@ def _from_pretrained(location: str, dtype, trust_remote_code: bool, allow_pickle
         # safetensors only unless pickles are allowed; then prefer safetensors, fall back to .bin
         use_safetensors=None if allow_pickle else True,
     )
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, _tokenizer(location, trust_remote_code)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer(location: str, trust_remote_code: bool):
+    """The checkpoint's tokenizer; None for a local directory that has none (a model saved without
+    one can still be benchmarked or evaluated on token ids; data loading will ask for one)."""
+    from transformers import AutoTokenizer
+
+    path = Path(location)
+    if path.is_dir() and not any((path / name).exists() for name in _TOKENIZER_FILES):
+        log.warning("%s has no tokenizer files; returning tokenizer=None", location)
+        return None
+    return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -472,7 +485,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = "f
         location = str(where)
     lm, tokenizer = _from_pretrained(location, torch_dtype, trust_remote_code, allow_pickle)
     lm.eval()
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if place and target_device.type != "cpu":
         lm.to(target_device)

@@ -1,0 +1,140 @@
+"""CPU benchmark of structured pruning (issue: "structured width and depth pruning"): on
+SmolLM2-135M, for each width criterion and each depth criterion (plus layer collapse) at 20% and
+35% of the decoder blocks' parameters: perplexity, parameter count, prune wall time, and the speed
+of the pruned model beside the dense one (`prunekit bench`: batch-1 decode, 512-token prefill).
+
+    python bench/cpu_structured.py                           # the full table (about 1.5 h on 2 cores)
+    python bench/cpu_structured.py --only flap-20 --only block-influence-20
+    python bench/cpu_structured.py --model DIR --samples 2 --seqlen 32 --max-eval-tokens 256 \\
+        --prompt-len 16 --new-tokens 4 --repeats 1          # tiny (tests)
+
+Protocol: float32 on CPU; calibration = `samples` windows of `seqlen` tokens from the offline
+default corpus (seed 0); perplexity on its held-out evaluation split at the same seqlen
+(non-overlapping windows). Each prune runs in its own process. Speed: `prunekit.bench.benchmark`
+(each model in its own process, warm-up 1, median of `repeats`), batch 1, random prompt of
+`prompt-len` tokens, `new-tokens` greedy decode steps with the KV cache. Pruned models are
+written under --work (not the repository).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+WIDTH = ("magnitude-sp", "wanda-sp", "flap", "taylor")
+DEPTH = ("block-influence", "angular", "sleb", "last-k", "laco")
+RATIOS = {"20": 0.2, "35": 0.35}
+RUNS = {f"{method}-{name}": (method, ratio) for name, ratio in RATIOS.items() for method in (*WIDTH, *DEPTH)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-eval-tokens", type=int, default=None)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", action="append", help=f"run only these ({', '.join(RUNS)})")
+    parser.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-bench-structured"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_structured.json"))
+    args = parser.parse_args(argv)
+
+    from prunekit.bench import benchmark
+
+    names = args.only or list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    speed = dict(batches=(1,), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, warmup=1)
+    dense = benchmark(args.model, **speed)["rows"][0]
+    rows = [{"name": "dense", "parameters": dense["parameters"], **_speed(dense, dense)}]
+    print(format_row(rows[-1]), flush=True)
+    for name in names:
+        row = prune_one(name, args)
+        row.update(_speed(benchmark(row.pop("path"), **speed)["rows"][0], dense))
+        rows.append(row)
+        if "ppl" in row and "ppl" not in rows[0]:
+            rows[0]["ppl"] = row.pop("dense_ppl")
+        row.pop("dense_ppl", None)
+        print(format_row(row), flush=True)
+    result = {"machine": machine(), "date": date.today().isoformat(),
+              "protocol": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print("\n" + markdown(result))
+    return 0
+
+
+def prune_one(name: str, args) -> dict:
+    """Prune in a fresh interpreter (the CLI, with its own evaluation) and collect the numbers."""
+    method, ratio = RUNS[name]
+    out_dir = args.work / name
+    json_path = args.work / f"{name}.json"
+    args.work.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "prunekit", "prune", args.model, "--method", method, "--sparsity", str(ratio),
+               "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--out", str(out_dir), "--overwrite",
+               "--json", str(json_path)]
+    if args.max_eval_tokens:
+        command += ["--set", f"eval.max_tokens={args.max_eval_tokens}"]
+    for override in args.set:
+        command += ["--set", override]
+    subprocess.run(command, check=True)
+    result = json.loads(json_path.read_text())
+    step = result["steps"][0]
+    return {"name": name, "method": method, "kind": "width" if method in WIDTH else "depth", "requested": ratio,
+            "removed": round(step["removed_fraction_of_block_params"], 4),
+            "removed_blocks": step.get("removed_blocks", []),
+            "parameters": result["parameters_after"], "prune_s": round(step["seconds"], 1),
+            "ppl": round(result["pruned_perplexity"]["ppl"], 3),
+            "dense_ppl": round(result["dense_perplexity"]["ppl"], 3),
+            "protocol": result["pruned_perplexity"]["protocol"], "stock": result["structure"]["stock"],
+            "path": str(out_dir)}
+
+
+def _speed(row: dict, dense: dict) -> dict:
+    prefill = row["prefill_ms"]["median"]
+    decode = row["decode_tok_s_per_seq"]["median"]
+    return {"prefill_ms": round(prefill, 1), "decode_tok_s": round(decode, 2),
+            "prefill_speedup": round(dense["prefill_ms"]["median"] / prefill, 3),
+            "decode_speedup": round(decode / dense["decode_tok_s_per_seq"]["median"], 3),
+            "peak_memory_mb": round(row["peak_memory_bytes"] / 2**20, 1) if row.get("peak_memory_bytes") else None}
+
+
+def format_row(row: dict) -> str:
+    ppl = f"{row['ppl']:.2f}" if "ppl" in row else "-"
+    return (f"{row['name']:<22} ppl {ppl:>8}  params {row['parameters'] / 1e6:6.1f}M  "
+            f"prefill {row['prefill_ms']:7.1f} ms ({row['prefill_speedup']:.2f}x)  "
+            f"decode {row['decode_tok_s']:6.1f} tok/s ({row['decode_speedup']:.2f}x)")
+
+
+def markdown(result: dict) -> str:
+    lines = ["| run | removed (block params) | parameters | perplexity | prune s | prefill ms | decode tok/s | "
+             "prefill x | decode x |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        removed = f"{r['removed']:.1%}" if "removed" in r else "-"
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        lines.append(f"| {r['name']} | {removed} | {r['parameters'] / 1e6:.1f}M | {ppl} | {r.get('prune_s', '-')} | "
+                     f"{r['prefill_ms']} | {r['decode_tok_s']} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
