@@ -35,3 +35,27 @@ def test_cpu_bench_runs_tiny(tiny_model_dir, tmp_path, monkeypatch):
     assert [r["name"] for r in rows] == ["dense", "sparsegpt-2:4"]
     assert rows[1]["sparsity"] == pytest.approx(0.5) and rows[1]["budget_mb"] > 0 and rows[1]["peak_rss_mb"] > 0
     assert "seqlen=32" in rows[0]["protocol"]
+
+
+def test_gpu_structured_bench_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu_structured.json"
+    assert _load("gpu_structured").main(["--tiny", "--batch", "1", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "width-25", "depth-25"}
+    assert rows["width-25"]["params"] < rows["dense"]["params"] and rows["depth-25"]["layers"] == 3
+    assert all(r["decode_speedup"] > 0 for r in rows.values())
+
+
+def test_cpu_structured_bench_runs_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    src = str(Path(__file__).parents[1] / "src")
+    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "structured.json"
+    bench = _load("cpu_structured")
+    assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "640",
+                       "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1", "--only", "flap-35",
+                       "--only", "last-k-35", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "flap-35", "last-k-35"}
+    assert rows["flap-35"]["parameters"] < rows["dense"]["parameters"]
+    assert rows["last-k-35"]["removed_blocks"] == [0] and rows["dense"]["ppl"] > 0
+    assert "seqlen=32" in rows["flap-35"]["protocol"]

@@ -22,8 +22,23 @@ _PUBLIC = {
     "MagnitudeConfig": ".methods.magnitude",
     "WandaConfig": ".methods.wanda",
     "SparseGPTConfig": ".methods.sparsegpt",
-    "run_recipe": ".recipe",
+    "run_recipe": ".api",
     "load_recipe": ".recipe",
+    # structured pruning: width (heads, channels) and depth (blocks)
+    "load_pruned": ".loading",
+    "WidthConfig": ".structured",
+    "MagnitudeSPConfig": ".methods.magnitude_sp",
+    "WandaSPConfig": ".methods.wanda_sp",
+    "FlapConfig": ".methods.flap",
+    "TaylorConfig": ".methods.taylor",
+    "DepthConfig": ".depth",
+    "remove_blocks": ".depth",
+    "BlockInfluenceConfig": ".methods.block_influence",
+    "AngularConfig": ".methods.angular",
+    "SLEBConfig": ".methods.sleb",
+    "LastKConfig": ".methods.last_k",
+    "LaCoConfig": ".methods.laco",
+    "benchmark": ".bench",
 }
 __all__ = sorted(_PUBLIC)
 
