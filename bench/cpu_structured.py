@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", help=f"run only these ({', '.join(RUNS)})")
     parser.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-bench-structured"))
+    parser.add_argument("--reuse", action="store_true", help="keep pruned models already in --work (re-time only)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_structured.json"))
     args = parser.parse_args(argv)
 
@@ -57,14 +58,19 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    # Prune everything first, then time all models back to back, so that the speed columns are
+    # measured close together (and pruning, whose perplexity is deterministic, can share the machine).
+    rows = [{"name": "dense", "ppl": dense_perplexity(args)}]
+    for name in names:
+        rows.append(prune_one(name, args))
+        print(f"{name:<22} ppl {rows[-1]['ppl']:>10.2f}  params {rows[-1]['parameters'] / 1e6:6.1f}M  "
+              f"prune {rows[-1]['prune_s']} s", flush=True)
     speed = dict(batches=(1,), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, warmup=1)
     dense = benchmark(args.model, **speed)["rows"][0]
-    rows = [{"name": "dense", "parameters": dense["params"], "ppl": dense_perplexity(args), **_speed(dense, dense)}]
-    print(format_row(rows[-1]), flush=True)
-    for name in names:
-        row = prune_one(name, args)
+    rows[0].update(parameters=dense["params"], **_speed(dense, dense))
+    print(format_row(rows[0]), flush=True)
+    for row in rows[1:]:
         row.update(_speed(benchmark(row.pop("path"), **speed)["rows"][0], dense))
-        rows.append(row)
         print(format_row(row), flush=True)
     result = {"machine": machine(), "date": date.today().isoformat(),
               "protocol": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
@@ -78,6 +84,8 @@ def dense_perplexity(args) -> float:
     """The input model's perplexity, once (each prune run skips its own dense evaluation)."""
     json_path = args.work / "dense.json"
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.reuse and json_path.is_file():
+        return round(json.loads(json_path.read_text())["perplexity"]["ppl"], 3)
     command = [sys.executable, "-m", "prunekit", "eval", args.model, "--seqlen", str(args.seqlen), "--json", str(json_path)]
     if args.max_eval_tokens:
         command += ["--max-tokens", str(args.max_eval_tokens)]
@@ -91,6 +99,8 @@ def prune_one(name: str, args) -> dict:
     out_dir = args.work / name
     json_path = args.work / f"{name}.json"
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.reuse and json_path.is_file() and out_dir.is_dir():
+        return _row_from(name, method, ratio, json.loads(json_path.read_text()), out_dir)
     command = [sys.executable, "-m", "prunekit", "prune", args.model, "--method", method, "--sparsity", str(ratio),
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--out", str(out_dir), "--overwrite",
                "--json", str(json_path), "--set", "eval.dense=false"]
@@ -99,9 +109,13 @@ def prune_one(name: str, args) -> dict:
     for override in [*SETTINGS.get(method, []), *args.set]:
         command += ["--set", override]
     subprocess.run(command, check=True)
-    result = json.loads(json_path.read_text())
+    return _row_from(name, method, ratio, json.loads(json_path.read_text()), out_dir)
+
+
+def _row_from(name: str, method: str, ratio: float, result: dict, out_dir: Path) -> dict:
     step = result["steps"][0]
-    return {"name": name, "method": method, "settings": SETTINGS.get(method, []), "kind": "width" if method in WIDTH else "depth", "requested": ratio,
+    return {"name": name, "method": method, "kind": "width" if method in WIDTH else "depth", "requested": ratio,
+            "settings": SETTINGS.get(method, []),
             "removed": round(step["removed_fraction_of_block_params"], 4),
             "removed_blocks": step.get("removed_blocks", []),
             "parameters": result["parameters_after"], "prune_s": round(step["seconds"], 1),
