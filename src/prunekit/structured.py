@@ -350,8 +350,11 @@ class _Budget:
         step = kv if group.per_group > 1 and self.cfg.round_heads else 1
         best = min(range(0, group.units + 1, step), key=lambda k: abs(k * group.cost - share))
         if best >= group.units:
-            raise ValueError(f"block {group.block}: sparsity {self.cfg.sparsity} would remove every attention head; "
-                             "lower it or set attention=false")
+            most = (group.units - step) * group.cost / self.block_params[group.block]
+            raise ValueError(f"block {group.block}: sparsity {self.cfg.sparsity} would remove every attention head "
+                             f"(keeping at least {step} of them, attention can give at most "
+                             f"{most:.1%} of the block); lower the sparsity, let the MLP take part (mlp=true) or "
+                             "set attention=false")
         if group.per_group > 1 and best % kv:
             raise ValueError(f"block {group.block}: keeping {group.units - best} query heads with {kv} KV heads breaks "
                              "num_attention_heads % num_key_value_heads == 0; allow rounding (round_heads=true) "
