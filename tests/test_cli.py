@@ -121,3 +121,23 @@ def test_refuses_to_overwrite_the_input_model(tiny_model_dir, capsys):
     assert "input" in capsys.readouterr().err.lower()
     after = _weights(tiny_model_dir)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_chained_depth_then_width_recipe_exports_a_smaller_stock_model(tiny_model_dir, tmp_path, capsys):
+    """A recipe chains steps: remove a block, then FLAP width pruning; the export is a stock checkpoint
+    (uniform widths) with one block fewer that loads with plain transformers and has the reported size."""
+    from transformers import AutoModelForCausalLM
+    out, report = tmp_path / "out", tmp_path / "run.json"
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(f"model: {tiny_model_dir}\ncalibration: {{samples: 4, seqlen: 32}}\n"
+                      "steps:\n- {method: block-influence, layers: 1}\n- {method: flap, sparsity: 0.2, uniform: true}\n"
+                      f"eval: {{seqlen: 32, max_tokens: 640}}\nexport: {{path: {out}}}\n")
+    assert main(["run", str(recipe), "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "expected speedup: depth pruning" in printed and "expected speedup: width pruning" in printed
+    result = json.loads(report.read_text())
+    assert [s["method"] for s in result["steps"]] == ["block-influence", "flap"]
+    assert result["structure"]["stock"] and result["structure"]["num_blocks"] == 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and model.config.mlp_bias
+    assert sum(p.numel() for p in model.parameters()) == result["parameters_after"]
