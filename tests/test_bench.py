@@ -24,9 +24,14 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     assert all(r["sparsity"] == pytest.approx(0.5) for r in rows)
 
 
-def test_cpu_bench_runs_tiny(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def src_on_path(monkeypatch):
+    """The bench scripts start `python -m prunekit` subprocesses: they must find this checkout."""
     src = str(Path(__file__).parents[1] / "src")
     monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_cpu_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "cpu.json"
     bench = _load("cpu_smollm2")
     assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "640",
@@ -46,9 +51,7 @@ def test_gpu_structured_bench_runs_tiny_on_cpu(tmp_path):
     assert all(r["decode_speedup"] > 0 for r in rows.values())
 
 
-def test_cpu_structured_bench_runs_tiny(tiny_model_dir, tmp_path, monkeypatch):
-    src = str(Path(__file__).parents[1] / "src")
-    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_cpu_structured_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "structured.json"
     bench = _load("cpu_structured")
     assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "640",

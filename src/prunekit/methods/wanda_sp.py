@@ -2,7 +2,7 @@
 
 The score of consumer input column j is mean_i |W_ij| * ||X_j||, Wanda's |W| * ||X|| averaged
 over the consumer's output rows; a head's score is that of its head_dim columns (averaged per
-unit, which ranks like the reference's sum). X is the consumer's input (o_proj / down_proj) over
+unit, which ranks like the reference's sum). X is the consumer's input (the attention output / MLP down projection) over
 all calibration tokens.
 """
 from __future__ import annotations
