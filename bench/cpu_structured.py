@@ -152,14 +152,11 @@ def markdown(result: dict) -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import os
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+    import torch
+    from prunekit.bench import _device_name
+    return {"cpu": _device_name(torch.device("cpu")), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ def main(argv=None) -> int:
 
     from prunekit import prune_
     from prunekit.bench import measure, parse_batches
-    from prunekit.depth import remove_blocks  # noqa: F401 (imported so a missing depth module fails early)
     from prunekit.methods.last_k import LastKConfig
     from prunekit.methods.magnitude_sp import MagnitudeSPConfig
 

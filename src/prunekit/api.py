@@ -100,8 +100,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
         result["pruned_perplexity"] = pruned.to_dict()
     result["sparsity"] = sparsity_report(model)
     result["parameters_after"] = parameter_counts(model)[1]
-    result["structure"] = {"stock": stock_widths(model) is not None, "num_blocks": len(block_widths(model)),
-                           "widths": block_widths(model)}
+    widths = block_widths(model)
+    result["structure"] = {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}
     result["seconds"] = round(time.perf_counter() - started, 2)
     echo(summary_table(result))
 
