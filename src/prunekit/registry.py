@@ -9,6 +9,12 @@ Methods have one of three scopes, each with its own function signature:
               (unstructured and N:M methods; the engine in `engine.py` drives them)
     "width"   scores for the heads and channels of one block (see `structured.py`)
     "depth"   fn(model, calib, cfg, ...) -> blocks to remove (see `depth.py`)
+    "compensate"  a step that follows a linear pruning step and is computed in the same pass,
+              from the same statistics (EoRA's low-rank residuals, see `eora.py`)
+    "recover" fine-tuning that keeps the sparsity (masked LoRA, PERP, distillation; `recovery/`)
+
+A linear method that prunes by a score may also register `score(W, stats, cfg) -> (out, in)`;
+the engine uses it where it needs the score itself (RIA's channel permutation for N:M).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class Method:
     stats: type | None       # observer class the method needs, None for data-free methods
     scope: str = "linear"    # "linear", "width" or "depth" (see the module docstring)
     calibrated: bool | None = None   # needs calibration data; None: exactly when it has an observer
+    score: Callable | None = None    # linear methods: score(W, stats, cfg) -> (out, in), lower is pruned first
 
     @property
     def needs_calibration(self) -> bool:
@@ -34,18 +41,18 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-SCOPES = ("linear", "width", "depth")
+SCOPES = ("linear", "width", "depth", "compensate", "recover")
 
 
 def register(name: str, config_cls: type, stats: type | None = None, scope: str = "linear",
-             calibrated: bool | None = None):
+             calibrated: bool | None = None, score: Callable | None = None):
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
-        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated)
+        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated, score)
         config_cls.method = name
         return fn
     return decorate
