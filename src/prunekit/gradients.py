@@ -1,0 +1,167 @@
+"""Gradient magnitudes for gradient-aware pruning scores (GBLM-Pruner arXiv 2311.04902,
+Pruner-Zero arXiv 2406.02924): one (out, in) float32 CPU tensor per linear layer.
+
+Two estimators:
+  model_gradients  the references' quantity: backpropagate the causal LM loss of the whole model,
+                   one calibration window at a time, and take the l2 norm over windows of the
+                   per-window gradients, G_ij = sqrt(sum_s (dL_s/dW_ij)^2). Matches
+                   `gradient_computation.update_gradient` of VILA-Lab/GBLM-Pruner (also used by
+                   pprp/Pruner-Zero) without its `--scale` factor 100, which the methods apply
+                   (GBLM's `alpha`). The reference runs in `model.train()`; we use eval mode
+                   (identical for the dropout-free families, deterministic for the others).
+  block_gradients  for models too big for a full backward pass: one block at a time, the
+                   gradient of L = sum(Y * R), R ~ N(0, 1) per chunk. A block's reconstruction loss
+                   ||Y(W') - Y(W)||^2 has zero gradient at the dense weights, but E_R[(dL/dW)^2] is
+                   the diagonal of its Gauss-Newton matrix, J^T J (Hutchinson; `methods/taylor.py`
+                   makes the same argument): sqrt of the sum over chunks is the block-local analogue
+                   of G, on a different scale (retune GBLM's alpha if you use it).
+
+Neither function changes the weights, their `requires_grad` or their `.grad` (gradients are taken
+with `torch.autograd.grad`, which does not write `.grad`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import SparsityConfig
+from .models.spec import get_module, is_linear, weight_view
+
+
+@dataclass(frozen=True)
+class GradientScoreConfig(SparsityConfig):
+    gradient: str = "model"          # "model": full-model backward (the references); "block": block-local estimate
+    gradient_samples: int = 32       # calibration windows backpropagated (model gradients; the references use 128)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gradient not in ("model", "block"):
+            raise ValueError(f"gradient must be 'model' (full-model backward, the paper's) or 'block' "
+                             f"(block-local, for models too big to backpropagate), got {self.gradient!r}")
+        if isinstance(self.gradient_samples, bool) or not isinstance(self.gradient_samples, int) \
+                or self.gradient_samples < 1:
+            raise ValueError(f"gradient_samples must be an integer >= 1, got {self.gradient_samples!r} "
+                             "(calibration windows to backpropagate; 32 is a good start)")
+
+    @property
+    def uses_gradient(self) -> bool:
+        return True
+
+
+class WithGradient:
+    """What the engine hands a gradient method as `stats`: the input observer plus `grad`.
+
+    windows: calibration windows the observer saw; grad_windows: windows the gradient was summed
+    over (default: the same). The references average activations over windows and sum squared
+    gradients over as many windows, so both counts are needed to reproduce their balance.
+    """
+
+    def __init__(self, stats, grad: Tensor, *, windows: int, grad_windows: int | None = None):
+        self.stats = stats
+        self.grad = grad                                                     # (out, in)
+        self.windows = windows
+        self.grad_windows = windows if grad_windows is None else grad_windows
+
+    @property
+    def sq_norm(self) -> Tensor:
+        return self.stats.sq_norm                                            # (in,): sum_t x_tj^2
+
+    @property
+    def mean_sq_norm(self) -> Tensor:
+        """sum_t x_tj^2 averaged over calibration windows: the references' `scaler_row`."""
+        return self.stats.sq_norm / max(self.windows, 1)                     # (in,)
+
+    @property
+    def grad_l2(self) -> Tensor:
+        """The l2 norm of per-window gradients over *all* calibration windows, estimated from the
+        `grad_windows` ones backpropagated (the references use as many of each)."""
+        return self.grad * math.sqrt(self.windows / max(self.grad_windows, 1))   # (out, in)
+
+
+def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, samples: int,
+                    device: str | torch.device | None = None, progress: bool = True) -> dict[str, Tensor]:
+    """{name: sqrt(sum over windows of (dL/dW)^2)} as (out, in) float32 on CPU, for the linears
+    `names` (full module names), from the first `samples` windows of `calib` (windows, seqlen).
+    L is the mean next-token cross-entropy of one window (labels = input ids).
+
+    The model runs on `device` (moved there and back if it lives elsewhere); the sums live on the
+    CPU, as in the reference, so the accelerator holds only the model and one window's graph.
+    """
+    modules = {name: get_module(model, name) for name in names}
+    for name, module in modules.items():
+        if not is_linear(module):
+            raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer")
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    windows = min(samples, int(calib.shape[0]))
+    weights = [module.weight for module in modules.values()]
+    conv1d = [type(module).__name__ == "Conv1D" for module in modules.values()]    # Conv1D stores (in, out)
+    sums = [torch.zeros(weight_view(module).shape, dtype=torch.float32) for module in modules.values()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    training = model.training
+    bar = _progress(windows, "gradients", progress)
+    try:
+        # only the pruned weights need gradients: no memory for embedding or norm gradients
+        for p in params:
+            p.requires_grad_(False)
+        for weight in weights:
+            weight.requires_grad_(True)
+        model.train(False)
+        if device != home:
+            model.to(device)
+        for i in range(windows):
+            ids = calib[i:i + 1].to(device)                                        # (1, seqlen)
+            with torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                grads = torch.autograd.grad(loss, weights)
+            for total, grad, transposed in zip(sums, grads, conv1d):
+                grad = grad.T if transposed else grad                              # (out, in)
+                total += grad.float().square().cpu()
+            bar.update(1)
+    finally:
+        bar.close()
+        if device != home:
+            model.to(home)
+        model.train(training)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return {name: total.sqrt() for name, total in zip(modules, sums)}
+
+
+def block_gradients(step, modules: dict[str, nn.Module], *, seed: int = 0) -> dict[str, Tensor]:
+    """{name: sqrt(sum over chunks of (dL/dW)^2)}, L = sum(Y * R) over one calibration chunk of
+    `step` (a `prunekit.engine.BlockStep`), R ~ N(0, 1) seeded by (seed, block index, chunk) as
+    `BlockTaylor` is. (out, in) float32 on CPU. `modules`: linears of `step.block` by name."""
+    params = list(step.block.parameters())
+    flags = [p.requires_grad for p in params]
+    weights = [module.weight for module in modules.values()]
+    conv1d = [type(module).__name__ == "Conv1D" for module in modules.values()]
+    sums = [torch.zeros(weight_view(module).shape, dtype=torch.float32, device=step.device)
+            for module in modules.values()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for weight in weights:
+            weight.requires_grad_(True)
+        for chunk in range(len(step.inputs)):
+            generator = torch.Generator().manual_seed(seed + 1_000_003 * step.index + chunk)
+            with torch.enable_grad():
+                output = step.run_chunk(chunk)                                     # (batch, seqlen, hidden)
+                # drawn on the CPU, so the probe is the same on every device
+                probe = torch.randn(output.shape, generator=generator).to(output.device)
+                grads = torch.autograd.grad((output.float() * probe).sum(), weights)
+            for total, grad, transposed in zip(sums, grads, conv1d):
+                total += (grad.T if transposed else grad).float().square()
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return {name: total.sqrt().cpu() for name, total in zip(modules, sums)}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="window", disable=not enabled)
