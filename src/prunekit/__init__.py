@@ -39,6 +39,8 @@ _PUBLIC = {
     "LastKConfig": ".methods.last_k",
     "LaCoConfig": ".methods.laco",
     "benchmark": ".bench",
+    # beyond one-shot: compensation
+    "EoraConfig": ".eora",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -1,7 +1,16 @@
-"""Shared fields of the one-shot sparsity methods (magnitude, Wanda, SparseGPT).
+"""Shared fields of the one-shot sparsity methods (magnitude, Wanda, SparseGPT, RIA, ...).
 
 Each method's config subclasses `SparsityConfig` and adds only its own knobs. Configs are frozen
 and validate in `__post_init__`, so a bad recipe fails before any work starts.
+
+Two choices apply to every mask-producing method, so they live here:
+  allocation  how the global sparsity is spread over the blocks: "uniform" (every layer gets
+              `sparsity`), "owl" (outlier-weighted, `allocation.py`) or "sensitivity"
+              (measured per-block reconstruction error); the parameter-weighted mean is always
+              `sparsity`, each block within +/- `allocation_lambda` of it
+  update      what happens to the kept weights once the mask is chosen: "none", "obs" (the
+              SparseGPT column sweep for that mask) or "admm" (Boza's ADMM least-squares
+              update, `updates.py`)
 """
 from __future__ import annotations
 
@@ -17,6 +26,12 @@ class SparsityConfig:
     targets: tuple[str, ...] = ()          # regexes over module names to prune; () = every linear in the decoder blocks
     ignore: tuple[str, ...] = ()           # regexes over module names to leave dense
     overrides: dict = field(default_factory=dict)  # {regex: sparsity}; the first matching pattern wins
+    allocation: str = "uniform"            # "uniform", "owl" or "sensitivity": per-block sparsity under the global budget
+    allocation_lambda: float = 0.08        # largest deviation of a block's sparsity from `sparsity` (OWL's lambda)
+    owl_m: float = 5.0                     # OWL: an outlier scores above owl_m x the block's mean Wanda score
+    update: str = "none"                   # "none", "obs" or "admm": re-fit the kept weights to the mask
+    admm_iterations: int = 20              # ADMM iterations (the reference's 20)
+    admm_gradual: bool = False             # ADMM chooses the mask itself over the first 3/4 of the iterations
 
     def __post_init__(self):
         if self.nm is not None:
@@ -41,6 +56,23 @@ class SparsityConfig:
             _compile("overrides", pattern)
             _check_sparsity(f"overrides[{pattern!r}]", value)
         object.__setattr__(self, "overrides", dict(self.overrides))
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if not 0 <= self.allocation_lambda < 0.5:
+            raise ValueError(f"allocation_lambda must be in [0, 0.5), got {self.allocation_lambda!r} (OWL uses 0.08)")
+        if self.owl_m <= 0:
+            raise ValueError(f"owl_m must be positive, got {self.owl_m!r} (OWL uses 5)")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if not isinstance(self.admm_iterations, int) or self.admm_iterations < 1:
+            raise ValueError(f"admm_iterations must be a positive integer, got {self.admm_iterations!r}")
+        if self.admm_gradual and self.update != "admm":
+            raise ValueError("admm_gradual applies to update='admm'; add update: admm (--update admm)")
+
+    @property
+    def needs_hessian(self) -> bool:
+        """The weight updates need X^T X, not just the input norms."""
+        return self.update in ("obs", "admm")
 
     def layer_zeros(self, out_features: int, in_features: int, sparsity: float) -> int:
         """Zeros a per="layer" selection must produce for this shape (methods that select in
@@ -57,6 +89,10 @@ class SparsityConfig:
             if re.search(pattern, name):
                 return float(value)
         return self.sparsity
+
+
+ALLOCATIONS = ("uniform", "owl", "sensitivity")
+UPDATES = ("none", "obs", "admm")
 
 
 def _check_sparsity(what: str, value) -> None:

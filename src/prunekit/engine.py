@@ -18,6 +18,15 @@ Two orders inside a block (`sequential`):
            meet before each group.
   "block"  every group observes the dense block, then all are pruned, then a second pass
            propagates the pruned outputs (what the reference SparseGPT and Wanda code do).
+
+Around the method, per layer (each optional, each in its own module):
+  allocation   a pre-pass picks every layer's sparsity under the global budget (`allocation.py`)
+  gradients    for gradient scores (GBLM, Pruner-Zero): a full-model pre-pass, or per block (`gradients.py`)
+  permutation  N:M with `permute`: the MLP's channels are reordered before the down projection is
+               pruned, so the N:M groups keep more of the score (`permute.py`)
+  update       re-fit the kept weights to the mask: OBS sweep or ADMM (`updates.py`)
+  compensate   EoRA: a low-rank residual per layer from the same Hessian (`eora.py`); it joins the
+               forward pass at once, so later layers calibrate on the compensated model
 """
 from __future__ import annotations
 
@@ -37,6 +46,8 @@ from .masks import check_pruned
 from .models import spec_for
 from .models.spec import get_module, in_features, is_linear, weight_view
 from .registry import method_for_config
+from .stats import Hessian
+from .updates import apply_update
 from .report import LayerRecord, PruneReport, memory_now
 
 log = logging.getLogger("prunekit")
@@ -49,6 +60,7 @@ class _Layer:
     name: str                 # full module name, e.g. "model.layers.3.mlp.down_proj"
     module: nn.Module
     sparsity: float
+    nm: tuple[int, int] | None = None    # this layer's N:M when an allocation varies N
 
 
 @dataclass
@@ -58,20 +70,40 @@ class _Group:
     stats: object = None
     probe: list[Tensor] = field(default_factory=list)
     pruned: bool = False
+    permutable: bool = False             # the MLP's down projection: its input channels may be reordered
+    perm: Tensor | None = None           # set when they were: later inputs are reordered to match
+
+
+@dataclass
+class _Extras:
+    """What the engine adds around the method for one run (see the module docstring)."""
+    spec: object
+    gradients: dict = field(default_factory=dict)     # layer name -> (out, in) gradient magnitude
+    compensate: object = None                         # EoraConfig or None
+    adapters: dict = field(default_factory=dict)      # layer name -> (B, A) low-rank residual
+    hooks: list = field(default_factory=list)         # forward hooks that add the adapters
+    bases: dict = field(default_factory=dict)         # the current group's eigenbasis of H (EoRA)
 
 
 def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str | torch.device | None = None,
            sequential: str = "true", batch_size: int = 8, cache_device: str | torch.device | None = None,
-           progress: bool = True) -> PruneReport:
+           progress: bool = True, compensate=None) -> PruneReport:
     """Prune `model` in place with `config` (e.g. `WandaConfig(sparsity=0.5)`).
 
     calib: (samples, seqlen) token ids from `calibration_data`; may be None only for data-free
-    methods (magnitude). Returns a `PruneReport` (per-layer achieved sparsity, reconstruction
-    error, time and memory per block). Raises if any layer does not hold the requested pattern.
+    methods (magnitude). compensate: an `EoraConfig` to compute low-rank residuals in the same
+    pass (they are returned in `report.adapters`, and merged if it says so). Returns a
+    `PruneReport` (per-layer achieved sparsity, reconstruction error, time and memory per block).
+    Raises if any layer does not hold the requested pattern.
     """
     method = method_for_config(config)
-    if method.needs_calibration and calib is None:
+    extra_needs_data = (method.scope == "linear" and (config.allocation != "uniform" or config.update != "none"
+                                                       or getattr(config, "uses_gradient", False))) or compensate
+    if (method.needs_calibration or extra_needs_data) and calib is None:
         raise ValueError(f"{method.name} needs calibration data: pass calib=calibration_data(tokenizer, ...)")
+    if compensate is not None and method.scope != "linear":
+        raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
+                         "units, which changes the layers' shapes (put eora after a wanda/sparsegpt/... step)")
     if method.scope == "width":       # remove heads / channels: structured.py drives its own pass
         from .structured import prune_width_
         return prune_width_(model, config, calib, device=device, batch_size=batch_size,
@@ -84,7 +116,12 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         raise ValueError(f"sequential must be 'true' or 'block', got {sequential!r}")
     spec = spec_for(model)
     blocks = get_module(model, spec.blocks)
-    plan = [_plan_block(spec, i, block, config) for i, block in enumerate(blocks)]
+    allocation = None
+    if config.allocation != "uniform":
+        from .allocation import allocate
+        allocation = allocate(model, config, calib, device=device, batch_size=batch_size,
+                              cache_device=cache_device, progress=progress)
+    plan = [_plan_block(spec, i, block, config, allocation) for i, block in enumerate(blocks)]
     if not any(plan):
         raise ValueError(f"targets={config.targets} ignore={config.ignore} select no linear layer in {spec.blocks}")
     device = torch.device(device) if device is not None else _model_device(model)
@@ -92,9 +129,37 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
 
     report = PruneReport(method=method.name, config=config, sequential=sequential,
                          calibration_windows=0 if calib is None else int(calib.shape[0]),
-                         calibration_seqlen=0 if calib is None else int(calib.shape[1]))
+                         calibration_seqlen=0 if calib is None else int(calib.shape[1]),
+                         allocation=allocation.to_dict() if allocation else None)
+    extras = _Extras(spec, compensate=compensate)
+    observer = Hessian if config.needs_hessian or compensate is not None else method.stats
+    gradient_mode = getattr(config, "gradient", None) if getattr(config, "uses_gradient", False) else None
+    if gradient_mode == "model":
+        from .gradients import model_gradients
+        names = [layer.name for groups in plan for group in groups for layer in group.layers]
+        extras.gradients = model_gradients(model, calib, names, samples=config.gradient_samples,
+                                           device=device, progress=progress)
     started = time.perf_counter()
     _one_malloc_arena()
+    try:
+        _prune_blocks(model, blocks, plan, method, config, calib, report, extras, observer, gradient_mode,
+                      device, cache_device, sequential, batch_size, progress)
+    finally:
+        for hook in extras.hooks:
+            hook.remove()
+    report.seconds = time.perf_counter() - started
+    if compensate is not None:
+        report.adapters = extras.adapters
+        if compensate.merge:
+            from .eora import merge_adapters_
+            merge_adapters_(model, extras.adapters)
+            log.warning("EoRA adapters merged into the weights: the pruned layers are dense again")
+    return report
+
+
+def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, observer, gradient_mode,
+                  device, cache_device, sequential, batch_size, progress) -> None:
+    """The block loop of `prune_` (capture, then observe / prune / propagate each block)."""
     with torch.no_grad():
         if calib is None:
             hidden, kwargs = None, None
@@ -110,10 +175,15 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
             block.to(device)
             groups = plan[index]
             for group in groups:
-                if method.stats is not None:
-                    group.stats = method.stats(in_features(group.layers[0].module), device)
+                if observer is not None:
+                    group.stats = observer(in_features(group.layers[0].module), device)
+            if gradient_mode == "block":
+                from .gradients import block_gradients
+                step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device)
+                with torch.enable_grad():
+                    extras.gradients = block_gradients(step, {l.name: l.module for g in groups for l in g.layers})
             records: list[LayerRecord] = []
-            prune = lambda group: records.extend(_prune_group(group, method, config, index, device))  # noqa: E731
+            prune = lambda group: records.extend(_prune_group(group, method, config, index, device, block, extras))  # noqa: E731
             if hidden is None:
                 for group in groups:
                     prune(group)
@@ -137,8 +207,6 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
             bar.set_postfix(err=f"{mean_error:.4f}", mem=mem.get("peak_mb", mem.get("rss_mb")))
             bar.update(1)
         bar.close()
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _memory_budget(model, blocks, plan, hidden: list[Tensor], sequential: str) -> dict:
@@ -183,7 +251,7 @@ def _libc():
         return None
 
 
-def _plan_block(spec, index: int, block: nn.Module, config) -> list[_Group]:
+def _plan_block(spec, index: int, block: nn.Module, config, allocation=None) -> list[_Group]:
     groups = []
     for names in spec.groups:
         layers = []
@@ -192,17 +260,23 @@ def _plan_block(spec, index: int, block: nn.Module, config) -> list[_Group]:
             module = get_module(block, name)
             if not is_linear(module):
                 raise TypeError(f"{full} is a {type(module).__name__}, not a linear layer; fix the model spec")
-            sparsity = config.sparsity_for(full)
+            sparsity, nm = config.sparsity_for(full), None
+            if allocation is not None and full in allocation.layers:
+                sparsity, nm = allocation.layers[full]
             if sparsity:
-                layers.append(_Layer(full, module, sparsity))
+                layers.append(_Layer(full, module, sparsity, nm))
         if layers:
-            groups.append(_Group(layers))
+            permutable = spec.channels is not None and names == (spec.channels.consumer,)
+            groups.append(_Group(layers, permutable=permutable))
     return groups
 
 
-def _prune_group(group: _Group, method, config, block_index: int, device) -> list[LayerRecord]:
+def _prune_group(group: _Group, method, config, block_index: int, device, block=None,
+                 extras: _Extras | None = None) -> list[LayerRecord]:
     """Apply the method to every layer of the group, write the weights back, verify them."""
     group.pruned = True
+    if group.permutable and getattr(config, "permute", False) and config.nm and method.score is not None:
+        _permute(group, method, config, block, extras.spec, device)
     X = torch.cat(group.probe) if group.probe else None                       # (rows, in)
     records = []
     for layer in group.layers:
@@ -210,12 +284,18 @@ def _prune_group(group: _Group, method, config, block_index: int, device) -> lis
         stored = weight_view(layer.module)                                     # (out, in), storage dtype
         W = stored.detach().to(device=device, dtype=torch.float32, copy=True)
         zeros_before = int((W == 0).sum())
-        layer_config = replace(config, sparsity=layer.sparsity)
-        W_new = method.fn(W, group.stats, layer_config)
+        layer_config = replace(config, sparsity=layer.sparsity, nm=layer.nm or config.nm)
+        stats = group.stats
+        if extras is not None and layer.name in extras.gradients:
+            from .gradients import WithGradient
+            stats = WithGradient(group.stats, extras.gradients.pop(layer.name).to(device))
+        W_new = apply_update(W, method.fn(W, stats, layer_config), group.stats, layer_config)
         if not torch.isfinite(W_new).all():
             raise FloatingPointError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
                                      "(check the calibration data and the model dtype)")
         stored.copy_(W_new.to(stored.dtype))
+        if extras is not None and extras.compensate is not None:
+            _compensate(layer, W, stored.float(), group.stats, extras)
         error = None
         if X is not None:
             reference = X @ W.T
@@ -225,14 +305,49 @@ def _prune_group(group: _Group, method, config, block_index: int, device) -> lis
             note = group.stats.inverse_cholesky(layer_config.damp)[2]
             if note:
                 log.warning("%s: %s", layer.name, note)
-        problem = check_pruned(stored, layer.sparsity, config.nm, config.per, zeros_before,
-                               layer_zeros=config.layer_zeros(*stored.shape, layer.sparsity))
+        problem = check_pruned(stored, layer_config.sparsity, layer_config.nm, config.per, zeros_before,
+                               layer_zeros=config.layer_zeros(*stored.shape, layer_config.sparsity))
         records.append(LayerRecord(name=layer.name, block=block_index, requested=layer.sparsity,
                                    zeros=int((stored == 0).sum()), numel=stored.numel(), error=error,
                                    seconds=round(time.perf_counter() - start, 4), note=note, problem=problem))
     group.stats = None
     group.probe = []
     return records
+
+
+def _permute(group: _Group, method, config, block, spec, device) -> None:
+    """Reorder the MLP's channels so that N:M keeps more of the method's score (RIA's channel
+    permutation); the observer and probe follow, and `group.perm` tells the suspended chunks."""
+    from .permute import nm_permutation
+    from .structured import permute_channels_
+    layer = group.layers[0]
+    W = weight_view(layer.module).detach().to(device=device, dtype=torch.float32)
+    perm = nm_permutation(method.score(W, group.stats, config), *config.nm)
+    if perm is None:
+        return
+    perm = perm.to(W.device)
+    permute_channels_(block, spec.channels, perm)
+    group.stats.permute_(perm)
+    group.probe = [X[:, perm] for X in group.probe]
+    group.perm = perm
+    layer.module = get_module(block, spec.channels.consumer)
+
+
+def _compensate(layer: _Layer, W_dense: Tensor, W_pruned: Tensor, stats, extras: _Extras) -> None:
+    """EoRA residual for this layer; a forward hook adds it from now on (later layers calibrate
+    on the compensated model, as it will run)."""
+    from .eora import eigen_basis, eora_factors, layer_rank
+    rank = layer_rank(extras.compensate, *W_dense.shape)
+    if id(stats) not in extras.bases:                                        # q/k/v share one H: one eigh
+        extras.bases = {id(stats): eigen_basis(stats.H)}
+    B, A = eora_factors(W_dense - W_pruned, stats.H, rank, basis=extras.bases[id(stats)])   # (out, r), (r, in)
+    extras.adapters[layer.name] = (B.cpu(), A.cpu())
+    B, A = B.to(W_dense.device), A.to(W_dense.device)
+
+    def add_residual(module, args, output):
+        x = args[0]
+        return output + ((x.to(A.dtype) @ A.T) @ B.T).to(output.dtype)
+    extras.hooks.append(layer.module.register_forward_hook(add_residual))
 
 
 def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, prune, probe_every):
@@ -256,6 +371,8 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
         group.probe.append(X.reshape(-1, X.shape[-1])[::probe_every].to(torch.float32, copy=True))
         if lockstep is not None:
             lockstep.meet(group, lambda: prune(group))
+            if group.perm is not None:                     # its channels were reordered while we waited
+                return (X.index_select(-1, group.perm.to(X.device)), *args[1:])
 
     def forward(i: int, record: bool):
         """Run chunk i through the block; in the propagating pass its output replaces its input."""

@@ -85,3 +85,4 @@ def _load_builtin_methods() -> None:
     from .methods import magnitude, sparsegpt, wanda  # noqa: F401
     from .methods import angular, block_influence, laco, last_k, sleb  # noqa: F401
     from .methods import flap, magnitude_sp, taylor, wanda_sp  # noqa: F401
+    from . import eora  # noqa: F401

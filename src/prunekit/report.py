@@ -39,6 +39,8 @@ class PruneReport:
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     memory_budget: dict = field(default_factory=dict)
+    allocation: dict | None = None       # non-uniform allocation: per-block scores and sparsity
+    adapters: dict = field(default_factory=dict)   # EoRA: layer name -> (B, A), exported as a PEFT adapter
 
     @property
     def sparsity(self) -> float:
@@ -66,6 +68,9 @@ class PruneReport:
             "layers": [dataclasses.asdict(r) | {"achieved": r.achieved} for r in self.layers],
             "blocks": self.blocks,
             "memory_budget": self.memory_budget,
+            **({"allocation": self.allocation} if self.allocation else {}),
+            **({"adapter_parameters": sum(B.numel() + A.numel() for B, A in self.adapters.values())}
+               if self.adapters else {}),
         }
 
 

@@ -22,6 +22,10 @@ class InputNorm:
         self.sq_norm += X.square().sum(dim=0)
         self.tokens += X.shape[0]
 
+    def permute_(self, perm: Tensor) -> None:
+        """The input features were reordered (N:M channel permutation): follow them."""
+        self.sq_norm = self.sq_norm[perm.to(self.sq_norm.device)]
+
 
 class Hessian:
     """H = X^T X over all calibration tokens (the layer-wise reconstruction Hessian, up to 2/n).
@@ -50,6 +54,12 @@ class Hessian:
     @property
     def sq_norm(self) -> Tensor:
         return self.H.diagonal()
+
+    def permute_(self, perm: Tensor) -> None:
+        """The input features were reordered (N:M channel permutation): follow them."""
+        perm = perm.to(self.H.device)
+        self.H = self.H[perm][:, perm].contiguous()
+        self._inverse.clear()
 
     @property
     def dead(self) -> Tensor:

@@ -491,6 +491,17 @@ def keep_rows_(module: nn.Module, rows: Tensor) -> None:
         module.out_features = rows.numel()
 
 
+def permute_channels_(block: nn.Module, channels, perm: Tensor) -> None:
+    """Reorder the MLP's intermediate channels: producer rows and consumer columns by `perm`, in
+    place. The block computes exactly the same function; the consumer's input columns are now in
+    the order `perm` (RIA's channel permutation for N:M uses this)."""
+    for name in channels.producers:
+        module = get_module(block, name)
+        inter = weight_view(module).shape[0] // channels.fused
+        keep_rows_(module, torch.cat([perm + part * inter for part in range(channels.fused)]))
+    keep_columns_(get_module(block, channels.consumer), perm)
+
+
 def keep_columns_(module: nn.Module, columns: Tensor) -> None:
     """Keep only these input columns of a linear layer, in place."""
     conv1d = type(module).__name__ == "Conv1D"

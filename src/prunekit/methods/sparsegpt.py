@@ -35,9 +35,13 @@ class SparseGPTConfig(SparsityConfig):
     per: str = "layer"
     blocksize: int = 128      # columns per lazy-update block (the paper's B)
     damp: float = 0.01        # dampening, as a fraction of the mean diagonal of H
+    update: str = "obs"       # the OBS update is part of SparseGPT; "admm" re-fits its mask's weights
 
     def __post_init__(self):
         super().__post_init__()
+        if self.update == "none":
+            raise ValueError("sparsegpt chooses its mask together with its OBS update; use update 'obs' "
+                             "(the default) or 'admm', or another method for a mask without an update")
         if self.blocksize < 1:
             raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
         if self.nm is not None and self.blocksize % self.nm[1]:
@@ -53,6 +57,12 @@ class SparseGPTConfig(SparsityConfig):
 
 @register("sparsegpt", SparseGPTConfig, stats=Hessian)
 def sparsegpt(W: Tensor, stats: Hessian, cfg: SparseGPTConfig) -> Tensor:
+    return obs_sweep(W, stats, cfg)
+
+
+def obs_sweep(W: Tensor, stats: Hessian, cfg: SparseGPTConfig, fixed: Tensor | None = None) -> Tensor:
+    """The column sweep. `fixed` (out, in) bool, True = pruned: use that mask instead of choosing
+    one (the OBS update for another method's mask, `update: obs`)."""
     W = W.clone().float()                                            # (out, in)
     W[:, stats.dead] = 0
     U, _, _ = stats.inverse_cholesky(cfg.damp)                        # (in, in), upper: U^T U = H^-1
@@ -62,7 +72,9 @@ def sparsegpt(W: Tensor, stats: Hessian, cfg: SparseGPTConfig) -> Tensor:
     for i1 in range(0, columns, cfg.blocksize):
         i2 = min(i1 + cfg.blocksize, columns)
         d = U.diagonal()[i1:i2]                                       # (B,)
-        if cfg.nm is None:                                            # adaptive mask selection
+        if fixed is not None:
+            mask = fixed[:, i1:i2]
+        elif cfg.nm is None:                                          # adaptive mask selection
             mask = lowest(W[:, i1:i2].square() / d.square(), cfg.sparsity, None, cfg.per)
         else:
             mask = torch.zeros(out_features, i2 - i1, dtype=torch.bool, device=W.device)
@@ -72,7 +84,7 @@ def sparsegpt(W: Tensor, stats: Hessian, cfg: SparseGPTConfig) -> Tensor:
             W1, U1 = W[:, j1:j2], U[j1:j2, j1:j2]                     # views, updated in place
             for i in range(j2 - j1):
                 c = j1 - i1 + i                                       # column within the mask block
-                if cfg.nm is not None and c % m == 0:
+                if cfg.nm is not None and fixed is None and c % m == 0:
                     score = W1[:, i:i + m].square() / U1.diagonal()[i:i + m].square()   # (out, m)
                     mask[:, c:c + m] = lowest(score, 0.0, cfg.nm)
                 err = torch.where(mask[:, c], W1[:, i], 0.0) / U1[i, i]              # (out,)
