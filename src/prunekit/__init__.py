@@ -39,7 +39,10 @@ _PUBLIC = {
     "LastKConfig": ".methods.last_k",
     "LaCoConfig": ".methods.laco",
     "benchmark": ".bench",
-    # beyond one-shot: compensation
+    # beyond one-shot: more scores, compensation
+    "RIAConfig": ".methods.ria",
+    "GBLMConfig": ".methods.gblm",
+    "PrunerZeroConfig": ".methods.pruner_zero",
     "EoraConfig": ".eora",
 }
 __all__ = sorted(_PUBLIC)

@@ -83,6 +83,8 @@ class _Extras:
     adapters: dict = field(default_factory=dict)      # layer name -> (B, A) low-rank residual
     hooks: list = field(default_factory=list)         # forward hooks that add the adapters
     bases: dict = field(default_factory=dict)         # the current group's eigenbasis of H (EoRA)
+    windows: int = 0                                  # calibration windows the observers see
+    grad_windows: int | None = None                   # windows the model gradients were summed over
 
 
 def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str | torch.device | None = None,
@@ -131,7 +133,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
                          calibration_windows=0 if calib is None else int(calib.shape[0]),
                          calibration_seqlen=0 if calib is None else int(calib.shape[1]),
                          allocation=allocation.to_dict() if allocation else None)
-    extras = _Extras(spec, compensate=compensate)
+    extras = _Extras(spec, compensate=compensate, windows=0 if calib is None else int(calib.shape[0]))
     observer = Hessian if config.needs_hessian or compensate is not None else method.stats
     gradient_mode = getattr(config, "gradient", None) if getattr(config, "uses_gradient", False) else None
     if gradient_mode == "model":
@@ -139,6 +141,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         names = [layer.name for groups in plan for group in groups for layer in group.layers]
         extras.gradients = model_gradients(model, calib, names, samples=config.gradient_samples,
                                            device=device, progress=progress)
+        extras.grad_windows = min(config.gradient_samples, extras.windows)
     started = time.perf_counter()
     _one_malloc_arena()
     try:
@@ -288,7 +291,8 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
         stats = group.stats
         if extras is not None and layer.name in extras.gradients:
             from .gradients import WithGradient
-            stats = WithGradient(group.stats, extras.gradients.pop(layer.name).to(device))
+            stats = WithGradient(group.stats, extras.gradients.pop(layer.name).to(device),
+                                 windows=extras.windows, grad_windows=extras.grad_windows)
         W_new = apply_update(W, method.fn(W, stats, layer_config), group.stats, layer_config)
         if not torch.isfinite(W_new).all():
             raise FloatingPointError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
@@ -336,18 +340,13 @@ def _permute(group: _Group, method, config, block, spec, device) -> None:
 def _compensate(layer: _Layer, W_dense: Tensor, W_pruned: Tensor, stats, extras: _Extras) -> None:
     """EoRA residual for this layer; a forward hook adds it from now on (later layers calibrate
     on the compensated model, as it will run)."""
-    from .eora import eigen_basis, eora_factors, layer_rank
+    from .eora import _residual_hook, eigen_basis, eora_factors, layer_rank
     rank = layer_rank(extras.compensate, *W_dense.shape)
     if id(stats) not in extras.bases:                                        # q/k/v share one H: one eigh
         extras.bases = {id(stats): eigen_basis(stats.H)}
     B, A = eora_factors(W_dense - W_pruned, stats.H, rank, basis=extras.bases[id(stats)])   # (out, r), (r, in)
     extras.adapters[layer.name] = (B.cpu(), A.cpu())
-    B, A = B.to(W_dense.device), A.to(W_dense.device)
-
-    def add_residual(module, args, output):
-        x = args[0]
-        return output + ((x.to(A.dtype) @ A.T) @ B.T).to(output.dtype)
-    extras.hooks.append(layer.module.register_forward_hook(add_residual))
+    extras.hooks.append(layer.module.register_forward_hook(_residual_hook(B, A)))
 
 
 def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, prune, probe_every):

@@ -187,6 +187,23 @@ def adapter_parameters(adapters: dict[str, tuple[Tensor, Tensor]]) -> int:
     return sum(B.numel() + A.numel() for B, A in adapters.values())
 
 
+def attach_adapters(model: nn.Module, adapters: dict[str, tuple[Tensor, Tensor]]) -> list:
+    """Add each residual to its layer's output with a forward hook (y += x A^T B^T), without
+    touching the sparse weights; returns the hook handles (call `.remove()` to detach)."""
+    handles = []
+    for name, (B, A) in adapters.items():
+        module = _linear(model, name)
+        device = next(module.parameters()).device
+        handles.append(module.register_forward_hook(_residual_hook(B.to(device), A.to(device))))
+    return handles
+
+
+def _residual_hook(B: Tensor, A: Tensor):
+    def add_residual(module, args, output):
+        return output + ((args[0].to(A.dtype) @ A.T) @ B.T).to(output.dtype)
+    return add_residual
+
+
 @torch.no_grad()
 def merge_adapters_(model: nn.Module, adapters: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
     """W += B A in place, in the weight's dtype (one rounding, from float32). Dense afterwards:

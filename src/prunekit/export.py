@@ -174,12 +174,15 @@ def _save_model(model, path: Path) -> None:
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadata: dict | None = None,
-                           overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> Path:
+                           overwrite: bool = False, protect: Iterable[str | os.PathLike] = (),
+                           extra=None) -> Path:
     """Write `model` (safetensors), `tokenizer` and `prunekit.json` to `out_dir` atomically.
 
     `metadata` is merged into `prunekit.json` with ``versions`` (prunekit, torch, transformers,
     safetensors, python) and ``saved_at`` (UTC). See the module docstring for the rules on
-    existing folders, `overwrite` and `protect`. Returns the resolved `out_dir`.
+    existing folders, `overwrite` and `protect`. `extra(staging_dir)` writes more files (an EoRA
+    adapter) before the swap, so they appear together with the model or not at all. Returns the
+    resolved `out_dir`.
     """
     protect = list(protect or ())
     out = check_output_dir(out_dir, overwrite=overwrite, protect=protect)
@@ -195,6 +198,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
         _save_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         pickles = sorted(p.name for p in tmp.rglob("*") if p.suffix in _PICKLE_SUFFIXES)
         if pickles:
             raise RuntimeError(f"save_pretrained wrote pickle files {pickles}; refusing to export them")

@@ -83,6 +83,7 @@ def available_methods() -> list[str]:
 def _load_builtin_methods() -> None:
     # Explicit imports (no package walking): each import registers one method.
     from .methods import magnitude, sparsegpt, wanda  # noqa: F401
+    from .methods import gblm, pruner_zero, ria  # noqa: F401
     from .methods import angular, block_influence, laco, last_k, sleb  # noqa: F401
     from .methods import flap, magnitude_sp, taylor, wanda_sp  # noqa: F401
     from . import eora  # noqa: F401
