@@ -1,0 +1,258 @@
+"""`prunekit recover DIR --data SOURCE --method {lora,perp,kd} --steps N --out DIR2`.
+
+Loads a pruned checkpoint, draws training windows from --data (the same sources as calibration:
+"default", a .txt/.jsonl file or folder, a `datasets` name), fine-tunes with a mask-preserving
+method (`train.py`) and exports a stock checkpoint with the same zeros. DIR is never written: the
+output folder and the checkpoint folder are checked against it before any work. The output's
+prunekit.json keeps DIR's record (source, pruning steps, structure) and adds a `recovery` section.
+
+kd needs the dense teacher: --teacher, else the `source` DIR's prunekit.json records (a local
+path, a hub id, a .gguf file or "default").
+
+Checkpoints go to --run-dir (default: OUT.checkpoints next to OUT) every --checkpoint-every
+steps; --resume continues from there. After a successful export the checkpoint is deleted unless
+--keep-checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import sys
+from pathlib import Path
+
+METADATA_FILE = "prunekit.json"
+# flag dest -> config field; a flag left out keeps the config's default (one source of truth)
+CONFIG_FLAGS = ("steps", "lr", "batch_size", "samples", "seqlen", "seed", "weight_decay", "max_grad_norm",
+                "checkpoint_every", "rank", "alpha", "rslora", "dropout", "temperature", "kd_weight")
+TEACHER_HINT = ("pass --teacher MODEL: the dense model DIR was pruned from (a local directory, a hub id, "
+                "a .gguf file or 'default')")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``recover`` sub-command to an argparse ``subparsers`` object (handler: run_recover_cli)."""
+    parser = subparsers.add_parser(
+        "recover", help="fine-tune a pruned model without touching its zeros (masked LoRA, PERP, distillation)",
+        description="Recovery fine-tuning that keeps the sparsity: masked LoRA (lora), norms and biases "
+                    "only (perp), or masked LoRA distilled from the dense model (kd).")
+    _add_arguments(parser)
+    parser.set_defaults(handler=run_recover_cli)
+    return parser
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="DIR", help="the pruned checkpoint directory (e.g. the --out of prunekit prune)")
+    p.add_argument("--data", default="default",
+                   help="training text: default (offline), a .txt/.jsonl file or dir, wikitext2, c4, ptb")
+    p.add_argument("--method", required=True, metavar="{lora,perp,kd}",
+                   help="lora: masked LoRA; perp: norms and biases only; kd: masked LoRA distilled from --teacher")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--out", required=True, help="output directory (safetensors + tokenizer + prunekit.json)")
+    lora = p.add_argument_group("LoRA (lora, kd)")
+    lora.add_argument("--rank", type=int, help="adapter rank (default 16)")
+    lora.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    lora.add_argument("--rslora", action="store_const", const=True, default=None,
+                      help="rank-stabilised scale alpha/sqrt(rank) instead of alpha/rank")
+    lora.add_argument("--dropout", type=float, help="dropout on the adapters' input (default 0)")
+    kd = p.add_argument_group("distillation (kd)")
+    kd.add_argument("--teacher", help="the dense model (default: the source recorded in DIR/prunekit.json)")
+    kd.add_argument("--temperature", type=float, help="softmax temperature (default 1)")
+    kd.add_argument("--kd-weight", type=float, help="weight of the KL term; the rest is next-token loss (default 1)")
+    train = p.add_argument_group("training")
+    train.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; perp 1e-3)")
+    train.add_argument("--batch-size", type=int, help="windows per step (default 4)")
+    train.add_argument("--seqlen", type=int, help="tokens per window (default 512, capped by the model's context)")
+    train.add_argument("--samples", type=int, help="windows drawn from --data (default steps x batch size)")
+    train.add_argument("--seed", type=int, help="window order and LoRA initialisation (default 0)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    train.add_argument("--max-grad-norm", type=float, help="gradient clipping; 0 disables (default 1)")
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints; 0: none (default 50)")
+    train.add_argument("--run-dir", type=Path, help="checkpoint folder (default: OUT.checkpoints)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in the run folder")
+    train.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint after the export")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the whole model trains there)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (they can run code)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", type=Path, help="also write the report as JSON")
+
+
+def recover_methods() -> list[str]:
+    from ..registry import available_methods, get_method
+    from . import train  # noqa: F401  (importing it registers lora, perp and kd)
+    return [name for name in available_methods() if get_method(name).scope == "recover"]
+
+
+def config_from_args(args):
+    """The recovery config the flags describe; a flag the method does not have is an error."""
+    import dataclasses
+
+    from ..registry import get_method
+
+    names = recover_methods()
+    if args.method not in names:
+        close = difflib.get_close_matches(args.method, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown recovery method {args.method!r}.{hint} Use one of: {', '.join(names)}")
+    config_cls = get_method(args.method).config_cls
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    values = {}
+    for name in CONFIG_FLAGS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name not in fields:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {args.method}")
+        values[name] = value
+    if values.get("max_grad_norm") == 0:
+        values["max_grad_norm"] = None
+    return config_cls(**values)
+
+
+def default_teacher(model_dir: Path) -> str:
+    """The dense source recorded in `model_dir`/prunekit.json, as something `load` accepts."""
+    meta = model_dir / METADATA_FILE
+    if not meta.is_file():
+        raise ValueError(f"kd needs the dense teacher and {model_dir} has no {METADATA_FILE} saying where it was "
+                         f"pruned from; {TEACHER_HINT}")
+    source = json.loads(meta.read_text()).get("source") or {}
+    kind = source.get("kind")
+    if kind == "default":
+        return "default"
+    if kind == "hub" and source.get("id"):
+        return source["id"]
+    if kind in ("local", "gguf") and source.get("path"):
+        if not Path(source["path"]).exists():
+            raise FileNotFoundError(f"kd's teacher, the source recorded in {meta}, no longer exists: "
+                                    f"{source['path']}; {TEACHER_HINT}")
+        return source["path"]
+    raise ValueError(f"{meta} records no usable source model ({source!r}); {TEACHER_HINT}")
+
+
+def run_recover_cli(args: argparse.Namespace) -> int:
+    """Validate everything, load, train, export, print the summary. Returns 0."""
+    from ..bench import write_json_atomic
+    from ..export import check_output_dir, save_pretrained_atomic
+    from ..loading import load, load_pruned, recorded_widths, resolve_device
+    from .train import CHECKPOINT, format_summary, recover_, recovery_windows
+
+    cfg = config_from_args(args)
+    model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {args.model} (recover takes a local checkpoint "
+                                "directory, e.g. the --out of prunekit prune)")
+    model_dir = model_dir.resolve()
+    out = check_output_dir(args.out, overwrite=args.overwrite, protect=[model_dir])
+    run_dir = _run_dir(args, cfg, out, model_dir)
+    teacher_name = None
+    if cfg.needs_teacher:
+        teacher_name = args.teacher or default_teacher(model_dir)
+        if Path(teacher_name).exists() and Path(teacher_name).resolve() == model_dir:
+            raise ValueError(f"the teacher is {model_dir} itself; {TEACHER_HINT}")
+    elif args.teacher:
+        raise ValueError(f"--teacher applies to --method kd only, not {args.method}")
+    device = resolve_device(args.device)
+
+    if recorded_widths(model_dir) is not None:      # blocks of different widths: no stock config describes them
+        model, tokenizer = load_pruned(model_dir, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        model, tokenizer = load(model_dir, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                trust_remote_code=args.trust_remote_code)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer, so --data text cannot become tokens; save the model's "
+                         "tokenizer next to it (tokenizer.save_pretrained(DIR))")
+    seqlen = _seqlen(model.config, cfg.seqlen)
+    windows = recovery_windows(tokenizer, cfg, args.data, seqlen=seqlen, seed=cfg.seed)
+    teacher = None
+    if teacher_name is not None:
+        teacher, _ = load(teacher_name, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                          trust_remote_code=args.trust_remote_code)
+
+    report = recover_(model, cfg, windows, teacher=teacher, run_dir=run_dir, resume=args.resume, device=device,
+                      progress=not args.no_progress)
+    report["data"] = {"source": str(args.data), "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                      "seed": cfg.seed}
+    report["teacher"] = teacher_name
+    report["input"] = str(model_dir)
+
+    saved = save_pretrained_atomic(model, tokenizer, out, metadata=_metadata(model_dir, report),
+                                   overwrite=args.overwrite, protect=[model_dir])
+    print(format_summary(report))
+    print(f"saved to {saved} (loads with AutoModelForCausalLM.from_pretrained"
+          f"{'' if recorded_widths(saved) is None else '; blocks of different widths: prunekit.load_pruned'})")
+    if run_dir is not None:
+        checkpoint = run_dir / CHECKPOINT
+        if args.keep_checkpoints:
+            print(f"checkpoint kept at {checkpoint}")
+        else:
+            checkpoint.unlink(missing_ok=True)
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+    if args.json:
+        write_json_atomic(args.json, report)
+    return 0
+
+
+def _run_dir(args, cfg, out: Path, model_dir: Path) -> Path | None:
+    if not cfg.checkpoint_every:
+        if args.resume:
+            raise ValueError("--resume needs checkpoints; --checkpoint-every 0 turns them off")
+        return None
+    run_dir = (args.run_dir or out.with_name(out.name + ".checkpoints")).expanduser().resolve()
+    for guarded, what in ((model_dir, "the input model"), (out, "--out (it is replaced on export)")):
+        if run_dir == guarded or guarded in run_dir.parents:
+            raise ValueError(f"the checkpoint folder {run_dir} lies inside {what} {guarded}; choose another --run-dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--run-dir {run_dir} exists and is not a directory")
+    return run_dir
+
+
+def _seqlen(config, asked: int | None) -> int:
+    from ..data import default_seqlen
+    context = default_seqlen(config, cap=1 << 30)
+    if asked is None:
+        return min(512, context)
+    if asked > context:
+        raise ValueError(f"--seqlen {asked} is longer than the model's context ({context} positions); "
+                         f"use --seqlen {min(512, context)}")
+    return asked
+
+
+def _metadata(model_dir: Path, report: dict) -> dict:
+    """DIR's prunekit.json (source, steps, structure, ...) plus a `recovery` section."""
+    meta_path = model_dir / METADATA_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    # the export writes fresh versions/saved_at; the input's own go into the recovery section
+    earlier = {key: meta.pop(key) for key in ("versions", "saved_at") if key in meta}
+    # per-step losses go to --json; the checkpoint is deleted after the export
+    recovery = {key: value for key, value in report.items() if key not in ("losses", "checkpoint")}
+    recovery["input_record"] = earlier
+    if "recovery" in meta:
+        recovery["previous"] = meta["recovery"]
+    meta["recovery"] = recovery
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m prunekit.recovery.cli DIR ...``: the recover command on its own."""
+    parser = argparse.ArgumentParser(prog="prunekit recover", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log checkpoints; show tracebacks")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return run_recover_cli(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, TypeError,
+            RuntimeError) as err:
+        if args.verbose:
+            raise
+        print(f"prunekit recover: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

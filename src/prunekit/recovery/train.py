@@ -1,0 +1,597 @@
+"""Recovery fine-tuning that keeps the sparsity: configs, the training loop, checkpoint/resume.
+
+Three registered methods (scope "recover") share one function, `recover_`; each config class
+says what it trains and what it minimises:
+
+    lora  masked LoRA on every linear layer of the decoder blocks, next-token loss
+          (`masked_lora.py`; rslora=True: the alpha / sqrt(r) scale of rsLoRA arXiv 2312.03732
+          and RoRA arXiv 2501.04315)
+    perp  only the normalisation weights/biases and the linear biases, next-token loss (PERP,
+          Zimmer et al., arXiv 2312.15230: retraining such a tiny, expressive subset restores much
+          of what pruning loses); the pruned weights are frozen, so their zeros cannot move
+    kd    masked LoRA, loss = T^2 * KL(teacher || student) on temperature-T softmaxes (Hinton et
+          al., arXiv 1503.02531), teacher = the dense model; `kd_weight` < 1 mixes in the
+          next-token loss
+
+The loop: AdamW over the trainable tensors, exactly `steps` optimizer steps, each on
+`batch_size` windows taken in order from a seeded permutation of the windows (a new permutation
+per pass), constant learning rate, optional gradient clipping. Nothing depends on the total
+step count, so k steps then a resume to N equals N steps. The whole model trains on `device`
+(it must fit there, with the teacher for kd), in eval mode: the pretraining dropout of some
+families (GPT-2's 0.1) stays off, so the objective is deterministic and the loss we report is the
+function we merge; only LoRA's own `dropout` is active.
+
+Checkpoints (`run_dir/recover-checkpoint.pt`, every `checkpoint_every` steps and at the end) hold
+the trainable tensors, the optimizer state, the step, the RNG states and the loss history, written
+to a temp file and renamed into place; they are read with `torch.load(weights_only=True)` only.
+A resume checks that the method, its settings, the windows and the model's zeros are the same.
+
+After training, the zeros of every linear weight in the decoder blocks are compared with those
+recorded before: a weight that was zero and is not raises RuntimeError. A failed or interrupted
+run leaves the model as it was given (adapters discarded, PERP's tensors restored).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import register
+
+log = logging.getLogger("prunekit")
+
+CHECKPOINT = "recover-checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+PROBE_WINDOWS = 32      # loss before/after is measured on the first 32 windows (fixed, dropout off)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = True,
+            high_open: bool = False) -> float:
+    """A float in the given range; YAML reads `1e-4` as a string, so numeric strings are accepted."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (above and below):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """What every recovery method shares. Subclasses add their knobs and say what they train."""
+    steps: int = 200                  # optimizer steps
+    lr: float = 1e-4                  # AdamW learning rate, constant
+    batch_size: int = 4               # windows per optimizer step
+    samples: int | None = None        # windows to draw from the data; None: steps * batch_size (each seen once)
+    seqlen: int | None = None         # tokens per window; None: the calibration seqlen (CLI: 512 or the context)
+    seed: int = 0                     # window order, LoRA's initialisation and dropout
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
+    checkpoint_every: int = 50        # steps between checkpoints (with a run_dir); 0: none
+
+    trains: ClassVar[str] = ""        # "lora" or "norms_biases"
+    objective: ClassVar[str] = "lm"   # "lm" (next-token cross-entropy) or "kd"
+
+    def __post_init__(self):
+        _integer("steps", self.steps, 1)
+        object.__setattr__(self, "lr", _number("lr", self.lr, 0.0))
+        _integer("batch_size", self.batch_size, 1)
+        if self.samples is not None:
+            _integer("samples (windows drawn from the data)", self.samples, 1)
+        if self.seqlen is not None:
+            _integer("seqlen", self.seqlen, 2)
+        _integer("seed", self.seed, 0)
+        object.__setattr__(self, "weight_decay", _number("weight_decay", self.weight_decay, 0.0, low_open=False))
+        if self.max_grad_norm is not None:
+            object.__setattr__(self, "max_grad_norm", _number("max_grad_norm (None to disable)",
+                                                              self.max_grad_norm, 0.0))
+        _integer("checkpoint_every (0 disables checkpoints)", self.checkpoint_every, 0)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.objective == "kd"
+
+    @property
+    def windows_needed(self) -> int:
+        return self.samples if self.samples is not None else self.steps * self.batch_size
+
+
+@dataclass(frozen=True)
+class LoraRecoverConfig(RecoverConfig):
+    """Masked LoRA on the decoder blocks' linear layers (see `masked_lora.py`)."""
+    rank: int = 16
+    alpha: float | None = None        # None: alpha = rank, i.e. scale 1 for LoRA and sqrt(rank) for rsLoRA
+    rslora: bool = False              # scale alpha / sqrt(rank) instead of alpha / rank (arXiv 2312.03732)
+    dropout: float = 0.0              # dropout on the adapters' input
+
+    trains: ClassVar[str] = "lora"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _integer("rank", self.rank, 1)
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", _number("alpha", self.alpha, 0.0))
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        object.__setattr__(self, "dropout", _number("dropout", self.dropout, 0.0, 1.0, low_open=False,
+                                                    high_open=True))
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scaling(self) -> float:
+        from .masked_lora import lora_scaling
+        return lora_scaling(self.rank, self.lora_alpha, self.rslora)
+
+
+@dataclass(frozen=True)
+class PerpConfig(RecoverConfig):
+    """PERP: retrain only normalisation parameters and linear biases."""
+    # so few parameters move that they need, and tolerate, a larger step than LoRA's; tune it
+    lr: float = 1e-3
+
+    trains: ClassVar[str] = "norms_biases"
+
+
+@dataclass(frozen=True)
+class KDConfig(LoraRecoverConfig):
+    """Masked LoRA trained to match the dense teacher's next-token distributions."""
+    temperature: float = 1.0          # softmax temperature of both distributions; the loss is scaled by T^2
+    kd_weight: float = 1.0            # loss = kd_weight * KD + (1 - kd_weight) * next-token loss
+
+    objective: ClassVar[str] = "kd"
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "temperature", _number("temperature", self.temperature, 0.0))
+        object.__setattr__(self, "kd_weight", _number("kd_weight", self.kd_weight, 0.0, 1.0, low_open=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# What is trained
+# ----------------------------------------------------------------------------------------------
+
+def block_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer inside the decoder blocks, by full module name (what pruning zeroes)."""
+    from ..models import spec_for
+    from ..models.spec import get_module, is_linear
+
+    spec = spec_for(model)
+    blocks = get_module(model, spec.blocks)
+    return {name: module for name, module in blocks.named_modules(prefix=spec.blocks) if is_linear(module)}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # LayerNorm, and the RMSNorm classes every family defines for itself (LlamaRMSNorm, Gemma3RMSNorm, ...)
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith("Norm")
+
+
+def norm_and_bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """PERP's trainable set: every normalisation weight/bias and every linear layer's bias."""
+    from ..models.spec import is_linear
+
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if _is_norm(module):
+            candidates = module.named_parameters(recurse=False)
+        elif is_linear(module) and getattr(module, "bias", None) is not None:
+            candidates = [("bias", module.bias)]
+        else:
+            continue
+        for param_name, param in candidates:
+            if id(param) not in seen:          # tied tensors train once
+                seen.add(id(param))
+                out[f"{name}.{param_name}" if name else param_name] = param
+    return out
+
+
+def zeros_violated(targets: dict[str, nn.Module], masks: dict[str, Tensor]) -> dict[str, int]:
+    """Layer name -> how many weights that were zero (mask False) are nonzero now; only offenders."""
+    from ..models.spec import weight_view
+    out = {}
+    for name, module in targets.items():
+        count = int(((weight_view(module) != 0) & ~masks[name]).sum())
+        if count:
+            out[name] = count
+    return out
+
+
+def _zero_fraction(masks: dict[str, Tensor]) -> float:
+    """Fraction of zeros, from nonzero masks (True where W != 0)."""
+    total = sum(mask.numel() for mask in masks.values())
+    return sum(int((~mask).sum()) for mask in masks.values()) / total if total else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and data order
+# ----------------------------------------------------------------------------------------------
+
+def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
+    """Mean cross-entropy of predicting ids[:, t+1] from position t.  logits (b, L, V), ids (b, L)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over positions.  (b, L, V) each.
+
+    The T^2 keeps the gradient's size independent of T (Hinton et al.); every position counts,
+    the last one too: distillation needs no label.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+                         "differ: the teacher must share the student's vocabulary")
+    s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, -2)              # (b*L, V)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, -2)              # (b*L, V)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def objective(model: nn.Module, ids: Tensor, cfg: RecoverConfig, teacher: nn.Module | None) -> Tensor:
+    """The loss one batch of windows contributes (the thing the optimizer minimises)."""
+    logits = model(input_ids=ids, use_cache=False).logits
+    if cfg.objective != "kd":
+        return next_token_loss(logits, ids)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+    loss = distillation_loss(logits, teacher_logits, cfg.temperature)
+    if cfg.kd_weight < 1:
+        loss = cfg.kd_weight * loss + (1 - cfg.kd_weight) * next_token_loss(logits, ids)
+    return loss
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Windows of optimizer step `step` (0-based): a pure function of the step, so resuming needs no state.
+
+    The window stream is one seeded permutation of range(n) per pass over the data, concatenated;
+    step s takes positions [s * batch_size, (s + 1) * batch_size) of that stream.
+    """
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    passes, offsets = positions // n, positions % n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for p in passes.unique().tolist():
+        # distinct seeds for (seed, pass) pairs while seed < 1e6
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
+        chosen = passes == p
+        out[chosen] = order[offsets[chosen]]
+    return out
+
+
+@torch.no_grad()
+def probe_loss(model: nn.Module, windows: Tensor, cfg: RecoverConfig, teacher: nn.Module | None,
+               device: torch.device) -> float:
+    """The objective on the first PROBE_WINDOWS windows, no dropout (the same before and after)."""
+    probe = windows[:PROBE_WINDOWS]
+    total = 0.0
+    for start in range(0, len(probe), cfg.batch_size):
+        batch = probe[start:start + cfg.batch_size].to(device)
+        total += float(objective(model, batch, cfg, teacher)) * len(batch)
+    return total / len(probe)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def _identity(cfg: RecoverConfig, windows: Tensor, masks: dict[str, Tensor], params: dict[str, Tensor]) -> dict:
+    """What must match for a checkpoint to continue this run (steps may grow; the rest may not)."""
+    from ..registry import method_for_config
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "checkpoint_every")}
+    return {
+        "method": method_for_config(cfg).name,
+        "settings": settings,
+        "windows_sha256": hashlib.sha256(windows.cpu().contiguous().numpy().tobytes()).hexdigest(),
+        "windows_shape": list(windows.shape),
+        "zeros": {name: int((~mask).sum()) for name, mask in masks.items()},
+        "trainable": {name: list(p.shape) for name, p in params.items()},
+    }
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename: the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    # weights_only: tensors and plain containers only; a checkpoint can never run code
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a prunekit recovery checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def _check_resumable(state: dict, identity: dict, steps: int, path: Path) -> None:
+    saved = state["identity"]
+    for key, what in (("method", "method"), ("settings", "settings"), ("windows_sha256", "training windows"),
+                      ("zeros", "model's zero pattern"), ("trainable", "trainable tensors")):
+        if saved.get(key) != identity[key]:
+            detail = ""
+            if key in ("method", "settings"):
+                detail = f" (checkpoint: {saved.get(key)!r}; now: {identity[key]!r})"
+            raise ValueError(f"cannot resume from {path}: the {what} differ from this run{detail}; use the same "
+                             "input model, data and settings (only steps may grow), or another run directory")
+    if state["step"] > steps:
+        raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, beyond steps={steps}")
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered function
+# ----------------------------------------------------------------------------------------------
+
+@register("lora", LoraRecoverConfig, scope="recover", calibrated=True)
+@register("perp", PerpConfig, scope="recover", calibrated=True)
+@register("kd", KDConfig, scope="recover", calibrated=True)
+def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: nn.Module | None = None,
+             run_dir: str | os.PathLike | None = None, resume: bool = False, device: str | torch.device = "cpu",
+             progress: bool = True) -> dict:
+    """Fine-tune `model` in place on `windows` (n, seqlen) token ids without moving any of its zeros.
+
+    teacher: the dense model for kd (frozen; never modified). run_dir: where checkpoints go
+    (None: no checkpoints). resume: continue from run_dir's checkpoint (a fresh start if there is
+    none). Returns a report: losses before/after on fixed windows and per step, tokens, seconds,
+    trainable parameters, sparsity before/after. Raises RuntimeError if a zero became nonzero.
+    """
+    from ..loading import resolve_device
+    from ..registry import method_for_config
+    from .masked_lora import zero_masks
+
+    name = method_for_config(cfg).name
+    windows = _check_windows(windows, cfg, model.config)
+    if cfg.needs_teacher and teacher is None:
+        raise ValueError(f"{name} distils from the dense model: pass teacher=<the model before pruning>")
+    device = resolve_device(device)
+    checkpoint = Path(run_dir) / CHECKPOINT if run_dir is not None and cfg.checkpoint_every else None
+    if resume and checkpoint is None:
+        raise ValueError("resume needs checkpoints: give a run_dir and checkpoint_every > 0")
+    if checkpoint is not None and checkpoint.exists() and not resume:
+        raise FileExistsError(f"{checkpoint} exists from an earlier run: resume it (resume=True, CLI --resume) "
+                              "or remove it / choose another run directory")
+
+    started = time.perf_counter()
+    home = next(model.parameters()).device
+    teacher_home = next(teacher.parameters()).device if teacher is not None else None
+    try:
+        # fork_rng: seeding for LoRA's initialisation and dropout leaves the caller's RNG as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            model.to(device).eval()        # eval: no pretraining dropout (module docstring)
+            if teacher is not None:
+                teacher.to(device).eval()
+            targets = block_linears(model)
+            masks = zero_masks(targets)                                        # recorded before any training
+            sparsity_before = _zero_fraction(masks)
+            loss_before = probe_loss(model, windows, cfg, teacher, device)
+            params, losses, resumed_from = _fit(model, cfg, windows, teacher, targets, masks, checkpoint, resume,
+                                                device, name, progress)
+        violated = zeros_violated(targets, masks)
+        if violated:
+            raise RuntimeError(f"recovery made {sum(violated.values())} pruned weights nonzero "
+                               f"({', '.join(f'{k}: {v}' for k, v in list(violated.items())[:5])}); this is a bug")
+        loss_after = probe_loss(model, windows, cfg, teacher, device)
+        sparsity_after = _zero_fraction(zero_masks(targets))
+    finally:
+        model.to(home)
+        if teacher is not None:
+            teacher.to(teacher_home)
+
+    report = {
+        "method": name,
+        "config": dataclasses.asdict(cfg),
+        "steps": cfg.steps,
+        "resumed_from": resumed_from,
+        "batch_size": cfg.batch_size,
+        "seqlen": int(windows.shape[1]),
+        "windows": int(windows.shape[0]),
+        "tokens": cfg.steps * cfg.batch_size * int(windows.shape[1]),
+        "trainable_parameters": sum(p.numel() for p in params.values()),
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "loss_protocol": f"{_objective_name(cfg)} on the first {min(PROBE_WINDOWS, len(windows))} training "
+                         f"windows, before training and after the merge",
+        "loss_first_step": losses[0] if losses else None,
+        "loss_last_step": losses[-1] if losses else None,
+        "losses": losses,
+        "sparsity_before": sparsity_before,
+        "sparsity_after": sparsity_after,
+        "zeros_kept": True,
+        "layers": len(targets),
+        "device": str(device),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if cfg.trains == "lora":
+        report["lora"] = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "rslora": cfg.rslora, "scaling": cfg.scaling}
+    return report
+
+
+def _fit(model, cfg, windows, teacher, targets, masks, checkpoint, resume, device, name, progress):
+    """Attach what trains, restore a checkpoint, run the steps, merge. Returns (params, losses, resumed_from).
+
+    On any failure the model is put back as it was given: adapters discarded (the base weights
+    were never written), PERP's tensors restored, requires_grad flags restored.
+    """
+    from .masked_lora import attach_masked_lora
+
+    flags = {key: p.requires_grad for key, p in model.named_parameters()}
+    lora = None
+    backup: dict[str, Tensor] = {}
+    finished = False
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.trains == "lora":
+            lora = attach_masked_lora(model, targets, rank=cfg.rank, alpha=cfg.lora_alpha, rslora=cfg.rslora,
+                                      dropout=cfg.dropout, masks=masks)
+            params = lora.parameters()
+            if cfg.dropout:
+                for layer in lora.layers.values():
+                    layer.lora_dropout.train()
+        else:
+            params = norm_and_bias_parameters(model)
+            if not params:
+                raise ValueError("perp found no normalisation or bias parameters to train in this model")
+            frozen = {id(module.weight) for module in targets.values()}
+            if any(id(p) in frozen for p in params.values()):   # impossible by construction; checked anyway
+                raise RuntimeError("perp would train a pruned weight matrix")
+            backup = {key: p.detach().clone() for key, p in params.items()}
+        for p in params.values():
+            p.requires_grad_(True)
+
+        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        identity = _identity(cfg, windows, masks, params) if checkpoint is not None else None
+        start, losses = 0, []
+        if resume and checkpoint.exists():
+            state = load_checkpoint(checkpoint)
+            _check_resumable(state, identity, cfg.steps, checkpoint)
+            with torch.no_grad():
+                for key, p in params.items():
+                    p.copy_(state["trainable"][key])
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], device)
+            start, losses = state["step"], list(state["losses"])
+            log.info("resuming %s from step %d of %d (%s)", name, start, cfg.steps, checkpoint)
+        elif resume:
+            log.info("no checkpoint at %s: starting %s from step 0", checkpoint, name)
+
+        _train(model, cfg, windows, teacher, params, optimizer, device, start, losses, checkpoint, identity,
+               name, progress)
+        if lora is not None:
+            lora.merge_and_unload()
+            lora = None
+        finished = True
+        return params, losses, (start or None)
+    finally:
+        if lora is not None:
+            lora.unload()
+        if not finished and backup:
+            with torch.no_grad():
+                for key, p in norm_and_bias_parameters(model).items():
+                    p.copy_(backup[key])
+        for key, p in model.named_parameters():
+            p.requires_grad_(flags.get(key, p.requires_grad))
+
+
+def _objective_name(cfg: RecoverConfig) -> str:
+    if cfg.objective != "kd":
+        return "next-token cross-entropy"
+    mix = f" + {1 - cfg.kd_weight:g} x next-token cross-entropy" if cfg.kd_weight < 1 else ""
+    return f"{cfg.kd_weight:g} x T^2 KL(teacher || student), T={cfg.temperature:g}{mix}"
+
+
+def _check_windows(windows: Tensor, cfg: RecoverConfig, config) -> Tensor:
+    from ..data import default_seqlen
+
+    if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.dtype.is_floating_point:
+        raise ValueError("windows must be an integer tensor of token ids, shape (n, seqlen); "
+                         "see prunekit.data.calibration_data")
+    if windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"windows must hold at least one window of 2+ tokens, got shape {tuple(windows.shape)}")
+    if cfg.seqlen is not None and windows.shape[1] != cfg.seqlen:
+        raise ValueError(f"the windows have {windows.shape[1]} tokens but the config asks for seqlen={cfg.seqlen}")
+    context = default_seqlen(config, cap=1 << 30)
+    if windows.shape[1] > context:   # positions past the context would train on garbage, silently
+        raise ValueError(f"windows of {windows.shape[1]} tokens are longer than the model's context ({context} "
+                         f"positions); use seqlen <= {context}")
+    return windows.long()
+
+
+def _train(model, cfg, windows, teacher, params, optimizer, device, start, losses, checkpoint, identity, name,
+           progress) -> None:
+    """Steps start..cfg.steps-1; appends each step's loss to `losses`; checkpoints as configured."""
+    from tqdm.auto import tqdm
+
+    trainable = list(params.values())
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"recover {name}", unit="step", disable=not progress)
+    try:
+        for step in range(start, cfg.steps):
+            ids = windows[batch_indices(step, len(windows), cfg.batch_size, cfg.seed)].to(device)
+            loss = objective(model, ids, cfg, teacher)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"the {name} loss is {float(loss)} at step {step + 1}; lower the learning rate "
+                                   f"(lr={cfg.lr:g}) or keep max_grad_norm")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                save_checkpoint(checkpoint, {
+                    "format": CHECKPOINT_FORMAT, "step": done, "identity": identity,
+                    "trainable": {key: p.detach().cpu() for key, p in params.items()},
+                    "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "losses": list(losses)})
+                log.info("checkpoint at step %d: %s", done, checkpoint)
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for the callers (CLI, recipes)
+# ----------------------------------------------------------------------------------------------
+
+def recovery_windows(tokenizer, cfg: RecoverConfig, source: str | os.PathLike, *, seqlen: int, seed: int) -> Tensor:
+    """The (windows_needed, cfg.seqlen or `seqlen`) token windows a recovery step trains on."""
+    from ..data import calibration_data
+    return calibration_data(tokenizer, source, samples=cfg.windows_needed,
+                            seqlen=cfg.seqlen if cfg.seqlen is not None else seqlen, seed=seed)
+
+
+def format_summary(report: dict) -> str:
+    """Three lines for a terminal: what ran, the loss before/after, the sparsity before/after."""
+    resumed = f", resumed at step {report['resumed_from']}" if report["resumed_from"] else ""
+    lines = [
+        f"recovery: {report['method']}, {report['steps']} steps x {report['batch_size']} windows x "
+        f"{report['seqlen']} tokens ({report['tokens']:,} tokens), {report['trainable_parameters']:,} trainable "
+        f"parameters, {report['seconds']:.1f} s{resumed}",
+        f"loss: {report['loss_before']:.4f} -> {report['loss_after']:.4f} ({report['loss_protocol']})",
+        f"sparsity after merge: {report['sparsity_after']:.2%} (before {report['sparsity_before']:.2%})",
+    ]
+    return "\n".join(lines)
