@@ -44,6 +44,11 @@ _PUBLIC = {
     "GBLMConfig": ".methods.gblm",
     "PrunerZeroConfig": ".methods.pruner_zero",
     "EoraConfig": ".eora",
+    # recovery that keeps the mask
+    "recover_": ".recovery",
+    "LoraRecoverConfig": ".recovery",
+    "PerpConfig": ".recovery",
+    "KDConfig": ".recovery",
 }
 __all__ = sorted(_PUBLIC)
 

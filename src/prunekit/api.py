@@ -25,6 +25,9 @@ EXPECTED_SPEEDUP = {
              "batches and prefill; measure it with `prunekit bench`",
     "depth": "depth pruning: removes {amount} decoder blocks; prefill and decode time fall with the block count "
              "on every device (up to 1 / (1 - removed fraction) of the block time); measure it with `prunekit bench`",
+    "compensate": "EoRA: low-rank residuals ({rank}) add parameters and a little time per token; they ship as a PEFT "
+                  "adapter next to the sparse model ({merge})",
+    "recover": "recovery fine-tuning: same size and speed; every pruned weight stays exactly zero",
 }
 
 
@@ -35,6 +38,12 @@ def expected_speedup(step) -> str:
         return EXPECTED_SPEEDUP["nm" if step.nm else "unstructured"]
     if scope == "width":
         return EXPECTED_SPEEDUP["width"].format(ideal=1 / (1 - step.sparsity), s=step.sparsity)
+    if scope == "compensate":
+        rank = f"rank {step.rank}" if step.rank else f"{step.budget:.1%} of each layer's parameters"
+        merge = "merge: true folds them in and the model is dense again" if step.merge else "not merged"
+        return EXPECTED_SPEEDUP["compensate"].format(rank=rank, merge=merge)
+    if scope == "recover":
+        return EXPECTED_SPEEDUP["recover"]
     amount = f"{step.layers}" if getattr(step, "layers", None) else f"{step.sparsity:.0%} of the"
     return EXPECTED_SPEEDUP["depth"].format(amount=amount)
 
@@ -74,16 +83,32 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
             result["dense_perplexity"] = dense.to_dict()
 
     calib = None
-    if any(method_for_config(step).needs_calibration for step in recipe.steps):
+    if any(_needs_calibration(step) for step in recipe.steps):
         c = recipe.calibration
         calib = calibration_data(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
         result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed}
         echo(f"calibration: {c.samples} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed})")
 
-    for index, step in enumerate(recipe.steps):
+    adapters: dict = {}
+    steps = list(recipe.steps)
+    for index, step in enumerate(steps):
+        scope = method_for_config(step).scope
+        if scope == "compensate":
+            continue                                   # computed in the pass of the step before it
+        if scope == "recover":
+            result["steps"].append(_recover(model, tokenizer, step, recipe, device, progress, echo))
+            continue
+        following = steps[index + 1] if index + 1 < len(steps) else None
+        compensate = following if following is not None and method_for_config(following).scope == "compensate" else None
         report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
                         batch_size=recipe.calibration.batch_size, cache_device=recipe.cache_device,
-                        progress=progress)
+                        progress=progress, compensate=compensate)
+        if compensate is not None and not compensate.merge:
+            adapters.update(report.adapters)
+        if getattr(report, "allocation", None):
+            a = report.allocation
+            echo(f"step {index}: {a['kind']} allocation, block sparsity {min(a['block_sparsity']):.2%}.."
+                 f"{max(a['block_sparsity']):.2%} around {a['target']:.2%} (planned total {a['planned']:.4%})")
         if isinstance(report, StructureReport):
             echo(f"step {index}: {report.method} removed {report.removed_fraction:.2%} of the block parameters "
                  f"({report.block_params_before / 1e6:.1f}M -> {report.block_params_after / 1e6:.1f}M; model "
@@ -92,27 +117,85 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
         else:
             echo(f"step {index}: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
                  f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential})")
+        if compensate is not None:
+            from .eora import adapter_parameters
+            echo(f"step {index + 1}: eora -> {len(report.adapters)} low-rank residuals, "
+                 f"{adapter_parameters(report.adapters) / 1e6:.2f}M parameters"
+                 + (" (merged: the model is dense again)" if compensate.merge else " (PEFT adapter)"))
         result["steps"].append(report.to_dict())
 
     if recipe.eval is not None:
-        pruned = _perplexity(perplexity, model, eval_text, recipe, device)
-        echo(f"pruned {pruned}")
+        if adapters:                  # what the user runs: the sparse weights plus the adapter
+            from .eora import attach_adapters
+            sparse_only = _perplexity(perplexity, model, eval_text, recipe, device)
+            echo(f"pruned, without the EoRA adapter {sparse_only}")
+            result["pruned_perplexity_without_adapter"] = sparse_only.to_dict()
+            handles = attach_adapters(model, adapters)
+            try:
+                pruned = _perplexity(perplexity, model, eval_text, recipe, device)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        else:
+            pruned = _perplexity(perplexity, model, eval_text, recipe, device)
+        echo(f"pruned {pruned}" + (" (with the EoRA adapter)" if adapters else ""))
         result["pruned_perplexity"] = pruned.to_dict()
     result["sparsity"] = sparsity_report(model)
     result["parameters_after"] = parameter_counts(model)[1]
+    if adapters:
+        from .eora import adapter_parameters
+        result["adapter_parameters"] = adapter_parameters(adapters)
     widths = block_widths(model)
     result["structure"] = {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}
     result["seconds"] = round(time.perf_counter() - started, 2)
     echo(summary_table(result))
 
     if recipe.export is not None:
+        extra = None
+        if adapters:
+            from .eora import save_peft_adapter
+            adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
+            result["adapter"] = adapter_dir
+
+            def extra(staging):
+                save_peft_adapter(staging / adapter_dir, adapters, model)
         out = save_pretrained_atomic(model, tokenizer, recipe.export.path, metadata=_metadata(result),
-                                     overwrite=recipe.export.overwrite, protect=protect)
+                                     overwrite=recipe.export.overwrite, protect=protect, extra=extra)
         how = ("AutoModelForCausalLM.from_pretrained" if result["structure"]["stock"] else
                "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe")
         echo(f"saved to {out} (loads with {how})")
+        if adapters:
+            echo(f"EoRA adapter in {out / result['adapter']} (loads with peft.PeftModel.from_pretrained(model, "
+                 f"'{out / result['adapter']}'))")
         result["export"] = str(out)
     return result
+
+
+def _recover(model, tokenizer, step, recipe: Recipe, device, progress, echo) -> dict:
+    """A recovery step: its own training windows from the calibration source (step.samples, or
+    steps x batch_size windows, of step.seqlen or calibration.seqlen tokens); kd's teacher is
+    recipe.model loaded again, i.e. the dense model before any step."""
+    from .loading import load
+    from .recovery import format_summary, recovery_windows
+    c = recipe.calibration
+    windows = recovery_windows(tokenizer, step, c.source, seqlen=c.seqlen, seed=c.seed)
+    teacher = None
+    if step.needs_teacher:
+        teacher, _ = load(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
+                          allow_pickle=recipe.allow_pickle)
+    report = method_for_config(step).fn(model, step, windows, teacher=teacher, device=device, progress=progress)
+    echo(format_summary(report))
+    return report
+
+
+def _needs_calibration(step) -> bool:
+    method = method_for_config(step)
+    if method.scope == "recover":
+        return False                      # recovery reads its own training windows
+    if method.needs_calibration:
+        return True
+    return method.scope == "linear" and (step.allocation != "uniform" or step.update != "none"
+                                         or getattr(step, "uses_gradient", False))
 
 
 def _check_seqlen(config, recipe: Recipe) -> None:
@@ -146,8 +229,15 @@ def summary_table(result: dict) -> str:
     if dense:
         rows.append(("dense", f"{dense['ppl']:.3f}", f"{result['parameters'] / 1e6:.1f}M", "-"))
     after = result.get("parameters_after", result["parameters"])
-    rows.append(("pruned", f"{pruned['ppl']:.3f}" if pruned else "-", f"{after / 1e6:.1f}M",
-                 f"{result['sparsity']['block_linear_sparsity']:.2%}"))
+    sparsity = f"{result['sparsity']['block_linear_sparsity']:.2%}"
+    without = result.get("pruned_perplexity_without_adapter")
+    if without:
+        rows.append(("pruned, sparse weights only", f"{without['ppl']:.3f}", f"{after / 1e6:.1f}M", sparsity))
+        extra = result.get("adapter_parameters", 0)
+        rows.append(("pruned + EoRA adapter", f"{pruned['ppl']:.3f}" if pruned else "-",
+                     f"{after / 1e6:.1f}M + {extra / 1e6:.2f}M", sparsity))
+    else:
+        rows.append(("pruned", f"{pruned['ppl']:.3f}" if pruned else "-", f"{after / 1e6:.1f}M", sparsity))
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, width)) for row in rows]
     protocol = (pruned or dense or {}).get("protocol")

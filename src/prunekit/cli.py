@@ -1,4 +1,5 @@
-"""Command line: `prunekit prune`, `prunekit eval`, `prunekit run`, `prunekit list`.
+"""Command line: `prunekit prune`, `prunekit eval`, `prunekit run`, `prunekit recover`, `prunekit bench`,
+`prunekit list`.
 
 `prune` builds a one-step recipe from its flags and takes the same path as `run`, so a command
 line and a recipe file can never disagree. Errors in the user's input print one line and exit 2.
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, TypeError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, TypeError,
+            RuntimeError) as err:
         if args.verbose:
             raise
         print(f"prunekit: error: {err}", file=sys.stderr)
@@ -33,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="prune a model one-shot with calibration data")
     prune.add_argument("model", help='hub id, local directory, .gguf file, or "default" (embedded SmolLM2-135M)')
     prune.add_argument("--method", required=True,
-                       help="unstructured/N:M: magnitude, wanda, sparsegpt; width: magnitude-sp, wanda-sp, flap, taylor; "
+                       help="unstructured/N:M: magnitude, wanda, sparsegpt, ria, gblm, pruner-zero; width: magnitude-sp, wanda-sp, flap, taylor; "
                             "depth: block-influence, angular, sleb, last-k, laco (see `prunekit list`)")
     prune.add_argument("--sparsity", type=float,
                        help="in [0, 1): fraction of weights zeroed per layer (unstructured), of the decoder blocks' "
@@ -47,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--heads", choices=["auto", "query", "kv"],
                        help="width: remove query heads evenly inside KV groups, or whole KV groups")
     prune.add_argument("--nm", help="N:M pattern, e.g. 2:4 (N zeros in every M consecutive weights)")
+    prune.add_argument("--allocation", choices=["uniform", "owl", "sensitivity"],
+                       help="unstructured/N:M: per-block sparsity under the global budget (default uniform)")
+    prune.add_argument("--update", choices=["none", "obs", "admm"],
+                       help="unstructured/N:M: re-fit the kept weights to the mask (sparsegpt: obs built in)")
+    prune.add_argument("--eora-rank", type=int, metavar="R",
+                       help="add EoRA low-rank compensation of rank R, exported as a PEFT adapter next to the model")
     prune.add_argument("--per", choices=["row", "layer"], help="comparison group for unstructured sparsity")
     prune.add_argument("--ignore", action="append", default=None, metavar="REGEX", help="leave matching layers dense")
     prune.add_argument("--calib", default="default", help="calibration text: default, a .txt/.jsonl file or dir, wikitext2, c4, ptb")
@@ -81,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from .recovery.cli import add_parser as add_recover_parser
+    add_recover_parser(sub)
 
     listing = sub.add_parser("list", help="methods and supported model types")
     listing.set_defaults(handler=_list)
@@ -110,7 +120,7 @@ def prune_args_to_dict(args) -> dict:
         step["nm"] = _parse_nm(args.nm)
     if args.per:
         step["per"] = args.per
-    for key in ("layers", "round_to", "uniform", "heads"):
+    for key in ("layers", "round_to", "uniform", "heads", "allocation", "update"):
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)
     if args.ignore:
@@ -120,7 +130,7 @@ def prune_args_to_dict(args) -> dict:
         "cache_device": args.cache_device, "trust_remote_code": args.trust_remote_code,
         "allow_pickle": args.allow_pickle,
         "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed},
-        "steps": [step],
+        "steps": [step] + ([{"method": "eora", "rank": args.eora_rank}] if args.eora_rank is not None else []),
     }
     if not args.no_eval:
         raw["eval"] = {"data": args.eval_data or args.calib, "seqlen": args.seqlen}
@@ -187,7 +197,8 @@ def _eval(args) -> int:
 def _list(args) -> int:
     from .models import supported_model_types
     from .registry import available_methods, get_method
-    kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth"}
+    kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth", "compensate": "compensation",
+             "recover": "recovery"}
     for scope, label in kinds.items():
         names = [name for name in available_methods() if get_method(name).scope == scope]
         print(f"{label + ':':<18}" + ", ".join(names))

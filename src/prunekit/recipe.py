@@ -82,6 +82,12 @@ class Recipe:
             raise ValueError(f"sequential must be 'true' or 'block', got {self.sequential!r}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        scopes = [method_for_config(step).scope for step in self.steps]
+        for index, scope in enumerate(scopes):
+            if scope == "compensate" and (index == 0 or scopes[index - 1] != "linear"):
+                raise ValueError(f"steps.{index}: {method_for_config(self.steps[index]).name} compensates the "
+                                 "unstructured/N:M step right before it (e.g. [{method: sparsegpt, sparsity: 0.6}, "
+                                 "{method: eora, rank: 16}])")
 
 
 _SECTIONS = {"calibration": Calibration, "eval": Evaluation, "export": Export}

@@ -87,3 +87,4 @@ def _load_builtin_methods() -> None:
     from .methods import angular, block_influence, laco, last_k, sleb  # noqa: F401
     from .methods import flap, magnitude_sp, taylor, wanda_sp  # noqa: F401
     from . import eora  # noqa: F401
+    from .recovery import train  # noqa: F401  (lora, perp, kd)
