@@ -62,3 +62,36 @@ def test_cpu_structured_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     assert rows["flap-35"]["parameters"] < rows["dense"]["parameters"]
     assert rows["last-k-35"]["removed_blocks"] == [0] and rows["dense"]["ppl"] > 0
     assert "seqlen=32" in rows["flap-35"]["protocol"]
+
+
+def test_cpu_beyond_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
+    out = tmp_path / "beyond.json"
+    bench = _load("cpu_beyond")
+    args = ["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "256",
+            "--eora-rank", "1", "--out", str(out)]
+    names = ["sparsegpt-70", "owl-admm-gradual-70", "owl-admm-gradual-70-eora", "ria-permute-2:4"]
+    assert bench.main(args + [x for name in names for x in ("--only", name)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(names)
+    eora = rows["owl-admm-gradual-70-eora"]
+    plain = rows["sparsegpt-70"]
+    assert eora["adapter_parameters"] > 0 and eora["sparsity"] > 0.7
+    # equal total parameters: nonzero block weights + adapter within one row-rounding of the plain run's
+    assert abs(eora["nonzero_block_weights"] + eora["adapter_parameters"] - plain["nonzero_block_weights"]) \
+        < 0.01 * plain["nonzero_block_weights"]
+    assert len(rows["owl-admm-gradual-70"]["block_sparsity"]) == 2
+    # resumable: a second call reads the JSON back instead of re-running
+    assert bench.main(args + ["--only", "sparsegpt-70"]) == 0
+    assert "process_seconds" not in json.loads(out.read_text())["rows"][0]
+
+
+def test_cpu_recover_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
+    out = tmp_path / "recover.json"
+    assert _load("cpu_recover").main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32",
+                                      "--train-seqlen", "16", "--steps", "2", "--batch-size", "2",
+                                      "--max-eval-tokens", "256", "--only", "lora", "--work", str(tmp_path / "w"),
+                                      "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["sparsity_after_eval"] == pytest.approx(0.5) and row["sparsity_after"] == row["sparsity_before"]
+    assert row["tokens"] == 2 * 2 * 16 and result["pruned"]["ppl"] > 0
