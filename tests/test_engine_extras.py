@@ -72,8 +72,11 @@ def test_ria_permutation_propagates_what_the_pruned_model_computes(sequential, c
 @pytest.mark.parametrize("sequential", ["true", "block"])
 def test_eora_adapters_join_the_forward_pass_and_export_merge(sequential, calib):
     model = tiny_model("llama")
-    report = prune_(model, WandaConfig(sparsity=0.6), calib, sequential=sequential, progress=False,
-                    batch_size=2, compensate=EoraConfig(rank=4))
+    reports = []
+    propagated = _inputs_of_last_block(model, calib, lambda: reports.append(prune_(
+        model, WandaConfig(sparsity=0.6), calib, sequential=sequential, progress=False, batch_size=2,
+        compensate=EoraConfig(rank=4))))
+    report = reports[0]
     assert len(report.adapters) == 14 and report.to_dict()["adapter_parameters"] > 0
     assert all(abs(r.achieved - 0.6) < 0.02 for r in report.layers)     # the weights stay sparse
     handles = attach_adapters(model, report.adapters)
@@ -81,6 +84,7 @@ def test_eora_adapters_join_the_forward_pass_and_export_merge(sequential, calib)
         with torch.no_grad():
             fresh = _inputs_of_last_block(model, calib, lambda: [model(chunk) for chunk in calib.split(2)])
             with_adapters = model(calib).logits
+        assert torch.allclose(torch.cat(propagated[-2:]), torch.cat(fresh), atol=1e-5)
     finally:
         for handle in handles:
             handle.remove()

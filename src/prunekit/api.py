@@ -157,8 +157,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
             adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
             result["adapter"] = adapter_dir
 
-            def extra(staging):
+            def write_adapter(staging):
                 save_peft_adapter(staging / adapter_dir, adapters, model)
+            extra = write_adapter
         out = save_pretrained_atomic(model, tokenizer, recipe.export.path, metadata=_metadata(result),
                                      overwrite=recipe.export.overwrite, protect=protect, extra=extra)
         how = ("AutoModelForCausalLM.from_pretrained" if result["structure"]["stock"] else

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .export import normalize_permissions
+from .export import normalize_permissions, swap_into_place
 from .models.spec import is_linear, weight_view
 from .registry import register
 from .stats import Hessian
@@ -285,7 +285,7 @@ def save_peft_adapter(path: str | os.PathLike, adapters: dict[str, tuple[Tensor,
         (staging / ADAPTER_CONFIG).write_text(text)
         normalize_permissions(staging)
         _check_adapter_dir(out, overwrite)                          # the world may have moved meanwhile
-        _swap_into_place(staging, out)
+        swap_into_place(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -334,22 +334,3 @@ def _check_adapter_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     if entries and ADAPTER_CONFIG not in entries:
         raise ValueError(f"refusing to overwrite {out}: it is not empty and holds no {ADAPTER_CONFIG}")
     return out
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename `staging` to `out`; an old `out` is moved aside first and deleted last, so a crash
-    leaves the old adapter or the new one, never neither."""
-    aside = None
-    if out.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, aside / out.name)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        if aside is not None and not out.exists():
-            os.rename(aside / out.name, out)
-            aside.rmdir()
-            aside = None
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)

@@ -193,7 +193,6 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    aside: Path | None = None
     try:
         _save_model(model, tmp)
         if tokenizer is not None:
@@ -209,20 +208,27 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
         normalize_permissions(tmp)
 
         check_output_dir(out, overwrite=overwrite, protect=protect)  # the world may have moved meanwhile
-        if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, aside / out.name)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if aside is not None and not out.exists():
-                os.rename(aside / out.name, out)  # put the old export back
-                aside.rmdir()
-                aside = None
-            raise
+        swap_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`; an old `out` is moved aside first and deleted last, so a crash
+    leaves the old directory or the new one, never neither (and never half of one)."""
+    aside = None
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, aside / out.name)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        if aside is not None and not out.exists():
+            os.rename(aside / out.name, out)  # put the old one back
+            aside.rmdir()
+            aside = None
+        raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
-    return out

@@ -12,7 +12,7 @@ Only the causal-LM classes are covered: `gemma3_text` is `Gemma3ForCausalLM`; th
 """
 from __future__ import annotations
 
-from .spec import Channels, ConfigNames, Heads, ModelSpec
+from .spec import Channels, Heads, ModelSpec
 
 LLAMA = ModelSpec(
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import logging
-import sys
 from pathlib import Path
 
 METADATA_FILE = "prunekit.json"
@@ -82,7 +80,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def recover_methods() -> list[str]:
     from ..registry import available_methods, get_method
-    from . import train  # noqa: F401  (importing it registers lora, perp and kd)
     return [name for name in available_methods() if get_method(name).scope == "recover"]
 
 
@@ -234,25 +231,3 @@ def _metadata(model_dir: Path, report: dict) -> dict:
         recovery["previous"] = meta["recovery"]
     meta["recovery"] = recovery
     return meta
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m prunekit.recovery.cli DIR ...``: the recover command on its own."""
-    parser = argparse.ArgumentParser(prog="prunekit recover", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log checkpoints; show tracebacks")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return run_recover_cli(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, TypeError,
-            RuntimeError) as err:
-        if args.verbose:
-            raise
-        print(f"prunekit recover: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
