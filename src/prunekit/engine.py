@@ -116,6 +116,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
                             cache_device=cache_device, progress=progress)
     if sequential not in ("true", "block"):
         raise ValueError(f"sequential must be 'true' or 'block', got {sequential!r}")
+    started = time.perf_counter()          # pre-passes (allocation, gradients) count as pruning time
     spec = spec_for(model)
     blocks = get_module(model, spec.blocks)
     allocation = None
@@ -142,7 +143,6 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         extras.gradients = model_gradients(model, calib, names, samples=config.gradient_samples,
                                            device=device, progress=progress)
         extras.grad_windows = min(config.gradient_samples, extras.windows)
-    started = time.perf_counter()
     _one_malloc_arena()
     try:
         _prune_blocks(model, blocks, plan, method, config, calib, report, extras, observer, gradient_mode,
