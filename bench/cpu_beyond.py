@@ -23,11 +23,10 @@ import json
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_smollm2 import machine  # noqa: E402
+from cpu_smollm2 import run_table  # noqa: E402
 
 PATTERNS = {"50": ["--sparsity", "0.5"], "60": ["--sparsity", "0.6"], "70": ["--sparsity", "0.7"], "2:4": ["--nm", "2:4"]}
 COMBOS = {
@@ -66,15 +65,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     names = args.only or [*RUNS, "owl-admm-gradual-70-eora", "owl-admm-gradual-60-eora", "owl-admm-gradual-50-eora"]
-    rows = []
-    for name in names:
-        rows.append(run_one(name, args))
-        print(format_row(rows[-1]), flush=True)
-    result = {"machine": machine(), "date": date.today().isoformat(), "protocol": vars(args) | {"out": str(args.out)},
-              "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    print("\n" + markdown(result))
+    run_table(names, args, run_one, format_row, markdown)
     return 0
 
 

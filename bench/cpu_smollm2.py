@@ -39,7 +39,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_smollm2.json"))
     args = parser.parse_args(argv)
 
-    names = args.only or ["dense", *RUNS]
+    run_table(args.only or ["dense", *RUNS], args, run_one, format_row, markdown)
+    return 0
+
+
+def run_table(names, args, run_one, format_row, markdown) -> dict:
+    """Run each named row (printing it as it finishes), write the table to `args.out`, print it."""
     rows = []
     for name in names:
         rows.append(run_one(name, args))
@@ -47,9 +52,9 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "date": date.today().isoformat(), "protocol": vars(args) | {"out": str(args.out)},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2, default=str))
     print("\n" + markdown(result))
-    return 0
+    return result
 
 
 def run_one(name: str, args) -> dict:
