@@ -191,12 +191,7 @@ def _recover(model, tokenizer, step, recipe: Recipe, device, progress, echo) -> 
 
 def _needs_calibration(step) -> bool:
     method = method_for_config(step)
-    if method.scope == "recover":
-        return False                      # recovery reads its own training windows
-    if method.needs_calibration:
-        return True
-    return method.scope == "linear" and (step.allocation != "uniform" or step.update != "none"
-                                         or getattr(step, "uses_gradient", False))
+    return method.scope != "recover" and method.needs_calibration_for(step)   # recovery reads its own windows
 
 
 def _check_seqlen(config, recipe: Recipe) -> None:

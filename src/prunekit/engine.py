@@ -99,9 +99,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     Raises if any layer does not hold the requested pattern.
     """
     method = method_for_config(config)
-    extra_needs_data = (method.scope == "linear" and (config.allocation != "uniform" or config.update != "none"
-                                                       or getattr(config, "uses_gradient", False))) or compensate
-    if (method.needs_calibration or extra_needs_data) and calib is None:
+    if (method.needs_calibration_for(config) or compensate is not None) and calib is None:
         raise ValueError(f"{method.name} needs calibration data: pass calib=calibration_data(tokenizer, ...)")
     if compensate is not None and method.scope != "linear":
         raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
@@ -340,13 +338,13 @@ def _permute(group: _Group, method, config, block, spec, device) -> None:
 def _compensate(layer: _Layer, W_dense: Tensor, W_pruned: Tensor, stats, extras: _Extras) -> None:
     """EoRA residual for this layer; a forward hook adds it from now on (later layers calibrate
     on the compensated model, as it will run)."""
-    from .eora import _residual_hook, eigen_basis, eora_factors, layer_rank
+    from .eora import eigen_basis, eora_factors, layer_rank, residual_hook
     rank = layer_rank(extras.compensate, *W_dense.shape)
     if id(stats) not in extras.bases:                                        # q/k/v share one H: one eigh
         extras.bases = {id(stats): eigen_basis(stats.H)}
     B, A = eora_factors(W_dense - W_pruned, stats.H, rank, basis=extras.bases[id(stats)])   # (out, r), (r, in)
     extras.adapters[layer.name] = (B.cpu(), A.cpu())
-    extras.hooks.append(layer.module.register_forward_hook(_residual_hook(B, A)))
+    extras.hooks.append(layer.module.register_forward_hook(residual_hook(B, A)))
 
 
 def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, prune, probe_every):

@@ -194,11 +194,13 @@ def attach_adapters(model: nn.Module, adapters: dict[str, tuple[Tensor, Tensor]]
     for name, (B, A) in adapters.items():
         module = _linear(model, name)
         device = next(module.parameters()).device
-        handles.append(module.register_forward_hook(_residual_hook(B.to(device), A.to(device))))
+        handles.append(module.register_forward_hook(residual_hook(B.to(device), A.to(device))))
     return handles
 
 
-def _residual_hook(B: Tensor, A: Tensor):
+def residual_hook(B: Tensor, A: Tensor):
+    """A forward hook that adds x A^T B^T to a linear layer's output (the engine uses it while
+    calibrating, `attach_adapters` for evaluation)."""
     def add_residual(module, args, output):
         return output + ((args[0].to(A.dtype) @ A.T) @ B.T).to(output.dtype)
     return add_residual

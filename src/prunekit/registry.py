@@ -37,6 +37,14 @@ class Method:
     def needs_calibration(self) -> bool:
         return self.stats is not None if self.calibrated is None else self.calibrated
 
+    def needs_calibration_for(self, cfg) -> bool:
+        """This step needs calibration windows: the method itself, or what a linear step adds
+        around it (a non-uniform allocation, a weight update, gradients)."""
+        if self.needs_calibration:
+            return True
+        return self.scope == "linear" and (cfg.allocation != "uniform" or cfg.update != "none"
+                                           or getattr(cfg, "uses_gradient", False))
+
 
 _METHODS: dict[str, Method] = {}
 
