@@ -95,7 +95,7 @@ CAPITALS = [
 
 GEOGRAPHY = [(f"What is the capital of {country}?", [capital, *variants], others)
              for country, capital, variants, others in CAPITALS] + [
-    ("On which continent is Egypt?", ["Africa"], ["Asia", "Europe", "South America"]),
+    ("On which continent is Egypt?", ["Africa"], ["Oceania", "Europe", "South America"]),  # Sinai is in Asia
     ("On which continent is Brazil?", ["South America"], ["Africa", "North America", "Europe"]),
     ("On which continent is Japan?", ["Asia"], ["Europe", "Oceania", "North America"]),
     ("On which continent is Canada?", ["North America"], ["Europe", "South America", "Asia"]),
@@ -240,7 +240,7 @@ UNITS = [
     ("How many seconds are in an hour?", number_answers(3600), ["360", "600", "6000"]),
     ("How many inches are in a foot?", number_answers(12), ["10", "3", "36"]),
     ("How many feet are in a yard?", number_answers(3), ["12", "10", "5"]),
-    ("How many ounces are in a pound?", number_answers(16), ["12", "10", "14"]),
+    ("How many ounces are in a pound?", number_answers(16), ["8", "10", "14"]),  # not 12: right for a troy pound
     ("How many centimetres are in an inch?", ["2.54"], ["2.45", "3.14", "1.61"]),
     ("How many grams are in half a kilogram?", number_answers(500), ["50", "250", "5000"]),
     ("At standard atmospheric pressure, water boils at how many degrees Celsius?",
