@@ -1,4 +1,6 @@
-"""Property-based tests of the mask functions: exact counts, N:M pattern, idempotence."""
+"""Property-based tests of the mask functions: exact counts (per row, per layer), the N:M pattern,
+idempotence (per row, per layer, N:M), and that `check_pruned` accepts exactly these and catches
+one weight too few or too many."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,3 +52,49 @@ def test_pruning_twice_changes_nothing(data, sparsity):
     once = W.masked_fill(lowest(W.abs(), sparsity, per="row"), 0)
     twice = once.masked_fill(lowest(once.abs(), sparsity, per="row"), 0)
     assert torch.equal(once, twice)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scores(), st.floats(0.0, 0.99))
+def test_per_layer_pruning_twice_changes_nothing(data, sparsity):
+    score, _ = data
+    W = score + torch.sign(score) * 0.5 + (score == 0) * 0.5
+    once = W.masked_fill(lowest(W.abs(), sparsity, per="layer"), 0)
+    assert check_pruned(once, sparsity, None, "layer") is None
+    twice = once.masked_fill(lowest(once.abs(), sparsity, per="layer"), 0)
+    assert torch.equal(once, twice)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scores(), st.data())
+def test_nm_pruning_twice_changes_nothing(data, draw):
+    score, m = data
+    n = draw.draw(st.integers(1, m - 1))
+    W = score + torch.sign(score) * 0.5 + (score == 0) * 0.5
+    once = W.masked_fill(lowest(W.abs(), 0.0, nm=(n, m)), 0)
+    assert ((once.reshape(W.shape[0], -1, m) == 0).sum(-1) == n).all()     # exactly n zeros in every group
+    twice = once.masked_fill(lowest(once.abs(), 0.0, nm=(n, m)), 0)
+    assert torch.equal(once, twice)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scores(), st.data())
+def test_check_pruned_catches_one_restored_weight(data, draw):
+    """The verifier is not vacuous: undo one pruned weight and it names the shortfall."""
+    score, m = data
+    W = score + torch.sign(score) * 0.5 + (score == 0) * 0.5           # no zeros before pruning
+    n = draw.draw(st.integers(1, m - 1))
+    sparsity = n / m
+    for nm, per in (((n, m), "row"), (None, "row"), (None, "layer")):
+        mask = lowest(W.abs(), sparsity, nm, per)
+        pruned = W.masked_fill(mask, 0)
+        assert check_pruned(pruned, sparsity, nm, per) is None
+        row, col = [int(i) for i in mask.nonzero()[draw.draw(st.integers(0, int(mask.sum()) - 1))]]
+        pruned[row, col] = W[row, col]
+        assert check_pruned(pruned, sparsity, nm, per) is not None
+        over = W.masked_fill(mask, 0)
+        kept = (~mask).nonzero()
+        if len(kept):                                              # one zero too many is over-pruning
+            r, c = [int(i) for i in kept[0]]
+            over[r, c] = 0
+            assert check_pruned(over, sparsity, nm, per) is not None

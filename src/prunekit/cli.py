@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, TypeError,
-            RuntimeError) as err:
+    except (ValueError, OSError, ImportError, TypeError, RuntimeError, FloatingPointError) as err:
+        # OSError covers a missing file, an existing --out and a full disk (export.DiskFullError);
+        # FloatingPointError is NaN/Inf in the activations (engine.NonFiniteError)
         if args.verbose:
             raise
         print(f"prunekit: error: {err}", file=sys.stderr)
@@ -209,8 +210,11 @@ def _list(args) -> int:
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)              # a full disk leaves no half-written .tmp behind
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
                 probe_every = max(1, math.ceil(calib.numel() / PROBE_ROWS))
                 hidden = _run_block(block, groups, hidden, [kw[index] for kw in kwargs], device, cache_device,
                                     sequential, prune, probe_every)
+                _check_finite_outputs(hidden, index, f"{extras.spec.blocks}.{index}")
             block.to(home)
             del groups  # frees observers and probes
             plan[index] = []
@@ -276,6 +277,7 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
                  extras: _Extras | None = None) -> list[LayerRecord]:
     """Apply the method to every layer of the group, write the weights back, verify them."""
     group.pruned = True
+    _check_finite_statistics(group, block_index)        # before any weight of the group is written
     if group.permutable and getattr(config, "permute", False) and config.nm and method.score is not None:
         _permute(group, method, config, block, extras.spec, device)
     X = torch.cat(group.probe) if group.probe else None                       # (rows, in)
@@ -291,9 +293,12 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
             from .gradients import WithGradient
             stats = WithGradient(group.stats, extras.gradients.pop(layer.name).to(device),
                                  windows=extras.windows, grad_windows=extras.grad_windows)
+            if not torch.isfinite(stats.grad).all():
+                raise NonFiniteError(f"block {block_index}, {layer.name}: the gradient statistics hold NaN/Inf "
+                                     "(the loss overflowed? check the calibration data; use dtype float32)")
         W_new = apply_update(W, method.fn(W, stats, layer_config), group.stats, layer_config)
         if not torch.isfinite(W_new).all():
-            raise FloatingPointError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
+            raise NonFiniteError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
                                      "(check the calibration data and the model dtype)")
         stored.copy_(W_new.to(stored.dtype))
         if extras is not None and extras.compensate is not None:
@@ -302,11 +307,9 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
         if X is not None:
             reference = X @ W.T
             error = float((X @ (W - stored.float()).T).norm() / reference.norm().clamp_min(1e-12))
-        note = None
-        if hasattr(group.stats, "inverse_cholesky") and getattr(layer_config, "damp", None) is not None:
-            note = group.stats.inverse_cholesky(layer_config.damp)[2]
-            if note:
-                log.warning("%s: %s", layer.name, note)
+        note = _solver_note(group.stats, layer_config)
+        if note:
+            log.warning("%s: %s", layer.name, note)
         problem = check_pruned(stored, layer_config.sparsity, layer_config.nm, config.per, zeros_before,
                                layer_zeros=config.layer_zeros(*stored.shape, layer_config.sparsity))
         records.append(LayerRecord(name=layer.name, block=block_index, requested=layer.sparsity,
@@ -315,6 +318,46 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
     group.stats = None
     group.probe = []
     return records
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in activations, statistics or pruned weights; the message names the block and
+    module. Raised before the affected weights are written, and before anything is exported."""
+
+
+def _check_finite_statistics(group: _Group, block_index: int) -> None:
+    """The group's observer and probe must be finite: a NaN in X^T X or in the input norms would
+    otherwise pass through topk and the OBS sweep silently (a NaN score is never "lowest")."""
+    tensors = list(group.probe)
+    if group.stats is not None:
+        tensors += [value for value in vars(group.stats).values() if isinstance(value, Tensor)]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        names = ", ".join(layer.name for layer in group.layers)
+        raise NonFiniteError(f"block {block_index}, {names}: the input of this layer holds NaN/Inf on the "
+                             "calibration data (its statistics are not finite); nothing of this group was "
+                             "written. Check the calibration text and the model dtype (float16 overflows: "
+                             "use float32 or bfloat16)")
+
+
+def _check_finite_outputs(hidden: list[Tensor], block_index: int, block_name: str) -> None:
+    """A block's propagated outputs must be finite, or every later block calibrates on NaN."""
+    for chunk, outputs in enumerate(hidden):
+        if not bool(torch.isfinite(outputs).all()):
+            raise NonFiniteError(f"block {block_index} ({block_name}) produced NaN/Inf outputs on calibration "
+                                 f"chunk {chunk}; stopping before the next block. Check the model dtype "
+                                 "(float16 overflows: use float32 or bfloat16) and the weights of this block")
+
+
+def _solver_note(stats, layer_config) -> str | None:
+    """The Hessian solver's note for this layer (dampening raised, or the diagonal fallback),
+    for the OBS sweep of SparseGPT or of `update: obs`."""
+    if not hasattr(stats, "inverse_cholesky"):
+        return None
+    damp = getattr(layer_config, "damp", None)
+    if damp is None and getattr(layer_config, "update", None) == "obs":
+        from .methods.sparsegpt import SparseGPTConfig
+        damp = SparseGPTConfig.damp                      # what `apply_update` builds its sweep with
+    return None if damp is None else stats.inverse_cholesky(damp)[2]
 
 
 def _permute(group: _Group, method, config, block, spec, device) -> None:

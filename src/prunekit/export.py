@@ -19,6 +19,9 @@ any work so a bad path fails in a second):
   directory, a filesystem root or one of their ancestors: ``--out . --overwrite`` must not
   delete a project.
 
+A full disk (ENOSPC / EDQUOT) while writing raises `DiskFullError` (an OSError) saying that
+nothing was written and how much space there is; the staging folder is removed first.
+
 Weights are written only as safetensors (never pickles) and `prunekit.json` is plain JSON:
 dataclasses become dicts, tuples lists, paths/dtypes/devices strings, and non-finite floats
 the strings "nan"/"inf"/"-inf".
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import errno
 import inspect
 import json
 import math
@@ -148,6 +152,32 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
     return out
 
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class DiskFullError(OSError):
+    """The disk (or quota) filled up while exporting; the message says what was left as it was."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _disk_full(err: OSError, out: Path, existed: bool, model) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(out.parent).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    try:
+        need = f"; the weights alone need about {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MB"
+    except Exception:  # noqa: BLE001 - only for the message
+        need = ""
+    kept = f"the previous export in {out} is unchanged" if existed else f"{out} was not created"
+    return DiskFullError(f"disk full while writing the export to {out} ({err.strerror or err}); nothing was "
+                         f"written: {kept} and the temporary folder was removed. Free space in {out.parent} "
+                         f"({free}{need}) or choose another --out, then run again")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -192,6 +222,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
     text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"  # fail before writing
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    existed = out.exists()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _save_model(model, tmp)
@@ -209,6 +240,11 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
 
         check_output_dir(out, overwrite=overwrite, protect=protect)  # the world may have moved meanwhile
         swap_into_place(tmp, out)
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)          # frees the space before the message is read
+        raise _disk_full(err, out, existed, model) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,10 @@ Why the care:
   ``save_pretrained`` refuses, so the cache is written from a fresh model built from the
   config without it. The cache folder appears atomically (temp folder + rename): a crash or
   a corrupt file never leaves a half-written cache that a later run would trust.
+* **A truncated or corrupt download fails first, with its file named.** `check_checkpoint`
+  reads every safetensors header (and the shard index) of a local directory and compares the
+  declared byte ranges with the files; a GGUF's tensor table is checked against its size
+  before conversion, and a damaged conversion cache is rebuilt.
 * **Pickle checkpoints execute code when loaded.** A directory with only ``*.bin``/``*.pt``/
   ``*.pth`` weights is refused unless ``allow_pickle=True`` (CLI ``--allow-pickle``); without
   it, loading asks transformers for safetensors only. ``trust_remote_code`` stays False
@@ -200,6 +204,99 @@ def describe_source(model: str | os.PathLike = DEFAULT_MODEL) -> dict[str, Any]:
     return info
 
 
+# --------------------------------------------------------------------------- checkpoint integrity
+
+class CorruptCheckpointError(ValueError):
+    """A weights file is truncated or corrupt; raised before any weight is loaded."""
+
+
+# bits per element of each safetensors dtype (sub-byte float formats included)
+_SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+                     "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+                     "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_MAX_HEADER = 100 * 2**20          # the safetensors format caps its JSON header at 100 MB
+_REFETCH = "re-download it, or re-save / re-convert the checkpoint"
+
+
+def safetensors_header(file: Path) -> dict:
+    """The parsed JSON header of a .safetensors file, after checking that the file holds exactly
+    the bytes it declares. Layout: 8-byte little-endian header length n, n bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data,
+    whose offsets start at 0 and follow each other without gaps."""
+    def bad(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{file}: {what}; the file is truncated or corrupt: {_REFETCH}")
+
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise bad(f"only {size} bytes, shorter than the 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > _MAX_HEADER or 8 + length > size:
+            raise bad(f"declares a {length}-byte header but the file has {size} bytes")
+        text = fh.read(length)
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"the header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) or begin > end:
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
+        bits = _SAFETENSORS_BITS.get(dtype)
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if bits is not None and end - begin != (numel * bits + 7) // 8:
+            raise bad(f"tensor {name!r} ({dtype}, shape {shape}) needs {(numel * bits + 7) // 8} bytes but its "
+                      f"offsets span {end - begin}")
+        entries.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(entries):
+        if begin != position:
+            raise bad(f"tensor {name!r} starts at byte {begin} of the data, expected {position} (gap or overlap)")
+        position = end
+    data = size - 8 - length
+    if position != data:
+        raise bad(f"the header declares {position} bytes of tensor data but the file holds {data}"
+                  + (" (truncated)" if data < position else " (trailing bytes)"))
+    return header
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Check a local Hugging Face checkpoint's weights before loading anything: every
+    *.safetensors header parses and matches the file's size, dtypes and shapes match the byte
+    ranges, and `model.safetensors.index.json` (if present) names only existing shards, each of
+    which holds the weights the index assigns to it. Reads headers only (milliseconds).
+    Raises CorruptCheckpointError (a ValueError) naming the file and what is wrong."""
+    path = Path(path)
+    headers = {file.name: safetensors_header(file) for file in sorted(path.glob("*.safetensors"))}
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CorruptCheckpointError(f"{index}: not a valid shard index (no 'weight_map' mapping); "
+                                         f"{_REFETCH}") from None
+        for shard in sorted(set(weight_map.values())):
+            if shard not in headers:
+                raise CorruptCheckpointError(f"{index} lists shard {shard!r}, which is missing from {path}; "
+                                             f"{_REFETCH}")
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise CorruptCheckpointError(f"{path / shard}: holds no tensor {name!r}, which {index.name} "
+                                             f"assigns to it; {_REFETCH}")
+
+
 # --------------------------------------------------------------------------- GGUF -> cached safetensors
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -222,6 +319,19 @@ def _is_complete_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def _is_sound_cache(path: Path) -> bool:
+    """A complete cache whose safetensors files are intact (a disk error or an interrupted copy
+    can damage a cache after it was published)."""
+    if not _is_complete_checkpoint(path):
+        return False
+    try:
+        check_checkpoint(path)
+    except CorruptCheckpointError as err:
+        log.warning("GGUF cache %s is corrupt (%s); rebuilding it", path, err)
+        return False
+    return True
+
+
 def _check_gguf_header(path: Path) -> None:
     try:
         with open(path, "rb") as fh:
@@ -233,6 +343,28 @@ def _check_gguf_header(path: Path) -> None:
                          "is it truncated, or a different format?")
 
 
+def _check_gguf_complete(path: Path) -> None:
+    """The GGUF's header and tensor table parse, and the file holds every tensor byte they
+    declare: a truncated download fails here, in seconds, before the slow dequantisation. Needs
+    the `gguf` package (transformers needs it to read GGUF anyway); skipped without it."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy raises reshape/dtype errors on a short file
+        raise CorruptCheckpointError(f"GGUF file {path} is truncated or corrupt: its header or tensor table "
+                                     f"cannot be read ({type(exc).__name__}: {exc}); re-download it") from None
+    if end > size:
+        raise CorruptCheckpointError(f"GGUF file {path} is truncated: its tensors need {end} bytes, the file "
+                                     f"has {size}; re-download it")
+
+
 def _convert_gguf(path: Path, trust_remote_code: bool):
     """Dequantize a GGUF into a plain (serializable) float32 model + tokenizer, all in memory."""
     import copy
@@ -240,6 +372,7 @@ def _convert_gguf(path: Path, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_header(path)
+    _check_gguf_complete(path)
     folder, name = str(path.parent), path.name
     try:
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
@@ -328,7 +461,7 @@ def _build_gguf_cache(path: Path, target: Path, trust_remote_code: bool) -> None
             raise RuntimeError(f"GGUF conversion wrote no config.json/*.safetensors into {tmp}")
         from .export import normalize_permissions
         normalize_permissions(tmp)  # mkdtemp's 0700 and safetensors' 0600 would lock out other users
-        if _is_complete_checkpoint(target):  # another process finished first: keep its copy
+        if _is_sound_cache(target):  # another process finished first: keep its copy
             return
         if target.exists():  # stale or broken cache: move it aside, then replace
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -337,7 +470,7 @@ def _build_gguf_cache(path: Path, target: Path, trust_remote_code: bool) -> None
         try:
             os.rename(tmp, target)
         except OSError:
-            if _is_complete_checkpoint(target):  # another process won the race: use its copy
+            if _is_sound_cache(target):  # another process won the race: use its copy
                 return
             raise
     finally:
@@ -354,8 +487,8 @@ def gguf_to_checkpoint(gguf_path: str | os.PathLike, cache_dir: str | os.PathLik
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     _check_gguf_header(path)
     target = gguf_cache_dir(path, cache_dir)
-    if not _is_complete_checkpoint(target):
-        if target.exists():
+    if not _is_sound_cache(target):
+        if target.exists() and not _is_complete_checkpoint(target):
             log.warning("GGUF cache %s is incomplete; rebuilding it", target)
         _build_gguf_cache(path, target, trust_remote_code)
     return target
@@ -480,6 +613,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = "f
         location = str(gguf_to_checkpoint(where, cache_dir, trust_remote_code))
     elif kind == "local":
         _check_local_dir(where, allow_pickle)
+        check_checkpoint(where)                     # a truncated shard fails here, before any loading
         location = str(where)
     else:
         location = str(where)

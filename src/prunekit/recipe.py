@@ -125,8 +125,9 @@ def step_from_dict(raw: dict, where: str = "step"):
 
 def load_recipe(path_or_text: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe from a YAML file (or YAML text), apply `a.b.c=value` overrides, validate."""
-    text = Path(path_or_text).read_text() if _is_file(path_or_text) else str(path_or_text)
-    raw = yaml.safe_load(text)
+    is_file = _is_file(path_or_text)
+    text = Path(path_or_text).read_text() if is_file else str(path_or_text)
+    raw = _safe_yaml(text, f"recipe {path_or_text}" if is_file else "recipe")
     for override in overrides:
         apply_override(raw, override)
     return recipe_from_dict(raw)
@@ -142,10 +143,32 @@ def apply_override(raw: dict, override: str) -> None:
     for depth, key in enumerate(keys[:-1]):
         node = _child(node, key, ".".join(keys[:depth + 1]), create=True)
     last = keys[-1]
+    parsed = _safe_yaml(value, f"--set {override}")
     if isinstance(node, list):
-        node[_index(node, last, path)] = yaml.safe_load(value)
+        node[_index(node, last, path)] = parsed
     else:
-        node[last] = yaml.safe_load(value)
+        node[last] = parsed
+
+
+def _safe_yaml(text: str, where: str):
+    """Plain YAML data only. `yaml.safe_load` never constructs Python objects, so a tag such as
+    `!!python/object/apply:os.system` cannot run anything; it is refused here with a message
+    instead of a parser traceback."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        if "python/" in str(err):
+            raise ValueError(f"{where}: refused a YAML tag that would construct a Python object ({_first_line(err)}); "
+                             "recipes are plain data (mappings, lists, numbers, strings) and are read with "
+                             "yaml.safe_load, so nothing was executed. Remove the tag") from None
+        raise ValueError(f"{where} is not valid YAML: {err}") from None
+
+
+def _first_line(err) -> str:
+    """'could not determine a constructor for the tag ... at line 3, column 8' from a YAMLError."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def dump_recipe(recipe: Recipe) -> str:

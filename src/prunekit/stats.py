@@ -27,6 +27,9 @@ class InputNorm:
         self.sq_norm = self.sq_norm[perm.to(self.sq_norm.device)]
 
 
+DAMP_RETRIES = (1.0, 10.0, 100.0)   # factors on the requested dampening before the diagonal fallback
+
+
 class Hessian:
     """H = X^T X over all calibration tokens (the layer-wise reconstruction Hessian, up to 2/n).
 
@@ -70,8 +73,11 @@ class Hessian:
         """(U, damp_used, note): U upper-triangular with U^T U = (H + lambda I)^-1.
 
         If the factorisation fails (H not positive definite in float32, seen on Mistral), retry
-        with 10x and 100x the dampening; if that fails too, fall back to a diagonal inverse
-        (no weight update; SparseGPT's score then reduces to Wanda's) and say so in `note`.
+        with 10x and 100x the dampening (DAMP_RETRIES); if that fails too, fall back to a diagonal
+        H: U = diag(H_jj + lambda)^-1/2, so the mask score w^2 / U_jj^2 becomes w^2 (H_jj + lambda),
+        Wanda's score, and the sweep has no cross terms to spread errors through (no OBS update).
+        The mask keeps the requested pattern either way; `note` says which path was taken, and
+        the engine logs it and stores it in the layer's record (prunekit.json).
         """
         if damp in self._inverse:
             return self._inverse[damp]
@@ -79,7 +85,7 @@ class Hessian:
         H[self.dead, self.dead] = 1.0
         mean_diag = H.diagonal().mean()
         result = None
-        for factor in (1.0, 10.0, 100.0):
+        for factor in DAMP_RETRIES:
             damped = H.clone()
             damped.diagonal().add_(damp * factor * mean_diag)
             L, info = torch.linalg.cholesky_ex(damped)
@@ -92,7 +98,10 @@ class Hessian:
                     break
         if result is None:
             damped = H.diagonal().clamp_min(0) + damp * mean_diag.abs() + torch.finfo(H.dtype).tiny
-            result = (torch.diag(damped.rsqrt()), damp, "Cholesky failed at 100x dampening; diagonal fallback (no OBS update)")
+            tried = ", ".join(f"{damp * factor:g}" for factor in DAMP_RETRIES)
+            result = (torch.diag(damped.rsqrt()), damp,
+                      f"Cholesky failed at dampening {tried} (x mean diag H); fallback: diagonal H "
+                      "(Wanda-like score w^2 H_jj, no OBS update)")
         self._inverse[damp] = result
         return result
 
