@@ -120,3 +120,17 @@ def test_protocol_and_suite_validation():
     assert parse_suites(["lm-eval", "perplexity"]) == ("perplexity", "lm-eval")
     with pytest.raises(ValueError, match="unknown suite 'ppl'"):
         parse_suites("ppl")
+
+
+def test_knowledge_suite_with_and_without_reference(dense, tokenizer):
+    from pathlib import Path
+    protocol = EvalProtocol(**{**PROTOCOL.to_dict(), "lm_eval_tasks": ("piqa",),
+                               "knowledge_data": str(Path(__file__).with_name("knowledge_small.jsonl"))})
+    alone = evaluate(dense, tokenizer, "knowledge", protocol)["suites"]["knowledge"]
+    assert alone["questions"] == 6 and "retention_mc" not in alone and len(alone["questions_sha256"]) == 16
+    ref = reference(dense, tokenizer, "knowledge", protocol)
+    out = evaluate(dense, tokenizer, "knowledge", protocol, reference=ref)["suites"]["knowledge"]
+    assert out["mc_accuracy"] == out["baseline"]["mc_accuracy"] == alone["mc_accuracy"]
+    assert out["exact_match"] == out["baseline"]["exact_match"]
+    with pytest.raises(ValueError, match="another evaluation protocol"):
+        evaluate(dense, tokenizer, "knowledge", PROTOCOL, reference=ref)

@@ -69,7 +69,10 @@ class EvalProtocol:
         _positive("prompts", self.prompts)
         _positive("prompt_tokens", self.prompt_tokens)
         _positive("new_tokens", self.new_tokens)
-        _positive("knowledge_shots", self.knowledge_shots, minimum=0)
+        from .knowledge import FEW_SHOT
+        if not _is_int(self.knowledge_shots) or not 0 <= self.knowledge_shots <= len(FEW_SHOT):
+            raise ValueError(f"knowledge_shots must be an integer in [0, {len(FEW_SHOT)}] (the fixed few-shot "
+                             f"examples), got {self.knowledge_shots!r}")
         _positive("batch_size", self.batch_size)
         if self.lm_eval_limit is not None:
             _positive("lm_eval_limit", self.lm_eval_limit)
@@ -410,12 +413,13 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
         if "fidelity" in suites:
             out["suites"]["fidelity"] = _fidelity(model, text.ids, protocol, ref, run_on)
         if "knowledge" in suites:
-            from .knowledge import load_questions, run_knowledge, summarize
-            per_question = run_knowledge(model, tokenizer, load_questions(protocol.knowledge_data),
-                                         shots=protocol.knowledge_shots, batch_size=protocol.batch_size,
-                                         device=run_on)
+            from .knowledge import load_questions, questions_fingerprint, run_knowledge, summarize
+            questions = load_questions(protocol.knowledge_data)
+            per_question = run_knowledge(model, tokenizer, questions, shots=protocol.knowledge_shots,
+                                         batch_size=protocol.batch_size, device=run_on)
             out["suites"]["knowledge"] = summarize(per_question, ref.knowledge if ref is not None else None,
-                                                   shots=protocol.knowledge_shots)
+                                                   shots=protocol.knowledge_shots,
+                                                   fingerprint=questions_fingerprint(questions))
     if "lm-eval" in suites:
         from .zeroshot import run_lm_eval
         result = run_lm_eval(model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
