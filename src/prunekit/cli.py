@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from .recovery.cli import add_parser as add_recover_parser
     add_recover_parser(sub)
+    from .sweep import add_parser as add_sweep_parser
+    add_sweep_parser(sub)
+    from .render import add_parser as add_report_parser
+    add_report_parser(sub)
 
     listing = sub.add_parser("list", help="methods and supported model types")
     listing.set_defaults(handler=_list)
