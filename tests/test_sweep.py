@@ -86,6 +86,7 @@ def test_sweep_resumes_without_recomputing_finished_points(tiny_model_dir, tmp_p
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [t["id"] for t in table] == [r["id"] for r in whole]
     assert table[2]["nm"] == "2:4" and float(table[2]["achieved_sparsity"]) == 0.5
+    assert int(table[2]["parameters_after"]) == rows[2]["parameters"] == 78_144     # the tiny Llama, zeros kept
 
     calls.clear()                                          # a third run has nothing left to do
     assert len(sweep.run_sweep(recipe, GRID, out, echo=lambda *_: None)) == 3 and calls == []

@@ -327,7 +327,7 @@ def run_point(dense, tokenizer, point, pid, recipe, windows: dict, *, suites, pr
            "scope": method_for_config(first).scope,
            "sparsity": getattr(first, "sparsity", None), "nm": list(first.nm) if getattr(first, "nm", None) else None,
            "achieved_sparsity": sparsity["block_linear_sparsity"],
-           "parameters": parameter_counts(dense)[0], "parameters_after": parameter_counts(model)[0],
+           "parameters": parameter_counts(dense)[1], "parameters_after": parameter_counts(model)[1],
            "prune_seconds": round(prune_seconds, 3), "eval_seconds": round(eval_seconds, 3),
            "metrics": metrics,
            "protocol": {suite: values.get("protocol") for suite, values in result["suites"].items()
