@@ -1,8 +1,9 @@
 """`run_recipe`: the one path every entry point takes (CLI `prune`, `run`, and Python).
 
-load -> calibration windows -> dense perplexity -> each step through the engine -> pruned
-perplexity -> sparsity scan -> atomic export with `prunekit.json`. The output directory is
-checked before any work, so a bad path fails in a second, not after an hour of pruning.
+load -> calibration windows -> dense perplexity -> each step through the engine (`apply_steps`, shared with
+`prunekit sweep`) -> pruned perplexity -> sparsity scan -> atomic export with `prunekit.json` and a model
+card (`README.md`). The output directory is checked before any work, so a bad path fails in a second, not
+after an hour of pruning.
 """
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def model_card(recipe, record: dict) -> str:
         lines += ["Its decoder blocks have different widths, which a stock config cannot describe; "
                   "`prunekit.load_pruned` rebuilds them from `prunekit.json`."]
     lines += ["", "## Expected speed", ""]
-    lines += [f"- step {i} ({name}): {expected_speedup(step)}" for i, (name, step) in enumerate(zip(methods, recipe.steps))]
+    lines += [f"- step {index} ({name}): {expected_speedup(step)}"
+              for index, (name, step) in enumerate(zip(methods, recipe.steps))]
     lines += ["", "Measure it on your hardware with `prunekit bench PATH --baseline " + recipe.model + "`.", ""]
     return "\n".join(lines)
 
@@ -91,7 +92,8 @@ def _pruned_lines(record: dict) -> list[str]:
 
 def _metric_lines(record: dict) -> list[str]:
     rows = []
-    for label, key in (("dense", "dense_perplexity"), ("pruned, sparse weights only", "pruned_perplexity_without_adapter"),
+    for label, key in (("dense", "dense_perplexity"),
+                       ("pruned, sparse weights only", "pruned_perplexity_without_adapter"),
                        ("pruned", "pruned_perplexity")):
         value = record.get(key)
         if value:

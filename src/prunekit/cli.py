@@ -1,5 +1,5 @@
 """Command line: `prunekit prune`, `prunekit eval`, `prunekit run`, `prunekit recover`, `prunekit bench`,
-`prunekit list`.
+`prunekit sweep`, `prunekit report`, `prunekit list`.
 
 `prune` builds a one-step recipe from its flags and takes the same path as `run`, so a command
 line and a recipe file can never disagree. Errors in the user's input print one line and exit 2.
