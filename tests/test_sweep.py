@@ -131,3 +131,12 @@ def test_fidelity_knowledge_and_saved_models(tiny_model_dir, tmp_path, capsys):
     assert set(pruned["protocol"]) == {"perplexity", "fidelity", "knowledge"}
     model_dir = out / "models" / "steps.0.sparsity=0.5"
     assert (model_dir / "README.md").is_file() and (model_dir / "prunekit.json").is_file()
+
+
+def test_a_width_point_counts_removed_weights_as_achieved_sparsity(tiny_model_dir, tmp_path):
+    rows = sweep.run_sweep(_recipe(tmp_path, tiny_model_dir), [["steps.0.method=wanda-sp", "steps.0.sparsity=0.25"]],
+                           tmp_path / "s", echo=lambda *_: None)
+    (row,) = rows
+    assert row["zero_fraction"] == 0.0
+    assert row["parameters_after"] < row["parameters"]
+    assert row["achieved_sparsity"] == row["removed_fraction"] > 0.1

@@ -197,7 +197,7 @@ def _curve_png(rows, columns, ylabel) -> bytes:
                 name = label if len(columns) == 1 else f"{label} ({column})"
                 ax.plot(x, y, linestyle="none" if nm else style, marker="s" if nm else "o",
                         color=f"C{index}", label=name, markersize=8 if nm else 5)
-    ax.set_xlabel("achieved sparsity (decoder-block linear weights)")
+    ax.set_xlabel("achieved sparsity (share of the decoder-block weights zeroed or removed)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -199,7 +199,8 @@ def flat_row(row: dict) -> dict:
     """The CSV form of a row: scalars only."""
     flat = {"id": row["id"], "method": row["method"], "sparsity": row.get("sparsity"),
             "nm": ":".join(map(str, row["nm"])) if row.get("nm") else "",
-            "achieved_sparsity": row.get("achieved_sparsity"), "parameters_after": row.get("parameters_after"),
+            "achieved_sparsity": row.get("achieved_sparsity"), "zero_fraction": row.get("zero_fraction"),
+            "removed_fraction": row.get("removed_fraction"), "parameters_after": row.get("parameters_after"),
             "prune_seconds": row.get("prune_seconds"), "eval_seconds": row.get("eval_seconds")}
     flat.update({column: row.get("metrics", {}).get(column) for column, _, _ in METRICS})
     flat["warnings"] = " | ".join(row.get("warnings") or [])
@@ -322,11 +323,16 @@ def run_point(dense, tokenizer, point, pid, recipe, windows: dict, *, suites, pr
     metrics = {column: result["suites"].get(suite, {}).get(key) for column, suite, key in METRICS
                if suite in result["suites"]}
     sparsity = sparsity_report(model)
+    # One x axis for every kind of point: the share of the dense decoder-block weights that is gone,
+    # zeroed (unstructured, N:M) or removed (width, depth), or both for chained recipes.
+    removed = 1 - parameter_counts(model)[0] / parameter_counts(dense)[0]
+    achieved = 1 - (1 - removed) * (1 - sparsity["block_linear_sparsity"])
     row = {"id": pid, "overrides": {key: value for key, value in point},
            "method": "+".join(method_for_config(step).name for step in recipe.steps),
            "scope": method_for_config(first).scope,
            "sparsity": getattr(first, "sparsity", None), "nm": list(first.nm) if getattr(first, "nm", None) else None,
-           "achieved_sparsity": sparsity["block_linear_sparsity"],
+           "achieved_sparsity": achieved, "zero_fraction": sparsity["block_linear_sparsity"],
+           "removed_fraction": removed,
            "parameters": parameter_counts(dense)[1], "parameters_after": parameter_counts(model)[1],
            "prune_seconds": round(prune_seconds, 3), "eval_seconds": round(eval_seconds, 3),
            "metrics": metrics,
