@@ -240,6 +240,8 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
     from .loading import describe_source, load, resolve_device
     from .recipe import apply_override, recipe_to_dict
 
+    if str(recipe).endswith((".yaml", ".yml")) and not Path(str(recipe)).is_file():
+        raise FileNotFoundError(f"recipe file not found: {recipe}")
     text = Path(recipe).read_text() if Path(str(recipe)).is_file() else str(recipe)
     raw = yaml.safe_load(text)
     if not isinstance(raw, dict):
@@ -247,6 +249,9 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
     for override in overrides:
         apply_override(raw, override)
     base, planned = plan(raw, grids)
+    if base.export is not None:
+        echo(f"note: the recipe's export ({base.export.path}) is not used by a sweep; --save-models writes "
+             "each point to DIR/models/<point>/")
     suites = parse_suites(suites)
     proto = eval_protocol(base, protocol)
     out = Path(out)
