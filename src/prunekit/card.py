@@ -30,7 +30,7 @@ def model_card(recipe, record: dict) -> str:
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {recipe.model} pruned with prunekit ({' + '.join(methods)})", "",
              f"Produced by `prunekit run` from `{recipe.model}`.", "",
-             "## Recipe", "", "```yaml", dump_recipe(_without_export(recipe)).strip(), "```", "",
+             "## Recipe", "", "```yaml", dump_recipe(without_export(recipe)).strip(), "```", "",
              "## What was pruned", ""]
     lines += _pruned_lines(record)
     lines += ["", "## Metrics", ""]
@@ -57,7 +57,8 @@ def model_card(recipe, record: dict) -> str:
     return "\n".join(lines)
 
 
-def _without_export(recipe):
+def without_export(recipe):
+    """The recipe without its export section (a card or a sweep documents the pruning, not the path)."""
     import dataclasses
     return dataclasses.replace(recipe, export=None)
 

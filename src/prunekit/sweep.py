@@ -235,6 +235,7 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
               protocol: list[str] = (), save_models: bool = False, progress: bool = False, echo=print) -> list[dict]:
     """Run every grid point of `recipe` (a path or YAML text) not yet in `out`; return all rows."""
     from .api import _check_seqlen
+    from .card import without_export
     from .eval.suites import parse_suites
     from .export import to_jsonable
     from .loading import describe_source, load, resolve_device
@@ -258,7 +259,7 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
     source = describe_source(base.model)
     if source.get("path") and _inside(out, Path(source["path"])):
         raise ValueError(f"refusing to write the sweep into the input model {source['path']}; choose another --out")
-    manifest = {"recipe": to_jsonable(recipe_to_dict(_without_export(base))), "grid": [list(g) for g in grids],
+    manifest = {"recipe": to_jsonable(recipe_to_dict(without_export(base))), "grid": [list(g) for g in grids],
                 "suites": list(suites), "protocol": proto.to_dict(), "points": [pid for _, pid, _ in planned]}
     check_or_write_manifest(out, manifest)
     rows = read_rows(out)
@@ -399,11 +400,6 @@ def _reference(dense, tokenizer, suites, protocol, device, folder: Path, echo):
 def _inside(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or b in a.parents or a in b.parents
-
-
-def _without_export(recipe):
-    import dataclasses
-    return dataclasses.replace(recipe, export=None)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
