@@ -1,6 +1,7 @@
 """The suites end to end on a tiny model: a model against itself is perfect, a different model is
 not, the reference round-trips through disk and refuses another protocol, and drift is reported."""
 import copy
+from pathlib import Path
 import json
 
 import pytest
@@ -134,3 +135,31 @@ def test_knowledge_suite_with_and_without_reference(dense, tokenizer):
     assert out["exact_match"] == out["baseline"]["exact_match"]
     with pytest.raises(ValueError, match="another evaluation protocol"):
         evaluate(dense, tokenizer, "knowledge", PROTOCOL, reference=ref)
+
+
+def test_cli_eval_suites(tiny_model_dir, tmp_path, capsys):
+    from prunekit.cli import main
+    knowledge = str(Path(__file__).with_name("knowledge_small.jsonl"))
+    fast = ["--seqlen", "32", "--max-tokens", "640", "--fidelity-tokens", "64", "--knowledge-data", knowledge]
+    assert main(["eval", str(tiny_model_dir), "--suite", "fidelity", *fast]) == 2
+    assert "--baseline" in capsys.readouterr().err
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_model_dir), "--baseline", str(tiny_model_dir), "--suite", "all", *fast,
+                 "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 agreement 100.00%" in printed and "share of divergent tokens 0.00%" in printed
+    assert "retention exact" in printed and "seqlen=32" in printed
+    result = json.loads(report.read_text())
+    assert result["perplexity"]["ppl"] == result["suites"]["perplexity"]["baseline"]["ppl"]
+    assert result["suites"]["fidelity"]["kl_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert set(result["suites"]) == {"perplexity", "fidelity", "knowledge"}
+
+
+def test_cli_refuses_a_baseline_with_another_vocabulary(tiny_model_dir, tmp_path, capsys):
+    from conftest import word_tokenizer
+    from prunekit.cli import main
+    other = tmp_path / "other"
+    tiny_model("llama").save_pretrained(other)
+    word_tokenizer(["completely different words here"] * 3).save_pretrained(other)
+    assert main(["eval", str(tiny_model_dir), "--baseline", str(other), "--suite", "fidelity"]) == 2
+    assert "different tokenizer vocabularies" in capsys.readouterr().err

@@ -298,10 +298,10 @@ def reference(dense_model, tokenizer, suites, protocol: EvalProtocol = EvalProto
             ref.knowledge = run_knowledge(dense_model, tokenizer, load_questions(protocol.knowledge_data),
                                           shots=protocol.knowledge_shots, batch_size=protocol.batch_size,
                                           device=run_on)
-    if "lm-eval" in suites:
-        from .zeroshot import run_lm_eval
-        ref.lm_eval = run_lm_eval(dense_model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
-                                  batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=device)
+        if "lm-eval" in suites:
+            from .zeroshot import run_lm_eval
+            ref.lm_eval = run_lm_eval(dense_model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
+                                      batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=run_on)
     return ref
 
 
@@ -420,11 +420,11 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
             out["suites"]["knowledge"] = summarize(per_question, ref.knowledge if ref is not None else None,
                                                    shots=protocol.knowledge_shots,
                                                    fingerprint=questions_fingerprint(questions))
-    if "lm-eval" in suites:
-        from .zeroshot import run_lm_eval
-        result = run_lm_eval(model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
-                             batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=device)
-        if ref is not None and ref.lm_eval is not None:
-            result["baseline"] = ref.lm_eval
-        out["suites"]["lm-eval"] = result
+        if "lm-eval" in suites:
+            from .zeroshot import run_lm_eval
+            result = run_lm_eval(model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
+                                 batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=run_on)
+            if ref is not None and ref.lm_eval is not None:
+                result["baseline"] = ref.lm_eval
+            out["suites"]["lm-eval"] = result
     return out
