@@ -120,6 +120,9 @@ def test_report_of_a_run_and_of_nothing(tiny_model_dir, tmp_path, capsys):
     assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--nm", "2:4", "--out", str(out),
                  "--samples", "4", "--seqlen", "32", "--set", "eval.max_tokens=640"]) == 0
     (out / "bench.json").write_text(json.dumps(_bench(100.0, 100.0)))
+    (out / "eval.json").write_text(json.dumps({"suites": {"fidelity": {"kl_mean": 0.25, "protocol": "kl, 128 tokens",
+                                                                       "baseline": {"x": 1}}},
+                                               "perplexity": {"ppl": 9.0}}))
     assert main(["report", str(out)]) == 0
     check_html(out / "report.html", ["layer-sparsity"])
     md = (out / "report.md").read_text()
@@ -127,6 +130,7 @@ def test_report_of_a_run_and_of_nothing(tiny_model_dir, tmp_path, capsys):
     assert f"| pruned perplexity | {meta['pruned_perplexity']['ppl']:.4g} |" in md
     assert "| block linear sparsity | 50.00% |" in md
     assert "## Speed (prunekit bench)" in md and "nm:" in md
+    assert "| fidelity: kl_mean | 0.25 | kl, 128 tokens |" in md and "eval.json" not in md
     assert main(["report", str(tmp_path)]) == 2
     assert "neither results.jsonl" in capsys.readouterr().err
 

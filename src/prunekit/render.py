@@ -149,7 +149,7 @@ def _run_sections(folder: Path) -> list[tuple]:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     rows.append([f"{suite}: {name}", _fmt(value), str(values.get("protocol", ""))])
-        if "perplexity" in data and isinstance(data["perplexity"], dict):        # `prunekit eval --json`
+        if "suites" not in data and isinstance(data.get("perplexity"), dict):   # a perplexity-only eval.json
             rows.append(["perplexity (eval.json)", _fmt(data["perplexity"].get("ppl")),
                          data["perplexity"].get("protocol", "")])
     sections += [("heading", "Metrics"), ("table", ["metric", "value", "protocol"], rows)]
