@@ -1,8 +1,9 @@
 """`run_recipe`: the one path every entry point takes (CLI `prune`, `run`, and Python).
 
-load -> calibration windows -> dense perplexity -> each step through the engine -> pruned
-perplexity -> sparsity scan -> atomic export with `prunekit.json`. The output directory is
-checked before any work, so a bad path fails in a second, not after an hour of pruning.
+load -> calibration windows -> dense perplexity -> each step through the engine (`apply_steps`, shared with
+`prunekit sweep`) -> pruned perplexity -> sparsity scan -> atomic export with `prunekit.json` and a model
+card (`README.md`). The output directory is checked before any work, so a bad path fails in a second, not
+after an hour of pruning.
 """
 from __future__ import annotations
 
@@ -50,11 +51,10 @@ def expected_speedup(step) -> str:
 
 def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     from .data import calibration_data, evaluation_data
-    from .engine import prune_
     from .eval.perplexity import perplexity
     from .export import check_output_dir, save_pretrained_atomic
     from .loading import describe_source, load, resolve_device
-    from .report import StructureReport, parameter_counts, sparsity_report
+    from .report import parameter_counts, sparsity_report
     from .structured import block_widths, stock_widths
 
     source = describe_source(recipe.model)
@@ -89,40 +89,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
         result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed}
         echo(f"calibration: {c.samples} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed})")
 
-    adapters: dict = {}
-    steps = list(recipe.steps)
-    for index, step in enumerate(steps):
-        scope = method_for_config(step).scope
-        if scope == "compensate":
-            continue                                   # computed in the pass of the step before it
-        if scope == "recover":
-            result["steps"].append(_recover(model, tokenizer, step, recipe, device, progress, echo))
-            continue
-        following = steps[index + 1] if index + 1 < len(steps) else None
-        compensate = following if following is not None and method_for_config(following).scope == "compensate" else None
-        report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
-                        batch_size=recipe.calibration.batch_size, cache_device=recipe.cache_device,
-                        progress=progress, compensate=compensate)
-        if compensate is not None and not compensate.merge:
-            adapters.update(report.adapters)
-        if getattr(report, "allocation", None):
-            a = report.allocation
-            echo(f"step {index}: {a['kind']} allocation, block sparsity {min(a['block_sparsity']):.2%}.."
-                 f"{max(a['block_sparsity']):.2%} around {a['target']:.2%} (planned total {a['planned']:.4%})")
-        if isinstance(report, StructureReport):
-            echo(f"step {index}: {report.method} removed {report.removed_fraction:.2%} of the block parameters "
-                 f"({report.block_params_before / 1e6:.1f}M -> {report.block_params_after / 1e6:.1f}M; model "
-                 f"{report.model_params_before / 1e6:.1f}M -> {report.model_params_after / 1e6:.1f}M), "
-                 f"{report.seconds:.1f} s" + "".join(f"\n  note: {note}" for note in report.notes))
-        else:
-            echo(f"step {index}: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
-                 f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential})")
-        if compensate is not None:
-            from .eora import adapter_parameters
-            echo(f"step {index + 1}: eora -> {len(report.adapters)} low-rank residuals, "
-                 f"{adapter_parameters(report.adapters) / 1e6:.2f}M parameters"
-                 + (" (merged: the model is dense again)" if compensate.merge else " (PEFT adapter)"))
-        result["steps"].append(report.to_dict())
+    reports, adapters = apply_steps(model, tokenizer, recipe, calib, device=device, progress=progress,
+                                    echo=echo)
+    result["steps"].extend(reports)
 
     if recipe.eval is not None:
         if adapters:                  # what the user runs: the sparse weights plus the adapter
@@ -151,17 +120,21 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     echo(summary_table(result))
 
     if recipe.export is not None:
-        extra = None
+        from .card import model_card
+        adapter_dir = None
         if adapters:
-            from .eora import save_peft_adapter
             adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
             result["adapter"] = adapter_dir
+        card = model_card(recipe, _metadata(result))
 
-            def write_adapter(staging):
+        def write_extras(staging):
+            # inside the atomic staging: the card appears together with the weights or not at all
+            if adapters:
+                from .eora import save_peft_adapter
                 save_peft_adapter(staging / adapter_dir, adapters, model)
-            extra = write_adapter
+            (staging / "README.md").write_text(card)
         out = save_pretrained_atomic(model, tokenizer, recipe.export.path, metadata=_metadata(result),
-                                     overwrite=recipe.export.overwrite, protect=protect, extra=extra)
+                                     overwrite=recipe.export.overwrite, protect=protect, extra=write_extras)
         how = ("AutoModelForCausalLM.from_pretrained" if result["structure"]["stock"] else
                "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe")
         echo(f"saved to {out} (loads with {how})")
@@ -170,6 +143,52 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
                  f"'{out / result['adapter']}'))")
         result["export"] = str(out)
     return result
+
+
+def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bool = True,
+                echo=print) -> tuple[list[dict], dict]:
+    """Run `recipe.steps` on an already-loaded `model` in place with the given calibration windows.
+
+    Returns (one report dict per step, the unmerged EoRA adapters by layer name). `run_recipe` and
+    `prunekit sweep` share it, so a sweep point prunes exactly as `prunekit run` would."""
+    from .engine import prune_
+    from .report import StructureReport
+    adapters: dict = {}
+    reports: list[dict] = []
+    steps = list(recipe.steps)
+    for index, step in enumerate(steps):
+        scope = method_for_config(step).scope
+        if scope == "compensate":
+            continue                                   # computed in the pass of the step before it
+        if scope == "recover":
+            reports.append(_recover(model, tokenizer, step, recipe, device, progress, echo))
+            continue
+        following = steps[index + 1] if index + 1 < len(steps) else None
+        compensate = following if following is not None and method_for_config(following).scope == "compensate" else None
+        report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
+                        batch_size=recipe.calibration.batch_size, cache_device=recipe.cache_device,
+                        progress=progress, compensate=compensate)
+        if compensate is not None and not compensate.merge:
+            adapters.update(report.adapters)
+        if getattr(report, "allocation", None):
+            a = report.allocation
+            echo(f"step {index}: {a['kind']} allocation, block sparsity {min(a['block_sparsity']):.2%}.."
+                 f"{max(a['block_sparsity']):.2%} around {a['target']:.2%} (planned total {a['planned']:.4%})")
+        if isinstance(report, StructureReport):
+            echo(f"step {index}: {report.method} removed {report.removed_fraction:.2%} of the block parameters "
+                 f"({report.block_params_before / 1e6:.1f}M -> {report.block_params_after / 1e6:.1f}M; model "
+                 f"{report.model_params_before / 1e6:.1f}M -> {report.model_params_after / 1e6:.1f}M), "
+                 f"{report.seconds:.1f} s" + "".join(f"\n  note: {note}" for note in report.notes))
+        else:
+            echo(f"step {index}: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
+                 f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential})")
+        if compensate is not None:
+            from .eora import adapter_parameters
+            echo(f"step {index + 1}: eora -> {len(report.adapters)} low-rank residuals, "
+                 f"{adapter_parameters(report.adapters) / 1e6:.2f}M parameters"
+                 + (" (merged: the model is dense again)" if compensate.merge else " (PEFT adapter)"))
+        reports.append(report.to_dict())
+    return reports, adapters
 
 
 def _recover(model, tokenizer, step, recipe: Recipe, device, progress, echo) -> dict:

@@ -1,5 +1,5 @@
 """Command line: `prunekit prune`, `prunekit eval`, `prunekit run`, `prunekit recover`, `prunekit bench`,
-`prunekit list`.
+`prunekit sweep`, `prunekit report`, `prunekit list`.
 
 `prune` builds a one-step recipe from its flags and takes the same path as `run`, so a command
 line and a recipe file can never disagree. Errors in the user's input print one line and exit 2.
@@ -68,12 +68,25 @@ def _parser() -> argparse.ArgumentParser:
     _common(prune)
     prune.set_defaults(handler=_prune)
 
-    evaluate = sub.add_parser("eval", help="perplexity (with its protocol) and the sparsity of a model")
+    evaluate = sub.add_parser("eval", help="perplexity, fidelity to the dense model, knowledge, zero-shot tasks")
     evaluate.add_argument("model")
+    evaluate.add_argument("--baseline", metavar="DENSE", help="the dense model to compare against (needed by fidelity; "
+                          "adds dense numbers and retention to the other suites)")
+    evaluate.add_argument("--suite", default="perplexity",
+                          help="comma-separated: perplexity, fidelity, knowledge, lm-eval; all = "
+                               "perplexity,fidelity,knowledge (lm-eval needs the network, ask for it by name)")
     evaluate.add_argument("--data", default="default", help="evaluation text source (its held-out split)")
     evaluate.add_argument("--seqlen", type=int, default=512)
     evaluate.add_argument("--stride", type=int, default=None)
     evaluate.add_argument("--max-tokens", type=int, default=None)
+    evaluate.add_argument("--fidelity-tokens", type=int, default=4096,
+                          help="fidelity: KL/top-1 positions (dense log-probs kept in memory: tokens x vocab x 4 bytes)")
+    evaluate.add_argument("--knowledge-data", default=None, help="knowledge questions .jsonl (default: the bundled set)")
+    evaluate.add_argument("--lm-eval-tasks", default=None,
+                          help="comma-separated lm-eval tasks (default arc_easy,hellaswag,piqa,winogrande,boolq,mmlu)")
+    evaluate.add_argument("--lm-eval-limit", type=int, default=None, help="lm-eval: at most N examples per task")
+    evaluate.add_argument("--lm-eval-include", default=None, metavar="DIR", help="lm-eval: directory of local task configs")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward in fidelity/knowledge/lm-eval")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--allow-pickle", action="store_true")
@@ -92,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from .recovery.cli import add_parser as add_recover_parser
     add_recover_parser(sub)
+    from .sweep import add_parser as add_sweep_parser
+    add_sweep_parser(sub)
+    from .render import add_parser as add_report_parser
+    add_report_parser(sub)
 
     listing = sub.add_parser("list", help="methods and supported model types")
     listing.set_defaults(handler=_list)
@@ -177,6 +194,10 @@ def _execute(recipe, args) -> int:
 
 
 def _eval(args) -> int:
+    from .eval.suites import parse_suites
+    suites = parse_suites(args.suite)
+    if suites != ("perplexity",) or args.baseline:
+        return _eval_suites(args, suites)
     from .data import evaluation_data
     from .eval.perplexity import perplexity
     from .loading import load, resolve_device
@@ -192,6 +213,106 @@ def _eval(args) -> int:
           f"{sparsity['model_sparsity']:.2%} of all {sparsity['parameters'] / 1e6:.1f}M parameters")
     if args.json:
         _write_json(args.json, {"model": args.model, "perplexity": result.to_dict(), "sparsity": sparsity})
+    return 0
+
+
+def _recorded_dense_perplexity(model: str) -> dict | None:
+    """The dense perplexity recorded at pruning time in MODEL/prunekit.json, if any."""
+    from .export import METADATA_FILE
+    path = Path(model) / METADATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("dense_perplexity")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _check_same_vocabulary(tokenizer, dense_tokenizer, model: str, baseline: str) -> None:
+    if tokenizer is None or dense_tokenizer is None:
+        raise ValueError("both the model and --baseline need a tokenizer saved next to them")
+    if tokenizer.get_vocab() != dense_tokenizer.get_vocab():
+        raise ValueError(f"{model} and --baseline {baseline} have different tokenizer vocabularies "
+                         f"({len(tokenizer)} vs {len(dense_tokenizer)} tokens); the baseline must be the dense "
+                         "model this one was pruned from")
+
+
+def suite_lines(out: dict) -> list[str]:
+    """One line per metric, each with its protocol."""
+    lines = []
+    results = out["suites"]
+    if "perplexity" in results:
+        from .eval.perplexity import _format_ppl
+        ppl = results["perplexity"]
+        lines.append(f"perplexity {_format_ppl(ppl['ppl'])} [{ppl['protocol']}]")
+        if "baseline" in ppl:
+            lines.append(f"perplexity (dense baseline) {_format_ppl(ppl['baseline']['ppl'])} [{ppl['baseline']['protocol']}]")
+    if "fidelity" in results:
+        f = results["fidelity"]
+        lines.append(f"fidelity: KL(dense || model) {f['kl_mean']:.4f} nats/token, top-1 agreement "
+                     f"{f['top1_agreement']:.2%} [{f['protocol'].split('; ')[0]}]")
+        lines.append(f"fidelity: first divergent token {f['first_divergent_token_mean']:.2f} (median "
+                     f"{f['first_divergent_token_median']:g}) of {f['new_tokens']}, share of divergent tokens "
+                     f"{f['share_divergent_tokens']:.2%} [{f['protocol'].split('; ', 1)[-1]}]")
+    if "knowledge" in results:
+        k = results["knowledge"]
+        line = (f"knowledge: exact match {k['exact_match']:.2%}, multiple choice {k['mc_accuracy']:.2%} "
+                f"(mean rank {k['mc_mean_rank']:.2f}) on {k['questions']} questions")
+        if "baseline" in k:
+            b = k["baseline"]
+            fmt = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
+            line += (f"; dense {b['exact_match']:.2%} / {b['mc_accuracy']:.2%}; retention exact "
+                     f"{fmt(k['retention_exact'])}, multiple choice {fmt(k['retention_mc'])}; kept correct "
+                     f"{fmt(k['kept_correct'])}")
+        lines.append(f"{line} [{k['protocol']}]")
+    if "lm-eval" in results:
+        z = results["lm-eval"]
+        for name, metrics in z.items():
+            if isinstance(metrics, dict) and name not in ("num_fewshot", "samples", "baseline"):
+                shown = ", ".join(f"{m} {v:.4f}" for m, v in metrics.items() if not m.endswith("stderr"))
+                lines.append(f"lm-eval {name}: {shown}")
+        lines.append(f"lm-eval protocol: {z['protocol']}")
+    return lines
+
+
+def _eval_suites(args, suites) -> int:
+    from .eval.suites import EvalProtocol, evaluate, reference
+    from .loading import load, resolve_device
+    from .report import sparsity_report
+    if "fidelity" in suites and not args.baseline:
+        raise ValueError("the fidelity suite compares the model with its dense original: pass --baseline DENSE "
+                         "(the model it was pruned from)")
+    device = resolve_device(args.device)
+    values = {"data": args.data, "seqlen": args.seqlen, "stride": args.stride, "max_tokens": args.max_tokens,
+              "fidelity_tokens": args.fidelity_tokens, "lm_eval_limit": args.lm_eval_limit,
+              "batch_size": args.batch_size, "knowledge_data": args.knowledge_data,
+              "lm_eval_include": args.lm_eval_include}
+    if args.lm_eval_tasks:
+        values["lm_eval_tasks"] = args.lm_eval_tasks
+    protocol = EvalProtocol(**values)
+    model, tokenizer = load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                            trust_remote_code=args.trust_remote_code)
+    ref = None
+    if args.baseline:
+        dense, dense_tokenizer = load(args.baseline, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                      trust_remote_code=args.trust_remote_code)
+        _check_same_vocabulary(tokenizer, dense_tokenizer, args.model, args.baseline)
+        ref = reference(dense, dense_tokenizer, suites, protocol, device=device)
+        del dense
+    out = evaluate(model, tokenizer, suites, protocol, reference=ref, device=device,
+                   recorded=_recorded_dense_perplexity(args.model))
+    for line in suite_lines(out):
+        print(line)
+    sparsity = sparsity_report(model)
+    print(f"sparsity: {sparsity['block_linear_sparsity']:.2%} of decoder-block linear weights, "
+          f"{sparsity['model_sparsity']:.2%} of all {sparsity['parameters'] / 1e6:.1f}M parameters")
+    for warning in out["warnings"]:
+        print(f"prunekit: warning: {warning}", file=sys.stderr)
+    if args.json:
+        data = {"model": args.model, "baseline": args.baseline, **out, "sparsity": sparsity}
+        if "perplexity" in out["suites"]:
+            data["perplexity"] = out["suites"]["perplexity"]          # where `prunekit eval` always put it
+        _write_json(args.json, data)
     return 0
 
 

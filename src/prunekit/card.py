@@ -1,0 +1,117 @@
+"""Model card: the `README.md` written next to every exported model.
+
+A pruned checkpoint on the Hugging Face hub is only useful if a reader can tell what was done
+to it, how much quality it lost under which protocol, how to load it and what speed to expect.
+`model_card(recipe, record)` turns a recipe and its `prunekit.json` record into that page: YAML
+front matter the hub reads (``library_name``, ``base_model``, ``tags``), then the recipe, what
+was pruned, the metrics each with its protocol line, how to load it and the honest speed
+statement of `prunekit.api.expected_speedup`. The export writes it inside the same atomic
+staging folder as the weights, so it is never half-written and never out of step with them.
+No paper: this follows the hub's model-card conventions (front matter + Markdown).
+"""
+from __future__ import annotations
+
+import yaml
+
+from .registry import method_for_config
+
+
+def model_card(recipe, record: dict) -> str:
+    """Markdown (with hub front matter) for a model exported by `recipe`; `record` is what goes
+    into its `prunekit.json` (run_recipe's result)."""
+    from .api import expected_speedup
+    from .recipe import dump_recipe
+
+    methods = [method_for_config(step).name for step in recipe.steps]
+    front = {"library_name": "transformers", "tags": ["pruned", "prunekit", *dict.fromkeys(methods)]}
+    source = record.get("source") or {}
+    if source.get("kind") == "hub":            # a local folder or a .gguf file is no hub id
+        front["base_model"] = source.get("id", recipe.model)
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {recipe.model} pruned with prunekit ({' + '.join(methods)})", "",
+             f"Produced by `prunekit run` from `{recipe.model}`.", "",
+             "## Recipe", "", "```yaml", dump_recipe(without_export(recipe)).strip(), "```", "",
+             "## What was pruned", ""]
+    lines += _pruned_lines(record)
+    lines += ["", "## Metrics", ""]
+    lines += _metric_lines(record)
+    lines += ["", "## How to load", "", "```python"]
+    structure = record.get("structure") or {}
+    if structure.get("stock", True):
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  'model = AutoModelForCausalLM.from_pretrained("PATH")',
+                  'tokenizer = AutoTokenizer.from_pretrained("PATH")']
+    else:   # blocks of different widths: a stock config cannot describe them
+        lines += ["import prunekit", 'model, tokenizer = prunekit.load_pruned("PATH")']
+    if record.get("adapter"):
+        lines += ["from peft import PeftModel",
+                  f'model = PeftModel.from_pretrained(model, "PATH/{record["adapter"]}")  # EoRA residuals']
+    lines += ["```", "", "`PATH` is this folder (or its hub id)."]
+    if not structure.get("stock", True):
+        lines += ["Its decoder blocks have different widths, which a stock config cannot describe; "
+                  "`prunekit.load_pruned` rebuilds them from `prunekit.json`."]
+    lines += ["", "## Expected speed", ""]
+    lines += [f"- step {index} ({name}): {expected_speedup(step)}"
+              for index, (name, step) in enumerate(zip(methods, recipe.steps))]
+    lines += ["", "Measure it on your hardware with `prunekit bench PATH --baseline " + recipe.model + "`.", ""]
+    return "\n".join(lines)
+
+
+def without_export(recipe):
+    """The recipe without its export section (a card or a sweep documents the pruning, not the path)."""
+    import dataclasses
+    return dataclasses.replace(recipe, export=None)
+
+
+def _pruned_lines(record: dict) -> list[str]:
+    lines = []
+    sparsity = record.get("sparsity") or {}
+    if "block_linear_sparsity" in sparsity:
+        lines.append(f"- zero weights: {sparsity['block_linear_sparsity']:.2%} of the decoder blocks' linear "
+                     f"weights, {sparsity.get('model_sparsity', 0.0):.2%} of all parameters")
+    before, after = record.get("parameters"), record.get("parameters_after")
+    if before and after:
+        lines.append(f"- parameters: {before:,} before, {after:,} after ({1 - after / before:.2%} removed)")
+    if record.get("adapter_parameters"):
+        lines.append(f"- EoRA adapter: {record['adapter_parameters']:,} parameters in `{record.get('adapter')}`")
+    structure = record.get("structure") or {}
+    if structure.get("num_blocks") is not None:
+        lines.append(f"- decoder blocks: {structure['num_blocks']}"
+                     + ("" if structure.get("stock", True) else " (of different widths)"))
+    for index, step in enumerate(record.get("steps") or []):
+        method = step.get("method", "?")
+        if "removed_fraction_of_block_params" in step:
+            lines.append(f"- step {index}: {method} removed {step['removed_fraction_of_block_params']:.2%} of the "
+                         "block parameters")
+        elif "sparsity_of_pruned_layers" in step:
+            lines.append(f"- step {index}: {method}, {step['sparsity_of_pruned_layers']:.2%} of the pruned layers' "
+                         "weights are zero")
+        else:
+            lines.append(f"- step {index}: {method}")
+    return lines or ["- (nothing recorded)"]
+
+
+def _metric_lines(record: dict) -> list[str]:
+    rows = []
+    for label, key in (("dense", "dense_perplexity"),
+                       ("pruned, sparse weights only", "pruned_perplexity_without_adapter"),
+                       ("pruned", "pruned_perplexity")):
+        value = record.get(key)
+        if value:
+            rows.append((f"perplexity, {label}", _number(value.get("ppl")), value.get("protocol", "")))
+    suites = (record.get("eval") or {}).get("suites") or {}
+    for suite, values in suites.items():
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append((f"{suite}: {name}", _number(value), values.get("protocol", "")))
+    if not rows:
+        return ["No evaluation was run (the recipe has no `eval:` section)."]
+    lines = ["| metric | value | protocol |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {str(protocol).replace('|', '/')} |" for name, value, protocol in rows]
+    return lines
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
+    return str(value)
