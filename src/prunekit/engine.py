@@ -104,6 +104,17 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     if compensate is not None and method.scope != "linear":
         raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
                          "units, which changes the layers' shapes (put eora after a wanda/sparsegpt/... step)")
+    from . import distributed
+    windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
+    if distributed.is_distributed():
+        # every process was handed the same windows and keeps its share (see distributed.py)
+        if method.scope == "depth":
+            distributed.refuse(f"depth pruning ({method.name})")
+        if getattr(config, "allocation", "uniform") != "uniform":
+            distributed.refuse(f"allocation={config.allocation}")
+        if getattr(config, "uses_gradient", False):
+            distributed.refuse(f"{method.name} with gradient scores")
+        calib = distributed.shard(calib, batch_size)
     if method.scope == "width":       # remove heads / channels: structured.py drives its own pass
         from .structured import prune_width_
         return prune_width_(model, config, calib, device=device, batch_size=batch_size,
@@ -129,10 +140,10 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     cache_device = torch.device(cache_device) if cache_device is not None else device
 
     report = PruneReport(method=method.name, config=config, sequential=sequential,
-                         calibration_windows=0 if calib is None else int(calib.shape[0]),
-                         calibration_seqlen=0 if calib is None else int(calib.shape[1]),
+                         calibration_windows=0 if windows is None else windows[0],
+                         calibration_seqlen=0 if windows is None else windows[1],
                          allocation=allocation.to_dict() if allocation else None)
-    extras = _Extras(spec, compensate=compensate, windows=0 if calib is None else int(calib.shape[0]))
+    extras = _Extras(spec, compensate=compensate, windows=0 if windows is None else windows[0])
     observer = Hessian if config.needs_hessian or compensate is not None else method.stats
     gradient_mode = getattr(config, "gradient", None) if getattr(config, "uses_gradient", False) else None
     if gradient_mode == "model":
@@ -275,7 +286,12 @@ def _plan_block(spec, index: int, block: nn.Module, config, allocation=None) -> 
 def _prune_group(group: _Group, method, config, block_index: int, device, block=None,
                  extras: _Extras | None = None) -> list[LayerRecord]:
     """Apply the method to every layer of the group, write the weights back, verify them."""
+    from .distributed import broadcast_, reduce_stats_
     group.pruned = True
+    # Distributed calibration: the one place where the processes' observers are summed, so every
+    # process decides from the statistics of all windows (a no-op in a single process). Every
+    # process prunes the same groups in the same order, so these collectives always pair up.
+    reduce_stats_(group.stats)
     if group.permutable and getattr(config, "permute", False) and config.nm and method.score is not None:
         _permute(group, method, config, block, extras.spec, device)
     X = torch.cat(group.probe) if group.probe else None                       # (rows, in)
@@ -296,6 +312,7 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
             raise FloatingPointError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
                                      "(check the calibration data and the model dtype)")
         stored.copy_(W_new.to(stored.dtype))
+        broadcast_(stored)            # identical already (same statistics); this makes it certain
         if extras is not None and extras.compensate is not None:
             _compensate(layer, W, stored.float(), group.stats, extras)
         error = None

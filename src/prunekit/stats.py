@@ -3,6 +3,10 @@
 A method declares the observer it needs (`@register(..., stats=Hessian)`); the engine creates one
 per group of layers that read the same input (q/k/v share one), feeds it every calibration
 batch through `update(X)`, hands it to the method, and frees it at the end of the block.
+
+Every observer keeps plain sums over tokens and names them in `SUMS` (with the count in
+`tokens`): observers of disjoint windows then combine by addition, which is how distributed
+calibration merges the processes' statistics (`distributed.reduce_stats_`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from torch import Tensor
 
 class InputNorm:
     """Squared L2 norm of each input feature over all calibration tokens: sum_t x_tj^2 (Wanda)."""
+    SUMS = ("sq_norm",)
 
     def __init__(self, in_features: int, device: torch.device):
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)  # (in,)
@@ -33,6 +38,7 @@ class Hessian:
     `inverse_cholesky(damp)` returns the upper Cholesky factor of (H + damp*mean(diag H)*I)^-1,
     computed once and shared by every layer of the group (q/k/v read the same input).
     """
+    SUMS = ("H",)
 
     def __init__(self, in_features: int, device: torch.device):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # (in, in)
@@ -101,6 +107,7 @@ class MeanVar:
     """Mean and variance of each input feature over all calibration tokens (FLAP's fluctuation
     metric and its bias compensation). Sums are kept in float64: E[x^2] - E[x]^2 of activations
     with large means loses every digit in float32."""
+    SUMS = ("sum", "sq_sum")
 
     def __init__(self, in_features: int, device: torch.device):
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)      # (in,)
