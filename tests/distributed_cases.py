@@ -28,6 +28,8 @@ def cases() -> dict:
     from prunekit import SparseGPTConfig, WandaConfig
     from prunekit.methods.flap import FlapConfig
     from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.methods.angular import AngularConfig
+    from prunekit.methods.block_influence import BlockInfluenceConfig
     from prunekit.methods.wanda_sp import WandaSPConfig
     return {
         "wanda-true": (WandaConfig(sparsity=0.5), "true", 8, 2),
@@ -38,6 +40,8 @@ def cases() -> dict:
         "magnitude": (MagnitudeConfig(sparsity=0.5), "true", 8, 2),
         "flap": (FlapConfig(sparsity=0.2), "true", 8, 2),
         "wanda-sp": (WandaSPConfig(sparsity=0.2), "true", 8, 2),
+        "block-influence": (BlockInfluenceConfig(layers=1), "true", 8, 2),
+        "angular": (AngularConfig(layers=1, token="all"), "true", 8, 2),
     }
 
 
@@ -76,10 +80,11 @@ def check_observers(rank: int) -> dict:
 def refused(rank: int) -> dict:
     """The features that must refuse to run distributed, with their messages."""
     from prunekit import WandaConfig, prune_
+    from prunekit.methods.sleb import SLEBConfig
     from prunekit.methods.taylor import TaylorConfig
     messages = {}
     for name, config in {"owl": WandaConfig(sparsity=0.5, allocation="owl"),
-                         "taylor": TaylorConfig(sparsity=0.2)}.items():
+                         "taylor": TaylorConfig(sparsity=0.2), "sleb": SLEBConfig(layers=1)}.items():
         try:
             prune_(tiny_model("llama"), config, calib(8), batch_size=2, progress=False)
             messages[name] = None

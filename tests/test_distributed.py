@@ -100,7 +100,7 @@ def test_two_processes_equal_one(two_process_results, case):
 
 def test_unsupported_features_refuse_clearly(two_process_results):
     messages = json.loads((two_process_results / "refused.json").read_text())
-    assert set(messages) == {"owl", "taylor"}
+    assert set(messages) == {"owl", "taylor", "sleb"}
     for message in messages.values():
         assert message and "not supported with distributed calibration" in message and "single process" in message
 

@@ -171,6 +171,15 @@ def reduce_stats_(stats) -> None:
         stats._inverse.clear()          # a cached factorisation of the local Hessian is stale
 
 
+def global_mean(total: float, count: int) -> float:
+    """total / count over every process's (total, count): the mean of a per-token measurement
+    that each process summed over its own windows (depth scores). Plain division in one process."""
+    if not is_distributed():
+        return total / count
+    sums = all_reduce_sum_(torch.tensor([float(total), float(count)], dtype=torch.float64))
+    return float(sums[0] / sums[1])
+
+
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     """Overwrite `tensor` with process `src`'s copy (pruned weights: every process keeps rank 0's)."""
     if is_distributed():

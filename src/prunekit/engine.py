@@ -108,8 +108,8 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
     if distributed.is_distributed():
         # every process was handed the same windows and keeps its share (see distributed.py)
-        if method.scope == "depth":
-            distributed.refuse(f"depth pruning ({method.name})")
+        if method.scope == "depth" and method.needs_calibration and not getattr(config, "SHARDABLE", False):
+            distributed.refuse(f"depth pruning with {method.name} (block-influence and angular are supported)")
         if getattr(config, "allocation", "uniform") != "uniform":
             distributed.refuse(f"allocation={config.allocation}")
         if getattr(config, "uses_gradient", False):
