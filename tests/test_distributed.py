@@ -121,3 +121,15 @@ def test_cli_nproc_2_equals_one_process(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "two.json").read_text())
     assert report["distributed"] == {"processes": 2, "rank": 0}
     assert report["steps"][0]["calibration_windows"] == 8           # the whole set, not rank 0's share
+
+
+def test_bench_tiny_reports_equal_results(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(HERE.parent / "bench" / "cpu_distributed.py"), "--tiny", "--method", "wanda",
+               "--work", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["nproc"]) for r in rows] == [("wanda", 1), ("wanda", 2)]
+    assert rows[1]["identical"] and rows[1]["mask_agreement"] == 1.0 and rows[1]["max_abs_diff"] == 0.0
+    assert all(r["prune_s"] > 0 and r["sparsity"] == pytest.approx(0.5) for r in rows)
