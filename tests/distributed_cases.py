@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,14 +24,18 @@ def calib(windows: int = 8) -> torch.Tensor:
 
 
 def cases() -> dict:
-    """name -> (config, sequential, windows, batch_size). 10 windows in chunks of 4 split 2 + 1
-    chunks, the last one short: uneven shards."""
-    from prunekit import SparseGPTConfig, WandaConfig
+    """name -> (config, sequential, windows, batch_size[, family, compensate]). 10 windows in chunks
+    of 4 split 2 + 1 chunks, the last one short: uneven shards. GPT-2 stores its linears transposed
+    (Conv1D), which the broadcast of the pruned weights must handle."""
+    from prunekit import EoraConfig, RIAConfig, SparseGPTConfig, WandaConfig
     from prunekit.methods.flap import FlapConfig
     from prunekit.methods.magnitude import MagnitudeConfig
     from prunekit.methods.angular import AngularConfig
     from prunekit.methods.block_influence import BlockInfluenceConfig
     from prunekit.methods.wanda_sp import WandaSPConfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # "merge=True densifies": intended here
+        eora = EoraConfig(rank=4, merge=True)
     return {
         "wanda-true": (WandaConfig(sparsity=0.5), "true", 8, 2),
         "wanda-block-uneven": (WandaConfig(sparsity=0.5), "block", 10, 4),
@@ -38,6 +43,10 @@ def cases() -> dict:
         "sparsegpt-true": (SparseGPTConfig(sparsity=0.5), "true", 8, 2),
         "sparsegpt-block": (SparseGPTConfig(sparsity=0.5), "block", 8, 2),
         "magnitude": (MagnitudeConfig(sparsity=0.5), "true", 8, 2),
+        "ria-2of4-permute": (RIAConfig(nm=(2, 4), permute=True), "true", 8, 2),
+        # merged, so the state dicts compare the adapters too
+        "sparsegpt-eora": (SparseGPTConfig(sparsity=0.5), "true", 8, 2, "llama", eora),
+        "gpt2-wanda": (WandaConfig(sparsity=0.5), "true", 8, 2, "gpt2"),
         "flap": (FlapConfig(sparsity=0.2), "true", 8, 2),
         "wanda-sp": (WandaSPConfig(sparsity=0.2), "true", 8, 2),
         "block-influence": (BlockInfluenceConfig(layers=1), "true", 8, 2),
@@ -47,9 +56,11 @@ def cases() -> dict:
 
 def run_case(name: str) -> dict:
     from prunekit import prune_
-    config, sequential, windows, batch_size = cases()[name]
-    model = tiny_model("llama")
-    prune_(model, config, calib(windows), sequential=sequential, batch_size=batch_size, progress=False)
+    case = cases()[name]
+    config, sequential, windows, batch_size, family, compensate = (*case, *("llama", None)[len(case) - 4:])
+    model = tiny_model(family)
+    prune_(model, config, calib(windows), sequential=sequential, batch_size=batch_size, progress=False,
+           compensate=compensate)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
