@@ -97,6 +97,11 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     pass (they are returned in `report.adapters`, and merged if it says so). Returns a
     `PruneReport` (per-layer achieved sparsity, reconstruction error, time and memory per block).
     Raises if any layer does not hold the requested pattern.
+
+    Distributed calibration: inside a torch.distributed process group of N > 1 processes
+    (`distributed.init_from_env`, or your own `init_process_group`), give every process the same
+    model and `calib`; each keeps its share of the windows, and the statistics are summed across
+    processes before each layer is pruned, so every process ends with the same pruned model.
     """
     method = method_for_config(config)
     if (method.needs_calibration_for(config) or compensate is not None) and calib is None:
@@ -290,7 +295,9 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
     group.pruned = True
     # Distributed calibration: the one place where the processes' observers are summed, so every
     # process decides from the statistics of all windows (a no-op in a single process). Every
-    # process prunes the same groups in the same order, so these collectives always pair up.
+    # process prunes the same groups in the same order, so these collectives always pair up; in
+    # true-sequential mode only the last lockstep thread of each process gets here (the others
+    # wait at the meeting point), so each process issues each collective exactly once.
     reduce_stats_(group.stats)
     if group.permutable and getattr(config, "permute", False) and config.nm and method.score is not None:
         _permute(group, method, config, block, extras.spec, device)
