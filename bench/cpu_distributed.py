@@ -14,6 +14,13 @@ the other benchmarks); `wall_s` is the whole command (interpreter and torchrun s
 load, tokenization, export), the honest end-to-end number. Equality: over every tensor of the
 saved model, the largest absolute difference, the largest difference relative to the tensor's
 largest value, and the fraction of weights whose zero/non-zero state agrees (1.0 = identical masks).
+
+Control row (`control: true`): 1 process with half the chunk size. It adds up the same statistics
+in another order, which is all the 2-process run changes too, so it shows how far the method's
+own float32 result moves under a change that is a mathematical no-op. Wanda is insensitive to it;
+SparseGPT on a real model is not (its OBS sweep on ill-conditioned Hessians amplifies round-off
+block after block), and the 2-process result should be no further from the 1-process one than
+this control is.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="calibration chunk size (shards are whole chunks)")
     parser.add_argument("--nproc", type=int, action="append", help="process counts to compare (default 1 and 2)")
     parser.add_argument("--method", action="append", choices=METHODS, help="default: wanda and sparsegpt")
+    parser.add_argument("--no-control", action="store_true", help="skip the half-chunk 1-process control run")
     parser.add_argument("--tiny", action="store_true", help="a tiny 2-layer Llama, 8 windows x 32 tokens (tests)")
     parser.add_argument("--work", type=Path, default=None, help="where pruned models go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_distributed.json"))
@@ -66,12 +74,18 @@ def main(argv=None) -> int:
                     row.update(compare(reference, row["path"]))
                 rows.append(row)
                 print(format_row(row), flush=True)
+            if not args.no_control and args.batch_size > 1:
+                row = _prune(model, method, 1, args, work, batch_size=args.batch_size // 2)
+                row.update(compare(reference, row["path"]), control=True)
+                rows.append(row)
+                print(format_row(row), flush=True)
         for row in rows:
             row.pop("path")
     result = {"machine": machine(), "date": date.today().isoformat(),
               "protocol": {"model": args.model if not args.tiny else "tiny 2-layer llama", "samples": args.samples,
                            "seqlen": args.seqlen, "batch_size": args.batch_size, "sparsity": 0.5,
-                           "sequential": "true", "backend": "gloo", "dtype": "float32"},
+                           "sequential": "true", "backend": "gloo", "dtype": "float32",
+                           "control": "1 process, half the chunk size" if not args.no_control else None},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
@@ -80,19 +94,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _prune(model: str, method: str, nproc: int, args, work: Path) -> dict:
+def _prune(model: str, method: str, nproc: int, args, work: Path, batch_size: int | None = None) -> dict:
     """One `prunekit prune` in a fresh interpreter (under torchrun when nproc > 1)."""
-    out_dir, json_path = work / f"{method}-n{nproc}", work / f"{method}-n{nproc}.json"
+    batch_size = batch_size or args.batch_size
+    out_dir, json_path = work / f"{method}-n{nproc}-b{batch_size}", work / f"{method}-n{nproc}-b{batch_size}.json"
     command = [sys.executable, "-m", "prunekit", "prune", model, "--method", method, "--sparsity", "0.5",
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--no-eval", "--out", str(out_dir),
-               "--overwrite", "--json", str(json_path), "--set", f"calibration.batch_size={args.batch_size}",
+               "--overwrite", "--json", str(json_path), "--set", f"calibration.batch_size={batch_size}",
                "--nproc", str(nproc)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, _cores() // nproc)), MASTER_ADDR="127.0.0.1")
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env)
     wall = time.perf_counter() - started
     step = json.loads(json_path.read_text())["steps"][0]
-    return {"method": method, "nproc": nproc, "threads_per_process": max(1, _cores() // nproc),
+    return {"method": method, "nproc": nproc, "batch_size": batch_size, "threads_per_process": max(1, _cores() // nproc),
             "prune_s": round(step["seconds"], 2), "wall_s": round(wall, 2),
             "sparsity": round(step["sparsity_of_pruned_layers"], 4), "path": str(out_dir)}
 
@@ -125,7 +140,8 @@ def compare(a: str | Path, b: str | Path) -> dict:
 
 
 def format_row(row: dict) -> str:
-    text = (f"{row['method']:<10} {row['nproc']} process(es) x {row['threads_per_process']} threads: "
+    text = (f"{row['method']:<10} {row['nproc']} process(es) x {row['threads_per_process']} threads, "
+            f"chunks of {row['batch_size']}{' (control)' if row.get('control') else ''}: "
             f"prune {row['prune_s']:8.2f} s, wall {row['wall_s']:8.2f} s")
     if "max_abs_diff" in row:
         text += (f"; vs 1 process: max |dW| {row['max_abs_diff']:.3g} (rel {row['max_rel_diff']:.3g}), "
