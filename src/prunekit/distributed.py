@@ -8,8 +8,10 @@ own contiguous share of them (`shard`). The engine runs unchanged on that share:
 feeds its windows through the current block and accumulates its observers (input norms,
 Hessians, means/variances). Right before a group of layers is pruned, the observers are summed
 across processes (`reduce_stats_`): every accumulator is a sum over calibration tokens, so the
-summed observer is the one a single process would have built from all windows, up to float
-round-off (the order of the additions differs). Every process then computes the same pruned
+summed observer is the one a single process would have built from all windows. The sums are
+float64 (`stats`), so adding them in another order moves them by ~1e-16 relative, and the float32
+statistics the methods read (rounded once from them) come out bit-identical: even SparseGPT, whose
+OBS sweep amplifies last-bit differences, gives the 1-process weights. Every process then computes the same pruned
 weights from the same statistics; rank 0's are broadcast anyway (`broadcast_`), so the processes
 can never drift apart, and each propagates its own windows through the pruned block.
 
@@ -143,8 +145,8 @@ def chunk_range(windows: int, batch_size: int, rank_: int, world: int) -> tuple[
 
 
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum `tensor` over every process, in place, accumulating in float64 (float32 sums of
-    Hessians over many tokens would otherwise add a rounding step per process)."""
+    """Sum `tensor` over every process, in place, accumulating in float64 (the observers' sums
+    are float64 already; anything narrower would otherwise take a rounding step per process)."""
     if not is_distributed():
         return tensor
     wide = tensor.to(torch.float64) if tensor.is_floating_point() else tensor.to(torch.int64)
@@ -167,8 +169,8 @@ def reduce_stats_(stats) -> None:
     first = getattr(stats, names[0])
     tokens = torch.tensor([stats.tokens], dtype=torch.int64, device=first.device)
     stats.tokens = int(all_reduce_sum_(tokens).item())
-    if hasattr(stats, "_inverse"):
-        stats._inverse.clear()          # a cached factorisation of the local Hessian is stale
+    if hasattr(stats, "sums_changed"):
+        stats.sums_changed()            # cached float32 copies / factorisations of the local sums are stale
 
 
 def global_mean(total: float, count: int) -> float:
