@@ -15,12 +15,14 @@ load, tokenization, export), the honest end-to-end number. Equality: over every 
 saved model, the largest absolute difference, the largest difference relative to the tensor's
 largest value, and the fraction of weights whose zero/non-zero state agrees (1.0 = identical masks).
 
-Control row (`control: true`): 1 process with half the chunk size. It adds up the same statistics
-in another order, which is all the 2-process run changes too, so it shows how far the method's
-own float32 result moves under a change that is a mathematical no-op. Wanda is insensitive to it;
-SparseGPT on a real model is not (its OBS sweep on ill-conditioned Hessians amplifies round-off
-block after block), and the 2-process result should be no further from the 1-process one than
-this control is.
+Control row (`control: true`): 1 process with half the chunk size: the same data multiplied in
+other chunk shapes, a mathematical no-op that changes float32 round-off, so it shows how far the
+method's own float32 result moves. Wanda is insensitive to it; SparseGPT on a real model is not (its
+OBS sweep on ill-conditioned Hessians amplifies round-off block after block). By default the
+N-process run also uses cores / N threads per process, and float32 CPU kernels can round
+differently with another thread count, so SparseGPT moves about as far as in the control.
+`--threads 1` runs everything with one thread per process: then only the sharding differs, and the
+2-process result should be identical (observers sum in float64, see prunekit/stats.py).
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, action="append", help="process counts to compare (default 1 and 2)")
     parser.add_argument("--method", action="append", choices=METHODS, help="default: wanda and sparsegpt")
     parser.add_argument("--no-control", action="store_true", help="skip the half-chunk 1-process control run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per process for every run (default: cores / N, the same cores for each N); "
+                             "the same value everywhere removes thread-count effects from the comparison")
     parser.add_argument("--tiny", action="store_true", help="a tiny 2-layer Llama, 8 windows x 32 tokens (tests)")
     parser.add_argument("--work", type=Path, default=None, help="where pruned models go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_distributed.json"))
@@ -85,6 +90,7 @@ def main(argv=None) -> int:
               "protocol": {"model": args.model if not args.tiny else "tiny 2-layer llama", "samples": args.samples,
                            "seqlen": args.seqlen, "batch_size": args.batch_size, "sparsity": 0.5,
                            "sequential": "true", "backend": "gloo", "dtype": "float32",
+                           "threads_per_process": args.threads or "cores / N",
                            "control": "1 process, half the chunk size" if not args.no_control else None},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,12 +108,13 @@ def _prune(model: str, method: str, nproc: int, args, work: Path, batch_size: in
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--no-eval", "--out", str(out_dir),
                "--overwrite", "--json", str(json_path), "--set", f"calibration.batch_size={batch_size}",
                "--nproc", str(nproc)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, _cores() // nproc)), MASTER_ADDR="127.0.0.1")
+    threads = args.threads or max(1, _cores() // nproc)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1")
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env)
     wall = time.perf_counter() - started
     step = json.loads(json_path.read_text())["steps"][0]
-    return {"method": method, "nproc": nproc, "batch_size": batch_size, "threads_per_process": max(1, _cores() // nproc),
+    return {"method": method, "nproc": nproc, "batch_size": batch_size, "threads_per_process": threads,
             "prune_s": round(step["seconds"], 2), "wall_s": round(wall, 2),
             "sparsity": round(step["sparsity_of_pruned_layers"], 4), "path": str(out_dir)}
 

@@ -151,7 +151,7 @@ def _nproc(p: argparse.ArgumentParser) -> None:
     # read (and removed) by `_launch_distributed` before parsing; declared here for --help
     p.add_argument("--nproc", type=int, metavar="N",
                    help="shard the calibration windows across N processes on this machine (torchrun, gloo on CPU, "
-                        "nccl on CUDA); the result of one process up to float round-off. Several machines: docs/distributed.md")
+                        "nccl on CUDA); the 1-process result (bit for bit with equal OMP_NUM_THREADS). Several machines: docs/distributed.md")
 
 
 def prune_args_to_dict(args) -> dict:
