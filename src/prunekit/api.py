@@ -4,6 +4,10 @@ load -> calibration windows -> dense perplexity -> each step through the engine 
 `prunekit sweep`) -> pruned perplexity -> sparsity scan -> atomic export with `prunekit.json` and a model
 card (`README.md`). The output directory is checked before any work, so a bad path fails in a second, not
 after an hour of pruning.
+
+Under torchrun (WORLD_SIZE > 1) every process runs this function: each loads the model and the
+same calibration windows, the engine keeps each process's share and combines their statistics
+(`distributed.py`); only rank 0 prints, evaluates perplexity and exports, the others wait for it.
 """
 from __future__ import annotations
 
@@ -56,12 +60,25 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     from .loading import describe_source, load, resolve_device
     from .report import parameter_counts, sparsity_report
     from .structured import block_widths, stock_widths
+    from . import distributed
 
     source = describe_source(recipe.model)
     protect = [source["path"]] if source.get("path") else []
     if recipe.export is not None:
         check_output_dir(recipe.export.path, overwrite=recipe.export.overwrite, protect=protect)
-    device = resolve_device(recipe.device)
+    device = distributed.init_from_env(resolve_device(recipe.device))
+    main = distributed.is_main()
+    if not main:                   # one voice: rank 0 prints and shows progress
+        echo, progress = (lambda *args, **kwargs: None), False
+    if distributed.is_distributed():
+        echo(f"distributed calibration: {distributed.world_size()} processes "
+             f"({'nccl' if device.type == 'cuda' else 'gloo'}); rank 0 evaluates and exports")
+        for step in recipe.steps:
+            if method_for_config(step).scope == "recover":
+                distributed.refuse("a recovery (fine-tuning) step")
+        if any(_needs_calibration(step) for step in recipe.steps):      # fail before loading the model
+            distributed.chunk_range(recipe.calibration.samples, recipe.calibration.batch_size, 0,
+                                    distributed.world_size())
     for step in recipe.steps:
         echo(f"expected speedup: {expected_speedup(step)}")
 
@@ -75,7 +92,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     result: dict = {"recipe": recipe_to_dict(recipe), "source": source, "parameters": n_params, "steps": []}
 
     eval_text = None
-    if recipe.eval is not None:
+    if recipe.eval is not None and main:
         eval_text = evaluation_data(tokenizer, recipe.eval.data, max_tokens=recipe.eval.max_tokens)
         if recipe.eval.dense:
             dense = _perplexity(perplexity, model, eval_text, recipe, device)
@@ -93,7 +110,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
                                     echo=echo)
     result["steps"].extend(reports)
 
-    if recipe.eval is not None:
+    if recipe.eval is not None and main:
         if adapters:                  # what the user runs: the sparse weights plus the adapter
             from .eora import attach_adapters
             sparse_only = _perplexity(perplexity, model, eval_text, recipe, device)
@@ -119,9 +136,14 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     result["seconds"] = round(time.perf_counter() - started, 2)
     echo(summary_table(result))
 
+<<<<<<< HEAD
     if recipe.export is not None:
         from .card import model_card
         adapter_dir = None
+=======
+    if recipe.export is not None and main:
+        extra = None
+>>>>>>> dist
         if adapters:
             adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
             result["adapter"] = adapter_dir
@@ -142,6 +164,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
             echo(f"EoRA adapter in {out / result['adapter']} (loads with peft.PeftModel.from_pretrained(model, "
                  f"'{out / result['adapter']}'))")
         result["export"] = str(out)
+    if distributed.is_distributed():
+        result["distributed"] = {"processes": distributed.world_size(), "rank": distributed.rank()}
+    distributed.finish()           # the other processes wait here until rank 0 has exported
     return result
 
 

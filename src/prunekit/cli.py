@@ -14,6 +14,14 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        launched = _launch_distributed(argv)
+    except ValueError as err:
+        print(f"prunekit: error: {err}", file=sys.stderr)
+        return 2
+    if launched is not None:
+        return launched
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -26,6 +34,32 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"prunekit: error: {err}", file=sys.stderr)
         return 2
+
+
+def _launch_distributed(argv: list[str]) -> int | None:
+    """`--nproc N` (prune and run): re-run this very command in N processes under torchrun and
+    return its exit status; None when this process should do the work itself. Inside torchrun
+    (WORLD_SIZE set) --nproc is dropped, after checking it agrees with the launched world size."""
+    import os
+    if not any(a == "--nproc" or a.startswith("--nproc=") for a in argv):
+        return None
+    from .distributed import launch, strip_nproc
+    rest, nproc = strip_nproc(argv)
+    command = next((a for a in rest if not a.startswith("-")), None)
+    if command not in ("prune", "run"):
+        raise ValueError(f"--nproc applies to `prunekit prune` and `prunekit run`, not {command!r}")
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None:
+        if int(world) != nproc:
+            raise ValueError(f"--nproc {nproc} but torchrun started {world} processes; drop --nproc under torchrun")
+        argv[:] = rest
+        return None
+    argv[:] = rest
+    if nproc == 1:
+        return None
+    if "--dry-run" in rest:
+        return None
+    return launch(rest, nproc)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. steps.0.sparsity=0.6")
     run.add_argument("--json", type=Path, help="also write the results as JSON")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, do nothing")
+    _nproc(run)
     run.set_defaults(handler=_run)
 
     from .bench import add_parser as add_bench_parser
@@ -127,6 +162,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. steps.0.damp=0.05")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, do nothing")
+    _nproc(p)
+
+
+def _nproc(p: argparse.ArgumentParser) -> None:
+    # read (and removed) by `_launch_distributed` before parsing; declared here for --help
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="shard the calibration windows across N processes on this machine (torchrun, gloo on CPU, "
+                        "nccl on CUDA); the 1-process result (bit for bit with equal OMP_NUM_THREADS). Several machines: docs/distributed.md")
 
 
 def prune_args_to_dict(args) -> dict:
@@ -188,7 +231,7 @@ def _execute(recipe, args) -> int:
         print(dump_recipe(recipe), end="")
         return 0
     result = run_recipe(recipe)
-    if args.json:
+    if args.json and result.get("distributed", {}).get("rank", 0) == 0:     # rank 0 writes it
         _write_json(args.json, result)
     return 0
 

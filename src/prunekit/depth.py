@@ -54,7 +54,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,9 @@ class DepthConfig:
     """How many decoder blocks to remove: exactly one of `sparsity` and `layers`."""
     sparsity: float | None = None   # fraction of the decoder blocks, rounded half up (0.25 of 30 -> 8)
     layers: int | None = None       # exact number of blocks
+    # True when the method combines its per-window measurements across processes
+    # (`distributed.global_mean`), so it may run with distributed calibration
+    SHARDABLE: ClassVar[bool] = False
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.layers is None):

@@ -97,6 +97,11 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     pass (they are returned in `report.adapters`, and merged if it says so). Returns a
     `PruneReport` (per-layer achieved sparsity, reconstruction error, time and memory per block).
     Raises if any layer does not hold the requested pattern.
+
+    Distributed calibration: inside a torch.distributed process group of N > 1 processes
+    (`distributed.init_from_env`, or your own `init_process_group`), give every process the same
+    model and `calib`; each keeps its share of the windows, and the statistics are summed across
+    processes before each layer is pruned, so every process ends with the same pruned model.
     """
     method = method_for_config(config)
     if (method.needs_calibration_for(config) or compensate is not None) and calib is None:
@@ -104,6 +109,17 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     if compensate is not None and method.scope != "linear":
         raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
                          "units, which changes the layers' shapes (put eora after a wanda/sparsegpt/... step)")
+    from . import distributed
+    windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
+    if distributed.is_distributed():
+        # every process was handed the same windows and keeps its share (see distributed.py)
+        if method.scope == "depth" and method.needs_calibration and not getattr(config, "SHARDABLE", False):
+            distributed.refuse(f"depth pruning with {method.name} (block-influence and angular are supported)")
+        if getattr(config, "allocation", "uniform") != "uniform":
+            distributed.refuse(f"allocation={config.allocation}")
+        if getattr(config, "uses_gradient", False):
+            distributed.refuse(f"{method.name} with gradient scores")
+        calib = distributed.shard(calib, batch_size)
     if method.scope == "width":       # remove heads / channels: structured.py drives its own pass
         from .structured import prune_width_
         return prune_width_(model, config, calib, device=device, batch_size=batch_size,
@@ -129,10 +145,10 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     cache_device = torch.device(cache_device) if cache_device is not None else device
 
     report = PruneReport(method=method.name, config=config, sequential=sequential,
-                         calibration_windows=0 if calib is None else int(calib.shape[0]),
-                         calibration_seqlen=0 if calib is None else int(calib.shape[1]),
+                         calibration_windows=0 if windows is None else windows[0],
+                         calibration_seqlen=0 if windows is None else windows[1],
                          allocation=allocation.to_dict() if allocation else None)
-    extras = _Extras(spec, compensate=compensate, windows=0 if calib is None else int(calib.shape[0]))
+    extras = _Extras(spec, compensate=compensate, windows=0 if windows is None else windows[0])
     observer = Hessian if config.needs_hessian or compensate is not None else method.stats
     gradient_mode = getattr(config, "gradient", None) if getattr(config, "uses_gradient", False) else None
     if gradient_mode == "model":
@@ -218,6 +234,8 @@ def _memory_budget(model, blocks, plan, hidden: list[Tensor], sequential: str) -
     place); in true-sequential mode every chunk also holds the residual stream and the input of
     the group being pruned while it waits for the others (at most hidden + the widest group input).
     The Python interpreter and its libraries come on top (about 0.4 GB with torch + transformers).
+    Observers are not counted: a Hessian takes 12 bytes per in^2 entry (its float64 sum and the
+    float32 copy methods read, `stats.Hessian`), 0.05 GB for 2048 inputs, 1.45 GB for 11008.
     """
     mb = 2**20
     tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
@@ -276,8 +294,15 @@ def _plan_block(spec, index: int, block: nn.Module, config, allocation=None) -> 
 def _prune_group(group: _Group, method, config, block_index: int, device, block=None,
                  extras: _Extras | None = None) -> list[LayerRecord]:
     """Apply the method to every layer of the group, write the weights back, verify them."""
+    from .distributed import broadcast_, reduce_stats_
     group.pruned = True
-    _check_finite_statistics(group, block_index)        # before any weight of the group is written
+    # Distributed calibration: the one place where the processes' observers are summed, so every
+    # process decides from the statistics of all windows (a no-op in a single process). Every
+    # process prunes the same groups in the same order, so these collectives always pair up; in
+    # true-sequential mode only the last lockstep thread of each process gets here (the others
+    # wait at the meeting point), so each process issues each collective exactly once.
+    reduce_stats_(group.stats)
+    _check_finite_statistics(group, block_index)        # all processes' sums; before any weight of the group is written
     if group.permutable and getattr(config, "permute", False) and config.nm and method.score is not None:
         _permute(group, method, config, block, extras.spec, device)
     X = torch.cat(group.probe) if group.probe else None                       # (rows, in)
@@ -301,6 +326,7 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
             raise NonFiniteError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
                                      "(check the calibration data and the model dtype)")
         stored.copy_(W_new.to(stored.dtype))
+        broadcast_(stored)            # identical already (same statistics); this makes it certain
         if extras is not None and extras.compensate is not None:
             _compensate(layer, W, stored.float(), group.stats, extras)
         error = None

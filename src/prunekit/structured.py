@@ -260,6 +260,8 @@ def _observe(step, groups: list[Coupled], method) -> list:
         step.forward()
         return [None] * len(groups)
     if getattr(method.stats, "needs_grad", False):
+        from .distributed import refuse
+        refuse(f"{method.name} (gradient scores per calibration chunk)")
         return _observe_gradients(step, groups, method.stats)
     stats = [method.stats(weight_view(g.consumer).shape[1], step.device) for g in groups]
     by_module = {g.consumer: s for g, s in zip(groups, stats)}
@@ -273,6 +275,9 @@ def _observe(step, groups: list[Coupled], method) -> list:
     finally:
         for handle in handles:
             handle.remove()
+    from .distributed import reduce_stats_
+    for observer in stats:      # distributed calibration: sum the processes' statistics before scoring
+        reduce_stats_(observer)
     return stats
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed import global_mean
 from ..depth import BlockChoice, DepthConfig, decoder_blocks
 from ..engine import block_stream
 from ..registry import register
@@ -36,6 +37,7 @@ TOKENS = ("last", "all")
 @dataclass(frozen=True)
 class AngularConfig(DepthConfig):
     token: str = "last"      # "last": last token of each window (paper); "all": every token
+    SHARDABLE = True         # per-row sums: distributed calibration adds the processes' sums
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,10 +51,16 @@ def angular_distance(x: Tensor, y: Tensor) -> Tensor:
     return torch.arccos(cos) / math.pi
 
 
-def mean_angular_distance(x: list[Tensor], y: list[Tensor]) -> float:
-    """Mean of `angular_distance` over all rows of two boundaries (lists of (rows, hidden) chunks)."""
+def angular_distance_sum(x: list[Tensor], y: list[Tensor]) -> tuple[float, int]:
+    """(sum of `angular_distance` over all rows of two boundaries, row count); lists of (rows, hidden) chunks."""
     total = sum(float(angular_distance(a, b).sum(dtype=torch.float64)) for a, b in zip(x, y, strict=True))
-    return total / sum(a.shape[0] for a in x)
+    return total, sum(a.shape[0] for a in x)
+
+
+def mean_angular_distance(x: list[Tensor], y: list[Tensor]) -> float:
+    """Mean of `angular_distance` over all rows of two boundaries."""
+    total, rows = angular_distance_sum(x, y)
+    return total / rows
 
 
 def _kept_tokens(hidden: list[Tensor], token: str) -> list[Tensor]:
@@ -76,7 +84,7 @@ def angular(model, calib: Tensor, cfg: AngularConfig, *, device=None, batch_size
     def boundary(hidden: list[Tensor]) -> None:
         window.append(_kept_tokens(hidden, cfg.token))
         if len(window) == count + 1:
-            distances.append(mean_angular_distance(window[0], window[-1]))
+            distances.append(global_mean(*angular_distance_sum(window[0], window[-1])))   # every process's windows
 
     for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                              progress=progress, desc="score angular"):

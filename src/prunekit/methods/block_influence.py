@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed import global_mean
 from ..depth import BlockChoice, DepthConfig, lowest
 from ..engine import block_stream
 from ..registry import register
@@ -25,11 +26,11 @@ from ..registry import register
 
 @dataclass(frozen=True)
 class BlockInfluenceConfig(DepthConfig):
-    pass
+    SHARDABLE = True          # per-token sums: distributed calibration adds the processes' sums
 
 
-def block_influence(inputs: list[Tensor], outputs: list[Tensor]) -> float:
-    """1 - mean cosine similarity between a block's input and output, over every token.
+def cosine_sum(inputs: list[Tensor], outputs: list[Tensor]) -> tuple[float, int]:
+    """(sum of the cosine similarities between a block's input and output tokens, token count).
 
     inputs, outputs: one (batch, seq, hidden) tensor per calibration chunk.
     """
@@ -38,6 +39,12 @@ def block_influence(inputs: list[Tensor], outputs: list[Tensor]) -> float:
         cos = F.cosine_similarity(x.float(), y.float(), dim=-1)       # (batch, seq)
         total += float(cos.sum(dtype=torch.float64))
         count += cos.numel()
+    return total, count
+
+
+def block_influence(inputs: list[Tensor], outputs: list[Tensor]) -> float:
+    """1 - mean cosine similarity between a block's input and output, over every token."""
+    total, count = cosine_sum(inputs, outputs)
     return 1.0 - total / count
 
 
@@ -52,5 +59,5 @@ def block_influence_method(model, calib: Tensor, cfg: BlockInfluenceConfig, *, d
     for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                              progress=progress, desc="score block-influence"):
         step.forward()
-        scores.append(block_influence(step.inputs, step.outputs))
+        scores.append(1.0 - global_mean(*cosine_sum(step.inputs, step.outputs)))   # over every process's windows
     return BlockChoice(lowest(scores, cfg.blocks_to_remove(len(scores))), {"block_influence": scores})

@@ -1,0 +1,129 @@
+"""The pruning cases that tests/test_distributed.py runs both in one process and under torchrun.
+
+Run as a script under torchrun (`python -m torch.distributed.run --nproc-per-node 2 --standalone
+tests/distributed_cases.py OUT`), every process prunes each case on its share of the windows;
+rank 0 saves each pruned state dict to OUT/<case>.pt, plus OUT/observers.json (the observer
+reduction checked on hand-made data) and OUT/refused.json (the messages of refused features).
+Not collected by pytest (no test_ prefix).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import VOCAB, tiny_model  # noqa: E402
+
+
+def calib(windows: int = 8) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (windows, 16), generator=torch.Generator().manual_seed(1))
+
+
+def cases() -> dict:
+    """name -> (config, sequential, windows, batch_size[, family, compensate]). 10 windows in chunks
+    of 4 split 2 + 1 chunks, the last one short: uneven shards. GPT-2 stores its linears transposed
+    (Conv1D), which the broadcast of the pruned weights must handle."""
+    from prunekit import EoraConfig, RIAConfig, SparseGPTConfig, WandaConfig
+    from prunekit.methods.flap import FlapConfig
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.methods.angular import AngularConfig
+    from prunekit.methods.block_influence import BlockInfluenceConfig
+    from prunekit.methods.wanda_sp import WandaSPConfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # "merge=True densifies": intended here
+        eora = EoraConfig(rank=4, merge=True)
+    return {
+        "wanda-true": (WandaConfig(sparsity=0.5), "true", 8, 2),
+        "wanda-block-uneven": (WandaConfig(sparsity=0.5), "block", 10, 4),
+        "wanda-2of4": (WandaConfig(nm=(2, 4)), "true", 8, 2),
+        "sparsegpt-true": (SparseGPTConfig(sparsity=0.5), "true", 8, 2),
+        "sparsegpt-block": (SparseGPTConfig(sparsity=0.5), "block", 8, 2),
+        "magnitude": (MagnitudeConfig(sparsity=0.5), "true", 8, 2),
+        "ria-2of4-permute": (RIAConfig(nm=(2, 4), permute=True), "true", 8, 2),
+        # merged, so the state dicts compare the adapters too
+        "sparsegpt-eora": (SparseGPTConfig(sparsity=0.5), "true", 8, 2, "llama", eora),
+        "gpt2-wanda": (WandaConfig(sparsity=0.5), "true", 8, 2, "gpt2"),
+        "flap": (FlapConfig(sparsity=0.2), "true", 8, 2),
+        "wanda-sp": (WandaSPConfig(sparsity=0.2), "true", 8, 2),
+        "block-influence": (BlockInfluenceConfig(layers=1), "true", 8, 2),
+        "angular": (AngularConfig(layers=1, token="all"), "true", 8, 2),
+    }
+
+
+def run_case(name: str) -> dict:
+    from prunekit import prune_
+    case = cases()[name]
+    config, sequential, windows, batch_size, family, compensate = (*case, *("llama", None)[len(case) - 4:])
+    model = tiny_model(family)
+    prune_(model, config, calib(windows), sequential=sequential, batch_size=batch_size, progress=False,
+           compensate=compensate)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def observer_data(rank: int) -> torch.Tensor:
+    """(2 processes x 3 chunks, 5 tokens, 6 features) with a large mean (MeanVar's hard case)."""
+    data = torch.randn(6, 5, 6, generator=torch.Generator().manual_seed(7)) + 100.0
+    return data if rank is None else data[3 * rank:3 * rank + 3]
+
+
+def check_observers(rank: int) -> dict:
+    """Each process observes its half; after reduce_stats_ it must equal one observer of all data."""
+    from prunekit.distributed import reduce_stats_
+    from prunekit.stats import Hessian, InputNorm, MeanVar
+    result = {}
+    for cls in (InputNorm, Hessian, MeanVar):
+        half, full = cls(6, torch.device("cpu")), cls(6, torch.device("cpu"))
+        for chunk in observer_data(rank):
+            half.update(chunk)
+        for chunk in observer_data(None):
+            full.update(chunk)
+        reduce_stats_(half)
+        diffs = {n: float((getattr(half, n) - getattr(full, n)).abs().max() / getattr(full, n).abs().max())
+                 for n in cls.SUMS}
+        # the float32 statistics the methods read: rounded once from float64 sums, so bit-identical
+        views = {"InputNorm": ("sq_norm",), "Hessian": ("H", "sq_norm"), "MeanVar": ("mean", "var")}[cls.__name__]
+        equal = {n: bool(torch.equal(getattr(half, n), getattr(full, n))) for n in views}
+        result[cls.__name__] = {"tokens": half.tokens, "full_tokens": full.tokens, "rel_diff": diffs,
+                                "float32_equal": equal}
+    return result
+
+
+def refused(rank: int) -> dict:
+    """The features that must refuse to run distributed, with their messages."""
+    from prunekit import WandaConfig, prune_
+    from prunekit.methods.sleb import SLEBConfig
+    from prunekit.methods.taylor import TaylorConfig
+    messages = {}
+    for name, config in {"owl": WandaConfig(sparsity=0.5, allocation="owl"),
+                         "taylor": TaylorConfig(sparsity=0.2), "sleb": SLEBConfig(layers=1)}.items():
+        try:
+            prune_(tiny_model("llama"), config, calib(8), batch_size=2, progress=False)
+            messages[name] = None
+        except ValueError as err:
+            messages[name] = str(err)
+    return messages
+
+
+def main(out: str) -> None:
+    from prunekit import distributed
+    distributed.init_from_env(torch.device("cpu"))
+    rank = distributed.rank()
+    out_dir = Path(out)
+    results = {name: run_case(name) for name in cases()}
+    observers = check_observers(rank)
+    messages = refused(rank)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, state in results.items():
+            torch.save(state, out_dir / f"{name}.pt")
+        (out_dir / "observers.json").write_text(json.dumps(observers))
+        (out_dir / "refused.json").write_text(json.dumps(messages))
+    distributed.finish()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
