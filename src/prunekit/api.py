@@ -136,14 +136,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
     result["seconds"] = round(time.perf_counter() - started, 2)
     echo(summary_table(result))
 
-<<<<<<< HEAD
-    if recipe.export is not None:
+    if recipe.export is not None and main:
         from .card import model_card
         adapter_dir = None
-=======
-    if recipe.export is not None and main:
-        extra = None
->>>>>>> dist
         if adapters:
             adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
             result["adapter"] = adapter_dir
