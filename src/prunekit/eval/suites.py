@@ -22,10 +22,13 @@ library version) -- the warning says so before anyone compares the pruned number
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -37,6 +40,15 @@ DRIFT_TOLERANCE = 1e-3                                       # relative; perplex
 REFERENCE_JSON = "reference.json"
 REFERENCE_TENSORS = "reference.safetensors"
 REFERENCE_FORMAT = 1
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _timed(what: str):
+    """Log how long a stage took (visible with `prunekit -v`)."""
+    started = time.perf_counter()
+    yield
+    log.info("%s: %.1f s", what, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -284,20 +296,25 @@ def reference(dense_model, tokenizer, suites, protocol: EvalProtocol = EvalProto
         text = _eval_text(tokenizer, protocol)
         ref.text = dict(text.protocol)
     if "perplexity" in suites:
-        ref.perplexity = _run_perplexity(dense_model, text, protocol, device).to_dict()
+        with _timed("dense perplexity"):
+            ref.perplexity = _run_perplexity(dense_model, text, protocol, device).to_dict()
     with _OnDevice(dense_model, device) as run_on:
         if "fidelity" in suites:
+            started = time.perf_counter()
             windows = fidelity_windows(text.ids, protocol.seqlen, protocol.fidelity_tokens)
             ref.logprobs = dense_logprobs(dense_model, windows, protocol.fidelity_tokens,
                                           _fidelity_batch(protocol, vocab), run_on)
             ref.prompts = _prompts(text.ids, protocol)
             ref.continuations = greedy_continuations(dense_model, ref.prompts, protocol.new_tokens,
                                                      protocol.batch_size, run_on)
+            log.info("dense fidelity reference: %.1f s", time.perf_counter() - started)
         if "knowledge" in suites:
             from .knowledge import load_questions, run_knowledge
+            started = time.perf_counter()
             ref.knowledge = run_knowledge(dense_model, tokenizer, load_questions(protocol.knowledge_data),
                                           shots=protocol.knowledge_shots, batch_size=protocol.batch_size,
                                           device=run_on)
+            log.info("dense knowledge: %.1f s", time.perf_counter() - started)
         if "lm-eval" in suites:
             from .zeroshot import run_lm_eval
             ref.lm_eval = run_lm_eval(dense_model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
@@ -402,7 +419,8 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
             raise ValueError(f"the evaluation text tokenizes to {text.protocol.get('tokens')} tokens, the dense "
                              f"reference's to {ref.text.get('tokens')}: the tokenizers differ")
     if "perplexity" in suites:
-        result = _run_perplexity(model, text, protocol, device).to_dict()
+        with _timed("perplexity"):
+            result = _run_perplexity(model, text, protocol, device).to_dict()
         if ref is not None and ref.perplexity is not None:
             result["baseline"] = ref.perplexity
             result["ratio_to_baseline"] = result["ppl"] / ref.perplexity["ppl"] if ref.perplexity["ppl"] else None
@@ -411,12 +429,14 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
         warnings.extend(drift_warnings(ref.perplexity, recorded))
     with _OnDevice(model, device) as run_on:
         if "fidelity" in suites:
-            out["suites"]["fidelity"] = _fidelity(model, text.ids, protocol, ref, run_on)
+            with _timed("fidelity"):
+                out["suites"]["fidelity"] = _fidelity(model, text.ids, protocol, ref, run_on)
         if "knowledge" in suites:
             from .knowledge import load_questions, questions_fingerprint, run_knowledge, summarize
             questions = load_questions(protocol.knowledge_data)
-            per_question = run_knowledge(model, tokenizer, questions, shots=protocol.knowledge_shots,
-                                         batch_size=protocol.batch_size, device=run_on)
+            with _timed("knowledge"):
+                per_question = run_knowledge(model, tokenizer, questions, shots=protocol.knowledge_shots,
+                                             batch_size=protocol.batch_size, device=run_on)
             out["suites"]["knowledge"] = summarize(per_question, ref.knowledge if ref is not None else None,
                                                    shots=protocol.knowledge_shots,
                                                    fingerprint=questions_fingerprint(questions))
