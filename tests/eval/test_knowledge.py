@@ -141,3 +141,20 @@ def test_model_against_itself_retains_everything(model, tokenizer, questions):
         assert out["retention_mc"] == 1.0 and out["kept_correct"] == 1.0
     other = run_knowledge(tiny_model("llama", seed=3), tokenizer, questions, shots=3, batch_size=4)
     assert [r["logliks"] for r in other] != [r["logliks"] for r in dense]
+
+
+def test_generation_over_the_shared_prefix_equals_transformers_generate(model, tokenizer, questions):
+    """The prefix cache and the greedy loop are an optimisation: each answer must be what
+    `model.generate` produces greedily from the whole prompt alone."""
+    from transformers import GenerationConfig
+    from prunekit.eval.knowledge import MAX_NEW_TOKENS
+    prompts = [build_prompt(q["question"], 3) for q in questions]
+    ours = generate_answers(model, tokenizer, prompts, 4, "cpu")
+    config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1,
+                              pad_token_id=0, eos_token_id=tokenizer.eos_token_id)
+    for prompt, answer in zip(prompts, ours):
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        assert answer == text.split("\n", 1)[0].strip()
