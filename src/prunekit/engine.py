@@ -89,14 +89,15 @@ class _Extras:
 
 def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str | torch.device | None = None,
            sequential: str = "true", batch_size: int = 8, cache_device: str | torch.device | None = None,
-           progress: bool = True, compensate=None) -> PruneReport:
+           progress: bool = True, compensate=None, residency=None) -> PruneReport:
     """Prune `model` in place with `config` (e.g. `WandaConfig(sparsity=0.5)`).
 
     calib: (samples, seqlen) token ids from `calibration_data`; may be None only for data-free
     methods (magnitude). compensate: an `EoraConfig` to compute low-rank residuals in the same
     pass (they are returned in `report.adapters`, and merged if it says so). Returns a
     `PruneReport` (per-layer achieved sparsity, reconstruction error, time and memory per block).
-    Raises if any layer does not hold the requested pattern.
+    Raises if any layer does not hold the requested pattern. residency: where blocks live between
+    their turns (`offload.InMemory` by default; `offload.OnDisk` streams them from a checkpoint).
     """
     method = method_for_config(config)
     if (method.needs_calibration_for(config) or compensate is not None) and calib is None:
@@ -127,6 +128,9 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         raise ValueError(f"targets={config.targets} ignore={config.ignore} select no linear layer in {spec.blocks}")
     device = torch.device(device) if device is not None else _model_device(model)
     cache_device = torch.device(cache_device) if cache_device is not None else device
+    if residency is None:
+        from .offload import InMemory
+        residency = InMemory()
 
     report = PruneReport(method=method.name, config=config, sequential=sequential,
                          calibration_windows=0 if calib is None else int(calib.shape[0]),
@@ -144,7 +148,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     _one_malloc_arena()
     try:
         _prune_blocks(model, blocks, plan, method, config, calib, report, extras, observer, gradient_mode,
-                      device, cache_device, sequential, batch_size, progress)
+                      device, cache_device, sequential, batch_size, progress, residency)
     finally:
         for hook in extras.hooks:
             hook.remove()
@@ -159,21 +163,21 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
 
 
 def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, observer, gradient_mode,
-                  device, cache_device, sequential, batch_size, progress) -> None:
+                  device, cache_device, sequential, batch_size, progress, residency) -> None:
     """The block loop of `prune_` (capture, then observe / prune / propagate each block)."""
     with torch.no_grad():
         if calib is None:
             hidden, kwargs = None, None
         else:
-            hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
+            with residency.capturing(model, blocks):
+                hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
             report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"prune {method.name}", enabled=progress)
         for index, block in enumerate(blocks):
             block_start = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            home = _module_device(block)
-            block.to(device)
+            residency.onload(index, block, device)
             groups = plan[index]
             for group in groups:
                 if observer is not None:
@@ -193,7 +197,7 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
                 hidden = _run_block(block, groups, hidden, [kw[index] for kw in kwargs], device, cache_device,
                                     sequential, prune, probe_every)
                 _check_finite_outputs(hidden, index, f"{extras.spec.blocks}.{index}")
-            block.to(home)
+            residency.offload(index, block)
             del groups  # frees observers and probes
             plan[index] = []
             failures = [f"{r.name}: {r.problem}" for r in records if r.problem]
