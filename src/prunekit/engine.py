@@ -171,9 +171,15 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
         else:
             with residency.capturing(model, blocks):
                 hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
+        start, hidden = residency.resume(blocks, hidden)      # > 0 when a recorded run continues
+        if hidden is not None:
             report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"prune {method.name}", enabled=progress)
+        bar.update(start)
         for index, block in enumerate(blocks):
+            if index < start:
+                plan[index] = []
+                continue
             block_start = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -205,6 +211,7 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
                 raise RuntimeError("pruning did not produce the requested pattern in block "
                                    f"{index}:\n  " + "\n  ".join(failures))
             report.layers.extend(records)
+            residency.done(index, records, hidden)
             mem = memory_now(device)
             report.blocks.append({"block": index, "seconds": round(time.perf_counter() - block_start, 3), **mem})
             errors = [r.error for r in records if r.error is not None]

@@ -122,6 +122,12 @@ class InMemory:
     def capturing(self, model, blocks):
         return contextlib.nullcontext()
 
+    def resume(self, blocks, hidden):
+        return 0, hidden                 # nothing finished before: start at block 0
+
+    def done(self, index, records, hidden) -> None:
+        pass                             # `runs.Recorded` saves the finished block here
+
     def onload(self, index: int, block: nn.Module, device) -> None:
         self.home[index] = next(block.parameters()).device
         block.to(device)
@@ -159,6 +165,12 @@ class OnDisk:
             for name, _ in outside:
                 _set_parameter(model, name, None)
             model.tie_weights()
+
+    def resume(self, blocks, hidden):
+        return 0, hidden                 # nothing finished before: start at block 0
+
+    def done(self, index, records, hidden) -> None:
+        pass                             # `runs.Recorded` saves the finished block here
 
     def onload(self, index: int, block: nn.Module, device) -> None:
         _materialize(block, f"{self.prefix}.{index}.", self.reader, device, self.dtype)
@@ -203,7 +215,13 @@ def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path
     size = 0
     for i, path in enumerate(shards, start=1):
         final = staging / f"model-{i:05d}-of-{total:05d}.safetensors"
-        os.replace(path, final)
+        if path.parent == staging:
+            os.replace(path, final)
+        else:                      # a run directory's block file: link it, do not write it twice
+            try:
+                os.link(path, final)
+            except OSError:        # another file system
+                shutil.copyfile(path, final)
         with safe_open(str(final), framework="pt") as fh:
             for name in fh.keys():
                 weight_map[name] = final.name
@@ -241,11 +259,11 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         residency = OnDisk(reader, staging, prefix, dtype)
-        if residency_hook is not None:
-            residency_hook(residency)
+        if residency_hook is not None:                      # a resumable run wraps it (runs.Recorded)
+            residency = residency_hook(residency) or residency
         report = prune_(model, step, calib, device=device, sequential=sequential, batch_size=batch_size,
                         cache_device="cpu", progress=progress, residency=residency)
-        finish_checkpoint(staging, reader, residency.written, prefix, dtype)
+        finish_checkpoint(staging, reader, getattr(residency, "inner", residency).written, prefix, dtype)
         config.save_pretrained(staging)
         try:
             GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
