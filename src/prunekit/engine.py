@@ -433,7 +433,7 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
             out = block(hidden[i].to(device), *args, **kw)
         if record and lockstep is None:
             return                                    # block order: pass 1 only observes
-        hidden[i] = (out[0] if isinstance(out, tuple) else out).to(cache_device)
+        hidden[i] = _keep(hidden[i], (out[0] if isinstance(out, tuple) else out), cache_device)
 
     handles = [module.register_forward_pre_hook(observe) for module in group_of]
     try:
@@ -455,6 +455,16 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
     if missed:
         raise RuntimeError(f"these layers never received calibration input, so they were not pruned: {missed}")
     return hidden
+
+
+def _keep(old: Tensor, new: Tensor, cache_device) -> Tensor:
+    """The chunk's output becomes the next block's input. A memory-mapped (spilled, see
+    offload.spill) cache is overwritten in place so that it stays in the page cache, not in
+    anonymous memory; otherwise the output simply replaces the input."""
+    if getattr(old, "spilled", False) and old.shape == new.shape:
+        old.copy_(new)
+        return old
+    return new.to(cache_device)
 
 
 class BlockStep:

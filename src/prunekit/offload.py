@@ -136,11 +136,31 @@ class InMemory:
         block.to(self.home.pop(index))
 
 
-class OnDisk:
-    """Blocks come from `reader` and go, pruned, to `staging/block-<index>.safetensors`."""
+def spill(hidden: list[torch.Tensor], folder: Path) -> list[torch.Tensor]:
+    """The cached activations as memory-mapped files in `folder` (one per calibration chunk):
+    the kernel may page them out, and they count as page cache rather than anonymous memory.
+    The engine writes each block's outputs into them in place (`engine._keep`)."""
+    spilled = []
+    for i, tensor in enumerate(hidden):
+        path = Path(folder) / f"chunk{i}.activations"
+        with open(path, "wb") as fh:
+            fh.truncate(tensor.numel() * tensor.element_size())
+        mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
+        mapped = mapped.view(tensor.shape)
+        mapped.copy_(tensor)
+        mapped.spilled = True
+        spilled.append(mapped)
+    return spilled
 
-    def __init__(self, reader: ShardReader, staging: Path, prefix: str, dtype: torch.dtype):
+
+class OnDisk:
+    """Blocks come from `reader` and go, pruned, to `staging/block-<index>.safetensors`.
+    With `spill_activations` the cached activations live in memory-mapped files in `staging`."""
+
+    def __init__(self, reader: ShardReader, staging: Path, prefix: str, dtype: torch.dtype,
+                 spill_activations: bool = True):
         self.reader, self.staging, self.prefix, self.dtype = reader, Path(staging), prefix, dtype
+        self.spill_activations = spill_activations
         self.written: list[Path] = []
         self.after_block = None          # callback(index, shard path): resumable runs record it
 
@@ -167,7 +187,10 @@ class OnDisk:
             model.tie_weights()
 
     def resume(self, blocks, hidden):
-        return 0, hidden                 # nothing finished before: start at block 0
+        if hidden is not None and self.spill_activations and hidden[0].device.type == "cpu":
+            hidden = spill(hidden, self.staging)
+        return 0, hidden
+                # nothing finished before: start at block 0
 
     def done(self, index, records, hidden) -> None:
         pass                             # `runs.Recorded` saves the finished block here
@@ -258,7 +281,7 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        residency = OnDisk(reader, staging, prefix, dtype)
+        residency = OnDisk(reader, staging, prefix, dtype, spill_activations=spill_activations)
         if residency_hook is not None:                      # a resumable run wraps it (runs.Recorded)
             residency = residency_hook(residency) or residency
         report = prune_(model, step, calib, device=device, sequential=sequential, batch_size=batch_size,

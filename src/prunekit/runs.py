@@ -145,7 +145,7 @@ class Recorded:
         from safetensors.torch import load_file
         done = self.run.finished(self.step)
         if not done:
-            return 0, hidden
+            return self.inner.resume(blocks, hidden)
         if done != list(range(len(done))):
             raise ValueError(f"{self.run.path}: finished blocks {done} of step {self.step} are not a prefix; "
                              "the run directory is damaged, choose a new --run-dir")
@@ -160,6 +160,7 @@ class Recorded:
         if hidden is not None:
             state = load_file(str(self.run.path / ACTIVATIONS))
             hidden = [state[f"chunk{i}"].to(device=hidden[i].device) for i in range(len(hidden))]
+            _, hidden = self.inner.resume(blocks, hidden)          # spills them again under disk offload
         return done[-1] + 1, hidden
 
     def onload(self, index, block, device):
