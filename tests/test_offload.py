@@ -91,3 +91,54 @@ def test_output_never_overwrites_the_input(tmp_path):
     dense = _save(tiny_model("llama"), tmp_path / "dense")
     with pytest.raises(ValueError, match="input model"):
         prune_out_of_core(dense, MagnitudeConfig(sparsity=0.5), None, dense / "out", progress=False)
+
+
+_RSS_CHILD = r"""
+import json, resource, sys, torch
+from pathlib import Path
+import transformers
+from prunekit.methods.wanda import WandaConfig
+from prunekit.offload import prune_out_of_core
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+model_dir, out, weight_bytes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+with torch.device("meta"):             # imports the modeling code: part of the baseline, not of the run
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+baseline = status("VmHWM:")            # torch + transformers + prunekit imported
+budget = weight_bytes // 3
+prune_out_of_core(model_dir, WandaConfig(sparsity=0.5), calib, out, progress=False)
+peak = status("VmHWM:")
+print(json.dumps({"baseline": baseline, "budget": budget, "peak": peak, "weights": weight_bytes}))
+"""
+
+
+def test_peak_rss_stays_under_a_third_of_the_weights(tmp_path):
+    """A synthetic llama whose weights are 3x the memory budget prunes out of core within it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                                      num_key_value_heads=8, num_hidden_layers=24, vocab_size=128)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    weight_bytes = sum(p.numel() * 4 for p in skeleton.parameters())
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "big", max_shard_size="40MB")
+    del model
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "big"), str(tmp_path / "out"),
+                           str(weight_bytes)], capture_output=True, text=True,
+                          env={"PYTHONPATH": src, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(m)
+    assert m["weights"] > 100 * 2**20
+    assert m["peak"] - m["baseline"] < m["budget"], m     # about one block + activations, not the model
+    assert len(ShardReader(tmp_path / "out").names()) == len(ShardReader(tmp_path / "big").names())

@@ -208,8 +208,19 @@ class OnDisk:
         os.replace(tmp, path)
         self.written.append(path)
         _release(block)
+        _return_freed_memory()
         if self.after_block is not None:
             self.after_block(index, path)
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed block back to the OS. glibc keeps freed heap memory (one arena, see
+    engine._one_malloc_arena) and RSS grew by about one block per block without this (measured:
+    +10 MB per 10 MB block on a synthetic llama); the in-memory engine skips it for speed."""
+    from .engine import _libc
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _set_parameter(model: nn.Module, name: str, tensor) -> None:
