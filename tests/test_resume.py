@@ -75,7 +75,8 @@ def test_interrupted_run_resumes_identically(tmp_path, deep_model_dir, monkeypat
         run_recipe(_recipe(deep_model_dir, tmp_path / "out", offload), progress=False, echo=_quiet, run_dir=run)
     result = run_recipe(_recipe(deep_model_dir, tmp_path / "out", offload), progress=False, echo=_quiet,
                         run_dir=run, resume=True)
-    assert len(result["steps"][0]["layers"]) == 5 * 7            # blocks 3..7 pruned in this session
+    layers = result["steps"][0]["layers"]                        # blocks 0..2 restored from the manifest
+    assert [layer["block"] for layer in layers] == [b for b in range(8) for _ in range(7)]
     got = _tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
     for name in expected:
@@ -139,3 +140,11 @@ def test_sigkill_then_resume(tmp_path, deep_model_dir):
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+
+
+def test_run_dir_refuses_width_and_depth_steps(tmp_path, deep_model_dir):
+    recipe = recipe_from_dict({"model": str(deep_model_dir), "steps": [{"method": "block-influence", "layers": 1}]})
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        run_recipe(recipe, progress=False, echo=_quiet, run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="run_dir"):
+        run_recipe(recipe, progress=False, echo=_quiet, resume=True)

@@ -118,6 +118,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
         report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
                         batch_size=recipe.calibration.batch_size, cache_device=cache_device,
                         progress=progress, compensate=compensate, residency=residency)
+        if run is not None:
+            report.layers = run.layer_records(index)     # with the blocks finished before a resumption
         if compensate is not None and not compensate.merge:
             adapters.update(report.adapters)
         if getattr(report, "allocation", None):
@@ -233,7 +235,7 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     from .loading import describe_source
     result: dict = {"recipe": recipe_to_dict(recipe), "source": describe_source(recipe.model), "steps": []}
     calib = _calibration(recipe, tokenizer, result, echo)
-    hook = None
+    hook, run = None, None
     if run_dir is not None:
         from .runs import Run, inputs_fingerprint
         run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(location, calib), resume)
@@ -246,8 +248,10 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
                                        sequential=recipe.sequential, batch_size=recipe.calibration.batch_size,
                                        progress=progress, tokenizer=tokenizer, overwrite=recipe.export.overwrite,
                                        metadata={k: v for k, v in result.items()}, residency_hook=hook)
+    if run is not None:
+        report.layers = run.layer_records(0)             # with the blocks finished before a resumption
     echo(f"step 0: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
-         f"({len(report.layers)} layers pruned in this session, {report.seconds:.1f} s, out of core)")
+         f"({len(report.layers)} layers, {report.seconds:.1f} s, out of core)")
     result["steps"].append(report.to_dict())
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["export"] = str(out)

@@ -124,6 +124,11 @@ class Run:
         blocks = self.manifest["steps"].get(str(step), {})
         return [record for i in sorted(blocks, key=int) for record in blocks[i]]
 
+    def layer_records(self, step: int) -> list:
+        """Every finished block's LayerRecords of `step`, this session's and the earlier ones'."""
+        from .report import LayerRecord
+        return [LayerRecord(**record) for record in self.records(step)]
+
     def recorder(self, step: int, inner):
         return Recorded(self, step, inner)
 
