@@ -95,3 +95,12 @@ def test_cpu_recover_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     row = result["rows"][0]
     assert row["sparsity_after_eval"] == pytest.approx(0.5) and row["sparsity_after"] == row["sparsity_before"]
     assert row["tokens"] == 2 * 2 * 16 and result["pruned"]["ppl"] > 0
+
+
+def test_cpu_offload_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
+    out = tmp_path / "offload.json"
+    assert _load("cpu_offload").main(["--tiny", "--model", str(tiny_model_dir), "--methods", "wanda",
+                                      "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["part"], r["offload"]) for r in rows] == [("a", "none"), ("a", "disk"), ("b", "disk")]
+    assert all(r["peak_mb"] >= r["baseline_mb"] > 0 for r in rows)

@@ -53,7 +53,18 @@ def expected_speedup(step) -> str:
     return EXPECTED_SPEEDUP["depth"].format(amount=amount)
 
 
-def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
+def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=None, resume: bool = False) -> dict:
+    """Run `recipe`; `run_dir` records finished blocks so that `resume=True` continues an
+    interrupted run (see runs.py); `recipe.offload == "disk"` streams blocks from the checkpoint."""
+    if resume and run_dir is None:
+        raise ValueError("resume=True continues a recorded run: pass its run_dir (CLI --run-dir)")
+    if run_dir is not None:
+        for index, step in enumerate(recipe.steps):
+            if method_for_config(step).scope != "linear":
+                raise ValueError(f"--run-dir records unstructured/N:M steps; steps.{index} "
+                                 f"({method_for_config(step).name}) cannot be resumed: run without --run-dir")
+    if recipe.offload == "disk":
+        return _run_out_of_core(recipe, progress=progress, echo=echo, run_dir=run_dir, resume=resume)
     from .data import calibration_data, evaluation_data
     from .eval.perplexity import perplexity
     from .export import check_output_dir, save_pretrained_atomic
@@ -99,15 +110,17 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
             echo(f"dense  {dense}")
             result["dense_perplexity"] = dense.to_dict()
 
-    calib = None
-    if any(_needs_calibration(step) for step in recipe.steps):
-        c = recipe.calibration
-        calib = calibration_data(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
-        result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed}
-        echo(f"calibration: {c.samples} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed})")
+    calib = _calibration(recipe, tokenizer, result, echo)
+    run = None
+    if run_dir is not None:
+        from .runs import Run, inputs_fingerprint
+        run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(_checkpoint_dir(recipe), calib), resume)
+    cache_device = recipe.cache_device or ("cpu" if recipe.offload == "cpu" else None)
 
+    if run is not None and distributed.is_distributed():
+        raise ValueError("--run-dir is for single-process runs; run distributed calibration without it")
     reports, adapters = apply_steps(model, tokenizer, recipe, calib, device=device, progress=progress,
-                                    echo=echo)
+                                    echo=echo, cache_device=cache_device, run=run)
     result["steps"].extend(reports)
 
     if recipe.eval is not None and main:
@@ -166,11 +179,12 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print) -> dict:
 
 
 def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bool = True,
-                echo=print) -> tuple[list[dict], dict]:
+                echo=print, cache_device=None, run=None) -> tuple[list[dict], dict]:
     """Run `recipe.steps` on an already-loaded `model` in place with the given calibration windows.
 
     Returns (one report dict per step, the unmerged EoRA adapters by layer name). `run_recipe` and
-    `prunekit sweep` share it, so a sweep point prunes exactly as `prunekit run` would."""
+    `prunekit sweep` share it, so a sweep point prunes exactly as `prunekit run` would. `run` (runs.Run)
+    records every finished block so that an interrupted run resumes where it stopped."""
     from .engine import prune_
     from .report import StructureReport
     adapters: dict = {}
@@ -185,9 +199,16 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
             continue
         following = steps[index + 1] if index + 1 < len(steps) else None
         compensate = following if following is not None and method_for_config(following).scope == "compensate" else None
+        residency = None
+        if run is not None:
+            from .offload import InMemory
+            residency = run.recorder(index, InMemory())
         report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
-                        batch_size=recipe.calibration.batch_size, cache_device=recipe.cache_device,
-                        progress=progress, compensate=compensate)
+                        batch_size=recipe.calibration.batch_size,
+                        cache_device=cache_device if cache_device is not None else recipe.cache_device,
+                        progress=progress, compensate=compensate, residency=residency)
+        if run is not None:
+            report.layers = run.layer_records(index)     # with the blocks finished before a resumption
         if compensate is not None and not compensate.merge:
             adapters.update(report.adapters)
         if getattr(report, "allocation", None):
@@ -209,6 +230,76 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
                  + (" (merged: the model is dense again)" if compensate.merge else " (PEFT adapter)"))
         reports.append(report.to_dict())
     return reports, adapters
+
+
+def _calibration(recipe: Recipe, tokenizer, result: dict, echo):
+    from .data import calibration_data
+    if not any(_needs_calibration(step) for step in recipe.steps):
+        return None
+    c = recipe.calibration
+    calib = calibration_data(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
+    result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed}
+    echo(f"calibration: {c.samples} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed})")
+    return calib
+
+
+def _checkpoint_dir(recipe: Recipe):
+    """The local safetensors directory (or GGUF file) the recipe's model comes from."""
+    from .loading import _classify, gguf_to_checkpoint
+    kind, where = _classify(recipe.model)
+    if kind in ("default", "gguf"):
+        return gguf_to_checkpoint(where, trust_remote_code=recipe.trust_remote_code)
+    if kind == "hub":
+        raise ValueError(f"--offload disk and --run-dir read a local checkpoint; {recipe.model!r} is a Hub id: "
+                         "download it first (huggingface-cli download ... --local-dir DIR) and pass DIR")
+    return where
+
+
+def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict:
+    """`offload: disk`: one linear step, streamed block by block from the checkpoint into the export."""
+    from .loading import _tokenizer, resolve_device, resolve_dtype
+    from .offload import check_step, prune_out_of_core
+    if len(recipe.steps) != 1:
+        raise ValueError("--offload disk runs one unstructured/N:M step per run; chain runs (the output of one "
+                         "is the input of the next) or use --offload cpu")
+    check_step(recipe.steps[0])
+    if recipe.export is None:
+        raise ValueError("--offload disk writes the pruned blocks straight into the export: give --out")
+    if recipe.dtype == "auto":
+        raise ValueError("--offload disk needs an explicit --dtype (float32, bfloat16 or float16)")
+    started = time.perf_counter()
+    location = _checkpoint_dir(recipe)
+    device = resolve_device(recipe.device)
+    for step in recipe.steps:
+        echo(f"expected speedup: {expected_speedup(step)}")
+    tokenizer = _tokenizer(str(location), recipe.trust_remote_code)
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    from .loading import describe_source
+    result: dict = {"recipe": recipe_to_dict(recipe), "source": describe_source(recipe.model), "steps": []}
+    calib = _calibration(recipe, tokenizer, result, echo)
+    hook, run = None, None
+    if run_dir is not None:
+        from .runs import Run, inputs_fingerprint
+        run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(location, calib), resume)
+        hook = lambda residency: run.recorder(0, residency)  # noqa: E731
+    if recipe.eval is not None:
+        echo(f"note: perplexity is skipped with --offload disk (the model is never whole in memory); "
+             f"evaluate the output with `prunekit eval {recipe.export.path}`")
+    report, out, _ = prune_out_of_core(location, recipe.steps[0], calib, recipe.export.path,
+                                       dtype=resolve_dtype(recipe.dtype), device=device,
+                                       sequential=recipe.sequential, batch_size=recipe.calibration.batch_size,
+                                       progress=progress, tokenizer=tokenizer, overwrite=recipe.export.overwrite,
+                                       metadata={k: v for k, v in result.items()}, residency_hook=hook)
+    if run is not None:
+        report.layers = run.layer_records(0)             # with the blocks finished before a resumption
+    echo(f"step 0: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
+         f"({len(report.layers)} layers, {report.seconds:.1f} s, out of core)")
+    result["steps"].append(report.to_dict())
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    result["export"] = str(out)
+    echo(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return result
 
 
 def _recover(model, tokenizer, step, recipe: Recipe, device, progress, echo) -> dict:

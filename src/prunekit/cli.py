@@ -156,6 +156,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", default="true", choices=["true", "block"],
                    help="true: one pass, later layers see pruned inputs (default); block: the reference order")
     p.add_argument("--cache-device", default=None, help="where cached activations live (cpu = low GPU memory)")
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="cpu: model and cached activations on the CPU, one block on the device; disk: stream one "
+                        "block at a time from the checkpoint and write it pruned into --out (host memory ~ one block)")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="record finished blocks here so that an interrupted run can continue (--resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run recorded in --run-dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (they can run code)")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -188,7 +194,7 @@ def prune_args_to_dict(args) -> dict:
         step["ignore"] = list(args.ignore)
     raw = {
         "model": args.model, "dtype": args.dtype, "device": args.device, "sequential": args.sequential,
-        "cache_device": args.cache_device, "trust_remote_code": args.trust_remote_code,
+        "cache_device": args.cache_device, "trust_remote_code": args.trust_remote_code, "offload": args.offload,
         "allow_pickle": args.allow_pickle,
         "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed},
         "steps": [step] + ([{"method": "eora", "rank": args.eora_rank}] if args.eora_rank is not None else []),
@@ -230,7 +236,10 @@ def _execute(recipe, args) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    result = run_recipe(recipe)
+    run_dir, resume = getattr(args, "run_dir", None), getattr(args, "resume", False)
+    if resume and run_dir is None:
+        raise ValueError("--resume continues a recorded run: give its --run-dir")
+    result = run_recipe(recipe, run_dir=run_dir, resume=resume)
     if args.json and result.get("distributed", {}).get("rank", 0) == 0:     # rank 0 writes it
         _write_json(args.json, result)
     return 0

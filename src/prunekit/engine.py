@@ -89,14 +89,15 @@ class _Extras:
 
 def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str | torch.device | None = None,
            sequential: str = "true", batch_size: int = 8, cache_device: str | torch.device | None = None,
-           progress: bool = True, compensate=None) -> PruneReport:
+           progress: bool = True, compensate=None, residency=None) -> PruneReport:
     """Prune `model` in place with `config` (e.g. `WandaConfig(sparsity=0.5)`).
 
     calib: (samples, seqlen) token ids from `calibration_data`; may be None only for data-free
     methods (magnitude). compensate: an `EoraConfig` to compute low-rank residuals in the same
     pass (they are returned in `report.adapters`, and merged if it says so). Returns a
     `PruneReport` (per-layer achieved sparsity, reconstruction error, time and memory per block).
-    Raises if any layer does not hold the requested pattern.
+    Raises if any layer does not hold the requested pattern. residency: where blocks live between
+    their turns (`offload.InMemory` by default; `offload.OnDisk` streams them from a checkpoint).
 
     Distributed calibration: inside a torch.distributed process group of N > 1 processes
     (`distributed.init_from_env`, or your own `init_process_group`), give every process the same
@@ -143,6 +144,9 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         raise ValueError(f"targets={config.targets} ignore={config.ignore} select no linear layer in {spec.blocks}")
     device = torch.device(device) if device is not None else _model_device(model)
     cache_device = torch.device(cache_device) if cache_device is not None else device
+    if residency is None:
+        from .offload import InMemory
+        residency = InMemory()
 
     report = PruneReport(method=method.name, config=config, sequential=sequential,
                          calibration_windows=0 if windows is None else windows[0],
@@ -160,7 +164,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     _one_malloc_arena()
     try:
         _prune_blocks(model, blocks, plan, method, config, calib, report, extras, observer, gradient_mode,
-                      device, cache_device, sequential, batch_size, progress)
+                      device, cache_device, sequential, batch_size, progress, residency)
     finally:
         for hook in extras.hooks:
             hook.remove()
@@ -175,21 +179,27 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
 
 
 def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, observer, gradient_mode,
-                  device, cache_device, sequential, batch_size, progress) -> None:
+                  device, cache_device, sequential, batch_size, progress, residency) -> None:
     """The block loop of `prune_` (capture, then observe / prune / propagate each block)."""
     with torch.no_grad():
         if calib is None:
             hidden, kwargs = None, None
         else:
-            hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
+            with residency.capturing(model, blocks):
+                hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
+        start, hidden = residency.resume(blocks, hidden)      # > 0 when a recorded run continues
+        if hidden is not None:
             report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"prune {method.name}", enabled=progress)
+        bar.update(start)
         for index, block in enumerate(blocks):
+            if index < start:
+                plan[index] = []
+                continue
             block_start = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            home = _module_device(block)
-            block.to(device)
+            residency.onload(index, block, device)
             groups = plan[index]
             for group in groups:
                 if observer is not None:
@@ -209,7 +219,7 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
                 hidden = _run_block(block, groups, hidden, [kw[index] for kw in kwargs], device, cache_device,
                                     sequential, prune, probe_every)
                 _check_finite_outputs(hidden, index, f"{extras.spec.blocks}.{index}")
-            block.to(home)
+            residency.offload(index, block)
             del groups  # frees observers and probes
             plan[index] = []
             failures = [f"{r.name}: {r.problem}" for r in records if r.problem]
@@ -217,6 +227,7 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
                 raise RuntimeError("pruning did not produce the requested pattern in block "
                                    f"{index}:\n  " + "\n  ".join(failures))
             report.layers.extend(records)
+            residency.done(index, records, hidden)
             mem = memory_now(device)
             report.blocks.append({"block": index, "seconds": round(time.perf_counter() - block_start, 3), **mem})
             errors = [r.error for r in records if r.error is not None]
@@ -448,7 +459,7 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
             out = block(hidden[i].to(device), *args, **kw)
         if record and lockstep is None:
             return                                    # block order: pass 1 only observes
-        hidden[i] = (out[0] if isinstance(out, tuple) else out).to(cache_device)
+        hidden[i] = _keep(hidden[i], (out[0] if isinstance(out, tuple) else out), cache_device)
 
     handles = [module.register_forward_pre_hook(observe) for module in group_of]
     try:
@@ -470,6 +481,16 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
     if missed:
         raise RuntimeError(f"these layers never received calibration input, so they were not pruned: {missed}")
     return hidden
+
+
+def _keep(old: Tensor, new: Tensor, cache_device) -> Tensor:
+    """The chunk's output becomes the next block's input. A memory-mapped (spilled, see
+    offload.spill) cache is overwritten in place so that it stays in the page cache, not in
+    anonymous memory; otherwise the output simply replaces the input."""
+    if getattr(old, "spilled", False) and old.shape == new.shape:
+        old.copy_(new)
+        return old
+    return new.to(cache_device)
 
 
 class BlockStep:

@@ -68,6 +68,7 @@ class Recipe:
     device: str = "cpu"                   # compute device: cpu, cuda, cuda:1, auto
     sequential: str = "true"              # "true": one pass, later groups see pruned inputs; "block": reference order
     cache_device: str | None = None       # where cached activations live; "cpu" = low-memory mode on a GPU
+    offload: str = "none"                 # none | cpu (model and activations on CPU) | disk (stream blocks from the checkpoint)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     calibration: Calibration = field(default_factory=Calibration)
@@ -80,6 +81,8 @@ class Recipe:
             raise ValueError("a recipe needs at least one step, e.g. steps: [{method: wanda, sparsity: 0.5}]")
         if self.sequential not in ("true", "block"):
             raise ValueError(f"sequential must be 'true' or 'block', got {self.sequential!r}")
+        if self.offload not in ("none", "cpu", "disk"):
+            raise ValueError(f"offload must be none, cpu or disk, got {self.offload!r}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         scopes = [method_for_config(step).scope for step in self.steps]

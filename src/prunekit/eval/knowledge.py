@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 MAX_NEW_TOKENS = 8
 CHOICES = 4
+ROWS_PER_FORWARD = 64      # questions per forward pass (the few-shot prefix is shared, rows are short)
 # Fixed few-shot examples; none of them is among the bundled questions (load_questions checks).
 FEW_SHOT = (
     ("What language is mainly spoken in Brazil?", "Portuguese"),
@@ -227,7 +228,9 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, devi
     tails = [e[prefix.length:] for e in encoded]
     stop = {tokenizer.eos_token_id} - {None}
     answers: list[str] = [""] * len(prompts)
-    for rows in _same_length_batches([len(t) for t in tails], batch_size):
+    # many short rows per forward: on a CPU one forward costs about the same for 8 or 64 short rows
+    # (reading the weights dominates), and answers need up to MAX_NEW_TOKENS forwards per batch
+    for rows in _same_length_batches([len(t) for t in tails], max(batch_size, ROWS_PER_FORWARD)):
         past = prefix.cache(len(rows))
         ids = torch.tensor([tails[r] for r in rows], device=device)
         generated: list[list[int]] = [[] for _ in rows]
@@ -269,7 +272,11 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[list[str]
                 raise ValueError(f"the choice {option!r} tokenizes to nothing")
             rows.append((context[prefix.length:], continuation))
     scores = torch.zeros(len(rows), dtype=torch.float64)
-    for batch in _same_length_batches([len(c) + len(t) for c, t in rows], batch_size * CHOICES):
+    from .perplexity import LOGITS_BUDGET_BYTES, _vocab_size
+    longest = max(len(c) + len(t) for c, t in rows)
+    per_forward = max(batch_size * CHOICES, min(ROWS_PER_FORWARD * CHOICES,
+                                                LOGITS_BUDGET_BYTES // (longest * _vocab_size(model) * 4)))
+    for batch in _same_length_batches([len(c) + len(t) for c, t in rows], per_forward):
         ids = torch.tensor([rows[r][0] + rows[r][1] for r in batch], device=device)
         logits = model(input_ids=ids, past_key_values=prefix.cache(len(batch)), use_cache=True).logits
         for k, r in enumerate(batch):

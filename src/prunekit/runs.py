@@ -1,0 +1,205 @@
+"""Resumable runs (`--run-dir RUN [--resume]`): a crash or Ctrl-C costs at most one block.
+
+Issue 6, part 2. The run directory holds
+
+  manifest.json              the recipe, a fingerprint of the inputs, and per step the finished
+                             blocks (with their per-layer records); rewritten atomically
+  blocks/step<S>-block<I>.safetensors   the block's pruned tensors (with --offload disk these
+                             are also the output shards: they are linked into the export)
+  activations.safetensors    the calibration activations after the last finished block
+
+Resuming checks the recipe and the fingerprint (so a changed sparsity or changed weights are
+refused, not silently mixed), applies the finished blocks' weights, reloads the activations,
+re-runs the cheap capture pass for the per-block arguments (masks, rotary tables) and continues
+with the next block. Every step of the engine is deterministic, so the result is bit-identical
+to an uninterrupted run. Writing follows the usual rule: temp file, fsync, rename.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+ACTIVATIONS = "activations.safetensors"
+MIB = 1 << 20
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path) then fsync and rename: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_fingerprint(path: Path) -> str:
+    """size + sha256 of the safetensors header and of the first and last MiB: cheap on a
+    100 GB checkpoint, and any rewrite of the weights changes it."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as fh:
+        if path.suffix == ".safetensors" and size >= 8:
+            header_len = int.from_bytes(fh.read(8), "little")
+            digest.update(fh.read(min(header_len, size - 8)))
+        fh.seek(0)
+        digest.update(fh.read(MIB))
+        fh.seek(max(0, size - MIB))
+        digest.update(fh.read(MIB))
+    return digest.hexdigest()
+
+
+def inputs_fingerprint(model_location: Path, calib: torch.Tensor | None) -> dict:
+    """What must not change between a run and its resumption."""
+    from .export import library_versions
+    files = {}
+    location = Path(model_location)
+    candidates = [location] if location.is_file() else sorted(
+        p for p in location.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in
+                                                          (".safetensors", ".gguf", ".bin")))
+    for path in candidates:
+        files[path.name] = file_fingerprint(path)
+    calib_hash = None
+    if calib is not None:
+        calib_hash = hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"files": files, "calibration": calib_hash, "prunekit": library_versions().get("prunekit")}
+
+
+class Run:
+    """One run directory (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, recipe_dict: dict, fingerprint: dict, resume: bool):
+        self.path = Path(path)
+        self.blocks_dir = self.path / "blocks"
+        manifest = self.path / MANIFEST
+        if manifest.exists() and not resume:
+            raise ValueError(f"{self.path} already holds a run (manifest.json): pass --resume to continue it "
+                             "or choose a new --run-dir")
+        if resume:
+            if not manifest.exists():
+                raise FileNotFoundError(f"--resume: {self.path} holds no manifest.json; start the run without "
+                                        "--resume (or check the --run-dir)")
+            self.manifest = json.loads(manifest.read_text())
+            old = self.manifest["recipe"]
+            changed = sorted(k for k in set(recipe_dict) | set(old)   # where the result goes may change
+                             if k not in ("export", "eval") and recipe_dict.get(k) != old.get(k))
+            if changed:
+                raise ValueError(f"cannot resume {self.path}: the recipe changed ({', '.join(changed)}); "
+                                 "run it unchanged, or choose a new --run-dir")
+            if self.manifest["inputs"] != fingerprint:
+                old, new = self.manifest["inputs"], fingerprint
+                changed = [k for k in ("calibration", "prunekit") if old.get(k) != new.get(k)]
+                changed += [f for f in set(old["files"]) | set(new["files"])
+                            if old["files"].get(f) != new["files"].get(f)]
+                raise ValueError(f"cannot resume {self.path}: the inputs changed ({', '.join(sorted(changed))}); "
+                                 "a resumed run must see the same model and calibration data; choose a new --run-dir")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.manifest = {"recipe": recipe_dict, "inputs": fingerprint, "created": _now(), "steps": {}}
+        self.blocks_dir.mkdir(parents=True, exist_ok=True)
+        self._save()
+
+    def _save(self) -> None:
+        self.manifest["updated"] = _now()
+        text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
+        _write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
+
+    def finished(self, step: int) -> list[int]:
+        return sorted(int(i) for i in self.manifest["steps"].get(str(step), {}))
+
+    def block_file(self, step: int, index: int) -> Path:
+        return self.blocks_dir / f"step{step}-block{index}.safetensors"
+
+    def records(self, step: int) -> list[dict]:
+        blocks = self.manifest["steps"].get(str(step), {})
+        return [record for i in sorted(blocks, key=int) for record in blocks[i]]
+
+    def layer_records(self, step: int) -> list:
+        """Every finished block's LayerRecords of `step`, this session's and the earlier ones'."""
+        from .report import LayerRecord
+        return [LayerRecord(**record) for record in self.records(step)]
+
+    def recorder(self, step: int, inner):
+        return Recorded(self, step, inner)
+
+
+class Recorded:
+    """A residency (`offload.InMemory` / `offload.OnDisk`) that records each finished block in the
+    run directory, and on resumption skips the blocks already done."""
+
+    def __init__(self, run: Run, step: int, inner):
+        self.run, self.step, self.inner = run, step, inner
+        if hasattr(inner, "block_file"):                  # disk: its shards are the run's block files
+            inner.block_file = lambda index: run.block_file(step, index)
+
+    def capturing(self, model, blocks):
+        return self.inner.capturing(model, blocks)
+
+    def resume(self, blocks, hidden):
+        """(first block to prune, its inputs); applies the finished blocks' weights."""
+        from safetensors.torch import load_file
+        done = self.run.finished(self.step)
+        if not done:
+            return self.inner.resume(blocks, hidden)
+        if done != list(range(len(done))):
+            raise ValueError(f"{self.run.path}: finished blocks {done} of step {self.step} are not a prefix; "
+                             "the run directory is damaged, choose a new --run-dir")
+        for index in done:
+            path = self.run.block_file(self.step, index)
+            if hasattr(self.inner, "written"):
+                self.inner.written.append(path)           # already an output shard
+                continue
+            state = load_file(str(path))
+            prefix = next(iter(state)).split(f".{index}.")[0] + f".{index}."
+            blocks[index].load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
+        if hidden is not None:
+            state = load_file(str(self.run.path / ACTIVATIONS))
+            hidden = [state[f"chunk{i}"].to(device=hidden[i].device) for i in range(len(hidden))]
+            _, hidden = self.inner.resume(blocks, hidden)          # spills them again under disk offload
+        return done[-1] + 1, hidden
+
+    def onload(self, index, block, device):
+        self.inner.onload(index, block, device)
+
+    def offload(self, index, block):
+        from safetensors.torch import save_file
+        if hasattr(self.inner, "written"):
+            self.inner.offload(index, block)              # writes run.block_file (atomic rename)
+            return
+        self.inner.offload(index, block)
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in _named_with_prefix(block, index)}
+        _write_atomic(self.run.block_file(self.step, index),
+                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+    def done(self, index, records, hidden):
+        from safetensors.torch import save_file
+        if hidden is not None:
+            tensors = {f"chunk{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
+            _write_atomic(self.run.path / ACTIVATIONS,
+                          lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "after": str(index)}))
+        step = self.run.manifest["steps"].setdefault(str(self.step), {})
+        step[str(index)] = [_jsonable(r) for r in records]
+        self.run._save()
+
+
+def _named_with_prefix(block, index):
+    """The block's state with keys named `blocks.<index>.<name>` (the prefix only matters for
+    reading them back, which strips it)."""
+    for name, tensor in block.state_dict().items():
+        yield f"blocks.{index}.{name}", tensor
+
+
+def _jsonable(record) -> dict:
+    import dataclasses
+    from .export import to_jsonable
+    return to_jsonable(dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(vars(record)))

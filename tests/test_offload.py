@@ -1,0 +1,144 @@
+"""Out-of-core pruning (`--offload disk`) writes exactly what the in-memory engine writes."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_model
+from prunekit.engine import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.methods.sparsegpt import SparseGPTConfig
+from prunekit.methods.wanda import WandaConfig
+from prunekit.offload import ShardReader, check_step, empty_model, prune_out_of_core
+
+
+def _tensors(folder):
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def _save(model, path, shard=None):
+    if shard:
+        model.save_pretrained(path, max_shard_size=shard)
+    else:
+        model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("config", [MagnitudeConfig(sparsity=0.5), WandaConfig(sparsity=0.5),
+                                    SparseGPTConfig(sparsity=0.5), WandaConfig(nm=(2, 4))],
+                         ids=["magnitude", "wanda", "sparsegpt", "wanda-2:4"])
+@pytest.mark.parametrize("sequential", ["true", "block"])
+def test_out_of_core_equals_in_memory(tmp_path, calib, family, config, sequential):
+    dense = _save(tiny_model(family), tmp_path / "dense", shard="40KB")
+    assert len(list(dense.glob("*.safetensors"))) > 1               # the reader follows the index
+    calib_ = None if isinstance(config, MagnitudeConfig) else calib
+
+    model = AutoModelForCausalLM.from_pretrained(dense).eval()
+    prune_(model, config, calib_, device="cpu", sequential=sequential, progress=False)
+    expected = _tensors(_save(model, tmp_path / "memory"))
+
+    _, out, _ = prune_out_of_core(dense, config, calib_, tmp_path / "disk", sequential=sequential, progress=False)
+    got = _tensors(out)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(expected)
+    assert all(f.startswith("model-") for f in index["weight_map"].values())
+    reloaded = AutoModelForCausalLM.from_pretrained(out)                  # stock loader
+    for name, tensor in reloaded.state_dict().items():
+        if name in expected:
+            assert torch.equal(tensor, expected[name]), name
+    assert not list(tmp_path.glob(".disk.tmp-*"))                         # staging swapped into place
+
+
+def test_empty_model_has_no_weights_but_real_buffers():
+    model = tiny_model("llama")
+    skeleton = empty_model(model.config)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not any(b.is_meta for b in skeleton.buffers())
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight or not model.config.tie_word_embeddings
+
+
+def test_shard_reader_single_file(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    reader = ShardReader(tmp_path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(reader.get(name), model.state_dict()[name])
+    with pytest.raises(KeyError, match="not in the checkpoint"):
+        reader.get("nope")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        ShardReader(tmp_path / "missing")
+
+
+def test_refuses_what_cannot_stream():
+    from prunekit.registry import method_for_config  # noqa: F401 - registers methods
+    from prunekit.recipe import step_from_dict
+    with pytest.raises(ValueError, match="offload disk.*uniform"):
+        check_step(WandaConfig(sparsity=0.5, allocation="owl"))
+    with pytest.raises(ValueError, match="offload disk supports unstructured"):
+        check_step(step_from_dict({"method": "block-influence", "layers": 1}))
+
+
+def test_output_never_overwrites_the_input(tmp_path):
+    dense = _save(tiny_model("llama"), tmp_path / "dense")
+    with pytest.raises(ValueError, match="input model"):
+        prune_out_of_core(dense, MagnitudeConfig(sparsity=0.5), None, dense / "out", progress=False)
+
+
+_RSS_CHILD = r"""
+import json, resource, sys, torch
+from pathlib import Path
+import transformers
+from prunekit.methods.wanda import WandaConfig
+from prunekit.offload import prune_out_of_core
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+model_dir, out, weight_bytes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+with torch.device("meta"):             # imports the modeling code: part of the baseline, not of the run
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+baseline = status("VmHWM:")            # torch + transformers + prunekit imported
+budget = weight_bytes // 3
+prune_out_of_core(model_dir, WandaConfig(sparsity=0.5), calib, out, progress=False)
+peak = status("VmHWM:")
+print(json.dumps({"baseline": baseline, "budget": budget, "peak": peak, "weights": weight_bytes}))
+"""
+
+
+def test_peak_rss_stays_under_a_third_of_the_weights(tmp_path):
+    """A synthetic llama whose weights are 3x the memory budget prunes out of core within it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                                      num_key_value_heads=8, num_hidden_layers=24, vocab_size=128)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    weight_bytes = sum(p.numel() * 4 for p in skeleton.parameters())
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "big", max_shard_size="40MB")
+    del model
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "big"), str(tmp_path / "out"),
+                           str(weight_bytes)], capture_output=True, text=True,
+                          env={"PYTHONPATH": src, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(m)
+    assert m["weights"] > 100 * 2**20
+    assert m["peak"] - m["baseline"] < m["budget"], m     # about one block + activations, not the model
+    assert len(ShardReader(tmp_path / "out").names()) == len(ShardReader(tmp_path / "big").names())

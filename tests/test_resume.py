@@ -1,0 +1,150 @@
+"""Resumable runs: a killed run continues from its last finished block and ends bit-identical."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_tokenizer
+from prunekit.api import run_recipe
+from prunekit.recipe import recipe_from_dict
+from prunekit.runs import Recorded
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _tensors(folder):
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory):
+    """An 8-block Llama: enough blocks to interrupt a run in the middle."""
+    path = tmp_path_factory.mktemp("models") / "deep-llama"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=8, vocab_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _recipe(model, out, offload="none", sparsity=0.5, method="sparsegpt"):
+    return recipe_from_dict({"model": str(model), "offload": offload,
+                             "calibration": {"samples": 4, "seqlen": 16, "seed": 0},
+                             "steps": [{"method": method, "sparsity": sparsity}],
+                             "export": {"path": str(out)}})
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_interrupted_run_resumes_identically(tmp_path, deep_model_dir, monkeypatch, offload):
+    run_recipe(_recipe(deep_model_dir, tmp_path / "whole", offload), progress=False, echo=_quiet)
+    expected = _tensors(tmp_path / "whole")
+
+    original = Recorded.done
+
+    def crash_after_block_2(self, index, records, hidden):
+        original(self, index, records, hidden)
+        if index == 2:
+            raise KeyboardInterrupt                     # Ctrl-C right after block 2 was recorded
+    monkeypatch.setattr(Recorded, "done", crash_after_block_2)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(_recipe(deep_model_dir, tmp_path / "out", offload), progress=False, echo=_quiet, run_dir=run)
+    monkeypatch.setattr(Recorded, "done", original)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert sorted(manifest["steps"]["0"], key=int) == ["0", "1", "2"]
+    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(ValueError, match="--resume"):
+        run_recipe(_recipe(deep_model_dir, tmp_path / "out", offload), progress=False, echo=_quiet, run_dir=run)
+    result = run_recipe(_recipe(deep_model_dir, tmp_path / "out", offload), progress=False, echo=_quiet,
+                        run_dir=run, resume=True)
+    layers = result["steps"][0]["layers"]                        # blocks 0..2 restored from the manifest
+    assert [layer["block"] for layer in layers] == [b for b in range(8) for _ in range(7)]
+    got = _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_resume_refuses_changed_recipe_or_weights(tmp_path, deep_model_dir):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(deep_model_dir, model)
+    run = tmp_path / "run"
+    run_recipe(_recipe(model, tmp_path / "a", method="magnitude"), progress=False, echo=_quiet, run_dir=run)
+    with pytest.raises(ValueError, match=r"recipe changed \(steps\).*new --run-dir"):
+        run_recipe(_recipe(model, tmp_path / "b", sparsity=0.6, method="magnitude"), progress=False,
+                   echo=_quiet, run_dir=run, resume=True)
+    weights = model / "model.safetensors"
+    state = load_file(str(weights))
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] += 1
+    from safetensors.torch import save_file
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"inputs changed \(model.safetensors\)"):
+        run_recipe(_recipe(model, tmp_path / "c", method="magnitude"), progress=False, echo=_quiet,
+                   run_dir=run, resume=True)
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        run_recipe(_recipe(model, tmp_path / "d", method="magnitude"), progress=False, echo=_quiet,
+                   run_dir=tmp_path / "empty", resume=True)
+
+
+def test_sigkill_then_resume(tmp_path, deep_model_dir):
+    """SIGKILL a CLI run once block 1 is recorded, resume it, compare with an uninterrupted run."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "prunekit", "prune", str(deep_model_dir), "--method", "sparsegpt",
+            "--sparsity", "0.5", "--samples", "8", "--seqlen", "16", "--no-eval"]
+    subprocess.run(base + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    cmd = base + ["--out", str(tmp_path / "out"), "--run-dir", str(run)]
+    killed = False
+    for attempt in range(3):            # the run may finish before the poll sees block 1: try again
+        if run.exists():
+            import shutil
+            shutil.rmtree(run)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            try:
+                steps = json.loads((run / "manifest.json").read_text())["steps"]
+            except (OSError, ValueError):
+                steps = {}
+            if len(steps.get("0", {})) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed = True
+                break
+            time.sleep(0.005)
+        if killed:
+            break
+        import shutil
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    assert killed, "the run finished before it could be killed three times"
+    subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True)
+    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_run_dir_refuses_width_and_depth_steps(tmp_path, deep_model_dir):
+    recipe = recipe_from_dict({"model": str(deep_model_dir), "steps": [{"method": "block-influence", "layers": 1}]})
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        run_recipe(recipe, progress=False, echo=_quiet, run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="run_dir"):
+        run_recipe(recipe, progress=False, echo=_quiet, resume=True)
