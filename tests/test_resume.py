@@ -148,3 +148,17 @@ def test_run_dir_refuses_width_and_depth_steps(tmp_path, deep_model_dir):
         run_recipe(recipe, progress=False, echo=_quiet, run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="run_dir"):
         run_recipe(recipe, progress=False, echo=_quiet, resume=True)
+
+
+def test_out_of_core_export_records_the_step_and_a_model_card(tmp_path, deep_model_dir):
+    """`--offload disk` writes the same prunekit.json step record (per-layer sparsity) as the
+    in-memory run, and the model card, inside the atomic export."""
+    memory = run_recipe(_recipe(deep_model_dir, tmp_path / "memory"), progress=False, echo=_quiet)
+    run_recipe(_recipe(deep_model_dir, tmp_path / "disk", offload="disk"), progress=False, echo=_quiet)
+    record = json.loads((tmp_path / "disk" / "prunekit.json").read_text())
+    [step] = record["steps"]
+    assert step["method"] == "sparsegpt" and step["sparsity_of_pruned_layers"] == pytest.approx(0.5)
+    layers = {layer["name"]: layer["zeros"] for layer in step["layers"]}
+    assert layers == {layer["name"]: layer["zeros"] for layer in memory["steps"][0]["layers"]}
+    card = (tmp_path / "disk" / "README.md").read_text()
+    assert "library_name: transformers" in card and "50.00% of the pruned layers' weights are zero" in card

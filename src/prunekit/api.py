@@ -286,16 +286,22 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     if recipe.eval is not None:
         echo(f"note: perplexity is skipped with --offload disk (the model is never whole in memory); "
              f"evaluate the output with `prunekit eval {recipe.export.path}`")
+    from .card import model_card
+
+    def record(report) -> dict:
+        """prunekit.json of the export: written inside its atomic staging, with the step's report."""
+        if run is not None:
+            report.layers = run.layer_records(0)         # with the blocks finished before a resumption
+        result["steps"] = [report.to_dict()]
+        return _metadata(result)
     report, out, _ = prune_out_of_core(location, recipe.steps[0], calib, recipe.export.path,
                                        dtype=resolve_dtype(recipe.dtype), device=device,
                                        sequential=recipe.sequential, batch_size=recipe.calibration.batch_size,
                                        progress=progress, tokenizer=tokenizer, overwrite=recipe.export.overwrite,
-                                       metadata={k: v for k, v in result.items()}, residency_hook=hook)
-    if run is not None:
-        report.layers = run.layer_records(0)             # with the blocks finished before a resumption
+                                       metadata=record, card=lambda rec: model_card(recipe, rec),
+                                       residency_hook=hook)
     echo(f"step 0: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
          f"({len(report.layers)} layers, {report.seconds:.1f} s, out of core)")
-    result["steps"].append(report.to_dict())
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["export"] = str(out)
     echo(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")

@@ -270,7 +270,7 @@ def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path
 
 def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dtype: torch.dtype = torch.float32,
                       device="cpu", sequential: str = "true", batch_size: int = 8, progress: bool = True,
-                      tokenizer=None, metadata: dict | None = None, overwrite: bool = False, protect=(),
+                      tokenizer=None, metadata=None, card=None, overwrite: bool = False, protect=(),
                       spill_activations: bool = True, residency_hook=None):
     """Prune the safetensors checkpoint in `model_dir` with `step` one block at a time, writing the
     result to `out_dir` atomically; returns (report, resolved out_dir, skeleton model).
@@ -305,9 +305,12 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
             pass                                           # no generation_config.json in the input
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        record = to_jsonable(dict(metadata or {}))
+        # metadata may be a function of the finished report (run_recipe records the step in it)
+        record = to_jsonable(metadata(report) if callable(metadata) else dict(metadata or {}))
         record["versions"] = library_versions()
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if card is not None:                               # the model card, in the same atomic step
+            (staging / "README.md").write_text(card(record))
         for leftover in staging.glob("*.activations*"):
             leftover.unlink()
         normalize_permissions(staging)
