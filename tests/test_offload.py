@@ -78,15 +78,6 @@ def test_shard_reader_single_file(tmp_path):
         ShardReader(tmp_path / "missing")
 
 
-def test_refuses_what_cannot_stream():
-    from prunekit.registry import method_for_config  # noqa: F401 - registers methods
-    from prunekit.recipe import step_from_dict
-    with pytest.raises(ValueError, match="offload disk.*uniform"):
-        check_step(WandaConfig(sparsity=0.5, allocation="owl"))
-    with pytest.raises(ValueError, match="offload disk supports unstructured"):
-        check_step(step_from_dict({"method": "block-influence", "layers": 1}))
-
-
 def test_output_never_overwrites_the_input(tmp_path):
     dense = _save(tiny_model("llama"), tmp_path / "dense")
     with pytest.raises(ValueError, match="input model"):

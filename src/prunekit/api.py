@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from .recipe import Recipe, recipe_to_dict
 from .registry import method_for_config
@@ -58,14 +59,15 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     interrupted run (see runs.py); `recipe.offload == "disk"` streams blocks from the checkpoint."""
     if resume and run_dir is None:
         raise ValueError("resume=True continues a recorded run: pass its run_dir (CLI --run-dir)")
+    if recipe.offload == "disk":
+        return _run_out_of_core(recipe, progress=progress, echo=echo, run_dir=run_dir, resume=resume)
     if run_dir is not None:
         for index, step in enumerate(recipe.steps):
             if method_for_config(step).scope != "linear":
-                raise ValueError(f"--run-dir records unstructured/N:M steps; steps.{index} "
-                                 f"({method_for_config(step).name}) cannot be resumed: run without --run-dir")
-    if recipe.offload == "disk":
-        return _run_out_of_core(recipe, progress=progress, echo=echo, run_dir=run_dir, resume=resume)
-    from .data import calibration_data, evaluation_data
+                raise ValueError(f"--run-dir in memory records unstructured/N:M steps; steps.{index} "
+                                 f"({method_for_config(step).name}) cannot be resumed there: add --offload disk "
+                                 "(each finished step is kept in the run directory) or run without --run-dir")
+    from .data import evaluation_data
     from .eval.perplexity import perplexity
     from .export import check_output_dir, save_pretrained_atomic
     from .loading import describe_source, load, resolve_device
@@ -186,7 +188,6 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
     `prunekit sweep` share it, so a sweep point prunes exactly as `prunekit run` would. `run` (runs.Run)
     records every finished block so that an interrupted run resumes where it stopped."""
     from .engine import prune_
-    from .report import StructureReport
     adapters: dict = {}
     reports: list[dict] = []
     steps = list(recipe.steps)
@@ -215,14 +216,7 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
             a = report.allocation
             echo(f"step {index}: {a['kind']} allocation, block sparsity {min(a['block_sparsity']):.2%}.."
                  f"{max(a['block_sparsity']):.2%} around {a['target']:.2%} (planned total {a['planned']:.4%})")
-        if isinstance(report, StructureReport):
-            echo(f"step {index}: {report.method} removed {report.removed_fraction:.2%} of the block parameters "
-                 f"({report.block_params_before / 1e6:.1f}M -> {report.block_params_after / 1e6:.1f}M; model "
-                 f"{report.model_params_before / 1e6:.1f}M -> {report.model_params_after / 1e6:.1f}M), "
-                 f"{report.seconds:.1f} s" + "".join(f"\n  note: {note}" for note in report.notes))
-        else:
-            echo(f"step {index}: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
-                 f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential})")
+        echo(describe_step(index, report))
         if compensate is not None:
             from .eora import adapter_parameters
             echo(f"step {index + 1}: eora -> {len(report.adapters)} low-rank residuals, "
@@ -230,6 +224,18 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
                  + (" (merged: the model is dense again)" if compensate.merge else " (PEFT adapter)"))
         reports.append(report.to_dict())
     return reports, adapters
+
+
+def describe_step(index: int, report, where: str = "") -> str:
+    """One line (plus notes) saying what step `index` did."""
+    from .report import StructureReport
+    if isinstance(report, StructureReport):
+        return (f"step {index}: {report.method} removed {report.removed_fraction:.2%} of the block parameters "
+                f"({report.block_params_before / 1e6:.1f}M -> {report.block_params_after / 1e6:.1f}M; model "
+                f"{report.model_params_before / 1e6:.1f}M -> {report.model_params_after / 1e6:.1f}M), "
+                f"{report.seconds:.1f} s{where}" + "".join(f"\n  note: {note}" for note in report.notes))
+    return (f"step {index}: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
+            f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential}{where})")
 
 
 def _calibration(recipe: Recipe, tokenizer, result: dict, echo):
@@ -249,63 +255,119 @@ def _checkpoint_dir(recipe: Recipe):
     kind, where = _classify(recipe.model)
     if kind in ("default", "gguf"):
         return gguf_to_checkpoint(where, trust_remote_code=recipe.trust_remote_code)
-    if kind == "hub":
-        raise ValueError(f"--offload disk and --run-dir read a local checkpoint; {recipe.model!r} is a Hub id: "
-                         "download it first (huggingface-cli download ... --local-dir DIR) and pass DIR")
+    if kind == "hub":              # the files out-of-core pruning reads; never pickles or remote code
+        from huggingface_hub import snapshot_download
+        if recipe.trust_remote_code:
+            raise ValueError("--offload disk builds the stock architecture from config.json; trust_remote_code "
+                             "models are not supported out of core")
+        folder = Path(snapshot_download(str(where), allow_patterns=HUB_FILES))
+        if not any(folder.glob("*.safetensors")):
+            raise ValueError(f"{recipe.model!r} has no safetensors weights on the Hub; out-of-core pruning reads "
+                             "safetensors only (convert the checkpoint first)")
+        return folder
     return where
 
 
+# what `--offload disk` / `--run-dir` download for a Hub id: config, safetensors shards, tokenizer
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
 def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict:
-    """`offload: disk`: one linear step, streamed block by block from the checkpoint into the export."""
-    from .loading import _tokenizer, resolve_device, resolve_dtype
+    """`offload: disk`: every step streams block by block from a checkpoint into the next one.
+
+    Step k reads the output of step k-1 (the input model for k = 0) and writes a complete
+    checkpoint: the last step writes the export, the others an intermediate checkpoint in a
+    scratch folder next to it, or in the run directory with `--run-dir`, where a finished step is
+    kept and skipped on `--resume` (an unstructured/N:M step also resumes block by block)."""
+    import json
+    import shutil
+    import tempfile
+    from .card import model_card
+    from .export import check_output_dir
+    from .loading import _tokenizer, describe_source, resolve_device
     from .offload import check_step, prune_out_of_core
-    if len(recipe.steps) != 1:
-        raise ValueError("--offload disk runs one unstructured/N:M step per run; chain runs (the output of one "
-                         "is the input of the next) or use --offload cpu")
-    check_step(recipe.steps[0])
+    for index, step in enumerate(recipe.steps):
+        try:
+            check_step(step)
+        except ValueError as err:
+            raise ValueError(f"steps.{index}: {err}") from None
     if recipe.export is None:
         raise ValueError("--offload disk writes the pruned blocks straight into the export: give --out")
-    if recipe.dtype == "auto":
-        raise ValueError("--offload disk needs an explicit --dtype (float32, bfloat16 or float16)")
     started = time.perf_counter()
     location = _checkpoint_dir(recipe)
+    check_output_dir(recipe.export.path, overwrite=recipe.export.overwrite, protect=[location])
+    dtype = _out_of_core_dtype(recipe, location)
     device = resolve_device(recipe.device)
     for step in recipe.steps:
         echo(f"expected speedup: {expected_speedup(step)}")
     tokenizer = _tokenizer(str(location), recipe.trust_remote_code)
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    from .loading import describe_source
-    result: dict = {"recipe": recipe_to_dict(recipe), "source": describe_source(recipe.model), "steps": []}
+    result: dict = {"recipe": recipe_to_dict(recipe), "source": describe_source(recipe.model), "steps": [],
+                    "offload": "disk", "dtype": str(dtype).removeprefix("torch.")}
     calib = _calibration(recipe, tokenizer, result, echo)
-    hook, run = None, None
+    run = None
     if run_dir is not None:
         from .runs import Run, inputs_fingerprint
         run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(location, calib), resume)
-        hook = lambda residency: run.recorder(0, residency)  # noqa: E731
+        for leftover in run.path.glob(".step*.tmp-*"):     # a killed step's staging folder
+            shutil.rmtree(leftover, ignore_errors=True)
     if recipe.eval is not None:
         echo(f"note: perplexity is skipped with --offload disk (the model is never whole in memory); "
              f"evaluate the output with `prunekit eval {recipe.export.path}`")
-    from .card import model_card
+    out_path = Path(recipe.export.path).expanduser().resolve()
+    scratch = None
+    if run is None and len(recipe.steps) > 1:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.steps-", dir=out_path.parent))
+    source, out, last = location, None, len(recipe.steps) - 1
+    try:
+        for index, step in enumerate(recipe.steps):
+            target = out_path if index == last else (run.path if run else scratch) / f"step{index}"
+            if index < last and run is not None and (target / "prunekit.json").is_file():
+                result["steps"] = json.loads((target / "prunekit.json").read_text())["steps"]
+                echo(f"step {index}: finished in an earlier session ({target}); continuing after it")
+                source = target
+                continue
+            linear = method_for_config(step).scope == "linear"
+            hook = (lambda residency, k=index: run.recorder(k, residency)) if run is not None and linear else None
 
-    def record(report) -> dict:
-        """prunekit.json of the export: written inside its atomic staging, with the step's report."""
-        if run is not None:
-            report.layers = run.layer_records(0)         # with the blocks finished before a resumption
-        result["steps"] = [report.to_dict()]
-        return _metadata(result)
-    report, out, _ = prune_out_of_core(location, recipe.steps[0], calib, recipe.export.path,
-                                       dtype=resolve_dtype(recipe.dtype), device=device,
-                                       sequential=recipe.sequential, batch_size=recipe.calibration.batch_size,
-                                       progress=progress, tokenizer=tokenizer, overwrite=recipe.export.overwrite,
-                                       metadata=record, card=lambda rec: model_card(recipe, rec),
-                                       residency_hook=hook)
-    echo(f"step 0: {report.method} -> {report.sparsity:.2%} of the pruned layers' weights are zero "
-         f"({len(report.layers)} layers, {report.seconds:.1f} s, out of core)")
+            def record(report, k=index) -> dict:
+                """prunekit.json of this step's output, written inside its atomic staging."""
+                if run is not None and linear:
+                    report.layers = run.layer_records(k)   # with the blocks finished before a resumption
+                result["steps"] = result["steps"][:k] + [report.to_dict()]
+                return _metadata(result)
+            report, out, _ = prune_out_of_core(
+                source, step, calib, target, dtype=dtype, device=device, sequential=recipe.sequential,
+                batch_size=recipe.calibration.batch_size, progress=progress, tokenizer=tokenizer,
+                overwrite=recipe.export.overwrite if index == last else True, protect=[location],
+                metadata=record, card=(lambda rec: model_card(recipe, rec)) if index == last else None,
+                residency_hook=hook)
+            echo(describe_step(index, report, ", out of core"))
+            source = out
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["export"] = str(out)
-    echo(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    stock = json.loads((out / "prunekit.json").read_text()).get("structure", {}).get("stock", True)
+    echo(f"saved to {out} (loads with " + ("AutoModelForCausalLM.from_pretrained)" if stock else
+         "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe)"))
     return result
+
+
+def _out_of_core_dtype(recipe: Recipe, location):
+    """The recipe's dtype; "auto" is the checkpoint's own float dtype (float32 if it names none)."""
+    import torch
+    from .loading import resolve_dtype
+    dtype = resolve_dtype(recipe.dtype)
+    if dtype != "auto":
+        return dtype
+    import json
+    config = json.loads((Path(location) / "config.json").read_text())
+    named = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)
 
 
 def _recover(model, tokenizer, step, recipe: Recipe, device, progress, echo) -> dict:

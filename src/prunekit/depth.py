@@ -336,17 +336,18 @@ def _apply(modules: list[nn.Module], x: Tensor) -> Tensor:
 
 
 @contextmanager
-def onloaded(device: torch.device, *modules: nn.Module):
-    """Move `modules` to `device` for the duration, then back to where each was."""
-    homes = []
-    for module in modules:
-        param = next(module.parameters(), None)
-        homes.append(None if param is None else param.device)
-        if param is not None:
-            module.to(device)
+def onloaded(device: torch.device, *modules: nn.Module, changed: bool = False):
+    """Make `modules` resident on `device` for the duration, then put them back (through the
+    current residency, `offload.current()`: moved back in memory, or released to disk);
+    `changed=True` when the caller changed them (out of core, a changed block is written)."""
+    from .offload import current
+    residency = current()
+    loaded = []
     try:
+        for module in modules:
+            residency.load(module, device)
+            loaded.append(module)
         yield
     finally:
-        for module, home in zip(modules, homes):
-            if home is not None:
-                module.to(home)
+        for module in loaded:
+            residency.unload(module, changed=changed)

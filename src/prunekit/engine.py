@@ -104,6 +104,14 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     model and `calib`; each keeps its share of the windows, and the statistics are summed across
     processes before each layer is pruned, so every process ends with the same pruned model.
     """
+    from .offload import current, using
+    with using(residency if residency is not None else current()) as residency:
+        return _prune(model, config, calib, device, sequential, batch_size, cache_device, progress, compensate,
+                      residency)
+
+
+def _prune(model, config, calib, device, sequential, batch_size, cache_device, progress, compensate, residency):
+    """`prune_` with its residency active (`offload.current()` returns it to every pass)."""
     method = method_for_config(config)
     if (method.needs_calibration_for(config) or compensate is not None) and calib is None:
         raise ValueError(f"{method.name} needs calibration data: pass calib=calibration_data(tokenizer, ...)")
@@ -144,9 +152,6 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         raise ValueError(f"targets={config.targets} ignore={config.ignore} select no linear layer in {spec.blocks}")
     device = torch.device(device) if device is not None else _model_device(model)
     cache_device = torch.device(cache_device) if cache_device is not None else device
-    if residency is None:
-        from .offload import InMemory
-        residency = InMemory()
 
     report = PruneReport(method=method.name, config=config, sequential=sequential,
                          calibration_windows=0 if windows is None else windows[0],
@@ -500,6 +505,7 @@ class BlockStep:
         self.index, self.block, self.inputs = index, block, inputs
         self.kwargs, self.device, self.cache_device = kwargs, device, cache_device
         self.outputs: list[Tensor] | None = None
+        self.changed = False      # set it when the caller changed the block: out of core it is written back
 
     def run_chunk(self, i: int, hidden: Tensor | None = None, block: nn.Module | None = None) -> Tensor:
         """Block output for calibration chunk i (its cached input, or `hidden`), on the compute
@@ -520,25 +526,28 @@ def block_stream(model: nn.Module, calib: Tensor, *, device=None, batch_size: in
                  progress: bool = True, desc: str = "blocks"):
     """Yield a `BlockStep` per decoder block, in order, with only that block on `device`.
 
-    The caller observes (hooks, `run_chunk`) and may change the block; whatever `step.outputs`
-    holds when the caller moves on (`step.forward()` is called if it did not) feeds the next
-    block. Structured, depth and scoring passes share this loop instead of copying it.
+    The caller observes (hooks, `run_chunk`) and may change the block (then it sets
+    `step.changed`); whatever `step.outputs` holds when the caller moves on (`step.forward()` is
+    called if it did not) feeds the next block. Blocks come and go through the current residency
+    (`offload.current()`): moved to `device` and back, or read from and written to disk.
+    Structured, depth and scoring passes share this loop instead of copying it.
     """
+    from .offload import current
+    residency = current()          # where blocks come from and go back to (offload.py)
     spec = spec_for(model)
     blocks = get_module(model, spec.blocks)
     device = torch.device(device) if device is not None else _model_device(model)
     cache_device = torch.device(cache_device) if cache_device is not None else device
-    with torch.no_grad():
+    with torch.no_grad(), residency.capturing(model, blocks):
         hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
     bar = _progress(len(blocks), desc, enabled=progress)
     try:
         for index, block in enumerate(blocks):
-            home = _module_device(block)
-            block.to(device)
+            residency.load(block, device)
             step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device)
             yield step
             hidden = step.outputs if step.outputs is not None else step.forward()
-            block.to(home)
+            residency.unload(block, changed=step.changed)
             bar.update(1)
     finally:
         bar.close()

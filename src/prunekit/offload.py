@@ -2,17 +2,24 @@
 
 Issue 6, part 1. The model is built as a skeleton whose parameters live on the meta device
 (no memory); buffers stay real because non-persistent ones (rotary `inv_freq`) are computed in
-`__init__` and are not in the checkpoint. The engine asks a *residency* object to bring a block
-in and to put it back (`onload` / `offload`) where it used to call `block.to(device)` /
-`block.to(home)`:
+`__init__` and are not in the checkpoint. Every pass asks a *residency* where a block (or any
+module) comes from and goes back to, where it used to call `block.to(device)` / `block.to(home)`:
 
-  InMemory   today's behaviour: the block moves to the compute device and back
-  OnDisk     the block's parameters are read tensor by tensor from the input safetensors
-             (`ShardReader`), pruned, written as one output shard into a staging directory and
-             put back on meta, so peak host memory is about one block plus the cached
-             calibration activations, independent of model size
+  InMemory   today's behaviour: the module moves to the compute device and back
+  OnDisk     parameters are read tensor by tensor from the input safetensors (`ShardReader`), or
+             from the block's staging file once it was changed; a changed block is written to
+             its staging file and every module goes back to meta, so peak host memory is about
+             one block plus the cached calibration activations, independent of model size
 
-Non-block tensors (embeddings, final norm, an untied head) are read only for the capture pass
+The engine's block loop takes the residency as an argument (`onload` / `offload`); passes that
+run inside a method (`engine.block_stream`: width pruning, depth scores, allocation pre-passes;
+`depth.onloaded`: SLEB's and LaCo's searches) ask `current()`, which `engine.prune_` sets for
+the duration of a run. So every unstructured/N:M, width and depth method streams from disk with
+no code of its own. Depth pruning removes blocks from the skeleton only at the end; `OnDisk`
+remembers each block's index in the input and `block_shards` writes the kept blocks under their
+new positions.
+
+Non-block tensors (embeddings, final norm, an untied head) are read only when a pass needs them
 and copied tensor by tensor into their own shard at the end. The staging directory becomes a
 standard sharded checkpoint (`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`)
 and is swapped into place atomically (`export.swap_into_place`). The layer-wise procedure is
@@ -22,6 +29,7 @@ needs its own weights and its inputs, which is what makes streaming the weights 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -94,27 +102,49 @@ class ShardReader:
             return fh.get_tensor(name)
 
 
-def _materialize(module: nn.Module, prefix: str, reader: ShardReader, device, dtype) -> None:
-    """Replace `module`'s meta parameters with the checkpoint's tensors (cast to dtype)."""
-    for name, param in list(module.named_parameters(recurse=True)):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if not param.is_meta:
-            continue
-        tensor = reader.get(f"{prefix}{name}").to(device=device, dtype=dtype)
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+def _params(module: nn.Module):
+    """(owner module, leaf name, parameter) of every parameter under `module`."""
+    for _, owner in module.named_modules(remove_duplicate=False):
+        for leaf, param in list(owner._parameters.items()):
+            if param is not None:
+                yield owner, leaf, param
 
 
 def _release(module: nn.Module) -> None:
     """Put `module`'s parameters back on meta (frees their memory)."""
-    for name, param in list(module.named_parameters(recurse=True)):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
+    for owner, leaf, param in _params(module):
         owner._parameters[leaf] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
 
 
+# ----------------------------------------------------------------------------- residencies
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("prunekit_residency", default=None)
+
+
+def current():
+    """The residency of the run in progress (`using`), else a fresh `InMemory`. Passes that the
+    engine does not drive itself (`engine.block_stream`, `depth.onloaded`, width pruning) ask
+    it where blocks come from and go back to."""
+    residency = _ACTIVE.get()
+    return residency if residency is not None else InMemory()
+
+
+@contextlib.contextmanager
+def using(residency):
+    """Make `residency` the one `current()` returns for the duration (`engine.prune_` sets it)."""
+    token = _ACTIVE.set(residency)
+    try:
+        yield residency
+    finally:
+        _ACTIVE.reset(token)
+
+
 class InMemory:
-    """Today's residency: the block moves to the compute device and back to where it was."""
+    """Today's residency: modules move to the compute device and back to where they were.
+
+    Two views of the same thing: `load(module, device)` / `unload(module, changed)` for any
+    module (block-stream passes, depth search), `onload(index, block, device)` /
+    `offload(index, block)` for the engine's block loop (what `runs.Recorded` wraps)."""
 
     def __init__(self):
         self.home = {}
@@ -128,12 +158,22 @@ class InMemory:
     def done(self, index, records, hidden) -> None:
         pass                             # `runs.Recorded` saves the finished block here
 
+    def load(self, module: nn.Module, device) -> None:
+        param = next(module.parameters(), None)
+        if param is not None:
+            self.home[id(module)] = param.device
+            module.to(device)
+
+    def unload(self, module: nn.Module, changed: bool = False) -> None:
+        home = self.home.pop(id(module), None)
+        if home is not None:
+            module.to(home)
+
     def onload(self, index: int, block: nn.Module, device) -> None:
-        self.home[index] = next(block.parameters()).device
-        block.to(device)
+        self.load(block, device)
 
     def offload(self, index: int, block: nn.Module) -> None:
-        block.to(self.home.pop(index))
+        self.unload(block, changed=True)
 
 
 def spill(hidden: list[torch.Tensor], folder: Path) -> list[torch.Tensor]:
@@ -154,18 +194,118 @@ def spill(hidden: list[torch.Tensor], folder: Path) -> list[torch.Tensor]:
 
 
 class OnDisk:
-    """Blocks come from `reader` and go, pruned, to `staging/block-<index>.safetensors`.
-    With `spill_activations` the cached activations live in memory-mapped files in `staging`."""
+    """The weights of `model` (a skeleton on meta, `empty_model`) live on disk.
 
-    def __init__(self, reader: ShardReader, staging: Path, prefix: str, dtype: torch.dtype,
+    `load` reads a module's parameters: a block from its staging file once it was changed
+    (`staging/block-<index>.safetensors`), otherwise, like every other module, from the input
+    checkpoint (`reader`). `unload(module, changed=True)` writes a changed block to its staging
+    file; either way the parameters go back to meta. Blocks keep the index they had in the input
+    (`origin`) while the run lasts; `finish` writes the final shards in the model's current block
+    order, so depth pruning only renames. A module with real parameters that is not part of the
+    skeleton (LaCo's merged candidate) just moves like `InMemory`.
+
+    Biases that width pruning adds (FLAP's compensation turns on `attention_bias`/`mlp_bias` in
+    every block) are not in the input checkpoint: they load as zeros, which is what was added.
+    With `spill_activations` the engine's cached activations live in memory-mapped files."""
+
+    def __init__(self, model: nn.Module, reader: ShardReader, staging: Path, dtype: torch.dtype,
                  spill_activations: bool = True):
-        self.reader, self.staging, self.prefix, self.dtype = reader, Path(staging), prefix, dtype
+        from .models import spec_for
+        from .models.spec import get_module
+        self.model, self.reader, self.staging, self.dtype = model, reader, Path(staging), dtype
         self.spill_activations = spill_activations
-        self.written: list[Path] = []
-        self.after_block = None          # callback(index, shard path): resumable runs record it
+        self.prefix = spec_for(model).blocks
+        blocks = get_module(model, self.prefix)
+        self.origin = {id(block): i for i, block in enumerate(blocks)}   # block -> its index in the input
+        self.inside = {}        # id(module inside a block) -> (block index in the input, name in the block)
+        for i, block in enumerate(blocks):
+            for name, module in block.named_modules(remove_duplicate=False):
+                self.inside[id(module)] = (i, name)
+        self.source = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        names_of: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(param), []).append(name)
+        self.alias = {}         # a tied parameter's other names -> the one the checkpoint stores
+        for names in names_of.values():
+            stored = next((n for n in names if n in reader), None)
+            self.alias.update({n: stored for n in names if stored is not None and n != stored})
+        self.current: dict[int, Path] = {}    # block index in the input -> file with its current weights
+        self.home = {}                        # modules with real weights that `load` only moved
+        self.after_block = None               # callback(index, shard path): resumable runs record it
 
+    # -- where a tensor comes from -------------------------------------------------------------
     def block_file(self, index: int) -> Path:
         return self.staging / f"block-{index:05d}.safetensors"
+
+    def _read(self, owner: nn.Module, leaf: str, like: torch.Tensor) -> torch.Tensor:
+        from safetensors import safe_open
+        where = self.inside.get(id(owner))
+        if where is not None:
+            index, inner = where
+            name = f"{self.prefix}.{index}.{inner + '.' if inner else ''}{leaf}"
+            if index in self.current:
+                with safe_open(str(self.current[index]), framework="pt") as fh:
+                    tensor = fh.get_tensor(name) if name in fh.keys() else None
+                if tensor is None and leaf != "bias":
+                    raise KeyError(f"{name} is missing from {self.current[index]}")
+            else:
+                tensor = self.reader.get(name) if name in self.reader or leaf != "bias" else None
+        else:
+            name = f"{self.source[id(owner)]}.{leaf}".lstrip(".")
+            name = self.alias.get(name, name)
+            tensor = self.reader.get(name) if name in self.reader or leaf != "bias" else None
+        if tensor is None:                    # a bias that width pruning added: zeros, as it was made
+            return torch.zeros(like.shape, dtype=self.dtype)
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint but the model built from "
+                             f"its config expects {tuple(like.shape)}; is config.json the checkpoint's own?")
+        return tensor
+
+    # -- the residency interface ----------------------------------------------------------------
+    def load(self, module: nn.Module, device) -> None:
+        """Make `module`'s parameters real on `device` (read from disk where they are on meta)."""
+        params = list(_params(module))
+        if not any(p.is_meta for _, _, p in params):
+            if params:                          # real weights that are not the skeleton's: move them
+                self.home[id(module)] = params[0][2].device
+                module.to(device)
+            return
+        for owner, leaf, param in params:
+            if param.is_meta:
+                tensor = self._read(owner, leaf, param).to(device=device, dtype=self.dtype)
+                owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+    def unload(self, module: nn.Module, changed: bool = False) -> None:
+        """Back to meta; a changed block is written to its staging file first."""
+        if id(module) in self.home:
+            module.to(self.home.pop(id(module)))
+            return
+        if changed:
+            if id(module) not in self.origin:
+                raise ValueError("out of core, only whole decoder blocks can be changed and written back")
+            self._write(module)
+        _release(module)
+        _return_freed_memory()
+
+    def _write(self, block: nn.Module) -> Path:
+        from safetensors.torch import save_file
+        index = self.origin[id(block)]
+        tensors = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu").contiguous()
+                   for k, v in block.state_dict().items()}
+        path = self.block_file(index)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+        self.current[index] = path
+        return path
+
+    def onload(self, index: int, block: nn.Module, device) -> None:
+        self.load(block, device)
+
+    def offload(self, index: int, block: nn.Module) -> None:
+        self.unload(block, changed=True)
+        if self.after_block is not None:
+            self.after_block(index, self.current[self.origin[id(block)]])
 
     @contextlib.contextmanager
     def capturing(self, model, blocks):
@@ -177,11 +317,11 @@ class OnDisk:
             if name in self.reader:
                 _set_parameter(model, name, self.reader.get(name).to(dtype=self.dtype))
         model.tie_weights()
-        _materialize(blocks[0], f"{self.prefix}.0.", self.reader, "cpu", self.dtype)
+        self.load(blocks[0], "cpu")
         try:
             yield
         finally:
-            _release(blocks[0])
+            self.unload(blocks[0])
             for name, _ in outside:
                 _set_parameter(model, name, None)
             model.tie_weights()
@@ -189,28 +329,38 @@ class OnDisk:
     def resume(self, blocks, hidden):
         if hidden is not None and self.spill_activations and hidden[0].device.type == "cpu":
             hidden = spill(hidden, self.staging)
-        return 0, hidden
-                # nothing finished before: start at block 0
+        return 0, hidden                 # nothing finished before: start at block 0
 
     def done(self, index, records, hidden) -> None:
         pass                             # `runs.Recorded` saves the finished block here
 
-    def onload(self, index: int, block: nn.Module, device) -> None:
-        _materialize(block, f"{self.prefix}.{index}.", self.reader, device, self.dtype)
+    def block_shards(self) -> list[Path]:
+        """One shard per block of the model as it is now, named by its current position.
 
-    def offload(self, index: int, block: nn.Module) -> None:
+        A block whose staging file already has exactly its current names is used as it is;
+        any other (never changed, renumbered by depth pruning, or given new biases after it was
+        written) is loaded, one at a time, and written under its position."""
+        from safetensors import safe_open
         from safetensors.torch import save_file
-        tensors = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu").contiguous()
-                   for k, v in block.state_dict().items()}
-        path = self.block_file(index)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-        self.written.append(path)
-        _release(block)
-        _return_freed_memory()
-        if self.after_block is not None:
-            self.after_block(index, path)
+        from .models.spec import get_module
+        shards = []
+        for position, block in enumerate(get_module(self.model, self.prefix)):
+            index = self.origin[id(block)]
+            path = self.current.get(index)
+            expected = {f"{self.prefix}.{position}.{k}" for k in block.state_dict()}
+            if path is not None:
+                with safe_open(str(path), framework="pt") as fh:
+                    if set(fh.keys()) == expected:
+                        shards.append(path)
+                        continue
+            self.load(block, "cpu")
+            tensors = {f"{self.prefix}.{position}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+            final = self.staging / f"final-{position:05d}.safetensors"
+            save_file(tensors, str(final), metadata={"format": "pt"})
+            del tensors
+            self.unload(block)
+            shards.append(final)
+        return shards
 
 
 def _return_freed_memory() -> None:
@@ -230,6 +380,8 @@ def _set_parameter(model: nn.Module, name: str, tensor) -> None:
     value = tensor if tensor is not None else old.detach().to("meta")
     owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
+
+# ----------------------------------------------------------------------------- the output
 
 def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path], prefix: str,
                       dtype: torch.dtype) -> None:
@@ -266,6 +418,21 @@ def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path
                 size += numel * torch.empty((), dtype=dtype).element_size()
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    for leftover in staging.glob("block-*.safetensors"):
+        leftover.unlink()          # staging files of blocks that were written again under a new position
+
+
+def skeleton_for(model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    """The meta skeleton of the checkpoint in `model_dir`; a non-uniform width-pruned export
+    (per-block widths in its prunekit.json) is re-sliced to them, as `loading.load_pruned` does."""
+    from transformers import AutoConfig
+    from .loading import recorded_widths
+    from .structured import resize_to_
+    model = empty_model(AutoConfig.from_pretrained(model_dir), dtype)
+    widths = recorded_widths(model_dir)
+    if widths is not None:
+        resize_to_(model, widths)
+    return model
 
 
 def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dtype: torch.dtype = torch.float32,
@@ -275,30 +442,31 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
     """Prune the safetensors checkpoint in `model_dir` with `step` one block at a time, writing the
     result to `out_dir` atomically; returns (report, resolved out_dir, skeleton model).
 
-    Only unstructured/N:M methods with uniform allocation and without a full-model gradient
-    pre-pass run out of core (see `check_step`)."""
-    from transformers import AutoConfig, GenerationConfig
+    Every unstructured/N:M, width and depth method runs this way, allocation pre-passes
+    included; what needs the whole model at once is refused (`check_step`). Width pruning writes
+    the new widths into the config (or, for non-uniform widths, into prunekit.json's
+    "structure", which `load_pruned` reads); depth pruning writes the kept blocks renumbered."""
+    from transformers import GenerationConfig
     from .engine import prune_
     from .export import METADATA_FILE, check_output_dir, library_versions, normalize_permissions, \
         swap_into_place, to_jsonable
-    from .models import spec_for
+    from .structured import block_widths, stock_widths
     check_step(step)
     model_dir = Path(model_dir)
     out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir, *protect])
-    config = AutoConfig.from_pretrained(model_dir)
-    model = empty_model(config, dtype)
+    model = skeleton_for(model_dir, dtype)
     reader = ShardReader(model_dir)
-    prefix = spec_for(model).blocks
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        residency = OnDisk(reader, staging, prefix, dtype, spill_activations=spill_activations)
+        residency = OnDisk(model, reader, staging, dtype, spill_activations=spill_activations)
         if residency_hook is not None:                      # a resumable run wraps it (runs.Recorded)
             residency = residency_hook(residency) or residency
         report = prune_(model, step, calib, device=device, sequential=sequential, batch_size=batch_size,
                         cache_device="cpu", progress=progress, residency=residency)
-        finish_checkpoint(staging, reader, getattr(residency, "inner", residency).written, prefix, dtype)
-        config.save_pretrained(staging)
+        disk = getattr(residency, "inner", residency)
+        finish_checkpoint(staging, reader, disk.block_shards(), disk.prefix, dtype)
+        model.config.save_pretrained(staging)              # with new widths / block count, if any
         try:
             GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
         except OSError:
@@ -307,6 +475,9 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
             tokenizer.save_pretrained(staging)
         # metadata may be a function of the finished report (run_recipe records the step in it)
         record = to_jsonable(metadata(report) if callable(metadata) else dict(metadata or {}))
+        widths = block_widths(model)
+        record.setdefault("structure", {"stock": stock_widths(model) is not None, "num_blocks": len(widths),
+                                        "widths": widths})
         record["versions"] = library_versions()
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if card is not None:                               # the model card, in the same atomic step
@@ -326,12 +497,10 @@ def check_step(step) -> None:
     """Refuse, with the reason, what cannot stream one block at a time from disk."""
     from .registry import method_for_config
     method = method_for_config(step)
-    if method.scope != "linear":
-        raise ValueError(f"--offload disk supports unstructured/N:M methods (magnitude, wanda, sparsegpt, ...); "
-                         f"{method.name} is a {method.scope} method: run it with --offload cpu or none")
-    if getattr(step, "allocation", "uniform") != "uniform":
-        raise ValueError(f"--offload disk needs a uniform allocation: allocation={step.allocation} scores the "
-                         "whole model first; use --offload cpu, or drop --allocation")
+    if method.scope in ("recover", "compensate"):
+        raise ValueError(f"--offload disk prunes one block at a time; {method.name} "
+                         f"({'fine-tuning' if method.scope == 'recover' else 'EoRA adapters'}) needs the whole model: "
+                         "run it on the out-of-core output with --offload cpu or none")
     if getattr(step, "uses_gradient", False) and getattr(step, "gradient", None) == "model":
         raise ValueError("--offload disk cannot run the full-model gradient pre-pass (gradient: model); "
                          "use gradient: block or --offload cpu")

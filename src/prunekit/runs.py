@@ -156,8 +156,8 @@ class Recorded:
                              "the run directory is damaged, choose a new --run-dir")
         for index in done:
             path = self.run.block_file(self.step, index)
-            if hasattr(self.inner, "written"):
-                self.inner.written.append(path)           # already an output shard
+            if hasattr(self.inner, "current"):
+                self.inner.current[index] = path          # already an output shard
                 continue
             state = load_file(str(path))
             prefix = next(iter(state)).split(f".{index}.")[0] + f".{index}."
@@ -171,9 +171,15 @@ class Recorded:
     def onload(self, index, block, device):
         self.inner.onload(index, block, device)
 
+    def load(self, module, device):                       # passes outside the block loop (allocation)
+        self.inner.load(module, device)
+
+    def unload(self, module, changed=False):
+        self.inner.unload(module, changed)
+
     def offload(self, index, block):
         from safetensors.torch import save_file
-        if hasattr(self.inner, "written"):
+        if hasattr(self.inner, "current"):
             self.inner.offload(index, block)              # writes run.block_file (atomic rename)
             return
         self.inner.offload(index, block)

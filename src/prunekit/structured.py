@@ -195,7 +195,8 @@ def block_widths(model: nn.Module) -> list[dict]:
 def prune_width_(model: nn.Module, config: WidthConfig, calib: Tensor | None = None, *, device=None,
                  batch_size: int = 8, cache_device=None, progress: bool = True) -> StructureReport:
     """Remove `config.sparsity` of the decoder blocks' parameters as whole heads and channels."""
-    from .engine import _model_device, _module_device, _progress, block_stream
+    from .engine import _model_device, _progress, block_stream
+    from .offload import current
 
     method = method_for_config(config)
     spec = spec_for(model)
@@ -221,26 +222,26 @@ def prune_width_(model: nn.Module, config: WidthConfig, calib: Tensor | None = N
         _remove(model, groups, scores, budget.uniform(index, groups), stats, config, report)
         return True
 
+    residency = current()            # blocks move to `device` and back, or stream from disk (offload.py)
     if method.needs_calibration:
         for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                                  progress=progress, desc=f"score {method.name}"):
             if visit(step.index, step.block, step):
                 step.outputs = None          # run again: the next block sees the pruned outputs
+                step.changed = True
     else:
         bar = _progress(len(blocks), f"score {method.name}", enabled=progress)
         for index, block in enumerate(blocks):
-            home = _module_device(block)
-            visit(index, block.to(device))
-            block.to(home)
+            residency.load(block, device)
+            residency.unload(block, changed=visit(index, block))
             bar.update(1)
         bar.close()
 
     if pending:
         for (index, groups, scores, stats), n_keep in zip(pending, budget.global_selection(pending)):
-            home = _module_device(blocks[index])
-            blocks[index].to(device)
+            residency.load(blocks[index], device)
             _remove(model, groups, scores, n_keep, stats, config, report)
-            blocks[index].to(home)
+            residency.unload(blocks[index], changed=True)
 
     write_config(model)
     report.block_params_after, report.model_params_after = parameter_counts(model)

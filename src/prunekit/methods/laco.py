@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..depth import BlockCache, BlockChoice, DepthConfig
+from ..depth import BlockCache, BlockChoice, DepthConfig, onloaded
 from ..registry import register
 
 
@@ -122,8 +122,9 @@ def laco(model, calib: Tensor, cfg: LaCoConfig, *, device=None, batch_size: int 
     while len(removed) < count and position >= cfg.min_layer:
         base = current[position]               # == position: nothing at or below it has changed
         followers = current[position + 1: position + min(cfg.merge, count - len(removed) + 1)]
-        candidate = merged_block(replaced.get(base, blocks[base]),
-                                 [replaced.get(i, blocks[i]) for i in followers])
+        parts = [replaced.get(base, blocks[base])] + [replaced.get(i, blocks[i]) for i in followers]
+        with onloaded(torch.device("cpu"), *parts):          # out of core: read them from disk
+            candidate = merged_block(parts[0], parts[1:])
         output = cache.run(base, cache.inputs[base], skip=removed + followers, replace={**replaced, base: candidate})
         similarity = window_similarity(cache.final_hidden(output), reference)
         accepted = similarity >= cfg.threshold
@@ -137,8 +138,8 @@ def laco(model, calib: Tensor, cfg: LaCoConfig, *, device=None, batch_size: int 
             position -= 1
     if len(removed) < count:
         raise ValueError(_shortfall(cfg, count, removed, attempts))
-    with torch.no_grad():
-        for base, block in replaced.items():
+    for base, block in replaced.items():
+        with torch.no_grad(), onloaded(torch.device("cpu"), blocks[base], block, changed=True):
             for target, merged in zip(blocks[base].parameters(), block.parameters()):
                 target.copy_(merged)
     merges = [f"{a['merged']} into {a['base']}" for a in attempts if a["accepted"]]
