@@ -88,33 +88,29 @@ _RSS_CHILD = r"""
 import json, resource, sys, torch
 from pathlib import Path
 import transformers
-from prunekit.methods.wanda import WandaConfig
 from prunekit.offload import prune_out_of_core
+from prunekit.recipe import step_from_dict
 
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-model_dir, out, weight_bytes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+model_dir, out, weight_bytes, step = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 torch.set_num_threads(1)
 calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 with torch.device("meta"):             # imports the modeling code: part of the baseline, not of the run
     transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
 baseline = status("VmHWM:")            # torch + transformers + prunekit imported
 budget = weight_bytes // 3
-prune_out_of_core(model_dir, WandaConfig(sparsity=0.5), calib, out, progress=False)
+prune_out_of_core(model_dir, step_from_dict(step), calib, out, progress=False)
 peak = status("VmHWM:")
 print(json.dumps({"baseline": baseline, "budget": budget, "peak": peak, "weights": weight_bytes}))
 """
 
 
-def test_peak_rss_stays_under_a_third_of_the_weights(tmp_path):
-    """A synthetic llama whose weights are 3x the memory budget prunes out of core within it. 48 blocks
-    (about 480 MB): what one block and the fixed costs take (50-100 MB, depending on the allocator) must
-    stay well inside the budget, which only the number of blocks makes large."""
-    import subprocess
-    import sys
-    from pathlib import Path
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    """A synthetic llama of 48 blocks (about 480 MB of weights) in 40 MB shards."""
     import transformers
     config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
                                       num_key_value_heads=8, num_hidden_layers=48, vocab_size=128)
@@ -122,16 +118,43 @@ def test_peak_rss_stays_under_a_third_of_the_weights(tmp_path):
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     weight_bytes = sum(p.numel() * 4 for p in skeleton.parameters())
+    path = tmp_path_factory.mktemp("big") / "big"
     model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(tmp_path / "big", max_shard_size="40MB")
-    del model
+    model.save_pretrained(path, max_shard_size="40MB")
+    return path, weight_bytes
+
+
+@pytest.mark.parametrize("step", [
+    {"method": "wanda", "sparsity": 0.5},
+    {"method": "flap", "sparsity": 0.2, "uniform": False},          # scores every block, then a second pass
+    {"method": "block-influence", "layers": 8},                     # kept blocks written renumbered
+], ids=["wanda", "flap-adaptive", "block-influence"])
+def test_peak_rss_stays_under_a_third_of_the_weights(tmp_path, big_model, step):
+    """A synthetic llama whose weights are 3x the memory budget prunes out of core within it, for an
+    unstructured, a width and a depth method. 48 blocks: what one block and the fixed costs take
+    (50-100 MB, depending on the allocator) must stay well inside the budget, which only the number
+    of blocks makes large."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    model_dir, weight_bytes = big_model
     src = str(Path(__file__).resolve().parents[1] / "src")
-    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "big"), str(tmp_path / "out"),
-                           str(weight_bytes)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(model_dir), str(tmp_path / "out"),
+                           str(weight_bytes), json.dumps(step)], capture_output=True, text=True,
                           env={"PYTHONPATH": src, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     print(m)
     assert m["weights"] > 100 * 2**20
     assert m["peak"] - m["baseline"] < m["budget"], m     # about one block + activations, not the model
-    assert len(ShardReader(tmp_path / "out").names()) == len(ShardReader(tmp_path / "big").names())
+    names = ShardReader(tmp_path / "out").names()
+    if step["method"] == "block-influence":
+        assert sum(".layers.0.self_attn.q_proj.weight" in n for n in names) == 1
+        assert not any(".layers.40." in n for n in names)        # 48 - 8 blocks, numbered 0..39
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 40
+    elif step["method"] == "flap":         # bias compensation gives the compensated linears of every block a bias
+        biases = sum(n.endswith(".bias") for n in names)
+        assert biases > 0 and biases % 48 == 0
+        assert len(names) == len(ShardReader(model_dir).names()) + biases
+    else:
+        assert len(names) == len(ShardReader(model_dir).names())
