@@ -55,11 +55,31 @@ if job["kind"] == "cli":
     assert code == 0, code
 else:
     calib = torch.randint(0, job["vocab"], (job["samples"], job["seqlen"]), generator=torch.Generator().manual_seed(0))
-    step = step_from_dict({"method": job["method"], "sparsity": 0.5})
+    step = step_from_dict({"method": job["method"], "sparsity": job["sparsity"]})
     prune_out_of_core(job["dir"], step, calib, job["out"], progress=False)
 print(json.dumps({"baseline_mb": round(baseline / 2**20, 1), "peak_mb": round(hwm() / 2**20, 1),
                   "seconds": round(time.perf_counter() - start, 2)}))
 """
+
+
+# the amount each method removes: half of the weights (unstructured), a fifth of the block parameters
+# (width), a quarter of the blocks (depth)
+SPARSITY = {"wanda": 0.5, "sparsegpt": 0.5, "magnitude": 0.5, "flap": 0.2, "wanda-sp": 0.2,
+            "block-influence": 0.25, "angular": 0.25}
+
+
+def _same_tensors(a: Path, b: Path) -> dict:
+    """Do two checkpoints hold the same tensors, bit for bit? (names, count, largest difference)"""
+    from safetensors.torch import load_file
+    ta, tb = {}, {}
+    for folder, into in ((a, ta), (b, tb)):
+        for file in sorted(folder.glob("*.safetensors")):
+            into.update(load_file(str(file)))
+    if sorted(ta) != sorted(tb):
+        return {"identical": False, "tensors": len(tb), "names_differ": sorted(set(ta) ^ set(tb))[:5]}
+    worst = max(float((ta[k].float() - tb[k].float()).abs().max()) if ta[k].shape == tb[k].shape else float("inf")
+                for k in ta)
+    return {"identical": worst == 0.0, "tensors": len(ta), "max_abs_diff": worst}
 
 
 def _child(job: dict) -> dict:
@@ -73,7 +93,8 @@ def _child(job: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="(a): the model (default: embedded SmolLM2-135M)")
-    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--methods", default="wanda,sparsegpt,flap,block-influence",
+                        help=f"comma-separated; amounts removed: {SPARSITY}")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--synthetic-layers", type=int, default=48, help="(b): blocks of the synthetic model")
@@ -93,11 +114,15 @@ def main(argv=None) -> int:
         for method in methods:
             for offload in ("none", "disk"):
                 out = work / f"a-{method}-{offload}"
-                argv_ = ["prune", args.model, "--method", method, "--sparsity", "0.5", "--samples", str(args.samples),
+                argv_ = ["prune", args.model, "--method", method, "--sparsity", str(SPARSITY.get(method, 0.5)),
+                         "--samples", str(args.samples),
                          "--seqlen", str(args.seqlen), "--no-eval", "--out", str(out), "--overwrite",
                          "--offload", offload]
                 m = _child({"kind": "cli", "argv": argv_})
-                rows.append({"part": "a", "model": args.model, "method": method, "offload": offload, **m})
+                rows.append({"part": "a", "model": args.model, "method": method, "offload": offload,
+                             "sparsity": SPARSITY.get(method, 0.5), **m})
+                if offload == "disk":                # the same weights as in memory?
+                    rows[-1].update(_same_tensors(work / f"a-{method}-none", out))
                 print(json.dumps(rows[-1]), flush=True)
     if "b" not in args.skip:
         h = args.synthetic_hidden
@@ -111,9 +136,10 @@ def main(argv=None) -> int:
             _child({"kind": "synthetic-build", "config": config, "dir": str(synthetic)})
         for method in methods:
             m = _child({"kind": "synthetic", "dir": str(synthetic), "out": str(work / f"b-{method}"), "method": method,
-                        "vocab": 128, "samples": args.samples, "seqlen": min(args.seqlen, 2048)})
+                        "sparsity": SPARSITY.get(method, 0.5), "vocab": 128, "samples": args.samples, "seqlen": min(args.seqlen, 2048)})
             budget = m["baseline_mb"] + weights / 3 / 2**20
             rows.append({"part": "b", "model": f"synthetic llama {config}", "method": method, "offload": "disk",
+                         "sparsity": SPARSITY.get(method, 0.5),
                          "weights_mb": round(weights / 2**20, 1), "budget_mb": round(budget, 1),
                          "under_budget": m["peak_mb"] < budget, **m})
             print(json.dumps(rows[-1]), flush=True)

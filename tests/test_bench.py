@@ -99,8 +99,11 @@ def test_cpu_recover_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
 
 def test_cpu_offload_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "offload.json"
-    assert _load("cpu_offload").main(["--tiny", "--model", str(tiny_model_dir), "--methods", "wanda",
+    assert _load("cpu_offload").main(["--tiny", "--model", str(tiny_model_dir), "--methods", "wanda,block-influence",
                                       "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["part"], r["offload"]) for r in rows] == [("a", "none"), ("a", "disk"), ("b", "disk")]
+    assert [(r["part"], r["method"], r["offload"]) for r in rows] == [
+        ("a", "wanda", "none"), ("a", "wanda", "disk"), ("a", "block-influence", "none"),
+        ("a", "block-influence", "disk"), ("b", "wanda", "disk"), ("b", "block-influence", "disk")]
     assert all(r["peak_mb"] >= r["baseline_mb"] > 0 for r in rows)
+    assert all(r["identical"] for r in rows if r["part"] == "a" and r["offload"] == "disk")
