@@ -107,3 +107,11 @@ def test_cpu_offload_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
         ("a", "block-influence", "disk"), ("b", "wanda", "disk"), ("b", "block-influence", "disk")]
     assert all(r["peak_mb"] >= r["baseline_mb"] > 0 for r in rows)
     assert all(r["identical"] for r in rows if r["part"] == "a" and r["offload"] == "disk")
+
+
+def test_gpu_offload_bench_runs_tiny(tmp_path, src_on_path):
+    out = tmp_path / "gpu_offload.json"
+    assert _load("gpu_offload").main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["wanda", "sparsegpt"]
+    assert all(r["blocks"] == 3 and r["peak_block_mb"] > 0 and r["seconds_per_block"]["median"] >= 0 for r in rows)
