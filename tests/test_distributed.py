@@ -151,6 +151,34 @@ def test_cli_nproc_2_equals_one_process(tiny_model_dir, tmp_path):
     assert report["steps"][0]["calibration_windows"] == 8           # the whole set, not rank 0's share
 
 
+def test_out_of_core_recipe_with_2_processes_equals_one_in_memory(tiny_model_dir, tmp_path):
+    """`prunekit run --nproc 2` of a width + unstructured recipe with `offload: disk`: both
+    processes stream the blocks, rank 0 writes each step's checkpoint, the result is the one of a
+    single in-memory process with the same BLAS thread count."""
+    import yaml
+    recipe = {"model": str(tiny_model_dir), "calibration": {"samples": 8, "seqlen": 16, "batch_size": 2},
+              "steps": [{"method": "flap", "sparsity": 0.2, "uniform": True},
+                        {"method": "wanda", "sparsity": 0.5}]}
+    (tmp_path / "memory.yaml").write_text(yaml.safe_dump({**recipe, "export": {"path": str(tmp_path / "one")}}))
+    (tmp_path / "disk.yaml").write_text(yaml.safe_dump({**recipe, "offload": "disk",
+                                                        "export": {"path": str(tmp_path / "two")}}))
+    one = subprocess.run([sys.executable, "-m", "prunekit", "run", str(tmp_path / "memory.yaml")], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "prunekit", "run", str(tmp_path / "disk.yaml"), "--nproc", "2"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("distributed calibration: 2 processes (gloo), out of core") == 1
+    expected, got = {}, {}
+    for folder, into in ((tmp_path / "one", expected), (tmp_path / "two", got)):
+        for file in folder.glob("*.safetensors"):
+            into.update(load_file(file))
+    assert sorted(expected) == sorted(got)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert not list(tmp_path.glob(".two.steps-*"))            # the intermediate checkpoint is gone
+
+
 def test_bench_tiny_reports_equal_results(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(HERE.parent / "bench" / "cpu_distributed.py"), "--tiny", "--method", "wanda",

@@ -293,11 +293,20 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
             raise ValueError(f"steps.{index}: {err}") from None
     if recipe.export is None:
         raise ValueError("--offload disk writes the pruned blocks straight into the export: give --out")
+    from . import distributed
     started = time.perf_counter()
     location = _checkpoint_dir(recipe)
     check_output_dir(recipe.export.path, overwrite=recipe.export.overwrite, protect=[location])
     dtype = _out_of_core_dtype(recipe, location)
-    device = resolve_device(recipe.device)
+    device = distributed.init_from_env(resolve_device(recipe.device))
+    main = distributed.is_main()
+    if not main:                   # one voice: rank 0 prints, shows progress and writes every checkpoint
+        echo, progress = (lambda *args, **kwargs: None), False
+    if distributed.is_distributed():
+        if run_dir is not None:
+            raise ValueError("--run-dir is for single-process runs; run distributed calibration without it")
+        echo(f"distributed calibration: {distributed.world_size()} processes "
+             f"({'nccl' if device.type == 'cuda' else 'gloo'}), out of core; rank 0 writes the checkpoints")
     for step in recipe.steps:
         echo(f"expected speedup: {expected_speedup(step)}")
     tokenizer = _tokenizer(str(location), recipe.trust_remote_code)
@@ -318,8 +327,10 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     out_path = Path(recipe.export.path).expanduser().resolve()
     scratch = None
     if run is None and len(recipe.steps) > 1:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.steps-", dir=out_path.parent))
+        if main:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.steps-", dir=out_path.parent))
+        scratch = distributed.broadcast_object(scratch)     # every process reads the steps rank 0 wrote
     source, out, last = location, None, len(recipe.steps) - 1
     try:
         for index, step in enumerate(recipe.steps):
@@ -343,17 +354,21 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
                 batch_size=recipe.calibration.batch_size, progress=progress, tokenizer=tokenizer,
                 overwrite=recipe.export.overwrite if index == last else True, protect=[location],
                 metadata=record, card=(lambda rec: model_card(recipe, rec)) if index == last else None,
-                residency_hook=hook)
+                residency_hook=hook, write=main)
+            distributed.barrier()                       # rank 0's checkpoint is in place before anyone reads it
             echo(describe_step(index, report, ", out of core"))
             source = out
     finally:
-        if scratch is not None:
+        if scratch is not None and main:
             shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["export"] = str(out)
     stock = json.loads((out / "prunekit.json").read_text()).get("structure", {}).get("stock", True)
     echo(f"saved to {out} (loads with " + ("AutoModelForCausalLM.from_pretrained)" if stock else
          "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe)"))
+    if distributed.is_distributed():
+        result["distributed"] = {"processes": distributed.world_size(), "rank": distributed.rank()}
+    distributed.finish()
     return result
 
 

@@ -194,6 +194,15 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     return tensor
 
 
+def broadcast_object(value):
+    """Rank 0's `value` (any picklable object made by us, e.g. a path) on every process."""
+    if not is_distributed():
+        return value
+    box = [value]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def refuse(what: str) -> None:
     """Raise a clear error for a feature whose statistics are not combined across processes."""
     if is_distributed():

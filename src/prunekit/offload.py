@@ -438,14 +438,16 @@ def skeleton_for(model_dir: Path, dtype: torch.dtype) -> nn.Module:
 def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dtype: torch.dtype = torch.float32,
                       device="cpu", sequential: str = "true", batch_size: int = 8, progress: bool = True,
                       tokenizer=None, metadata=None, card=None, overwrite: bool = False, protect=(),
-                      spill_activations: bool = True, residency_hook=None):
+                      spill_activations: bool = True, residency_hook=None, write: bool = True):
     """Prune the safetensors checkpoint in `model_dir` with `step` one block at a time, writing the
     result to `out_dir` atomically; returns (report, resolved out_dir, skeleton model).
 
     Every unstructured/N:M, width and depth method runs this way, allocation pre-passes
     included; what needs the whole model at once is refused (`check_step`). Width pruning writes
     the new widths into the config (or, for non-uniform widths, into prunekit.json's
-    "structure", which `load_pruned` reads); depth pruning writes the kept blocks renumbered."""
+    "structure", which `load_pruned` reads); depth pruning writes the kept blocks renumbered.
+    `write=False` prunes without producing the output (the other processes of a distributed run:
+    rank 0 writes it)."""
     from transformers import GenerationConfig
     from .engine import prune_
     from .export import METADATA_FILE, check_output_dir, library_versions, normalize_permissions, \
@@ -464,6 +466,8 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
             residency = residency_hook(residency) or residency
         report = prune_(model, step, calib, device=device, sequential=sequential, batch_size=batch_size,
                         cache_device="cpu", progress=progress, residency=residency)
+        if not write:
+            return report, out, model
         disk = getattr(residency, "inner", residency)
         finish_checkpoint(staging, reader, disk.block_shards(), disk.prefix, dtype)
         model.config.save_pretrained(staging)              # with new widths / block count, if any
