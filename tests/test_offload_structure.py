@@ -123,8 +123,9 @@ def test_allocation_prepass_out_of_core(tmp_path, calib, raw):
 
 
 def test_on_disk_reads_tied_head_and_added_biases(tmp_path):
-    """The tied LM head reads the embedding's tensor; a bias the checkpoint lacks loads as zeros;
-    a tensor of the wrong shape is refused with both shapes named."""
+    """The tied LM head reads the embedding's tensor; a bias that pruning added loads as zeros, but
+    one the config declares and the checkpoint lacks is an error; a tensor of the wrong shape is
+    refused with both shapes named."""
     config = TINY_CONFIGS["llama"]()
     config.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(config)
@@ -141,6 +142,11 @@ def test_on_disk_reads_tied_head_and_added_biases(tmp_path):
     disk.load(proj, "cpu")
     assert torch.equal(proj.bias, torch.zeros(64)) and torch.equal(proj.weight, model.model.layers[0].self_attn.o_proj.weight)
     disk.unload(proj)
+    declared = AutoConfig.from_pretrained(tmp_path / "m")
+    declared.mlp_bias = True                       # the config promises biases the checkpoint lacks
+    strict = OnDisk(empty_model(declared), ShardReader(tmp_path / "m"), tmp_path, torch.float32)
+    with pytest.raises(KeyError, match=r"mlp\.gate_proj\.bias is not in the checkpoint"):
+        strict.load(strict.model.model.layers[0].mlp, "cpu")
     proj.weight = torch.nn.Parameter(torch.empty(64, 32, device="meta"))
     with pytest.raises(ValueError, match=r"shape \(64, 64\).*expects \(64, 32\)"):
         disk.load(proj, "cpu")

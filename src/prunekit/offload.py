@@ -229,6 +229,7 @@ class OnDisk:
         for names in names_of.values():
             stored = next((n for n in names if n in reader), None)
             self.alias.update({n: stored for n in names if stored is not None and n != stored})
+        self.built = {(id(owner), leaf) for owner, leaf, _ in _params(model)}   # what the config declares
         self.current: dict[int, Path] = {}    # block index in the input -> file with its current weights
         self.home = {}                        # modules with real weights that `load` only moved
         self.after_block = None               # callback(index, shard path): resumable runs record it
@@ -239,6 +240,7 @@ class OnDisk:
 
     def _read(self, owner: nn.Module, leaf: str, like: torch.Tensor) -> torch.Tensor:
         from safetensors import safe_open
+        added = (id(owner), leaf) not in self.built      # a parameter pruning added (FLAP's biases)
         where = self.inside.get(id(owner))
         if where is not None:
             index, inner = where
@@ -246,16 +248,20 @@ class OnDisk:
             if index in self.current:
                 with safe_open(str(self.current[index]), framework="pt") as fh:
                     tensor = fh.get_tensor(name) if name in fh.keys() else None
-                if tensor is None and leaf != "bias":
+                if tensor is None and not added:
                     raise KeyError(f"{name} is missing from {self.current[index]}")
-            else:
-                tensor = self.reader.get(name) if name in self.reader or leaf != "bias" else None
+                if tensor is None:       # added after this block was written: zeros, as it was made
+                    return torch.zeros(like.shape, dtype=self.dtype)
+                return self._check(name, tensor, like)
         else:
             name = f"{self.source[id(owner)]}.{leaf}".lstrip(".")
             name = self.alias.get(name, name)
-            tensor = self.reader.get(name) if name in self.reader or leaf != "bias" else None
-        if tensor is None:                    # a bias that width pruning added: zeros, as it was made
+        if added and name not in self.reader:   # not in the input either: zeros, as it was made
             return torch.zeros(like.shape, dtype=self.dtype)
+        return self._check(name, self.reader.get(name), like)
+
+    @staticmethod
+    def _check(name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if tuple(tensor.shape) != tuple(like.shape):
             raise ValueError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint but the model built from "
                              f"its config expects {tuple(like.shape)}; is config.json the checkpoint's own?")
