@@ -302,11 +302,13 @@ class BlockCache:
         if index in self.removed:
             raise ValueError(f"block {index} is already removed")
         self.removed.add(index)
+        from .offload import current
+        keep = current().keep              # out of core: the refreshed boundaries are memory-mapped too
         hidden, self.inputs[index] = self.inputs[index], None
         for later in range(index + 1, self.num_blocks):
             if later not in self.removed:
                 self.inputs[later] = hidden
-                hidden = self.block(later, hidden)
+                hidden = keep(self.block(later, hidden))
         self.output = hidden
 
     def final_hidden(self, hidden: list[Tensor]) -> list[Tensor]:

@@ -540,13 +540,16 @@ def block_stream(model: nn.Module, calib: Tensor, *, device=None, batch_size: in
     cache_device = torch.device(cache_device) if cache_device is not None else device
     with torch.no_grad(), residency.capturing(model, blocks):
         hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
+    hidden = residency.keep(hidden)         # out of core: memory-mapped files
     bar = _progress(len(blocks), desc, enabled=progress)
     try:
         for index, block in enumerate(blocks):
             residency.load(block, device)
             step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device)
             yield step
-            hidden = step.outputs if step.outputs is not None else step.forward()
+            if step.outputs is None:
+                step.forward()
+            hidden = step.outputs = residency.keep(step.outputs)
             residency.unload(block, changed=step.changed)
             bar.update(1)
     finally:

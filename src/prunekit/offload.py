@@ -158,6 +158,9 @@ class InMemory:
     def done(self, index, records, hidden) -> None:
         pass                             # `runs.Recorded` saves the finished block here
 
+    def keep(self, hidden):
+        return hidden                    # cached activations stay where they are
+
     def load(self, module: nn.Module, device) -> None:
         param = next(module.parameters(), None)
         if param is not None:
@@ -179,13 +182,18 @@ class InMemory:
 def spill(hidden: list[torch.Tensor], folder: Path) -> list[torch.Tensor]:
     """The cached activations as memory-mapped files in `folder` (one per calibration chunk):
     the kernel may page them out, and they count as page cache rather than anonymous memory.
-    The engine writes each block's outputs into them in place (`engine._keep`)."""
+    Each file is unlinked as soon as it is mapped, so its disk space is given back when the
+    tensor is freed (and nothing is left behind by a crash). The engine writes each block's
+    outputs into them in place (`engine._keep`)."""
     spilled = []
-    for i, tensor in enumerate(hidden):
-        path = Path(folder) / f"chunk{i}.activations"
-        with open(path, "wb") as fh:
-            fh.truncate(tensor.numel() * tensor.element_size())
-        mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
+    for tensor in hidden:
+        fd, path = tempfile.mkstemp(suffix=".activations", dir=folder)
+        try:
+            os.ftruncate(fd, tensor.numel() * tensor.element_size())
+            mapped = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype)
+        finally:
+            os.close(fd)
+            os.unlink(path)
         mapped = mapped.view(tensor.shape)
         mapped.copy_(tensor)
         mapped.spilled = True
@@ -206,7 +214,8 @@ class OnDisk:
 
     Biases that width pruning adds (FLAP's compensation turns on `attention_bias`/`mlp_bias` in
     every block) are not in the input checkpoint: they load as zeros, which is what was added.
-    With `spill_activations` the engine's cached activations live in memory-mapped files."""
+    With `spill_activations` the cached activations (of the engine's block loop and of every
+    `block_stream` pass, `keep`) live in memory-mapped files that are unlinked at once."""
 
     def __init__(self, model: nn.Module, reader: ShardReader, staging: Path, dtype: torch.dtype,
                  spill_activations: bool = True):
@@ -332,10 +341,15 @@ class OnDisk:
                 _set_parameter(model, name, None)
             model.tie_weights()
 
+    def keep(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Cached activations (block inputs/outputs on the CPU) go to memory-mapped files."""
+        if hidden and self.spill_activations and hidden[0].device.type == "cpu" \
+                and not getattr(hidden[0], "spilled", False):
+            return spill(hidden, self.staging)
+        return hidden
+
     def resume(self, blocks, hidden):
-        if hidden is not None and self.spill_activations and hidden[0].device.type == "cpu":
-            hidden = spill(hidden, self.staging)
-        return 0, hidden                 # nothing finished before: start at block 0
+        return 0, (None if hidden is None else self.keep(hidden))   # nothing finished before: block 0
 
     def done(self, index, records, hidden) -> None:
         pass                             # `runs.Recorded` saves the finished block here
@@ -492,8 +506,6 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if card is not None:                               # the model card, in the same atomic step
             (staging / "README.md").write_text(card(record))
-        for leftover in staging.glob("*.activations*"):
-            leftover.unlink()
         normalize_permissions(staging)
         check_output_dir(out, overwrite=overwrite, protect=[model_dir, *protect])
         swap_into_place(staging, out)

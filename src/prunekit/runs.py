@@ -177,6 +177,9 @@ class Recorded:
     def unload(self, module, changed=False):
         self.inner.unload(module, changed)
 
+    def keep(self, hidden):
+        return self.inner.keep(hidden)
+
     def offload(self, index, block):
         from safetensors.torch import save_file
         if hasattr(self.inner, "current"):
