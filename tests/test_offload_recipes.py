@@ -92,7 +92,7 @@ def test_run_dir_keeps_finished_steps_and_resumes_after_them(tmp_path, model_dir
     monkeypatch.setattr(offload, "prune_out_of_core", original)
     lines, echo = _lines()
     run_recipe(recipe, progress=False, echo=echo, run_dir=run, resume=True)
-    assert any("step 0: finished in an earlier session" in line for line in lines)
+    assert any("steps 0..0: finished in an earlier session" in line for line in lines)
     expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -139,3 +139,15 @@ def test_out_of_core_refuses_whole_model_steps_before_any_work(tmp_path, model_d
     with pytest.raises(ValueError, match=words):
         run_recipe(recipe, progress=False, echo=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_takes_offload_run_dir_and_resume(tmp_path, model_dir, capsys):
+    import yaml
+    from prunekit.cli import main
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": str(model_dir), "steps": CHAIN[:2],
+                                    "calibration": {"samples": 4, "seqlen": 16}}))
+    assert main(["run", str(path), "--offload", "disk", "--dry-run"]) == 0
+    assert "offload: disk" in capsys.readouterr().out
+    assert main(["run", str(path), "--resume"]) == 2
+    assert "--resume continues a recorded run: give its --run-dir" in capsys.readouterr().err

@@ -142,12 +142,54 @@ def test_sigkill_then_resume(tmp_path, deep_model_dir):
         assert torch.equal(got[name], expected[name]), name
 
 
-def test_run_dir_refuses_width_and_depth_steps(tmp_path, deep_model_dir):
-    recipe = recipe_from_dict({"model": str(deep_model_dir), "steps": [{"method": "block-influence", "layers": 1}]})
-    with pytest.raises(ValueError, match="cannot be resumed"):
+def test_run_dir_refuses_unmerged_eora_and_resume_without_a_run_dir(tmp_path, deep_model_dir):
+    recipe = recipe_from_dict({"model": str(deep_model_dir), "steps": [{"method": "wanda", "sparsity": 0.5},
+                                                                       {"method": "eora", "rank": 2}]})
+    with pytest.raises(ValueError, match="merge: false.*set merge: true"):
         run_recipe(recipe, progress=False, echo=_quiet, run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="run_dir"):
         run_recipe(recipe, progress=False, echo=_quiet, resume=True)
+
+
+CHAIN = [{"method": "flap", "sparsity": 0.2, "round_to": 4}, {"method": "sparsegpt", "sparsity": 0.5},
+         {"method": "block-influence", "layers": 2}]
+
+
+def _chain(model, out, offload="none"):
+    return recipe_from_dict({"model": str(model), "offload": offload,
+                             "calibration": {"samples": 4, "seqlen": 16, "seed": 0},
+                             "steps": CHAIN, "export": {"path": str(out)}})
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_multi_step_run_resumes_after_its_last_finished_step(tmp_path, deep_model_dir, monkeypatch, offload):
+    """Width, then unstructured, then depth, with --run-dir: interrupted in the middle of the
+    unstructured step (after two of its blocks), resumed from the width step's checkpoint and the
+    recorded blocks, the result is the uninterrupted one."""
+    run_recipe(_chain(deep_model_dir, tmp_path / "whole", offload), progress=False, echo=_quiet)
+    expected = _tensors(tmp_path / "whole")
+    original = Recorded.done
+
+    def stop_after_two_blocks(self, index, records, hidden):
+        original(self, index, records, hidden)
+        if index == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Recorded, "done", stop_after_two_blocks)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(_chain(deep_model_dir, tmp_path / "out", offload), progress=False, echo=_quiet, run_dir=run)
+    assert (run / "step0" / "prunekit.json").is_file() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(Recorded, "done", original)
+    lines = []
+    result = run_recipe(_chain(deep_model_dir, tmp_path / "out", offload), progress=False, echo=lines.append,
+                        run_dir=run, resume=True)
+    assert any("steps 0..0: finished in an earlier session" in line for line in lines)
+    got = _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert [s["method"] for s in result["steps"]] == ["flap", "sparsegpt", "block-influence"]
+    assert not (run / "step0").exists() and (run / "step1" / "prunekit.json").is_file()   # only the latest
 
 
 def test_out_of_core_export_records_the_step_and_a_model_card(tmp_path, deep_model_dir):
@@ -162,3 +204,45 @@ def test_out_of_core_export_records_the_step_and_a_model_card(tmp_path, deep_mod
     assert layers == {layer["name"]: layer["zeros"] for layer in memory["steps"][0]["layers"]}
     card = (tmp_path / "disk" / "README.md").read_text()
     assert "library_name: transformers" in card and "50.00% of the pruned layers' weights are zero" in card
+
+
+def test_sigkill_in_a_multi_step_out_of_core_run_then_resume(tmp_path, deep_model_dir):
+    """`prunekit run` of width + unstructured + depth out of core, SIGKILLed once the width step's
+    checkpoint and a block of the unstructured step are recorded; `--resume` ends identical."""
+    import yaml
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+
+    def recipe(out):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump({"model": str(deep_model_dir), "offload": "disk",
+                                        "calibration": {"samples": 8, "seqlen": 16, "seed": 0},
+                                        "steps": CHAIN, "export": {"path": str(tmp_path / out)}}))
+        return [sys.executable, "-m", "prunekit", "run", str(path)]
+    subprocess.run(recipe("whole"), env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    cmd = recipe("out") + ["--run-dir", str(run)]
+    killed = False
+    for attempt in range(3):
+        import shutil
+        shutil.rmtree(run, ignore_errors=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            try:
+                steps = json.loads((run / "manifest.json").read_text())["steps"]
+            except (OSError, ValueError):
+                steps = {}
+            if (run / "step0" / "prunekit.json").is_file() and len(steps.get("1", {})) >= 1:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed = True
+                break
+            time.sleep(0.005)
+        if killed:
+            break
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    assert killed, "the run finished before it could be killed three times"
+    subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True)
+    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

@@ -11,6 +11,7 @@ same calibration windows, the engine keeps each process's share and combines the
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -63,10 +64,10 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
         return _run_out_of_core(recipe, progress=progress, echo=echo, run_dir=run_dir, resume=resume)
     if run_dir is not None:
         for index, step in enumerate(recipe.steps):
-            if method_for_config(step).scope != "linear":
-                raise ValueError(f"--run-dir in memory records unstructured/N:M steps; steps.{index} "
-                                 f"({method_for_config(step).name}) cannot be resumed there: add --offload disk "
-                                 "(each finished step is kept in the run directory) or run without --run-dir")
+            if method_for_config(step).scope == "compensate" and not step.merge:
+                raise ValueError(f"--run-dir: steps.{index} (eora, merge: false) keeps its adapters outside the "
+                                 "model, which a step checkpoint does not hold; set merge: true or run without "
+                                 "--run-dir")
     from .data import evaluation_data
     from .eval.perplexity import perplexity
     from .export import check_output_dir, save_pretrained_atomic
@@ -121,8 +122,18 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
 
     if run is not None and distributed.is_distributed():
         raise ValueError("--run-dir is for single-process runs; run distributed calibration without it")
+    start = 0
+    if run is not None and run.last_step() >= 0:         # resume after the last finished step
+        from .loading import load_pruned
+        done = run.last_step()
+        model, _ = load_pruned(run.step_dir(done), dtype=recipe.dtype)
+        model.eval()
+        result["steps"] = json.loads((run.step_dir(done) / "prunekit.json").read_text())["steps"]
+        start = done + 1
+        echo(f"steps 0..{done}: finished in an earlier session ({run.step_dir(done)}); continuing after them")
     reports, adapters = apply_steps(model, tokenizer, recipe, calib, device=device, progress=progress,
-                                    echo=echo, cache_device=cache_device, run=run)
+                                    echo=echo, cache_device=cache_device, run=run, start=start,
+                                    earlier=result["steps"])
     result["steps"].extend(reports)
 
     if recipe.eval is not None and main:
@@ -181,22 +192,27 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
 
 
 def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bool = True,
-                echo=print, cache_device=None, run=None) -> tuple[list[dict], dict]:
-    """Run `recipe.steps` on an already-loaded `model` in place with the given calibration windows.
+                echo=print, cache_device=None, run=None, start: int = 0, earlier=()) -> tuple[list[dict], dict]:
+    """Run `recipe.steps[start:]` on an already-loaded `model` in place with the given calibration windows.
 
-    Returns (one report dict per step, the unmerged EoRA adapters by layer name). `run_recipe` and
+    Returns (one report dict per step run, the unmerged EoRA adapters by layer name). `run_recipe` and
     `prunekit sweep` share it, so a sweep point prunes exactly as `prunekit run` would. `run` (runs.Run)
-    records every finished block so that an interrupted run resumes where it stopped."""
+    records every finished block of an unstructured/N:M step, and the whole model after every step
+    but the last (with `earlier`, the reports of the steps before `start`, in its prunekit.json), so
+    that an interrupted run resumes where it stopped."""
     from .engine import prune_
     adapters: dict = {}
     reports: list[dict] = []
     steps = list(recipe.steps)
     for index, step in enumerate(steps):
+        if index < start:
+            continue                                   # finished in an earlier session (run_recipe loaded it)
         scope = method_for_config(step).scope
         if scope == "compensate":
             continue                                   # computed in the pass of the step before it
         if scope == "recover":
             reports.append(_recover(model, tokenizer, step, recipe, device, progress, echo))
+            _save_step(run, index, model, tokenizer, recipe, [*earlier, *reports])
             continue
         following = steps[index + 1] if index + 1 < len(steps) else None
         compensate = following if following is not None and method_for_config(following).scope == "compensate" else None
@@ -223,7 +239,26 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
                  f"{adapter_parameters(report.adapters) / 1e6:.2f}M parameters"
                  + (" (merged: the model is dense again)" if compensate.merge else " (PEFT adapter)"))
         reports.append(report.to_dict())
+        _save_step(run, index + (compensate is not None), model, tokenizer, recipe, [*earlier, *reports])
     return reports, adapters
+
+
+def _save_step(run, index: int, model, tokenizer, recipe: Recipe, reports: list[dict]) -> None:
+    """With a run directory and more steps to come: the whole model after step `index`, so that a
+    resumption starts from it (only the latest such checkpoint is kept)."""
+    if run is None or index >= len(recipe.steps) - 1:
+        return
+    from .export import save_pretrained_atomic
+    from .structured import block_widths, stock_widths
+    widths = block_widths(model)
+    record = {"recipe": recipe_to_dict(recipe), "steps": [_without_blocks(r) for r in reports],
+              "structure": {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}}
+    save_pretrained_atomic(model, tokenizer, run.step_dir(index), metadata=record, overwrite=True)
+    run.forget_steps_before(index)
+
+
+def _without_blocks(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "blocks"}
 
 
 def describe_step(index: int, report, where: str = "") -> str:
@@ -279,7 +314,6 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     checkpoint: the last step writes the export, the others an intermediate checkpoint in a
     scratch folder next to it, or in the run directory with `--run-dir`, where a finished step is
     kept and skipped on `--resume` (an unstructured/N:M step also resumes block by block)."""
-    import json
     import shutil
     import tempfile
     from .card import model_card
@@ -334,11 +368,12 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     source, out, last = location, None, len(recipe.steps) - 1
     try:
         for index, step in enumerate(recipe.steps):
-            target = out_path if index == last else (run.path if run else scratch) / f"step{index}"
-            if index < last and run is not None and (target / "prunekit.json").is_file():
-                result["steps"] = json.loads((target / "prunekit.json").read_text())["steps"]
-                echo(f"step {index}: finished in an earlier session ({target}); continuing after it")
-                source = target
+            target = out_path if index == last else (run.step_dir(index) if run else scratch / f"step{index}")
+            if run is not None and index <= run.last_step() < last:
+                if index == run.last_step():
+                    result["steps"] = json.loads((target / "prunekit.json").read_text())["steps"]
+                    echo(f"steps 0..{index}: finished in an earlier session ({target}); continuing after them")
+                    source = target
                 continue
             linear = method_for_config(step).scope == "linear"
             hook = (lambda residency, k=index: run.recorder(k, residency)) if run is not None and linear else None
@@ -357,6 +392,8 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
                 residency_hook=hook, write=main)
             distributed.barrier()                       # rank 0's checkpoint is in place before anyone reads it
             echo(describe_step(index, report, ", out of core"))
+            if run is not None and index < last:
+                run.forget_steps_before(index)             # step `index` is what a resumption reads
             source = out
     finally:
         if scratch is not None and main:
@@ -379,7 +416,6 @@ def _out_of_core_dtype(recipe: Recipe, location):
     dtype = resolve_dtype(recipe.dtype)
     if dtype != "auto":
         return dtype
-    import json
     config = json.loads((Path(location) / "config.json").read_text())
     named = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(named, torch.float32)

@@ -133,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. steps.0.sparsity=0.6")
     run.add_argument("--json", type=Path, help="also write the results as JSON")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, do nothing")
+    run.add_argument("--offload", default=None, choices=["none", "cpu", "disk"],
+                     help="override the recipe's offload (disk: every step streams block by block from a checkpoint)")
+    run.add_argument("--run-dir", type=Path, default=None,
+                     help="record finished blocks and steps here so that an interrupted run can continue (--resume)")
+    run.add_argument("--resume", action="store_true", help="continue the run recorded in --run-dir")
     _nproc(run)
     run.set_defaults(handler=_run)
 
@@ -227,7 +232,8 @@ def _run(args) -> int:
     from .recipe import load_recipe
     if not args.recipe.is_file():
         raise FileNotFoundError(f"recipe file not found: {args.recipe}")
-    return _execute(load_recipe(args.recipe, args.set), args)
+    overrides = list(args.set) + ([f"offload={args.offload}"] if args.offload else [])
+    return _execute(load_recipe(args.recipe, overrides), args)
 
 
 def _execute(recipe, args) -> int:

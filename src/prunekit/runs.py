@@ -7,12 +7,18 @@ Issue 6, part 2. The run directory holds
   blocks/step<S>-block<I>.safetensors   the block's pruned tensors (with --offload disk these
                              are also the output shards: they are linked into the export)
   activations.safetensors    the calibration activations after the last finished block
+  step<K>/                   the whole model after step K of a multi-step recipe (a standard
+                             checkpoint, written atomically; only the latest is kept)
 
 Resuming checks the recipe and the fingerprint (so a changed sparsity or changed weights are
 refused, not silently mixed), applies the finished blocks' weights, reloads the activations,
 re-runs the cheap capture pass for the per-block arguments (masks, rotary tables) and continues
 with the next block. Every step of the engine is deterministic, so the result is bit-identical
 to an uninterrupted run. Writing follows the usual rule: temp file, fsync, rename.
+
+Granularity: unstructured/N:M steps resume block by block; a recipe of several steps resumes after
+its last finished step (`step<K>/`), so a width, depth or recovery step that was interrupted
+restarts from its own beginning, never from the dense model.
 """
 from __future__ import annotations
 
@@ -113,6 +119,22 @@ class Run:
         self.manifest["updated"] = _now()
         text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
         _write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
+
+    def step_dir(self, step: int) -> Path:
+        return self.path / f"step{step}"
+
+    def last_step(self) -> int:
+        """The last step whose whole-model checkpoint is complete, or -1."""
+        done = [int(p.name[4:]) for p in self.path.glob("step[0-9]*")
+                if p.name[4:].isdigit() and (p / "prunekit.json").is_file()]
+        return max(done, default=-1)
+
+    def forget_steps_before(self, step: int) -> None:
+        """Remove the checkpoints of steps before `step` (only the latest is needed to resume)."""
+        import shutil
+        for k in range(step):
+            if self.step_dir(k).exists():
+                shutil.rmtree(self.step_dir(k), ignore_errors=True)
 
     def finished(self, step: int) -> list[int]:
         return sorted(int(i) for i in self.manifest["steps"].get(str(step), {}))
