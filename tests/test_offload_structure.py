@@ -108,6 +108,13 @@ def test_depth_out_of_core_equals_in_memory(tmp_path, calib, raw):
     assert len(report.removed_blocks) == 2
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "qwen2", "phi3"])
+def test_sleb_out_of_core_reads_each_familys_head(tmp_path, calib, family):
+    """SLEB's calibration loss runs the final norm and the LM head (GPT-2's ln_f, OPT's
+    final_layer_norm, ...) out of core too."""
+    _compare(tmp_path, _deep(family, 4), step_from_dict({"method": "sleb", "layers": 1}), calib)
+
+
 def test_depth_out_of_core_renumbers_sliding_window_layers(tmp_path, calib):
     """Gemma 3 keeps one attention type per block: the kept blocks keep theirs, renumbered."""
     step = step_from_dict({"method": "block-influence", "layers": 2})
