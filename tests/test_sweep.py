@@ -140,3 +140,9 @@ def test_a_width_point_counts_removed_weights_as_achieved_sparsity(tiny_model_di
     assert row["zero_fraction"] == 0.0
     assert row["parameters_after"] < row["parameters"]
     assert row["achieved_sparsity"] == row["removed_fraction"] > 0.1
+
+
+def test_sweep_refuses_disk_offload():
+    with pytest.raises(ValueError, match="offload: disk is for single runs"):
+        sweep.plan({"model": "default", "offload": "disk", "steps": [{"method": "wanda", "sparsity": 0.5}]},
+                   [["steps.0.sparsity=0.3,0.5"]])

@@ -127,6 +127,10 @@ def plan(raw: dict, grids: list[list[str]]):
     what all points share (the model or the evaluation)."""
     from .recipe import apply_override, recipe_from_dict, recipe_to_dict
     base = recipe_from_dict(copy.deepcopy(raw))
+    if base.offload == "disk":
+        raise ValueError("prunekit sweep keeps the dense model in memory and prunes a copy per point; "
+                         "offload: disk is for single runs (`prunekit run RECIPE --offload disk` per point), "
+                         "use --set offload=cpu to keep the sweep's activations on the CPU")
     shared = {key: recipe_to_dict(base).get(key) for key in SHARED}
     planned = []
     for point in expand_grid(grids):
