@@ -195,3 +195,13 @@ def test_block_stream_passes_keep_their_activations_memory_mapped(tmp_path, cali
     _compare(tmp_path, _deep("llama", 4), step_from_dict({"method": "block-influence", "layers": 1}), calib)
     assert calls == [1] * 5                       # 8 windows in one chunk; inputs + 4 blocks' outputs
     assert not list(tmp_path.rglob("*.activations"))
+
+
+@pytest.mark.parametrize("raw", [
+    {"method": "gblm", "sparsity": 0.5, "gradient": "block"},            # gradients through one block
+    {"method": "ria", "nm": [2, 4], "permute": True},                    # channels reordered in the block
+    {"method": "wanda", "sparsity": 0.5, "update": "admm"},              # weights re-fitted to the mask
+    {"method": "pruner-zero", "sparsity": 0.5, "gradient": "block"},
+], ids=["gblm-block", "ria-permute", "wanda-admm", "pruner-zero"])
+def test_unstructured_variants_out_of_core(tmp_path, calib, raw):
+    _compare(tmp_path, _deep("llama", 2), step_from_dict(raw), calib)
