@@ -3,7 +3,8 @@
 Run as a script under torchrun (`python -m torch.distributed.run --nproc-per-node 2 --standalone
 tests/distributed_cases.py OUT`), every process prunes each case on its share of the windows;
 rank 0 saves each pruned state dict to OUT/<case>.pt, plus OUT/observers.json (the observer
-reduction checked on hand-made data) and OUT/refused.json (the messages of refused features).
+reduction checked on hand-made data), OUT/offsets.json (`distributed.offset`) and
+OUT/refused.json (the messages of refused features).
 Not collected by pytest (no test_ prefix).
 """
 from __future__ import annotations
@@ -16,7 +17,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import VOCAB, tiny_model  # noqa: E402
+from conftest import TINY_CONFIGS, VOCAB, tiny_model  # noqa: E402
+
+
+def model_for(family: str):
+    """A tiny model of `family`; "llama-4" is the 2-layer Llama with 4 layers (LaCo needs room)."""
+    if family == "llama-4":
+        from transformers import AutoModelForCausalLM
+        torch.manual_seed(0)
+        config = TINY_CONFIGS["llama"]()
+        config.num_hidden_layers = 4
+        return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_model(family)
 
 
 def calib(windows: int = 8) -> torch.Tensor:
@@ -26,12 +38,20 @@ def calib(windows: int = 8) -> torch.Tensor:
 def cases() -> dict:
     """name -> (config, sequential, windows, batch_size[, family, compensate]). 10 windows in chunks
     of 4 split 2 + 1 chunks, the last one short: uneven shards. GPT-2 stores its linears transposed
-    (Conv1D), which the broadcast of the pruned weights must handle."""
+    (Conv1D), which the broadcast of the pruned weights must handle. With 8 windows in chunks of 2,
+    process 0 holds windows 0-3 and process 1 windows 4-7: `gradient_samples=5` and `samples=6`
+    take part of process 1's share, and the block-local gradients (Hutchinson probes seeded per
+    chunk) must use the global chunk numbers."""
     from prunekit import EoraConfig, RIAConfig, SparseGPTConfig, WandaConfig
     from prunekit.methods.flap import FlapConfig
+    from prunekit.methods.gblm import GBLMConfig
+    from prunekit.methods.laco import LaCoConfig
     from prunekit.methods.magnitude import MagnitudeConfig
     from prunekit.methods.angular import AngularConfig
     from prunekit.methods.block_influence import BlockInfluenceConfig
+    from prunekit.methods.pruner_zero import PrunerZeroConfig
+    from prunekit.methods.sleb import SLEBConfig
+    from prunekit.methods.taylor import TaylorConfig
     from prunekit.methods.wanda_sp import WandaSPConfig
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")           # "merge=True densifies": intended here
@@ -51,6 +71,15 @@ def cases() -> dict:
         "wanda-sp": (WandaSPConfig(sparsity=0.2), "true", 8, 2),
         "block-influence": (BlockInfluenceConfig(layers=1), "true", 8, 2),
         "angular": (AngularConfig(layers=1, token="all"), "true", 8, 2),
+        "wanda-owl": (WandaConfig(sparsity=0.5, allocation="owl"), "true", 8, 2, "llama-4"),
+        "sparsegpt-sensitivity": (SparseGPTConfig(sparsity=0.5, allocation="sensitivity"), "true", 8, 2, "llama-4"),
+        "gblm-model": (GBLMConfig(sparsity=0.5, gradient="model", gradient_samples=5), "true", 8, 2),
+        "pruner-zero-block": (PrunerZeroConfig(sparsity=0.5, gradient="block"), "true", 8, 2),
+        "taylor": (TaylorConfig(sparsity=0.2), "true", 8, 2),
+        "taylor-uneven": (TaylorConfig(sparsity=0.2, uniform=False), "true", 10, 4),
+        "sleb": (SLEBConfig(layers=2), "true", 8, 2, "llama-4"),
+        "sleb-samples": (SLEBConfig(layers=1, samples=6), "true", 8, 2, "llama-4"),
+        "laco": (LaCoConfig(layers=2, merge=2, interval=1, threshold=0.5, min_layer=0), "true", 8, 2, "llama-4"),
     }
 
 
@@ -58,7 +87,7 @@ def run_case(name: str) -> dict:
     from prunekit import prune_
     case = cases()[name]
     config, sequential, windows, batch_size, family, compensate = (*case, *("llama", None)[len(case) - 4:])
-    model = tiny_model(family)
+    model = model_for(family)
     prune_(model, config, calib(windows), sequential=sequential, batch_size=batch_size, progress=False,
            compensate=compensate)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -92,19 +121,33 @@ def check_observers(rank: int) -> dict:
     return result
 
 
-def refused(rank: int) -> dict:
-    """The features that must refuse to run distributed, with their messages."""
-    from prunekit import WandaConfig, prune_
+def offsets() -> list[int]:
+    """`distributed.offset` of (3 + rank) items per process: [0, 3] for 2 processes."""
+    from prunekit import distributed
+    return [distributed.offset(3 + distributed.rank())]
+
+
+def refused(out_dir: Path, rank: int) -> dict:
+    """What must refuse to run distributed, with its messages: a recovery (fine-tuning) step, and
+    SLEB's `samples` when the first windows all lie on one process."""
+    from prunekit import prune_
+    from prunekit.api import run_recipe
     from prunekit.methods.sleb import SLEBConfig
-    from prunekit.methods.taylor import TaylorConfig
+    from prunekit.recipe import recipe_from_dict
     messages = {}
-    for name, config in {"owl": WandaConfig(sparsity=0.5, allocation="owl"),
-                         "taylor": TaylorConfig(sparsity=0.2), "sleb": SLEBConfig(layers=1)}.items():
-        try:
-            prune_(tiny_model("llama"), config, calib(8), batch_size=2, progress=False)
-            messages[name] = None
-        except ValueError as err:
-            messages[name] = str(err)
+    model_dir = out_dir / f"tiny-{rank}"
+    tiny_model("llama").save_pretrained(model_dir)
+    recipe = recipe_from_dict({"model": str(model_dir), "steps": [{"method": "lora", "steps": 1}]})
+    try:
+        run_recipe(recipe, progress=False, echo=lambda *a, **k: None)
+        messages["recovery"] = None
+    except ValueError as err:
+        messages["recovery"] = str(err)
+    try:
+        prune_(model_for("llama-4"), SLEBConfig(layers=1, samples=2), calib(8), batch_size=2, progress=False)
+        messages["sleb-samples"] = None
+    except ValueError as err:
+        messages["sleb-samples"] = str(err)
     return messages
 
 
@@ -113,14 +156,17 @@ def main(out: str) -> None:
     distributed.init_from_env(torch.device("cpu"))
     rank = distributed.rank()
     out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results = {name: run_case(name) for name in cases()}
     observers = check_observers(rank)
-    messages = refused(rank)
+    messages = refused(out_dir, rank)
+    gathered = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(gathered, offsets())
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         for name, state in results.items():
             torch.save(state, out_dir / f"{name}.pt")
         (out_dir / "observers.json").write_text(json.dumps(observers))
+        (out_dir / "offsets.json").write_text(json.dumps(gathered))
         (out_dir / "refused.json").write_text(json.dumps(messages))
     distributed.finish()
 

@@ -78,6 +78,8 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.all_reduce_sum_(t) is t and t.tolist() == [1.5, 2.0]
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     distributed.refuse("anything")                                 # only refuses when distributed
+    assert distributed.offset(5) == 0 and distributed.all_sum(1, 2.5) == [1.0, 2.5]
+    assert distributed.global_mean(3.0, 4) == 0.75
 
 
 def test_nproc_only_for_prune_and_run(capsys):
@@ -126,11 +128,16 @@ def test_two_processes_equal_one(two_process_results, case):
         assert torch.equal(W, double[key]), key
 
 
+def test_offset_is_the_count_of_the_processes_before(two_process_results):
+    assert json.loads((two_process_results / "offsets.json").read_text()) == [[0], [3]]
+
+
 def test_unsupported_features_refuse_clearly(two_process_results):
     messages = json.loads((two_process_results / "refused.json").read_text())
-    assert set(messages) == {"owl", "taylor", "sleb"}
-    for message in messages.values():
-        assert message and "not supported with distributed calibration" in message and "single process" in message
+    assert set(messages) == {"recovery", "sleb-samples"}
+    assert "recovery (fine-tuning) step is not supported with distributed calibration" in messages["recovery"]
+    assert "single process" in messages["recovery"]
+    assert "samples=2" in messages["sleb-samples"] and "without a window" in messages["sleb-samples"]
 
 
 def test_cli_nproc_2_equals_one_process(tiny_model_dir, tmp_path):

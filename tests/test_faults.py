@@ -2,6 +2,7 @@
 
   1. Cholesky failure in the OBS sweep     -> dampening x10, x100, then a diagonal-H fallback, noted per layer
   2. NaN/Inf in activations or statistics  -> NonFiniteError naming block and module; nothing exported
+                                              (unstructured, width scores, and every block-streaming pass)
   3. truncated/corrupt safetensors or GGUF -> CorruptCheckpointError naming the file, before any loading
   4. disk full while saving                -> DiskFullError, no half-written output, no staging folder; CLI exit 2
   5. unknown recipe keys                   -> the key and the nearest valid one, in every section
@@ -159,6 +160,34 @@ def test_inf_in_a_linear_input_names_block_and_module_before_writing_it(config, 
     with pytest.raises(NonFiniteError, match=r"block 1, model\.layers\.1\.mlp\.down_proj.*NaN/Inf"):
         prune_(model, config, calib, sequential=sequential, progress=False)
     assert torch.equal(down.weight, before)                      # the faulty layer was never written
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "taylor"])
+def test_inf_in_a_width_score_stops_before_any_unit_is_removed(method, calib):
+    """Width pruning: an Inf in the input of down_proj makes its channel scores non-finite
+    (FLAP's variance, Wanda-SP's norms, Taylor's gradients), which would rank arbitrarily."""
+    from prunekit.registry import get_method
+    model = tiny_model("llama")
+    _inf_into_input_of(model.model.layers[1].mlp.down_proj)
+    shapes = {name: p.shape for name, p in model.model.layers[1].named_parameters()}
+    with pytest.raises(NonFiniteError, match=r"block 1, model\.layers\.1\.mlp\.down_proj \(channels\).*NaN/Inf"):
+        prune_(model, get_method(method).config_cls(sparsity=0.2), calib, progress=False)
+    # block 1 kept every unit (uniform mode prunes block 0 before it scores block 1)
+    assert {name: p.shape for name, p in model.model.layers[1].named_parameters()} == shapes
+
+
+@pytest.mark.parametrize("config", [{"method": "block-influence", "layers": 1}, {"method": "flap", "sparsity": 0.2},
+                                    {"method": "wanda", "sparsity": 0.5, "allocation": "owl"}],
+                         ids=["depth", "width", "allocation"])
+def test_nan_in_a_block_output_stops_every_block_pass(config, calib):
+    """The passes that stream blocks for depth scores, width scores and allocation check every
+    block's outputs, as the unstructured engine does."""
+    from prunekit.recipe import step_from_dict
+    model = tiny_model("llama")
+    _nan_into_output_of_block(model, 0)
+    with pytest.raises(NonFiniteError, match=r"block 0 \(model\.layers\.0\).*NaN/Inf outputs"):
+        prune_(model, step_from_dict(dict(config)), calib, progress=False)
+    assert len(model.model.layers) == 2
 
 
 def test_nan_error_exits_2_on_the_command_line(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .distributed import all_sum, reduce_stats_
 from .models import spec_for
 from .models.spec import get_module, weight_view
 from .stats import InputNorm
@@ -103,7 +104,8 @@ def spread(keys: list[float], sizes: list[int], target: float, lam: float) -> li
 
 
 def _observe(step, layers: dict) -> dict[str, InputNorm]:
-    """Run the block densely over every chunk; per target layer, the input norms."""
+    """Run the block densely over every chunk; per target layer, the input norms (summed over
+    every process's windows under distributed calibration)."""
     norms = {name: InputNorm(weight_view(m).shape[1], step.device) for name, m in layers.items()}
     by_module = {m: norms[name] for name, m in layers.items()}
     hooks = [m.register_forward_pre_hook(lambda module, args: by_module[module].update(args[0]))
@@ -113,6 +115,8 @@ def _observe(step, layers: dict) -> dict[str, InputNorm]:
     finally:
         for hook in hooks:
             hook.remove()
+    for norm in norms.values():
+        reduce_stats_(norm)
     return norms
 
 
@@ -127,7 +131,8 @@ def _outlier_ratio(layers: dict, norms: dict, m: float) -> float:
 
 
 def _sensitivity(step, layers: dict, norms: dict, config) -> float:
-    """||Y' - Y||^2 / ||Y - X||^2 over all chunks, Y' with the block Wanda-pruned at the target."""
+    """||Y' - Y||^2 / ||Y - X||^2 over all chunks (of every process), Y' with the block
+    Wanda-pruned at the target."""
     from .masks import lowest
     saved = {}
     try:
@@ -147,6 +152,7 @@ def _sensitivity(step, layers: dict, norms: dict, config) -> float:
             for name, module in layers.items():
                 if name in saved:
                     weight_view(module).copy_(saved[name])
+    moved, added = all_sum(moved, added)
     return moved / max(added, 1e-30)
 
 

@@ -54,12 +54,14 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
+from .distributed import global_mean
 from .models import spec_for
 from .models.spec import get_module
 from .registry import method_for_config
@@ -79,9 +81,6 @@ class DepthConfig:
     """How many decoder blocks to remove: exactly one of `sparsity` and `layers`."""
     sparsity: float | None = None   # fraction of the decoder blocks, rounded half up (0.25 of 30 -> 8)
     layers: int | None = None       # exact number of blocks
-    # True when the method combines its per-window measurements across processes
-    # (`distributed.global_mean`), so it may run with distributed calibration
-    SHARDABLE: ClassVar[bool] = False
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.layers is None):
@@ -227,6 +226,25 @@ def prune_depth_(model: nn.Module, config: DepthConfig, calib: Tensor | None, *,
                            removed_blocks=removed, scores=choice.scores, notes=notes)
 
 
+def first_windows(calib: Tensor, samples: int | None) -> Tensor:
+    """The first `samples` calibration windows (all of them when None), for searches that may
+    use fewer windows than the pruning step was given (SLEB, LaCo).
+
+    Under distributed calibration `calib` is this process's share (a contiguous run of the whole
+    set, `distributed.shard`), and this returns the part of the global first `samples` that it
+    holds, so the processes together search on exactly the windows of a single-process run.
+    """
+    if samples is None:
+        return calib
+    start = distributed.offset(calib.shape[0])
+    mine = calib[:max(0, min(samples - start, calib.shape[0]))]
+    if distributed.all_sum(mine.shape[0] == 0)[0]:          # every process raises together
+        raise ValueError(f"samples={samples} keeps only the first {samples} calibration windows, which leaves "
+                         f"some of the {distributed.world_size()} processes without a window; raise samples, "
+                         "set it to null (all windows) or run fewer processes")
+    return mine
+
+
 def lowest(scores: list[float], count: int) -> list[int]:
     """Indices of the `count` smallest scores, ties to the lower index, sorted."""
     return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:count])
@@ -317,7 +335,8 @@ class BlockCache:
             return [_apply(self.head, h.to(self.device)).to(self.cache_device) for h in hidden]
 
     def nll(self, hidden: list[Tensor]) -> float:
-        """Mean next-token NLL of the calibration windows given the last block's output."""
+        """Mean next-token NLL of the calibration windows (of every process, under distributed
+        calibration) given the last block's output."""
         total, count = 0.0, 0
         softcap = getattr(self.model.config, "final_logit_softcapping", None)   # Gemma 2/3: the model's own logits
         with torch.no_grad(), onloaded(self.device, *self.head, self.lm_head):
@@ -328,7 +347,7 @@ class BlockCache:
                         logits = torch.tanh(logits / softcap) * softcap
                     total += float(F.cross_entropy(logits[:-1], ids[row, 1:].to(self.device), reduction="sum"))
                     count += ids.shape[1] - 1
-        return total / count
+        return global_mean(total, count)
 
 
 def _apply(modules: list[nn.Module], x: Tensor) -> Tensor:

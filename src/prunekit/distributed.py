@@ -100,7 +100,8 @@ def init_from_env(device: torch.device) -> torch.device:
         raise RuntimeError(f"the {backend} backend is not available in this torch build; "
                            + ("use --device cpu (gloo) or a CUDA build of torch with NCCL" if backend == "nccl"
                               else "install a torch build with gloo (the standard wheels have it)"))
-    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    # with NCCL, gloo as well for CPU tensors (the scalar sums of `all_sum`, `offset`)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend, timeout=TIMEOUT)
     return device
 
 
@@ -173,13 +174,30 @@ def reduce_stats_(stats) -> None:
         stats.sums_changed()            # cached float32 copies / factorisations of the local sums are stale
 
 
+def all_sum(*values: float) -> list[float]:
+    """Each value summed over every process (in float64): totals that each process accumulated
+    over its own windows (losses, similarities, output changes). The values in one process."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    return all_reduce_sum_(torch.tensor([float(v) for v in values], dtype=torch.float64)).tolist()
+
+
 def global_mean(total: float, count: int) -> float:
     """total / count over every process's (total, count): the mean of a per-token measurement
     that each process summed over its own windows (depth scores). Plain division in one process."""
+    total, count = all_sum(total, count)
+    return total / count
+
+
+def offset(count: int) -> int:
+    """The sum of `count` over the processes before this one: where this process's share starts
+    in the global numbering of calibration windows (or chunks), when `count` is the size of its
+    share. Every process must call it at the same point (it is a collective); 0 in one process."""
     if not is_distributed():
-        return total / count
-    sums = all_reduce_sum_(torch.tensor([float(total), float(count)], dtype=torch.float64))
-    return float(sums[0] / sums[1])
+        return 0
+    counts = torch.zeros(world_size(), dtype=torch.int64)
+    counts[rank()] = int(count)
+    return int(all_reduce_sum_(counts)[:rank()].sum())
 
 
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:

@@ -122,12 +122,6 @@ def _prune(model, config, calib, device, sequential, batch_size, cache_device, p
     windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
     if distributed.is_distributed():
         # every process was handed the same windows and keeps its share (see distributed.py)
-        if method.scope == "depth" and method.needs_calibration and not getattr(config, "SHARDABLE", False):
-            distributed.refuse(f"depth pruning with {method.name} (block-influence and angular are supported)")
-        if getattr(config, "allocation", "uniform") != "uniform":
-            distributed.refuse(f"allocation={config.allocation}")
-        if getattr(config, "uses_gradient", False):
-            distributed.refuse(f"{method.name} with gradient scores")
         calib = distributed.shard(calib, batch_size)
     if method.scope == "width":       # remove heads / channels: structured.py drives its own pass
         from .structured import prune_width_
@@ -164,7 +158,8 @@ def _prune(model, config, calib, device, sequential, batch_size, cache_device, p
         from .gradients import model_gradients
         names = [layer.name for groups in plan for group in groups for layer in group.layers]
         extras.gradients = model_gradients(model, calib, names, samples=config.gradient_samples,
-                                           device=device, progress=progress)
+                                           device=device, progress=progress, first_window=distributed.offset(
+                                               calib.shape[0]))
         extras.grad_windows = min(config.gradient_samples, extras.windows)
     _one_malloc_arena()
     try:
@@ -193,6 +188,8 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
             with residency.capturing(model, blocks):
                 hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
         start, hidden = residency.resume(blocks, hidden)      # > 0 when a recorded run continues
+        from .distributed import offset
+        first_chunk = offset(len(hidden)) if hidden is not None else 0    # this process's share (distributed)
         if hidden is not None:
             report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"prune {method.name}", enabled=progress)
@@ -211,7 +208,8 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
                     group.stats = observer(in_features(group.layers[0].module), device)
             if gradient_mode == "block":
                 from .gradients import block_gradients
-                step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device)
+                step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device,
+                                 first_chunk)
                 with torch.enable_grad():
                     extras.gradients = block_gradients(step, {l.name: l.module for g in groups for l in g.layers})
             records: list[LayerRecord] = []
@@ -501,9 +499,12 @@ def _keep(old: Tensor, new: Tensor, cache_device) -> Tensor:
 class BlockStep:
     """One decoder block during `block_stream`: on the compute device, with its cached inputs."""
 
-    def __init__(self, index, block, inputs, kwargs, device, cache_device):
+    def __init__(self, index, block, inputs, kwargs, device, cache_device, first_chunk: int = 0):
         self.index, self.block, self.inputs = index, block, inputs
         self.kwargs, self.device, self.cache_device = kwargs, device, cache_device
+        # global number of chunk 0: under distributed calibration this process holds chunks
+        # first_chunk, first_chunk + 1, ... of the whole set (seeds per chunk use the global number)
+        self.first_chunk = first_chunk
         self.outputs: list[Tensor] | None = None
         self.changed = False      # set it when the caller changed the block: out of core it is written back
 
@@ -532,6 +533,7 @@ def block_stream(model: nn.Module, calib: Tensor, *, device=None, batch_size: in
     (`offload.current()`): moved to `device` and back, or read from and written to disk.
     Structured, depth and scoring passes share this loop instead of copying it.
     """
+    from . import distributed
     from .offload import current
     residency = current()          # where blocks come from and go back to (offload.py)
     spec = spec_for(model)
@@ -541,14 +543,16 @@ def block_stream(model: nn.Module, calib: Tensor, *, device=None, batch_size: in
     with torch.no_grad(), residency.capturing(model, blocks):
         hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
     hidden = residency.keep(hidden)         # out of core: memory-mapped files
+    first_chunk = distributed.offset(len(hidden))
     bar = _progress(len(blocks), desc, enabled=progress)
     try:
         for index, block in enumerate(blocks):
             residency.load(block, device)
-            step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device)
+            step = BlockStep(index, block, hidden, [kw[index] for kw in kwargs], device, cache_device, first_chunk)
             yield step
             if step.outputs is None:
                 step.forward()
+            _check_finite_outputs(step.outputs, index, f"{spec.blocks}.{index}")
             hidden = step.outputs = residency.keep(step.outputs)
             residency.unload(block, changed=step.changed)
             bar.update(1)

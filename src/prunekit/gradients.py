@@ -18,6 +18,11 @@ Two estimators:
 
 Neither function changes the weights, their `requires_grad` or their `.grad` (gradients are taken
 with `torch.autograd.grad`, which does not write `.grad`).
+
+The squared gradients are summed in float64, and under distributed calibration the processes'
+sums are added (`distributed.all_reduce_sum_`) before the square root: each process backpropagates
+only its own windows, and the result is the single-process one (bit for bit in our tests, since
+float64 sums of the same float32 squares round to the same float32 in any grouping).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SparsityConfig
+from .distributed import all_reduce_sum_
 from .models.spec import get_module, is_linear, weight_view
 
 
@@ -82,10 +88,15 @@ class WithGradient:
 
 
 def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, samples: int,
-                    device: str | torch.device | None = None, progress: bool = True) -> dict[str, Tensor]:
+                    device: str | torch.device | None = None, progress: bool = True,
+                    first_window: int = 0) -> dict[str, Tensor]:
     """{name: sqrt(sum over windows of (dL/dW)^2)} as (out, in) float32 on CPU, for the linears
     `names` (full module names), from the first `samples` windows of `calib` (windows, seqlen).
     L is the mean next-token cross-entropy of one window (labels = input ids).
+
+    first_window: the global number of `calib[0]` when `calib` is this process's share of the
+    windows (distributed calibration): the process backpropagates those of the first `samples`
+    windows it holds, and the sums of all processes are added.
 
     The model runs on `device` (moved there and back if it lives elsewhere); the sums live on the
     CPU, as in the reference, so the accelerator holds only the model and one window's graph.
@@ -96,10 +107,10 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
             raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    windows = min(samples, int(calib.shape[0]))
+    windows = max(0, min(samples - first_window, int(calib.shape[0])))          # this process's part of them
     weights = [module.weight for module in modules.values()]
     conv1d = [type(module).__name__ == "Conv1D" for module in modules.values()]    # Conv1D stores (in, out)
-    sums = [torch.zeros(weight_view(module).shape, dtype=torch.float32) for module in modules.values()]
+    sums = [torch.zeros(weight_view(module).shape, dtype=torch.float64) for module in modules.values()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     training = model.training
@@ -122,6 +133,8 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
                 grad = grad.T if transposed else grad                              # (out, in)
                 total += grad.float().square().cpu()
             bar.update(1)
+        for total in sums:
+            all_reduce_sum_(total)
     finally:
         bar.close()
         if device != home:
@@ -129,18 +142,18 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
         model.train(training)
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return {name: total.sqrt() for name, total in zip(modules, sums)}
+    return {name: total.sqrt().float() for name, total in zip(modules, sums)}
 
 
 def block_gradients(step, modules: dict[str, nn.Module], *, seed: int = 0) -> dict[str, Tensor]:
     """{name: sqrt(sum over chunks of (dL/dW)^2)}, L = sum(Y * R) over one calibration chunk of
-    `step` (a `prunekit.engine.BlockStep`), R ~ N(0, 1) seeded by (seed, block index, chunk) as
-    `BlockTaylor` is. (out, in) float32 on CPU. `modules`: linears of `step.block` by name."""
+    `step` (a `prunekit.engine.BlockStep`), R ~ N(0, 1) seeded by (seed, block index, global chunk
+    number) as `BlockTaylor` is. (out, in) float32 on CPU. `modules`: linears of `step.block` by name."""
     params = list(step.block.parameters())
     flags = [p.requires_grad for p in params]
     weights = [module.weight for module in modules.values()]
     conv1d = [type(module).__name__ == "Conv1D" for module in modules.values()]
-    sums = [torch.zeros(weight_view(module).shape, dtype=torch.float32, device=step.device)
+    sums = [torch.zeros(weight_view(module).shape, dtype=torch.float64, device=step.device)
             for module in modules.values()]
     try:
         for p in params:
@@ -148,7 +161,7 @@ def block_gradients(step, modules: dict[str, nn.Module], *, seed: int = 0) -> di
         for weight in weights:
             weight.requires_grad_(True)
         for chunk in range(len(step.inputs)):
-            generator = torch.Generator().manual_seed(seed + 1_000_003 * step.index + chunk)
+            generator = torch.Generator().manual_seed(seed + 1_000_003 * step.index + step.first_chunk + chunk)
             with torch.enable_grad():
                 output = step.run_chunk(chunk)                                     # (batch, seqlen, hidden)
                 # drawn on the CPU, so the probe is the same on every device
@@ -159,7 +172,9 @@ def block_gradients(step, modules: dict[str, nn.Module], *, seed: int = 0) -> di
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return {name: total.sqrt().cpu() for name, total in zip(modules, sums)}
+    for total in sums:
+        all_reduce_sum_(total)
+    return {name: total.sqrt().float().cpu() for name, total in zip(modules, sums)}
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -87,6 +87,7 @@ class Coupled:
     per_group: int                               # units per KV group whose removal must be equal; 1 = free
     cost: int                                    # parameters removed with one unit
     head_dim: int = 1
+    name: str = ""                               # the consumer's module name, for messages
 
     def weights(self) -> tuple[list[Tensor], Tensor]:
         """(producer weights, consumer weight), each a float32 (out, in) tensor."""
@@ -160,7 +161,8 @@ def _heads(spec, config, index: int, block: nn.Module, cfg: WidthConfig) -> Coup
         producers = [(q, torch.cat([q_units, kv_units, kv_units]))]
     else:
         producers = [(q, q_units), (get_module(block, h.k), kv_units), (get_module(block, h.v), kv_units)]
-    return Coupled("heads", index, units, producers, o, q_units.clone(), per_group, cost, hd)
+    return Coupled("heads", index, units, producers, o, q_units.clone(), per_group, cost, hd,
+                   f"{spec.blocks}.{index}.{h.o}")
 
 
 def _channels(spec, index: int, block: nn.Module) -> Coupled:
@@ -173,7 +175,8 @@ def _channels(spec, index: int, block: nn.Module) -> Coupled:
         module = get_module(block, name)
         producers.append((module, torch.arange(n * c.fused) % n))
         cost += c.fused * (weight_view(module).shape[1] + _bias_numel(module))
-    return Coupled("channels", index, n, producers, consumer, torch.arange(n), 1, cost)
+    return Coupled("channels", index, n, producers, consumer, torch.arange(n), 1, cost,
+                   name=f"{spec.blocks}.{index}.{c.consumer}")
 
 
 def block_widths(model: nn.Module) -> list[dict]:
@@ -260,11 +263,19 @@ def _observe(step, groups: list[Coupled], method) -> list:
     if method.stats is None:
         step.forward()
         return [None] * len(groups)
+    from .distributed import reduce_stats_
     if getattr(method.stats, "needs_grad", False):
-        from .distributed import refuse
-        refuse(f"{method.name} (gradient scores per calibration chunk)")
-        return _observe_gradients(step, groups, method.stats)
-    stats = [method.stats(weight_view(g.consumer).shape[1], step.device) for g in groups]
+        stats = _observe_gradients(step, groups, method.stats)
+    else:
+        stats = _observe_inputs(step, groups, method.stats)
+    for observer in stats:      # distributed calibration: sum the processes' statistics before scoring
+        reduce_stats_(observer)
+    return stats
+
+
+def _observe_inputs(step, groups: list[Coupled], stats_cls) -> list:
+    """One observer of the consumer's input per group, over every calibration chunk."""
+    stats = [stats_cls(weight_view(g.consumer).shape[1], step.device) for g in groups]
     by_module = {g.consumer: s for g, s in zip(groups, stats)}
 
     def hook(module, args):
@@ -276,9 +287,6 @@ def _observe(step, groups: list[Coupled], method) -> list:
     finally:
         for handle in handles:
             handle.remove()
-    from .distributed import reduce_stats_
-    for observer in stats:      # distributed calibration: sum the processes' statistics before scoring
-        reduce_stats_(observer)
     return stats
 
 
@@ -293,7 +301,7 @@ def _observe_gradients(step, groups: list[Coupled], stats_cls) -> list:
     try:
         for i in range(len(step.inputs)):
             with torch.enable_grad():
-                stats[0].loss(step.run_chunk(i), step.index, i).backward()
+                stats[0].loss(step.run_chunk(i), step.index, step.first_chunk + i).backward()
             for s in stats:
                 s.update()
             for p in params:
@@ -318,7 +326,12 @@ def _unit_scores(group: Coupled, scores: Tensor, standardize: bool) -> Tensor:
         raise ValueError(f"a {group.kind} score needs {group.units} (per unit) or {columns} (per column) values, "
                          f"got {scores.numel()}")
     if not torch.isfinite(scores).all():
-        raise FloatingPointError(f"block {group.block}: non-finite {group.kind} scores (check the calibration data)")
+        # ranked, a NaN/Inf score (NaN activations, statistics or gradients) would remove arbitrary units
+        from .engine import NonFiniteError
+        raise NonFiniteError(f"block {group.block}, {group.name} ({group.kind}): the scores hold NaN/Inf (the "
+                             "calibration activations, statistics or gradients are not finite); nothing of this "
+                             "block was removed. Check the calibration text and the model dtype (float16 "
+                             "overflows: use float32 or bfloat16)")
     if standardize and scores.numel() > 1:
         scores = (scores - scores.mean()) / scores.std().clamp_min(1e-12)
     if scores.numel() == group.units:

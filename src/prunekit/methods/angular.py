@@ -37,7 +37,6 @@ TOKENS = ("last", "all")
 @dataclass(frozen=True)
 class AngularConfig(DepthConfig):
     token: str = "last"      # "last": last token of each window (paper); "all": every token
-    SHARDABLE = True         # per-row sums: distributed calibration adds the processes' sums
 
     def __post_init__(self):
         super().__post_init__()

@@ -26,7 +26,7 @@ from ..registry import register
 
 @dataclass(frozen=True)
 class BlockInfluenceConfig(DepthConfig):
-    SHARDABLE = True          # per-token sums: distributed calibration adds the processes' sums
+    pass
 
 
 def cosine_sum(inputs: list[Tensor], outputs: list[Tensor]) -> tuple[float, int]:

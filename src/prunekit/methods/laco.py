@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..depth import BlockCache, BlockChoice, DepthConfig, onloaded
+from ..depth import BlockCache, BlockChoice, DepthConfig, first_windows, onloaded
+from ..distributed import global_mean
 from ..registry import register
 
 
@@ -82,12 +83,13 @@ def collapse(base: dict[str, Tensor], followers: list[dict[str, Tensor]]) -> dic
 
 
 def window_similarity(x: list[Tensor], y: list[Tensor]) -> float:
-    """Mean over windows of the cosine similarity of two windows' hidden states, each flattened.
+    """Mean over windows of the cosine similarity of two windows' hidden states, each flattened
+    (over the windows of every process, under distributed calibration).
 
     x, y: one (windows, seq, hidden) tensor per calibration chunk.
     """
     sims = [F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=-1) for a, b in zip(x, y, strict=True)]
-    return float(torch.cat(sims).mean())
+    return global_mean(sum(float(s.sum(dtype=torch.float64)) for s in sims), sum(s.numel() for s in sims))
 
 
 def merged_block(base: nn.Module, followers: list[nn.Module]) -> nn.Module:
@@ -108,7 +110,7 @@ def laco(model, calib: Tensor, cfg: LaCoConfig, *, device=None, batch_size: int 
     scores: {"attempts": [{"base": l, "merged": [blocks], "similarity": s, "accepted": bool}]}, in
     the input model's numbering, in search order.
     """
-    windows = calib if cfg.samples is None else calib[:cfg.samples]
+    windows = first_windows(calib, cfg.samples)
     cache = BlockCache(model, windows, device=device, batch_size=batch_size, cache_device=cache_device,
                        progress=progress, desc="cache laco")
     count = cfg.blocks_to_remove(cache.num_blocks)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..depth import BlockCache, BlockChoice, DepthConfig
+from ..distributed import all_sum
+from ..depth import BlockCache, BlockChoice, DepthConfig, first_windows
 from ..registry import register
 
 
@@ -53,7 +54,7 @@ def sleb(model, calib: Tensor, cfg: SLEBConfig, *, device=None, batch_size: int 
              "steps": [{"removed": j, "perplexity": ppl after removing it,
                         "candidates": [ppl without block i, for every block i; None if already removed]}]}
     """
-    windows = calib if cfg.samples is None else calib[:cfg.samples]
+    windows = first_windows(calib, cfg.samples)
     cache = BlockCache(model, windows, device=device, batch_size=batch_size, cache_device=cache_device,
                        progress=progress, desc="cache sleb")
     count = cfg.blocks_to_remove(cache.num_blocks)
@@ -69,8 +70,9 @@ def sleb(model, calib: Tensor, cfg: SLEBConfig, *, device=None, batch_size: int 
         steps.append({"removed": best, "perplexity": perplexities[best],
                       "candidates": [perplexities.get(i) for i in range(cache.num_blocks)]})
     order = [step["removed"] for step in steps]
+    used, = all_sum(windows.shape[0])                   # every process's windows
     notes = [f"removal order {order}; calibration perplexity {dense:.3f} -> {steps[-1]['perplexity']:.3f} "
-             f"on {windows.shape[0]} windows of {windows.shape[1]} tokens"]
+             f"on {used:.0f} windows of {windows.shape[1]} tokens"]
     return BlockChoice(order, {"dense_perplexity": dense, "steps": steps}, notes)
 
 

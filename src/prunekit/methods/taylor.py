@@ -8,7 +8,8 @@ calibration tokens. A block's own reconstruction loss has zero gradient at the d
 the gradient is taken of a random projection of the output, L = sum(Y * R) with R ~ N(0, 1) per
 chunk: then (w_u . dL/dw_u)^2 = (R . J w_u)^2, whose expectation over R is ||J w_u||^2
 (Hutchinson's estimator). Summed over the calibration chunks, one backward pass per chunk through
-this block only.
+this block only. R is seeded by the block and the chunk's global number, so distributed
+calibration (each process its own chunks, the sums added) draws the same R as one process.
 """
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ class BlockTaylor:
     """Accumulates sum over chunks of (sum over the unit's weights of w * dL/dw)^2, per unit."""
     needs_grad = True
     seed = 0
+    SUMS = ("score",)         # a plain sum over chunks: processes' observers add (distributed.reduce_stats_)
 
     def __init__(self, group: Coupled):
         self.group = group
         self.score = torch.zeros(group.units, dtype=torch.float64)
+        self.tokens = 0       # chunks seen
 
     @classmethod
     def loss(cls, output: Tensor, block: int, chunk: int) -> Tensor:
@@ -57,6 +60,7 @@ class BlockTaylor:
         product, _ = _weight_times_grad(group.consumer)                         # (out, columns)
         first_order += group.unit_sum(product.sum(dim=0).double().cpu())
         self.score += first_order.square()
+        self.tokens += 1
 
 
 @dataclass(frozen=True)
