@@ -1,11 +1,14 @@
 """CPU benchmark of distributed calibration (issue 6, part 3): SmolLM2-135M pruned with Wanda and
-SparseGPT by 1 process and by 2 gloo processes on the same machine (`prunekit prune --nproc N`):
-the pruning wall time, and whether the results are equal.
+SparseGPT (and, with --method, the other calibrated methods) by 1 process and by 2 gloo processes
+on the same machine (`prunekit prune --nproc N`): the pruning wall time, and whether the results
+are equal.
 
     python bench/cpu_distributed.py                 # SmolLM2-135M, 64 windows x 512 tokens (the full run)
+    python bench/cpu_distributed.py --method wanda-owl --method taylor --method sleb --method gblm
     python bench/cpu_distributed.py --tiny          # a 2-layer Llama built from its config (tests, seconds)
 
-Protocol: float32 on CPU, 50% unstructured, true-sequential order; calibration = `samples`
+Protocol: float32 on CPU, 50% unstructured (`METHODS` gives each method's amount: OWL allocation
+at 50%, taylor 20% of the block parameters, SLEB 1 block), true-sequential order; calibration = `samples`
 windows of `seqlen` tokens from the offline default corpus (seed 0) in chunks of `batch-size`;
 no perplexity (the point is equality with the 1-process model, compared weight by weight). Every
 configuration gets the same cores: N processes run with OMP_NUM_THREADS = cores / N. Times:
@@ -37,7 +40,15 @@ import time
 from datetime import date
 from pathlib import Path
 
-METHODS = ("wanda", "sparsegpt")
+# name -> the `prunekit prune` arguments of its step; the first two are the default run
+METHODS = {
+    "wanda": ["--method", "wanda", "--sparsity", "0.5"],
+    "sparsegpt": ["--method", "sparsegpt", "--sparsity", "0.5"],
+    "wanda-owl": ["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl"],
+    "gblm": ["--method", "gblm", "--sparsity", "0.5", "--set", "steps.0.gradient_samples=8"],
+    "taylor": ["--method", "taylor", "--sparsity", "0.2"],
+    "sleb": ["--method", "sleb", "--layers", "1"],
+}
 
 
 def main(argv=None) -> int:
@@ -47,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8, help="calibration chunk size (shards are whole chunks)")
     parser.add_argument("--nproc", type=int, action="append", help="process counts to compare (default 1 and 2)")
-    parser.add_argument("--method", action="append", choices=METHODS, help="default: wanda and sparsegpt")
+    parser.add_argument("--method", action="append", choices=list(METHODS), help="default: wanda and sparsegpt")
     parser.add_argument("--no-control", action="store_true", help="skip the half-chunk 1-process control run")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per process for every run (default: cores / N, the same cores for each N); "
@@ -59,7 +70,7 @@ def main(argv=None) -> int:
     nprocs = args.nproc or [1, 2]
     if nprocs[0] != 1:
         parser.error("the first --nproc is the reference and must be 1")
-    methods = args.method or list(METHODS)
+    methods = args.method or ["wanda", "sparsegpt"]
 
     with tempfile.TemporaryDirectory(prefix="prunekit-bench-dist-") as scratch:
         work = args.work or Path(scratch)
@@ -88,7 +99,8 @@ def main(argv=None) -> int:
             row.pop("path")
     result = {"machine": machine(), "date": date.today().isoformat(),
               "protocol": {"model": args.model if not args.tiny else "tiny 2-layer llama", "samples": args.samples,
-                           "seqlen": args.seqlen, "batch_size": args.batch_size, "sparsity": 0.5,
+                           "seqlen": args.seqlen, "batch_size": args.batch_size,
+                           "steps": {method: " ".join(METHODS[method]) for method in methods},
                            "sequential": "true", "backend": "gloo", "dtype": "float32",
                            "threads_per_process": args.threads or "cores / N",
                            "control": "1 process, half the chunk size" if not args.no_control else None},
@@ -104,7 +116,7 @@ def _prune(model: str, method: str, nproc: int, args, work: Path, batch_size: in
     """One `prunekit prune` in a fresh interpreter (under torchrun when nproc > 1)."""
     batch_size = batch_size or args.batch_size
     out_dir, json_path = work / f"{method}-n{nproc}-b{batch_size}", work / f"{method}-n{nproc}-b{batch_size}.json"
-    command = [sys.executable, "-m", "prunekit", "prune", model, "--method", method, "--sparsity", "0.5",
+    command = [sys.executable, "-m", "prunekit", "prune", model, *METHODS[method],
                "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--no-eval", "--out", str(out_dir),
                "--overwrite", "--json", str(json_path), "--set", f"calibration.batch_size={batch_size}",
                "--nproc", str(nproc)]
@@ -116,7 +128,8 @@ def _prune(model: str, method: str, nproc: int, args, work: Path, batch_size: in
     step = json.loads(json_path.read_text())["steps"][0]
     return {"method": method, "nproc": nproc, "batch_size": batch_size, "threads_per_process": threads,
             "prune_s": round(step["seconds"], 2), "wall_s": round(wall, 2),
-            "sparsity": round(step["sparsity_of_pruned_layers"], 4), "path": str(out_dir)}
+            "sparsity": round(step["sparsity_of_pruned_layers"], 4) if "sparsity_of_pruned_layers" in step else None,
+            "removed_fraction": step.get("removed_fraction_of_block_params"), "path": str(out_dir)}
 
 
 def compare(a: str | Path, b: str | Path) -> dict:
