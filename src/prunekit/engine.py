@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .masks import check_pruned
 from .models import spec_for
 from .models.spec import get_module, in_features, is_linear, weight_view
@@ -118,7 +119,6 @@ def _prune(model, config, calib, device, sequential, batch_size, cache_device, p
     if compensate is not None and method.scope != "linear":
         raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
                          "units, which changes the layers' shapes (put eora after a wanda/sparsegpt/... step)")
-    from . import distributed
     windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
     if distributed.is_distributed():
         # every process was handed the same windows and keeps its share (see distributed.py)
@@ -157,9 +157,8 @@ def _prune(model, config, calib, device, sequential, batch_size, cache_device, p
     if gradient_mode == "model":
         from .gradients import model_gradients
         names = [layer.name for groups in plan for group in groups for layer in group.layers]
-        extras.gradients = model_gradients(model, calib, names, samples=config.gradient_samples,
-                                           device=device, progress=progress, first_window=distributed.offset(
-                                               calib.shape[0]))
+        extras.gradients = model_gradients(model, calib, names, samples=config.gradient_samples, device=device,
+                                           progress=progress, first_window=distributed.offset(calib.shape[0]))
         extras.grad_windows = min(config.gradient_samples, extras.windows)
     _one_malloc_arena()
     try:
@@ -188,8 +187,7 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
             with residency.capturing(model, blocks):
                 hidden, kwargs = _capture(model, blocks, calib, batch_size, device, cache_device)
         start, hidden = residency.resume(blocks, hidden)      # > 0 when a recorded run continues
-        from .distributed import offset
-        first_chunk = offset(len(hidden)) if hidden is not None else 0    # this process's share (distributed)
+        first_chunk = distributed.offset(len(hidden)) if hidden is not None else 0   # where this process's share starts
         if hidden is not None:
             report.memory_budget = _memory_budget(model, blocks, plan, hidden, sequential)
         bar = _progress(len(blocks), f"prune {method.name}", enabled=progress)
@@ -308,14 +306,13 @@ def _plan_block(spec, index: int, block: nn.Module, config, allocation=None) -> 
 def _prune_group(group: _Group, method, config, block_index: int, device, block=None,
                  extras: _Extras | None = None) -> list[LayerRecord]:
     """Apply the method to every layer of the group, write the weights back, verify them."""
-    from .distributed import broadcast_, reduce_stats_
     group.pruned = True
     # Distributed calibration: the one place where the processes' observers are summed, so every
     # process decides from the statistics of all windows (a no-op in a single process). Every
     # process prunes the same groups in the same order, so these collectives always pair up; in
     # true-sequential mode only the last lockstep thread of each process gets here (the others
     # wait at the meeting point), so each process issues each collective exactly once.
-    reduce_stats_(group.stats)
+    distributed.reduce_stats_(group.stats)
     _check_finite_statistics(group, block_index)        # all processes' sums; before any weight of the group is written
     if group.permutable and getattr(config, "permute", False) and config.nm and method.score is not None:
         _permute(group, method, config, block, extras.spec, device)
@@ -340,7 +337,7 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
             raise NonFiniteError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
                                      "(check the calibration data and the model dtype)")
         stored.copy_(W_new.to(stored.dtype))
-        broadcast_(stored)            # identical already (same statistics); this makes it certain
+        distributed.broadcast_(stored)     # identical already (same statistics); this makes it certain
         if extras is not None and extras.compensate is not None:
             _compensate(layer, W, stored.float(), group.stats, extras)
         error = None
@@ -533,7 +530,6 @@ def block_stream(model: nn.Module, calib: Tensor, *, device=None, batch_size: in
     (`offload.current()`): moved to `device` and back, or read from and written to disk.
     Structured, depth and scoring passes share this loop instead of copying it.
     """
-    from . import distributed
     from .offload import current
     residency = current()          # where blocks come from and go back to (offload.py)
     spec = spec_for(model)
