@@ -158,14 +158,18 @@ def test_cli_nproc_2_equals_one_process(tiny_model_dir, tmp_path):
     assert report["steps"][0]["calibration_windows"] == 8           # the whole set, not rank 0's share
 
 
-def test_out_of_core_recipe_with_2_processes_equals_one_in_memory(tiny_model_dir, tmp_path):
-    """`prunekit run --nproc 2` of a width + unstructured recipe with `offload: disk`: both
-    processes stream the blocks, rank 0 writes each step's checkpoint, the result is the one of a
-    single in-memory process with the same BLAS thread count."""
+@pytest.mark.parametrize("steps", [
+    [{"method": "flap", "sparsity": 0.2, "uniform": True}, {"method": "wanda", "sparsity": 0.5}],
+    [{"method": "taylor", "sparsity": 0.2}, {"method": "wanda", "sparsity": 0.5, "allocation": "sensitivity"},
+     {"method": "sleb", "layers": 1}],
+], ids=["flap-wanda", "taylor-sensitivity-sleb"])
+def test_out_of_core_recipe_with_2_processes_equals_one_in_memory(tiny_model_dir, tmp_path, steps):
+    """`prunekit run --nproc 2` of a width + unstructured (+ depth) recipe with `offload: disk`:
+    both processes stream the blocks, rank 0 writes each step's checkpoint, the result is the one
+    of a single in-memory process with the same BLAS thread count."""
     import yaml
     recipe = {"model": str(tiny_model_dir), "calibration": {"samples": 8, "seqlen": 16, "batch_size": 2},
-              "steps": [{"method": "flap", "sparsity": 0.2, "uniform": True},
-                        {"method": "wanda", "sparsity": 0.5}]}
+              "steps": steps}
     (tmp_path / "memory.yaml").write_text(yaml.safe_dump({**recipe, "export": {"path": str(tmp_path / "one")}}))
     (tmp_path / "disk.yaml").write_text(yaml.safe_dump({**recipe, "offload": "disk",
                                                         "export": {"path": str(tmp_path / "two")}}))
