@@ -83,6 +83,32 @@ def test_interrupted_run_resumes_identically(tmp_path, deep_model_dir, monkeypat
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_crash_between_the_activations_and_the_manifest_resumes_identically(tmp_path, deep_model_dir, monkeypatch):
+    """Killed after block 3's activations were written but before the manifest named block 3:
+    the resumption must start at block 3 from the activations after block 2, not from the newer file."""
+    from prunekit.runs import Run
+    run_recipe(_recipe(deep_model_dir, tmp_path / "whole"), progress=False, echo=_quiet)
+    original = Run._save
+
+    def crash_when_block_3_is_recorded(self):
+        if "3" in self.manifest["steps"].get("0", {}):
+            raise KeyboardInterrupt
+        original(self)
+    monkeypatch.setattr(Run, "_save", crash_when_block_3_is_recorded)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(_recipe(deep_model_dir, tmp_path / "out"), progress=False, echo=_quiet, run_dir=run)
+    monkeypatch.setattr(Run, "_save", original)
+    assert sorted(p.name for p in run.glob("activations-*")) == [
+        "activations-step0-block2-rank0.safetensors", "activations-step0-block3-rank0.safetensors"]
+    run_recipe(_recipe(deep_model_dir, tmp_path / "out"), progress=False, echo=_quiet, run_dir=run, resume=True)
+    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert [p.name for p in run.glob("activations-*")] == ["activations-step0-block7-rank0.safetensors"]
+
+
 def test_resume_refuses_changed_recipe_or_weights(tmp_path, deep_model_dir):
     import shutil
     model = tmp_path / "model"

@@ -6,7 +6,10 @@ Issue 6, part 2. The run directory holds
                              blocks (with their per-layer records); rewritten atomically
   blocks/step<S>-block<I>.safetensors   the block's pruned tensors (with --offload disk these
                              are also the output shards: they are linked into the export)
-  activations.safetensors    the calibration activations after the last finished block
+  activations-step<S>-block<I>-rank<R>.safetensors   the calibration activations after the
+                             last finished block (of process R's windows); the one of the previous
+                             block is deleted only once the manifest names the new one, so a crash
+                             between the two writes resumes from a consistent pair
   step<K>/                   the whole model after step K of a multi-step recipe (a standard
                              checkpoint, written atomically; only the latest is kept)
 
@@ -30,8 +33,9 @@ from pathlib import Path
 
 import torch
 
+from .distributed import rank
+
 MANIFEST = "manifest.json"
-ACTIVATIONS = "activations.safetensors"
 MIB = 1 << 20
 
 
@@ -142,6 +146,10 @@ class Run:
     def block_file(self, step: int, index: int) -> Path:
         return self.blocks_dir / f"step{step}-block{index}.safetensors"
 
+    def activations_file(self, step: int, index: int) -> Path:
+        """This process's calibration activations after block `index` of `step`."""
+        return self.path / f"activations-step{step}-block{index}-rank{rank()}.safetensors"
+
     def records(self, step: int) -> list[dict]:
         blocks = self.manifest["steps"].get(str(step), {})
         return [record for i in sorted(blocks, key=int) for record in blocks[i]]
@@ -185,7 +193,11 @@ class Recorded:
             prefix = next(iter(state)).split(f".{index}.")[0] + f".{index}."
             blocks[index].load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
         if hidden is not None:
-            state = load_file(str(self.run.path / ACTIVATIONS))
+            path = self.run.activations_file(self.step, done[-1])
+            if not path.is_file():
+                raise ValueError(f"{self.run.path}: {path.name} (the activations after the last finished block) is "
+                                 "missing; the run directory is damaged, choose a new --run-dir")
+            state = load_file(str(path))
             hidden = [state[f"chunk{i}"].to(device=hidden[i].device) for i in range(len(hidden))]
             _, hidden = self.inner.resume(blocks, hidden)          # spills them again under disk offload
         return done[-1] + 1, hidden
@@ -214,13 +226,18 @@ class Recorded:
 
     def done(self, index, records, hidden):
         from safetensors.torch import save_file
+        path = None
         if hidden is not None:
             tensors = {f"chunk{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
-            _write_atomic(self.run.path / ACTIVATIONS,
-                          lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "after": str(index)}))
+            path = self.run.activations_file(self.step, index)
+            _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         step = self.run.manifest["steps"].setdefault(str(self.step), {})
         step[str(index)] = [_jsonable(r) for r in records]
         self.run._save()
+        if path is not None:   # the manifest names block `index` now: earlier activations are not needed
+            for old in self.run.path.glob(f"activations-*-rank{rank()}.safetensors"):
+                if old != path:
+                    old.unlink()
 
 
 def _named_with_prefix(block, index):
