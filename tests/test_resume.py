@@ -168,6 +168,76 @@ def test_sigkill_then_resume(tmp_path, deep_model_dir):
         assert torch.equal(got[name], expected[name]), name
 
 
+def _tree(root: int) -> list[int]:
+    """`root` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    order, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        order.append(pid)
+        todo += children.get(pid, [])
+    return order
+
+
+def _kill_when_recorded(cmd, env, run, blocks: int) -> None:
+    """Start `cmd`, SIGKILL it and every process it started (torchrun and its workers) once the
+    manifest of `run` records `blocks` blocks of step 0."""
+    for attempt in range(3):            # the run may finish before the poll sees the blocks: try again
+        if run.exists():
+            import shutil
+            shutil.rmtree(run)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            try:
+                steps = json.loads((run / "manifest.json").read_text())["steps"]
+            except (OSError, ValueError):
+                steps = {}
+            if len(steps.get("0", {})) >= blocks:
+                for pid in _tree(proc.pid):     # torchrun starts its workers in sessions of their own
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait()
+                return
+            time.sleep(0.005)
+    pytest.fail("the run finished before it could be killed three times")
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_sigkill_of_a_2_process_run_then_resume(tmp_path, deep_model_dir, offload):
+    """`prunekit prune --nproc 2 --run-dir`: kill torchrun and both workers once block 2 is
+    recorded, resume with 2 processes: equal to one uninterrupted process (same thread count).
+    Resuming with another number of processes is refused."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("WORLD_SIZE", None)
+    base = [sys.executable, "-m", "prunekit", "prune", str(deep_model_dir), "--method", "sparsegpt",
+            "--sparsity", "0.5", "--samples", "8", "--seqlen", "16", "--no-eval", "--offload", offload,
+            "--set", "calibration.batch_size=2"]
+    subprocess.run(base + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    cmd = base + ["--out", str(tmp_path / "out"), "--run-dir", str(run), "--nproc", "2"]
+    _kill_when_recorded(cmd, env, run, blocks=3)
+    assert not (tmp_path / "out").exists()
+    kept = {p.name.rsplit("-", 1)[1] for p in run.glob("activations-*")}
+    assert kept == {"rank0.safetensors", "rank1.safetensors"}           # each process's own windows
+    one = subprocess.run(base + ["--out", str(tmp_path / "out"), "--run-dir", str(run), "--resume"], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 2 and "inputs changed (processes)" in one.stderr
+    two = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
 def test_run_dir_refuses_unmerged_eora_and_resume_without_a_run_dir(tmp_path, deep_model_dir):
     recipe = recipe_from_dict({"model": str(deep_model_dir), "steps": [{"method": "wanda", "sparsity": 0.5},
                                                                        {"method": "eora", "rank": 2}]})

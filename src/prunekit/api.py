@@ -120,8 +120,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
         run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(_checkpoint_dir(recipe), calib), resume)
     cache_device = recipe.cache_device or ("cpu" if recipe.offload == "cpu" else None)
 
-    if run is not None and distributed.is_distributed():
-        raise ValueError("--run-dir is for single-process runs; run distributed calibration without it")
     start = 0
     if run is not None and run.last_step() >= 0:         # resume after the last finished step
         from .loading import load_pruned
@@ -248,13 +246,16 @@ def _save_step(run, index: int, model, tokenizer, recipe: Recipe, reports: list[
     resumption starts from it (only the latest such checkpoint is kept)."""
     if run is None or index >= len(recipe.steps) - 1:
         return
+    from . import distributed
     from .export import save_pretrained_atomic
     from .structured import block_widths, stock_widths
     widths = block_widths(model)
     record = {"recipe": recipe_to_dict(recipe), "steps": [_without_blocks(r) for r in reports],
               "structure": {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}}
-    save_pretrained_atomic(model, tokenizer, run.step_dir(index), metadata=record, overwrite=True)
-    run.forget_steps_before(index)
+    if distributed.is_main():           # every process holds the same model
+        save_pretrained_atomic(model, tokenizer, run.step_dir(index), metadata=record, overwrite=True)
+        run.forget_steps_before(index)
+    distributed.barrier()
 
 
 def _without_blocks(report: dict) -> dict:
@@ -337,8 +338,6 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     if not main:                   # one voice: rank 0 prints, shows progress and writes every checkpoint
         echo, progress = (lambda *args, **kwargs: None), False
     if distributed.is_distributed():
-        if run_dir is not None:
-            raise ValueError("--run-dir is for single-process runs; run distributed calibration without it")
         echo(f"distributed calibration: {distributed.world_size()} processes "
              f"({'nccl' if device.type == 'cuda' else 'gloo'}), out of core; rank 0 writes the checkpoints")
     for step in recipe.steps:
@@ -353,8 +352,10 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     if run_dir is not None:
         from .runs import Run, inputs_fingerprint
         run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(location, calib), resume)
-        for leftover in run.path.glob(".step*.tmp-*"):     # a killed step's staging folder
-            shutil.rmtree(leftover, ignore_errors=True)
+        if main:
+            for leftover in run.path.glob(".step*.tmp-*"):     # a killed step's staging folder
+                shutil.rmtree(leftover, ignore_errors=True)
+        distributed.barrier()           # before any process stages the next step there
     if recipe.eval is not None:
         echo(f"note: perplexity is skipped with --offload disk (the model is never whole in memory); "
              f"evaluate the output with `prunekit eval {recipe.export.path}`")

@@ -22,6 +22,13 @@ to an uninterrupted run. Writing follows the usual rule: temp file, fsync, renam
 Granularity: unstructured/N:M steps resume block by block; a recipe of several steps resumes after
 its last finished step (`step<K>/`), so a width, depth or recovery step that was interrupted
 restarts from its own beginning, never from the dense model.
+
+Distributed calibration (`--nproc N` / torchrun): every process keeps its own activations (of its
+share of the windows, hence `rank<R>` in the name); process 0 writes the manifest, the block files
+and the step checkpoints, which hold the same weights on every process. A block is recorded only
+once every process has written its activations after it (a barrier before the manifest), and the
+older activations go only after the manifest names the block (a barrier after it). The number of
+processes is part of the fingerprint: a run resumes with as many processes as it started with.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .distributed import rank
 
 MANIFEST = "manifest.json"
@@ -82,7 +90,8 @@ def inputs_fingerprint(model_location: Path, calib: torch.Tensor | None) -> dict
     calib_hash = None
     if calib is not None:
         calib_hash = hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"files": files, "calibration": calib_hash, "prunekit": library_versions().get("prunekit")}
+    return {"files": files, "calibration": calib_hash, "prunekit": library_versions().get("prunekit"),
+            "processes": distributed.world_size()}
 
 
 class Run:
@@ -108,18 +117,24 @@ class Run:
                                  "run it unchanged, or choose a new --run-dir")
             if self.manifest["inputs"] != fingerprint:
                 old, new = self.manifest["inputs"], fingerprint
-                changed = [k for k in ("calibration", "prunekit") if old.get(k) != new.get(k)]
+                changed = [k for k in ("calibration", "prunekit", "processes") if old.get(k) != new.get(k)]
                 changed += [f for f in set(old["files"]) | set(new["files"])
                             if old["files"].get(f) != new["files"].get(f)]
                 raise ValueError(f"cannot resume {self.path}: the inputs changed ({', '.join(sorted(changed))}); "
-                                 "a resumed run must see the same model and calibration data; choose a new --run-dir")
+                                 "a resumed run must see the same model, calibration data and number of processes; "
+                                 "choose a new --run-dir")
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = {"recipe": recipe_dict, "inputs": fingerprint, "created": _now(), "steps": {}}
-        self.blocks_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()            # every process has checked the old manifest before it is rewritten
+        if distributed.is_main():
+            self.blocks_dir.mkdir(parents=True, exist_ok=True)
         self._save()
+        distributed.barrier()
 
     def _save(self) -> None:
+        """Write the manifest (process 0 only: every process holds the same one)."""
+        if not distributed.is_main():
+            return
         self.manifest["updated"] = _now()
         text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
         _write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
@@ -134,8 +149,11 @@ class Run:
         return max(done, default=-1)
 
     def forget_steps_before(self, step: int) -> None:
-        """Remove the checkpoints of steps before `step` (only the latest is needed to resume)."""
+        """Remove the checkpoints of steps before `step` (only the latest is needed to resume);
+        process 0 does it."""
         import shutil
+        if not distributed.is_main():
+            return
         for k in range(step):
             if self.step_dir(k).exists():
                 shutil.rmtree(self.step_dir(k), ignore_errors=True)
@@ -169,7 +187,7 @@ class Recorded:
 
     def __init__(self, run: Run, step: int, inner):
         self.run, self.step, self.inner = run, step, inner
-        if hasattr(inner, "block_file"):                  # disk: its shards are the run's block files
+        if hasattr(inner, "block_file") and distributed.is_main():   # disk: its shards are the run's block files
             inner.block_file = lambda index: run.block_file(step, index)
 
     def capturing(self, model, blocks):
@@ -220,6 +238,8 @@ class Recorded:
             self.inner.offload(index, block)              # writes run.block_file (atomic rename)
             return
         self.inner.offload(index, block)
+        if not distributed.is_main():                     # the same weights as process 0's, which writes them
+            return
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in _named_with_prefix(block, index)}
         _write_atomic(self.run.block_file(self.step, index),
                       lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -231,9 +251,11 @@ class Recorded:
             tensors = {f"chunk{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
             path = self.run.activations_file(self.step, index)
             _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        distributed.barrier()      # every process's activations after block `index` are on disk
         step = self.run.manifest["steps"].setdefault(str(self.step), {})
         step[str(index)] = [_jsonable(r) for r in records]
         self.run._save()
+        distributed.barrier()      # the manifest names block `index` (before anyone deletes what it replaced)
         if path is not None:   # the manifest names block `index` now: earlier activations are not needed
             for old in self.run.path.glob(f"activations-*-rank{rank()}.safetensors"):
                 if old != path:
