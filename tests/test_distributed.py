@@ -143,7 +143,7 @@ def test_unsupported_features_refuse_clearly(two_process_results):
 def test_cli_nproc_2_equals_one_process(tiny_model_dir, tmp_path):
     args = ["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--samples", "8",
             "--seqlen", "16", "--no-eval", "--set", "calibration.batch_size=2"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0
     command = [sys.executable, "-m", "prunekit", *args, "--out", str(tmp_path / "two"), "--nproc", "2",
                "--json", str(tmp_path / "two.json")]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
@@ -156,6 +156,11 @@ def test_cli_nproc_2_equals_one_process(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "two.json").read_text())
     assert report["distributed"] == {"processes": 2, "rank": 0}
     assert report["steps"][0]["calibration_windows"] == 8           # the whole set, not rank 0's share
+    # reconstruction errors over the probe rows of both processes: what one process measures on all windows
+    single = json.loads((tmp_path / "one.json").read_text())["steps"][0]["layers"]
+    assert [layer["name"] for layer in single] == [layer["name"] for layer in report["steps"][0]["layers"]]
+    for a, b in zip(single, report["steps"][0]["layers"]):
+        assert b["error"] == pytest.approx(a["error"], rel=1e-4), a["name"]
 
 
 @pytest.mark.parametrize("steps", [

@@ -19,7 +19,7 @@ This is data parallelism over calibration windows (no model sharding): each proc
 model (on CPU) and one block on its compute device, so memory per process is that of a
 single-process run with 1/N of the cached activations, and observing costs 1/N of the time.
 What is not split: capture, the pruning math itself, and perplexity (rank 0 evaluates; the others
-wait). The reconstruction error in the report is rank 0's, measured on its own windows.
+wait). The reconstruction errors in the report add every process's probe rows.
 
 Backends: `gloo` on CPU, `nccl` when the compute device is CUDA (each process then uses
 cuda:LOCAL_RANK). Several machines: the standard torchrun rendezvous, with the model, data and

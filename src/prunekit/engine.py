@@ -216,7 +216,8 @@ def _prune_blocks(model, blocks, plan, method, config, calib, report, extras, ob
                 for group in groups:
                     prune(group)
             else:
-                probe_every = max(1, math.ceil(calib.numel() / PROBE_ROWS))
+                # of all windows (every process's): the same probe rows as a single process
+                probe_every = max(1, math.ceil(extras.windows * calib.shape[1] / PROBE_ROWS))
                 hidden = _run_block(block, groups, hidden, [kw[index] for kw in kwargs], device, cache_device,
                                     sequential, prune, probe_every)
                 _check_finite_outputs(hidden, index, f"{extras.spec.blocks}.{index}")
@@ -341,9 +342,10 @@ def _prune_group(group: _Group, method, config, block_index: int, device, block=
         if extras is not None and extras.compensate is not None:
             _compensate(layer, W, stored.float(), group.stats, extras)
         error = None
-        if X is not None:
-            reference = X @ W.T
-            error = float((X @ (W - stored.float()).T).norm() / reference.norm().clamp_min(1e-12))
+        if X is not None:      # ||X (W - W')|| / ||X W|| over the probe rows of every process
+            moved, total = distributed.all_sum(float((X @ (W - stored.float()).T).square().sum()),
+                                               float((X @ W.T).square().sum()))
+            error = math.sqrt(moved / max(total, 1e-24))
         note = _solver_note(group.stats, layer_config)
         if note:
             log.warning("%s: %s", layer.name, note)
