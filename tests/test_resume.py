@@ -131,43 +131,6 @@ def test_resume_refuses_changed_recipe_or_weights(tmp_path, deep_model_dir):
                    run_dir=tmp_path / "empty", resume=True)
 
 
-def test_sigkill_then_resume(tmp_path, deep_model_dir):
-    """SIGKILL a CLI run once block 1 is recorded, resume it, compare with an uninterrupted run."""
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "prunekit", "prune", str(deep_model_dir), "--method", "sparsegpt",
-            "--sparsity", "0.5", "--samples", "8", "--seqlen", "16", "--no-eval"]
-    subprocess.run(base + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
-    run = tmp_path / "run"
-    cmd = base + ["--out", str(tmp_path / "out"), "--run-dir", str(run)]
-    killed = False
-    for attempt in range(3):            # the run may finish before the poll sees block 1: try again
-        if run.exists():
-            import shutil
-            shutil.rmtree(run)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None:
-            try:
-                steps = json.loads((run / "manifest.json").read_text())["steps"]
-            except (OSError, ValueError):
-                steps = {}
-            if len(steps.get("0", {})) >= 2:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                killed = True
-                break
-            time.sleep(0.005)
-        if killed:
-            break
-        import shutil
-        shutil.rmtree(tmp_path / "out", ignore_errors=True)
-    assert killed, "the run finished before it could be killed three times"
-    subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True)
-    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
-    assert sorted(got) == sorted(expected)
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
-
-
 def _tree(root: int) -> list[int]:
     """`root` and all its descendants (from /proc), parents first."""
     children: dict[int, list[int]] = {}
@@ -185,20 +148,21 @@ def _tree(root: int) -> list[int]:
     return order
 
 
-def _kill_when_recorded(cmd, env, run, blocks: int) -> None:
-    """Start `cmd`, SIGKILL it and every process it started (torchrun and its workers) once the
-    manifest of `run` records `blocks` blocks of step 0."""
-    for attempt in range(3):            # the run may finish before the poll sees the blocks: try again
-        if run.exists():
-            import shutil
-            shutil.rmtree(run)
+def _kill_when(cmd, env, run: Path, out: Path, ready) -> None:
+    """Start `cmd`; once `ready(run, steps)` holds (steps: the manifest's finished blocks per
+    step), SIGKILL it and every process it started (torchrun and its workers). A run that
+    finishes first is cleared away and started again, three times at most."""
+    import shutil
+    for attempt in range(3):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None:
             try:
                 steps = json.loads((run / "manifest.json").read_text())["steps"]
             except (OSError, ValueError):
                 steps = {}
-            if len(steps.get("0", {})) >= blocks:
+            if ready(run, steps):
                 for pid in _tree(proc.pid):     # torchrun starts its workers in sessions of their own
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -208,6 +172,22 @@ def _kill_when_recorded(cmd, env, run, blocks: int) -> None:
                 return
             time.sleep(0.005)
     pytest.fail("the run finished before it could be killed three times")
+
+
+def test_sigkill_then_resume(tmp_path, deep_model_dir):
+    """SIGKILL a CLI run once block 1 is recorded, resume it, compare with an uninterrupted run."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "prunekit", "prune", str(deep_model_dir), "--method", "sparsegpt",
+            "--sparsity", "0.5", "--samples", "8", "--seqlen", "16", "--no-eval"]
+    subprocess.run(base + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    cmd = base + ["--out", str(tmp_path / "out"), "--run-dir", str(run)]
+    _kill_when(cmd, env, run, tmp_path / "out", lambda run, steps: len(steps.get("0", {})) >= 2)
+    subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True)
+    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
 
 
 @pytest.mark.parametrize("offload", ["none", "disk"])
@@ -223,7 +203,7 @@ def test_sigkill_of_a_2_process_run_then_resume(tmp_path, deep_model_dir, offloa
     subprocess.run(base + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
     run = tmp_path / "run"
     cmd = base + ["--out", str(tmp_path / "out"), "--run-dir", str(run), "--nproc", "2"]
-    _kill_when_recorded(cmd, env, run, blocks=3)
+    _kill_when(cmd, env, run, tmp_path / "out", lambda run, steps: len(steps.get("0", {})) >= 3)
     assert not (tmp_path / "out").exists()
     kept = {p.name.rsplit("-", 1)[1] for p in run.glob("activations-*")}
     assert kept == {"rank0.safetensors", "rank1.safetensors"}           # each process's own windows
@@ -317,26 +297,8 @@ def test_sigkill_in_a_multi_step_out_of_core_run_then_resume(tmp_path, deep_mode
     subprocess.run(recipe("whole"), env=env, check=True, capture_output=True)
     run = tmp_path / "run"
     cmd = recipe("out") + ["--run-dir", str(run)]
-    killed = False
-    for attempt in range(3):
-        import shutil
-        shutil.rmtree(run, ignore_errors=True)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None:
-            try:
-                steps = json.loads((run / "manifest.json").read_text())["steps"]
-            except (OSError, ValueError):
-                steps = {}
-            if (run / "step0" / "prunekit.json").is_file() and len(steps.get("1", {})) >= 1:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                killed = True
-                break
-            time.sleep(0.005)
-        if killed:
-            break
-        shutil.rmtree(tmp_path / "out", ignore_errors=True)
-    assert killed, "the run finished before it could be killed three times"
+    _kill_when(cmd, env, run, tmp_path / "out",
+               lambda run, steps: (run / "step0" / "prunekit.json").is_file() and len(steps.get("1", {})) >= 1)
     subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True)
     expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
