@@ -83,14 +83,20 @@ def cases() -> dict:
     }
 
 
-def run_case(name: str) -> dict:
+def run_case(name: str) -> tuple[dict, dict]:
+    """(the pruned state dict, the measurements behind the decisions): the depth methods' scores
+    (block influence, SLEB's perplexities, LaCo's similarities), the allocation's block scores and
+    the per-layer reconstruction errors, all of which must add every process's windows."""
     from prunekit import prune_
+    from prunekit.export import to_jsonable
     case = cases()[name]
     config, sequential, windows, batch_size, family, compensate = (*case, *("llama", None)[len(case) - 4:])
     model = model_for(family)
-    prune_(model, config, calib(windows), sequential=sequential, batch_size=batch_size, progress=False,
-           compensate=compensate)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    report = prune_(model, config, calib(windows), sequential=sequential, batch_size=batch_size, progress=False,
+                    compensate=compensate)
+    summary = {"scores": getattr(report, "scores", None), "allocation": getattr(report, "allocation", None),
+               "errors": [layer.error for layer in getattr(report, "layers", [])]}
+    return {k: v.clone() for k, v in model.state_dict().items()}, to_jsonable(summary)
 
 
 def observer_data(rank: int) -> torch.Tensor:
@@ -163,8 +169,9 @@ def main(out: str) -> None:
     gathered = [None] * distributed.world_size()
     torch.distributed.all_gather_object(gathered, offsets())
     if rank == 0:
-        for name, state in results.items():
+        for name, (state, summary) in results.items():
             torch.save(state, out_dir / f"{name}.pt")
+            (out_dir / f"{name}.json").write_text(json.dumps(summary))
         (out_dir / "observers.json").write_text(json.dumps(observers))
         (out_dir / "offsets.json").write_text(json.dumps(gathered))
         (out_dir / "refused.json").write_text(json.dumps(messages))
