@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .distributed import rank
 
 MANIFEST = "manifest.json"
 MIB = 1 << 20
@@ -166,7 +165,7 @@ class Run:
 
     def activations_file(self, step: int, index: int) -> Path:
         """This process's calibration activations after block `index` of `step`."""
-        return self.path / f"activations-step{step}-block{index}-rank{rank()}.safetensors"
+        return self.path / f"activations-step{step}-block{index}-rank{distributed.rank()}.safetensors"
 
     def records(self, step: int) -> list[dict]:
         blocks = self.manifest["steps"].get(str(step), {})
@@ -255,9 +254,9 @@ class Recorded:
         step = self.run.manifest["steps"].setdefault(str(self.step), {})
         step[str(index)] = [_jsonable(r) for r in records]
         self.run._save()
-        distributed.barrier()      # the manifest names block `index` (before anyone deletes what it replaced)
-        if path is not None:   # the manifest names block `index` now: earlier activations are not needed
-            for old in self.run.path.glob(f"activations-*-rank{rank()}.safetensors"):
+        distributed.barrier()      # the manifest names block `index`: earlier activations are not needed
+        if path is not None:
+            for old in self.run.path.glob(f"activations-*-rank{distributed.rank()}.safetensors"):
                 if old != path:
                     old.unlink()
 
