@@ -36,8 +36,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
             vocab_size=256, max_position_embeddings=128)
 
 
-def write_synthetic(folder: Path, shape: dict, layers: int, dtype: torch.dtype, seed: int = 0) -> int:
-    """A random Llama checkpoint written one block per shard (+ index and config); returns its bytes."""
+def write_synthetic(folder: Path, shape: dict, layers: int, dtype: torch.dtype, seed: int = 0,
+                    device: str = "cpu") -> int:
+    """A random Llama checkpoint written one block per shard (+ index and config); returns its bytes.
+    The random numbers are drawn on `device` (on CUDA, 16 GB of normals take seconds, not minutes)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
     config = LlamaConfig(**shape, num_hidden_layers=layers, tie_word_embeddings=False)
@@ -49,7 +51,7 @@ def write_synthetic(folder: Path, shape: dict, layers: int, dtype: torch.dtype, 
         key = f"block-{int(name.split('.')[2]):05d}" if name.startswith("model.layers.") else "other"
         groups.setdefault(key, {})[name] = param
     folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     weight_map, total = {}, 0
     for number, (key, params) in enumerate(sorted(groups.items()), start=1):
         tensors = {}
@@ -57,7 +59,7 @@ def write_synthetic(folder: Path, shape: dict, layers: int, dtype: torch.dtype, 
             if "norm" in name:
                 tensors[name] = torch.ones(meta.shape, dtype=dtype)
             else:
-                tensors[name] = (torch.randn(meta.shape, generator=generator) * 0.02).to(dtype)
+                tensors[name] = (torch.randn(meta.shape, generator=generator, device=device) * 0.02).to("cpu", dtype)
             total += tensors[name].numel() * tensors[name].element_size()
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         if need > free:
             raise SystemExit(f"the input and output checkpoints need about {need / 2**30:.0f} GiB, {work} has "
                              f"{free / 2**30:.0f} GiB free: lower --layers or point --work at a larger disk")
-        write_synthetic(model_dir, shape, layers, dtype)
+        write_synthetic(model_dir, shape, layers, dtype, device=device.type)
     weights = json.loads((model_dir / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     cap = None
     if cuda:
