@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import VOCAB, tiny_model
 from prunekit.allocation import _round_to_total, allocate, spread
-from prunekit.engine import prune_
+from prunekit.prune import prune_
 from prunekit.masks import nm_violations
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.sparsegpt import SparseGPTConfig

@@ -50,7 +50,7 @@ CONFIGS = [WandaConfig(sparsity=0.5), SparseGPTConfig(sparsity=0.5), MagnitudeCo
 
 
 @pytest.mark.parametrize("sequential", ["true", "block"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.nm or c.sparsity}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{method_for_config(c).name}-{c.nm or c.sparsity}")
 def test_engine_equals_naive_full_model_loop(config, sequential, calib):
     model = tiny_model("llama")
     expected = copy.deepcopy(model)
@@ -88,7 +88,7 @@ def test_true_sequential_differs_from_block_order(calib):
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 @pytest.mark.parametrize("config", [WandaConfig(sparsity=0.5), SparseGPTConfig(nm=(2, 4)),
                                     MagnitudeConfig(sparsity=0.6, per="row")],
-                         ids=lambda c: f"{c.method}-{c.nm or c.sparsity}")
+                         ids=lambda c: f"{method_for_config(c).name}-{c.nm or c.sparsity}")
 def test_method_architecture_matrix(family, config, calib, tmp_path):
     model = tiny_model(family)
     spec = spec_for(model)
@@ -155,7 +155,7 @@ def test_targets_matching_nothing_is_refused(calib):
 
 def test_verification_names_the_layer_that_stayed_dense(calib, monkeypatch):
     """A method that silently leaves weights dense is caught and the layer is named."""
-    from prunekit.registry import get_method
+    from prunekit.catalog import get_method
     method = get_method("magnitude")
     broken = type(method)(method.name, method.config_cls, lambda W, stats, cfg: W, method.stats)
     monkeypatch.setattr("prunekit.engine.method_for_config", lambda cfg: broken)

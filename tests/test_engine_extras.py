@@ -8,12 +8,12 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from prunekit import EoraConfig, GBLMConfig, PrunerZeroConfig, RIAConfig, WandaConfig
-from prunekit.engine import prune_
+from prunekit.prune import prune_
 from prunekit.eora import attach_adapters
 from prunekit.masks import nm_violations
 from prunekit.models import spec_for
 from prunekit.models.spec import get_module, weight_view
-from prunekit.structured import permute_channels_
+from prunekit.surgery import permute_channels_
 
 
 @pytest.fixture

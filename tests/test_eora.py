@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from prunekit.eora import (EoraConfig, adapter_parameters, eora, eora_factors, layer_rank, merge_adapters_,
+from prunekit.eora import (EoraConfig, adapter_parameters, eora_factors, layer_rank, merge_adapters_,
                            save_peft_adapter, svd_factors, weighted_error)
 from prunekit.models.spec import is_linear, weight_view
-from prunekit.registry import get_method
+from prunekit.catalog import get_method
 from prunekit.stats import Hessian
 
 from conftest import VOCAB, tiny_model
@@ -105,10 +105,18 @@ def test_registered_as_a_compensation_step():
     delta, H = anisotropic_problem(4)
     stats = Hessian(32, torch.device("cpu"))
     stats.H += H
-    B, A = method.fn(delta, stats, EoraConfig(budget=0.1))
+    compensate = method.fn(EoraConfig(budget=0.1))                          # the engine's callback
+    layer = torch.nn.Linear(32, 24, bias=False)
+    W_pruned = torch.randn(24, 32)
+    compensate("layer", layer, W_pruned + delta, W_pruned, stats)
+    B, A = compensate.adapters["layer"]
     assert B.shape == (24, 1) and A.shape == (1, 32)                        # floor(0.1*24*32/56) = 1
-    B_direct, A_direct = eora(delta, H, EoraConfig(rank=1))                 # H itself instead of the observer
+    B_direct, A_direct = eora_factors(delta, H, 1)
     torch.testing.assert_close(B @ A, B_direct @ A_direct)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + x @ A.T @ B.T)   # the hook adds the residual
+    compensate.remove_hooks()
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
 
 
 def _prune_and_compensate(model, blocks_prefix):

@@ -29,7 +29,8 @@ from conftest import tiny_model
 from prunekit import loading
 from prunekit.api import run_recipe
 from prunekit.cli import main
-from prunekit.engine import NonFiniteError, prune_
+from prunekit.core.stream import NonFiniteError
+from prunekit.prune import prune_
 from prunekit.export import DiskFullError, save_pretrained_atomic
 from prunekit.loading import CorruptCheckpointError, check_checkpoint, load
 from prunekit.masks import nm_violations
@@ -166,7 +167,7 @@ def test_inf_in_a_linear_input_names_block_and_module_before_writing_it(config, 
 def test_inf_in_a_width_score_stops_before_any_unit_is_removed(method, calib):
     """Width pruning: an Inf in the input of down_proj makes its channel scores non-finite
     (FLAP's variance, Wanda-SP's norms, Taylor's gradients), which would rank arbitrarily."""
-    from prunekit.registry import get_method
+    from prunekit.catalog import get_method
     model = tiny_model("llama")
     _inf_into_input_of(model.model.layers[1].mlp.down_proj)
     shapes = {name: p.shape for name, p in model.model.layers[1].named_parameters()}

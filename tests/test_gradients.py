@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from prunekit.engine import block_stream
+from prunekit.core.stream import block_stream
 from prunekit.gradients import GradientScoreConfig, WithGradient, block_gradients, model_gradients
 from prunekit.models.spec import get_module
 from prunekit.stats import InputNorm

@@ -7,11 +7,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
-from prunekit.engine import prune_
+from prunekit.prune import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.sparsegpt import SparseGPTConfig
 from prunekit.methods.wanda import WandaConfig
-from prunekit.offload import ShardReader, check_step, empty_model, prune_out_of_core
+from prunekit.core.residency import ShardReader, empty_model
+from prunekit.offload import check_step, prune_out_of_core
 
 
 def _tensors(folder):

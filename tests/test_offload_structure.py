@@ -9,11 +9,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import transformers
 from conftest import TINY_CONFIGS, VOCAB, tiny_model
-from prunekit.engine import prune_
+from prunekit.prune import prune_
 from prunekit.loading import load_pruned
-from prunekit.offload import OnDisk, ShardReader, check_step, empty_model, prune_out_of_core
+from prunekit.core.residency import OnDisk, ShardReader, empty_model
+from prunekit.offload import check_step, prune_out_of_core
 from prunekit.recipe import step_from_dict
-from prunekit.structured import block_widths, stock_widths
+from prunekit.surgery import block_widths, stock_widths
 
 
 def _tensors(folder):

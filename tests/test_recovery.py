@@ -74,7 +74,7 @@ WINDOWS = torch.randint(0, 16, (32, 16), generator=torch.Generator().manual_seed
 
 def test_configs_registered_validated_and_recipe_steps():
     from prunekit.recipe import step_from_dict, step_to_dict
-    from prunekit.registry import get_method
+    from prunekit.catalog import get_method
 
     for name, cls in (("lora", LoraRecoverConfig), ("perp", PerpConfig), ("kd", KDConfig)):
         method = get_method(name)

@@ -15,7 +15,8 @@ from prunekit.models import spec_for
 from prunekit.models.spec import get_module, weight_view
 from prunekit.methods.magnitude_sp import magnitude_sp
 from prunekit.report import StructureReport
-from prunekit.structured import WidthConfig, _remove, _unit_scores, block_widths, coupled_groups, stock_widths
+from prunekit.structured import WidthConfig, _remove, _unit_scores, coupled_groups
+from prunekit.surgery import block_widths, stock_widths
 
 FAMILIES = sorted(TINY_CONFIGS)
 METHODS = [MagnitudeSPConfig, WandaSPConfig, FlapConfig, TaylorConfig]
@@ -91,7 +92,7 @@ def test_removing_units_with_zero_weights_changes_nothing(family, calib):
 def test_flap_bias_compensation_reduces_block_error(calib):
     """Same mask, with and without compensation: folding the removed inputs' mean into the bias
     makes the pruned block's output closer to the dense block's (measured on its own input)."""
-    from prunekit.engine import block_stream
+    from prunekit.core.stream import block_stream
     dense = tiny_model("llama")
     calib = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(3))
     errors = {}

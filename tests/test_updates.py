@@ -98,7 +98,7 @@ def test_update_config_errors():
 # --------------------------------------------------------------------------- through the engine
 
 from conftest import tiny_model  # noqa: E402
-from prunekit.engine import prune_  # noqa: E402
+from prunekit.prune import prune_  # noqa: E402
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
 
 

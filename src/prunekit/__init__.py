@@ -11,7 +11,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "prune_": ".engine",
+    "prune_": ".prune",
     "load": ".loading",
     "calibration_data": ".data",
     "evaluation_data": ".data",

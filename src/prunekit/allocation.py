@@ -49,7 +49,7 @@ class Allocation:
 def allocate(model, config, calib: Tensor, *, device=None, batch_size: int = 8, cache_device=None,
              progress: bool = True) -> Allocation:
     """Per-layer sparsity for `config.allocation` ("owl" or "sensitivity")."""
-    from .engine import block_stream
+    from .core.stream import block_stream
     spec = spec_for(model)
     blocks_layers: list[dict[str, torch.nn.Module]] = []
     scores: list[float] = []

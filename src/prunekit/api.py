@@ -16,44 +16,11 @@ import logging
 import time
 from pathlib import Path
 
+from .card import expected_speedup
 from .recipe import Recipe, recipe_to_dict
 from .registry import method_for_config
 
 log = logging.getLogger("prunekit")
-
-EXPECTED_SPEEDUP = {
-    "unstructured": "unstructured sparsity: no speedup with dense kernels; expect smaller storage only "
-                    "(once compressed) and a quality measurement",
-    "nm": "N:M sparsity: no speedup with dense kernels; 2:4 needs a sparse-tensor-core runtime "
-          "(measured gains there are 0-30% and none at decode batch 1)",
-    "width": "width pruning: a physically smaller dense model that runs faster everywhere; decode at batch 1 "
-             "reads every weight once per token, so expect up to about {ideal:.2f}x there (1 / (1 - {s:g}) of the "
-             "block time; embeddings, head and attention over the context do not shrink), less for large "
-             "batches and prefill; measure it with `prunekit bench`",
-    "depth": "depth pruning: removes {amount} decoder blocks; prefill and decode time fall with the block count "
-             "on every device (up to 1 / (1 - removed fraction) of the block time); measure it with `prunekit bench`",
-    "compensate": "EoRA: low-rank residuals ({rank}) add parameters and a little time per token; they ship as a PEFT "
-                  "adapter next to the sparse model ({merge})",
-    "recover": "recovery fine-tuning: same size and speed; every pruned weight stays exactly zero",
-}
-
-
-def expected_speedup(step) -> str:
-    """What a user should expect from this step, said before any work is done."""
-    scope = method_for_config(step).scope
-    if scope == "linear":
-        return EXPECTED_SPEEDUP["nm" if step.nm else "unstructured"]
-    if scope == "width":
-        return EXPECTED_SPEEDUP["width"].format(ideal=1 / (1 - step.sparsity), s=step.sparsity)
-    if scope == "compensate":
-        rank = f"rank {step.rank}" if step.rank else f"{step.budget:.1%} of each layer's parameters"
-        merge = "merge: true folds them in and the model is dense again" if step.merge else "not merged"
-        return EXPECTED_SPEEDUP["compensate"].format(rank=rank, merge=merge)
-    if scope == "recover":
-        return EXPECTED_SPEEDUP["recover"]
-    amount = f"{step.layers}" if getattr(step, "layers", None) else f"{step.sparsity:.0%} of the"
-    return EXPECTED_SPEEDUP["depth"].format(amount=amount)
-
 
 def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=None, resume: bool = False) -> dict:
     """Run `recipe`; `run_dir` records finished blocks so that `resume=True` continues an
@@ -73,7 +40,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     from .export import check_output_dir, save_pretrained_atomic
     from .loading import describe_source, load, resolve_device
     from .report import parameter_counts, sparsity_report
-    from .structured import block_widths, stock_widths
+    from .surgery import block_widths, stock_widths
     from . import distributed
 
     source = describe_source(recipe.model)
@@ -198,7 +165,7 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
     records every finished block of an unstructured/N:M step, and the whole model after every step
     but the last (with `earlier`, the reports of the steps before `start`, in its prunekit.json), so
     that an interrupted run resumes where it stopped."""
-    from .engine import prune_
+    from .prune import prune_
     adapters: dict = {}
     reports: list[dict] = []
     steps = list(recipe.steps)
@@ -216,7 +183,7 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
         compensate = following if following is not None and method_for_config(following).scope == "compensate" else None
         residency = None
         if run is not None:
-            from .offload import InMemory
+            from .core.residency import InMemory
             residency = run.recorder(index, InMemory())
         report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
                         batch_size=recipe.calibration.batch_size,
@@ -248,7 +215,7 @@ def _save_step(run, index: int, model, tokenizer, recipe: Recipe, reports: list[
         return
     from . import distributed
     from .export import save_pretrained_atomic
-    from .structured import block_widths, stock_widths
+    from .surgery import block_widths, stock_widths
     widths = block_widths(model)
     record = {"recipe": recipe_to_dict(recipe), "steps": [_without_blocks(r) for r in reports],
               "structure": {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}}

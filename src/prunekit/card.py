@@ -5,7 +5,7 @@ to it, how much quality it lost under which protocol, how to load it and what sp
 `model_card(recipe, record)` turns a recipe and its `prunekit.json` record into that page: YAML
 front matter the hub reads (``library_name``, ``base_model``, ``tags``), then the recipe, what
 was pruned, the metrics each with its protocol line, how to load it and the honest speed
-statement of `prunekit.api.expected_speedup`. The export writes it inside the same atomic
+statement of `expected_speedup` (below). The export writes it inside the same atomic
 staging folder as the weights, so it is never half-written and never out of step with them.
 No paper: this follows the hub's model-card conventions (front matter + Markdown).
 """
@@ -15,11 +15,43 @@ import yaml
 
 from .registry import method_for_config
 
+EXPECTED_SPEEDUP = {
+    "unstructured": "unstructured sparsity: no speedup with dense kernels; expect smaller storage only "
+                    "(once compressed) and a quality measurement",
+    "nm": "N:M sparsity: no speedup with dense kernels; 2:4 needs a sparse-tensor-core runtime "
+          "(measured gains there are 0-30% and none at decode batch 1)",
+    "width": "width pruning: a physically smaller dense model that runs faster everywhere; decode at batch 1 "
+             "reads every weight once per token, so expect up to about {ideal:.2f}x there (1 / (1 - {s:g}) of the "
+             "block time; embeddings, head and attention over the context do not shrink), less for large "
+             "batches and prefill; measure it with `prunekit bench`",
+    "depth": "depth pruning: removes {amount} decoder blocks; prefill and decode time fall with the block count "
+             "on every device (up to 1 / (1 - removed fraction) of the block time); measure it with `prunekit bench`",
+    "compensate": "EoRA: low-rank residuals ({rank}) add parameters and a little time per token; they ship as a PEFT "
+                  "adapter next to the sparse model ({merge})",
+    "recover": "recovery fine-tuning: same size and speed; every pruned weight stays exactly zero",
+}
+
+
+def expected_speedup(step) -> str:
+    """What a user should expect from this step, said before any work is done."""
+    scope = method_for_config(step).scope
+    if scope == "linear":
+        return EXPECTED_SPEEDUP["nm" if step.nm else "unstructured"]
+    if scope == "width":
+        return EXPECTED_SPEEDUP["width"].format(ideal=1 / (1 - step.sparsity), s=step.sparsity)
+    if scope == "compensate":
+        rank = f"rank {step.rank}" if step.rank else f"{step.budget:.1%} of each layer's parameters"
+        merge = "merge: true folds them in and the model is dense again" if step.merge else "not merged"
+        return EXPECTED_SPEEDUP["compensate"].format(rank=rank, merge=merge)
+    if scope == "recover":
+        return EXPECTED_SPEEDUP["recover"]
+    amount = f"{step.layers}" if getattr(step, "layers", None) else f"{step.sparsity:.0%} of the"
+    return EXPECTED_SPEEDUP["depth"].format(amount=amount)
+
 
 def model_card(recipe, record: dict) -> str:
     """Markdown (with hub front matter) for a model exported by `recipe`; `record` is what goes
     into its `prunekit.json` (run_recipe's result)."""
-    from .api import expected_speedup
     from .recipe import dump_recipe
 
     methods = [method_for_config(step).name for step in recipe.steps]

@@ -376,7 +376,7 @@ def _eval_suites(args, suites) -> int:
 
 def _list(args) -> int:
     from .models import supported_model_types
-    from .registry import available_methods, get_method
+    from .catalog import available_methods, get_method
     kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth", "compensate": "compensation",
              "recover": "recovery"}
     for scope, label in kinds.items():

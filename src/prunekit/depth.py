@@ -269,7 +269,7 @@ class BlockCache:
 
     def __init__(self, model: nn.Module, calib: Tensor, *, device=None, batch_size: int = 8, cache_device=None,
                  progress: bool = True, desc: str = "cache"):
-        from .engine import block_stream
+        from .core.stream import block_stream
 
         self.model = model
         self.steps = []
@@ -320,7 +320,7 @@ class BlockCache:
         if index in self.removed:
             raise ValueError(f"block {index} is already removed")
         self.removed.add(index)
-        from .offload import current
+        from .core.residency import current
         keep = current().keep              # out of core: the refreshed boundaries are memory-mapped too
         hidden, self.inputs[index] = self.inputs[index], None
         for later in range(index + 1, self.num_blocks):
@@ -361,7 +361,7 @@ def onloaded(device: torch.device, *modules: nn.Module, changed: bool = False):
     """Make `modules` resident on `device` for the duration, then put them back (through the
     current residency, `offload.current()`: moved back in memory, or released to disk);
     `changed=True` when the caller changed them (out of core, a changed block is written)."""
-    from .offload import current
+    from .core.residency import current
     residency = current()
     loaded = []
     try:

@@ -33,7 +33,7 @@ every process walks the same blocks and the same groups in the same order (the o
 order inside a block is fixed by the model, not by the data), and the scalar collectives of the
 other passes (`offset` when a block pass starts, `all_sum` of a search's losses) sit where every
 process arrives with the same configuration. In true-sequential mode the group
-is pruned by the last of the process's lockstep threads to reach it (`engine._Lockstep`), so
+is pruned by the last of the process's lockstep threads to reach it (`lockstep.Lockstep`), so
 exactly one thread per process issues each collective, and the others wait for it.
 """
 from __future__ import annotations

@@ -151,15 +151,6 @@ def weighted_error(delta: Tensor, B: Tensor, A: Tensor, H: Tensor) -> float:
     return float(((E @ H.double()) * E).sum())
 
 
-@register("eora", EoraConfig, stats=Hessian, scope="compensate", calibrated=True)
-def eora(delta: Tensor, stats: Hessian | Tensor, cfg: EoraConfig, *,
-         basis: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """EoRA factors of one layer: delta = W_dense - W_pruned (out, in), `stats` the Hessian
-    observer the pruning step used (or H itself); the rank comes from `cfg` and the shape."""
-    H = stats if isinstance(stats, Tensor) else stats.H              # (in, in)
-    return eora_factors(delta, H, layer_rank(cfg, *delta.shape), basis=basis)
-
-
 def _checked_rank(delta: Tensor, rank: int) -> int:
     if delta.dim() != 2:
         raise ValueError(f"delta must be a 2-D (out, in) weight difference, got shape {tuple(delta.shape)}")
@@ -181,6 +172,34 @@ def _balanced(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
 
 # ---------------------------------------------------------------------------------------------
 # adapters: {module name: (B (out, r), A (r, in))} over the names of `model.named_modules()`
+
+@register("eora", EoraConfig, stats=Hessian, scope="compensate", calibrated=True)
+class EoraCompensation:
+    """EoRA as the linear engine's compensation callback (the registered function of the
+    "compensate" scope: `fn(cfg)` returns the callback). After each layer is pruned, its low-rank
+    residual (B, A) from the layer's Hessian, and a forward hook that adds it from then on, so later
+    layers calibrate on the compensated model, as it will run. q/k/v share one Hessian, so one
+    eigendecomposition serves the three."""
+
+    def __init__(self, cfg: EoraConfig):
+        self.cfg = cfg
+        self.adapters: dict[str, tuple[Tensor, Tensor]] = {}     # layer name -> (B, A) on the CPU
+        self.hooks: list = []
+        self.bases: dict = {}                                    # id(stats) -> eigenbasis of its H
+
+    def __call__(self, name: str, module: nn.Module, W_dense: Tensor, W_pruned: Tensor, stats) -> None:
+        rank = layer_rank(self.cfg, *W_dense.shape)
+        if id(stats) not in self.bases:
+            self.bases = {id(stats): eigen_basis(stats.H)}
+        B, A = eora_factors(W_dense - W_pruned, stats.H, rank, basis=self.bases[id(stats)])   # (out, r), (r, in)
+        self.adapters[name] = (B.cpu(), A.cpu())
+        self.hooks.append(module.register_forward_hook(residual_hook(B, A)))
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
 
 def adapter_parameters(adapters: dict[str, tuple[Tensor, Tensor]]) -> int:
     """Number of adapter parameters, sum of r * (out + in)."""

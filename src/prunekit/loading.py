@@ -539,7 +539,7 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .structured import resize_to_
+    from .surgery import resize_to_
 
     path = Path(path)
     widths = recorded_widths(path)

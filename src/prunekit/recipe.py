@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .registry import get_method, method_for_config
+from .catalog import get_method
+from .registry import method_for_config
 
 
 @dataclass(frozen=True)

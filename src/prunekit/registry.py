@@ -1,6 +1,7 @@
 """Method registry: `@register(name, Config, stats=...)` maps a method name to its config class
 and its pure function. Duplicate names are rejected; there is no dispatch on method names
-anywhere else in the code.
+anywhere else in the code. This module is the lowest of the package (every method imports it);
+`catalog.py` imports the built-in methods and answers lookups by name.
 
 Methods have one of three scopes, each with its own function signature:
 
@@ -32,6 +33,7 @@ class Method:
     scope: str = "linear"    # "linear", "width" or "depth" (see the module docstring)
     calibrated: bool | None = None   # needs calibration data; None: exactly when it has an observer
     score: Callable | None = None    # linear methods: score(W, stats, cfg) -> (out, in), lower is pruned first
+    updates_weights: bool = False    # linear methods: fn already re-fits the kept weights (OBS), `update: obs` adds nothing
 
     @property
     def needs_calibration(self) -> bool:
@@ -53,46 +55,27 @@ SCOPES = ("linear", "width", "depth", "compensate", "recover")
 
 
 def register(name: str, config_cls: type, stats: type | None = None, scope: str = "linear",
-             calibrated: bool | None = None, score: Callable | None = None):
+             calibrated: bool | None = None, score: Callable | None = None, updates_weights: bool = False):
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
-        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated, score)
-        config_cls.method = name
+        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated, score, updates_weights)
         return fn
     return decorate
 
 
-def get_method(name: str) -> Method:
-    _load_builtin_methods()
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, _METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
-
-
 def method_for_config(cfg) -> Method:
-    _load_builtin_methods()
+    """The method whose config class `cfg` is. A config's class lives in the file that registers
+    its method, so holding a config means its method is registered: no catalogue is needed here."""
     for method in _METHODS.values():
         if type(cfg) is method.config_cls:
             return method
     raise TypeError(f"{type(cfg).__name__} is not the config of a registered method")
 
 
-def available_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_METHODS)
-
-
-def _load_builtin_methods() -> None:
-    # Explicit imports (no package walking): each import registers one method.
-    from .methods import magnitude, sparsegpt, wanda  # noqa: F401
-    from .methods import gblm, pruner_zero, ria  # noqa: F401
-    from .methods import angular, block_influence, laco, last_k, sleb  # noqa: F401
-    from .methods import flap, magnitude_sp, taylor, wanda_sp  # noqa: F401
-    from . import eora  # noqa: F401
-    from .recovery import train  # noqa: F401  (lora, perp, kd)
+def registered() -> dict[str, Method]:
+    """Every method registered so far, by name (a copy; `catalog` imports the built-in ones)."""
+    return dict(_METHODS)

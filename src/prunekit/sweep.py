@@ -363,7 +363,7 @@ def _export(model, tokenizer, recipe, reports, adapters, row, result, save_to, p
     from .loading import describe_source
     from .recipe import recipe_to_dict
     from .report import sparsity_report
-    from .structured import block_widths, stock_widths
+    from .surgery import block_widths, stock_widths
     widths = block_widths(model)
     record = {"recipe": recipe_to_dict(recipe), "source": describe_source(recipe.model), "steps": reports,
               "parameters": row["parameters"], "parameters_after": row["parameters_after"],

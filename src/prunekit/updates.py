@@ -30,23 +30,25 @@ from torch import Tensor
 
 from .masks import lowest
 
+OBS_DAMP = 0.01      # SparseGPT's dampening, a fraction of the mean diagonal of H (the paper's value)
+OBS_BLOCKSIZE = 128  # columns per lazy-update block (the paper's B)
+LAZY_STEP = 16       # columns per rank-1 sub-block inside a block (see obs_sweep)
 ADMM_DAMP = 0.1     # the reference's percdamp for ADMM, on the normalised H (mean diagonal 1)
 ADMM_RHO = 1.0
 GRADUAL_SHARE = 0.75  # gradual mode: the mask is re-chosen over the first 15 of 20 iterations
 
 
-def apply_update(W: Tensor, W_pruned: Tensor, stats, cfg) -> Tensor:
+def apply_update(W: Tensor, W_pruned: Tensor, stats, cfg, method_updates: bool = False) -> Tensor:
     """The weights to store, given the dense `W` and the method's output `W_pruned` (its zeros
-    are the mask). `stats` is a Hessian observer; `cfg` the layer's config."""
+    are the mask). `stats` is a Hessian observer; `cfg` the layer's config; `method_updates`: the
+    method's own function already applied the OBS update (registered with `updates_weights`)."""
     if cfg.update == "none":
         return W_pruned
     pruned = W_pruned == 0                                            # (out, in), True = pruned
     if cfg.update == "obs":
-        if type(cfg).__name__ == "SparseGPTConfig":
-            return W_pruned                                           # SparseGPT's own sweep already did it
-        from .methods.sparsegpt import SparseGPTConfig, obs_sweep
-        sweep = SparseGPTConfig(sparsity=cfg.sparsity, nm=cfg.nm, per=cfg.per)
-        return obs_sweep(W, stats, sweep, fixed=pruned)
+        if method_updates:
+            return W_pruned                                           # e.g. SparseGPT: its own sweep did it
+        return obs_sweep(W, stats, sparsity=cfg.sparsity, nm=cfg.nm, per=cfg.per, fixed=pruned)
     if cfg.update == "admm":
         if cfg.admm_gradual:
             return admm_update(W, stats.H, None, iterations=cfg.admm_iterations,
@@ -96,3 +98,45 @@ def _gradual_mask(score: Tensor, current: float, final: float, nm, per: str) -> 
         return candidates
     ranked = torch.where(candidates, score, torch.full_like(score, float("inf")))
     return lowest(ranked, current, None, "layer") & candidates
+
+
+LAZY_STEP = 16
+
+
+def obs_sweep(W: Tensor, stats, *, sparsity: float, nm: tuple[int, int] | None = None, per: str = "layer",
+              blocksize: int = OBS_BLOCKSIZE, damp: float = OBS_DAMP, fixed: Tensor | None = None) -> Tensor:
+    """SparseGPT's column sweep (`methods/sparsegpt.py` explains it): choose the mask block by block
+    (`sparsity` or `nm`, compared `per` row or layer) and spread each pruned weight's error over the
+    columns not yet visited. `fixed` (out, in) bool, True = pruned: use that mask instead of
+    choosing one (the OBS update for another method's mask, `update: obs`). `stats`: a Hessian observer."""
+    W = W.clone().float()                                            # (out, in)
+    W[:, stats.dead] = 0
+    U, _, _ = stats.inverse_cholesky(damp)                        # (in, in), upper: U^T U = H^-1
+    out_features, columns = W.shape
+    m = nm[1] if nm else 1
+    step = m * -(-LAZY_STEP // m)                                     # sub-block width, a multiple of M
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        d = U.diagonal()[i1:i2]                                       # (B,)
+        if fixed is not None:
+            mask = fixed[:, i1:i2]
+        elif nm is None:                                          # adaptive mask selection
+            mask = lowest(W[:, i1:i2].square() / d.square(), sparsity, None, per)
+        else:
+            mask = torch.zeros(out_features, i2 - i1, dtype=torch.bool, device=W.device)
+        Err = torch.zeros(out_features, i2 - i1, device=W.device)     # (out, B): scaled errors
+        for j1 in range(i1, i2, step):
+            j2 = min(j1 + step, i2)
+            W1, U1 = W[:, j1:j2], U[j1:j2, j1:j2]                     # views, updated in place
+            for i in range(j2 - j1):
+                c = j1 - i1 + i                                       # column within the mask block
+                if nm is not None and fixed is None and c % m == 0:
+                    score = W1[:, i:i + m].square() / U1.diagonal()[i:i + m].square()   # (out, m)
+                    mask[:, c:c + m] = lowest(score, 0.0, nm)
+                err = torch.where(mask[:, c], W1[:, i], 0.0) / U1[i, i]              # (out,)
+                W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
+                W1[:, i].masked_fill_(mask[:, c], 0)
+                Err[:, c] = err
+            W[:, j2:i2].sub_(Err[:, j1 - i1:j2 - i1] @ U[j1:j2, j2:i2])   # lazy update, rest of the block
+        W[:, i2:].sub_(Err @ U[i1:i2, i2:])                           # lazy update, later blocks
+    return W

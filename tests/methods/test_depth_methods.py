@@ -7,13 +7,13 @@ import torch
 
 from conftest import TINY_CONFIGS
 from prunekit.depth import decoder_blocks, remove_blocks
-from prunekit.engine import prune_
+from prunekit.prune import prune_
 from prunekit.methods.angular import AngularConfig, angular_distance
 from prunekit.methods.block_influence import BlockInfluenceConfig, block_influence
 from prunekit.methods.laco import LaCoConfig, collapse
 from prunekit.methods.last_k import LastKConfig
 from prunekit.methods.sleb import SLEBConfig
-from prunekit.registry import get_method
+from prunekit.catalog import get_method
 from transformers import AutoModelForCausalLM
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from prunekit import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from prunekit.registry import available_methods, get_method, register
+from prunekit.catalog import available_methods, get_method
+from prunekit.registry import register
 from prunekit.stats import Hessian, InputNorm
 
 

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from prunekit.engine import prune_
+from prunekit.prune import prune_
 from prunekit.gradients import WithGradient
 from prunekit.masks import nm_violations
 # importing the method modules registers them (the builtin list may not name them yet)
 from prunekit.methods.gblm import GBLMConfig
 from prunekit.methods.pruner_zero import DEFAULT_FORMULA, PrunerZeroConfig, evaluate
 from prunekit.methods.ria import RIAConfig, ria_score
-from prunekit.registry import get_method, method_for_config
+from prunekit.catalog import get_method
+from prunekit.registry import method_for_config
 from prunekit.stats import InputNorm
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..distributed import global_mean
 from ..depth import BlockChoice, DepthConfig, decoder_blocks
-from ..engine import block_stream
+from ..core.stream import block_stream
 from ..registry import register
 
 TOKENS = ("last", "all")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..distributed import global_mean
 from ..depth import BlockChoice, DepthConfig, lowest
-from ..engine import block_stream
+from ..core.stream import block_stream
 from ..registry import register
 
 

@@ -92,12 +92,18 @@ def get_module(root: nn.Module, dotted: str) -> nn.Module:
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or GPT-2's Conv1D (a linear layer whose weight is stored as (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_view(module: nn.Module):
     """The weight as an (out, in) view, whatever the storage layout (Conv1D stores (in, out))."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `Conv1D`: a linear layer whose weight is stored (in, out). Matched by class name,
+    so that transformers' module need not be imported to ask."""
+    return type(module).__name__ == "Conv1D"
 
 
 def in_features(module: nn.Module) -> int:

@@ -79,7 +79,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def recover_methods() -> list[str]:
-    from ..registry import available_methods, get_method
+    from ..catalog import available_methods, get_method
     return [name for name in available_methods() if get_method(name).scope == "recover"]
 
 
@@ -87,7 +87,7 @@ def config_from_args(args):
     """The recovery config the flags describe; a flag the method does not have is an error."""
     import dataclasses
 
-    from ..registry import get_method
+    from ..catalog import get_method
 
     names = recover_methods()
     if args.method not in names:

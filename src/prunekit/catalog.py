@@ -1,0 +1,30 @@
+"""The catalogue of built-in methods: importing this module imports every method file once (each
+registers itself with `registry.register`), and answers lookups by name.
+
+It sits above the method files, which import only `registry`; that keeps the name catalogue out
+of the lowest module, so no method file can reach the others through it.
+"""
+from __future__ import annotations
+
+import difflib
+
+from . import eora  # noqa: F401  (compensate: eora)
+from .methods import angular, block_influence, laco, last_k, sleb  # noqa: F401  (depth)
+from .methods import flap, magnitude_sp, taylor, wanda_sp  # noqa: F401  (width)
+from .methods import gblm, magnitude, pruner_zero, ria, sparsegpt, wanda  # noqa: F401  (unstructured, N:M)
+from .recovery import train  # noqa: F401  (recover: lora, perp, kd)
+from .registry import Method, registered
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; an unknown name gets the nearest valid one."""
+    methods = registered()
+    if name not in methods:
+        close = difflib.get_close_matches(name, methods, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(methods))}")
+    return methods[name]
+
+
+def available_methods() -> list[str]:
+    return sorted(registered())
