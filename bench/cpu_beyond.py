@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_smollm2 import run_table  # noqa: E402
+from cpu_smollm2 import run_table
 
-PATTERNS = {"50": ["--sparsity", "0.5"], "60": ["--sparsity", "0.6"], "70": ["--sparsity", "0.7"], "2:4": ["--nm", "2:4"]}
+PATTERNS = {"50": ["--sparsity", "0.5"], "60": ["--sparsity", "0.6"], "70": ["--sparsity", "0.7"],
+            "2:4": ["--nm", "2:4"]}
 COMBOS = {
     # name: (extra arguments, patterns)
     "magnitude": (["--method", "magnitude"], PATTERNS),
@@ -131,7 +132,8 @@ def run_one(name: str, args) -> dict:
 def format_row(row: dict) -> str:
     extra = f"  (+{row['adapter_parameters'] / 1e6:.2f}M adapter)" if row["adapter_parameters"] else ""
     return (f"{row['name']:<28} ppl {row['ppl']:10.3f}  prune {row['prune_seconds']:7.1f} s  "
-            f"sparsity {row['sparsity']:.2%}  nonzero {(row['nonzero_block_weights'] + row['adapter_parameters']) / 1e6:.2f}M"
+            f"sparsity {row['sparsity']:.2%}  "
+            f"nonzero {(row['nonzero_block_weights'] + row['adapter_parameters']) / 1e6:.2f}M"
             + extra)
 
 

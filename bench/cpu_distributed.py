@@ -134,7 +134,6 @@ def _prune(model: str, method: str, nproc: int, args, work: Path, batch_size: in
 
 def compare(a: str | Path, b: str | Path) -> dict:
     """Weight-by-weight equality of two saved models (safetensors, same keys)."""
-    import torch
     from safetensors.torch import load_file
 
     def tensors(path):

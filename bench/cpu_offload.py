@@ -136,7 +136,8 @@ def main(argv=None) -> int:
             _child({"kind": "synthetic-build", "config": config, "dir": str(synthetic)})
         for method in methods:
             m = _child({"kind": "synthetic", "dir": str(synthetic), "out": str(work / f"b-{method}"), "method": method,
-                        "sparsity": SPARSITY.get(method, 0.5), "vocab": 128, "samples": args.samples, "seqlen": min(args.seqlen, 2048)})
+                        "sparsity": SPARSITY.get(method, 0.5), "vocab": 128, "samples": args.samples,
+                        "seqlen": min(args.seqlen, 2048)})
             budget = m["baseline_mb"] + weights / 3 / 2**20
             rows.append({"part": "b", "model": f"synthetic llama {config}", "method": method, "offload": "disk",
                          "sparsity": SPARSITY.get(method, 0.5),

@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_smollm2 import machine  # noqa: E402
+from cpu_smollm2 import machine
 
 # lr 1e-3 for all (not tuned: one value that moves every method within a 100-step budget)
 METHODS = {"lora": ["--method", "lora", "--rank", "16", "--lr", "1e-3"],
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_recover.json"))
     args = parser.parse_args(argv)
 
-    eval_args = ["--seqlen", str(args.seqlen)] + (["--max-tokens", str(args.max_eval_tokens)] if args.max_eval_tokens else [])
+    eval_args = ["--seqlen", str(args.seqlen)] + (["--max-tokens", str(args.max_eval_tokens)]
+                                                  if args.max_eval_tokens else [])
     pruned = args.work / "pruned"
     dense = evaluate(args.model, args.work / "dense.json", eval_args)
     if not (pruned / "prunekit.json").exists():

@@ -98,7 +98,8 @@ def format_row(row: dict) -> str:
 
 def markdown(result: dict) -> str:
     lines = [f"Machine: {result['machine']}; date {result['date']}.",
-             "", "| run | perplexity | prune wall time (s) | peak RSS (MB) | budget (MB) |", "|---|---:|---:|---:|---:|"]
+             "", "| run | perplexity | prune wall time (s) | peak RSS (MB) | budget (MB) |",
+             "|---|---:|---:|---:|---:|"]
     for row in result["rows"]:
         if row["name"] == "dense":
             lines.append(f"| dense | {row['ppl']:.3f} | - | - | - |")

@@ -86,7 +86,8 @@ def dense_perplexity(args) -> float:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.reuse and json_path.is_file():
         return round(json.loads(json_path.read_text())["perplexity"]["ppl"], 3)
-    command = [sys.executable, "-m", "prunekit", "eval", args.model, "--seqlen", str(args.seqlen), "--json", str(json_path)]
+    command = [sys.executable, "-m", "prunekit", "eval", args.model, "--seqlen", str(args.seqlen),
+               "--json", str(json_path)]
     if args.max_eval_tokens:
         command += ["--max-tokens", str(args.max_eval_tokens)]
     subprocess.run(command, check=True)
@@ -147,7 +148,8 @@ def markdown(result: dict) -> str:
         removed = f"{r['removed']:.1%}" if "removed" in r else "-"
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
         lines.append(f"| {r['name']} | {removed} | {r['parameters'] / 1e6:.1f}M | {ppl} | {r.get('prune_s', '-')} | "
-                     f"{r['prefill_ms']} | {r['decode_tok_s']} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
+                     f"{r['prefill_ms']} | {r['decode_tok_s']} | "
+                     f"{r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ def write_synthetic(folder: Path, shape: dict, layers: int, dtype: torch.dtype, 
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     weight_map, total = {}, 0
-    for number, (key, params) in enumerate(sorted(groups.items()), start=1):
+    for number, (_key, params) in enumerate(sorted(groups.items()), start=1):
         tensors = {}
         for name, meta in params.items():
             if "norm" in name:
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         raise SystemExit("bench/gpu_offload.py needs a CUDA GPU at 70B shapes; --tiny runs the same code on CPU")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     shape, dtype = (TINY, torch.float32) if args.tiny else (LLAMA_70B_BLOCKS, torch.bfloat16)
     layers = 3 if args.tiny else args.layers
     samples, seqlen = (2, 16) if args.tiny else (args.samples, args.seqlen)

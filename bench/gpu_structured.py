@@ -69,6 +69,7 @@ def main(argv=None) -> int:
                          device=device, repeats=args.repeats, warmup=1)
         for row in result["rows"]:
             rows.append({"name": name, **row})
+        print(f"{name}: measured", flush=True)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
               f"prunekit  ppl {pk_ppl:.4f} (sparsity {out['prunekit']['sparsity']:.4%})\n"
               f"relative difference {out['ppl_rel_diff']:+.3%} -> "
               f"{'within' if out['within_tolerance'] else 'OUTSIDE'} {args.tolerance:.0%}\n"
-              f"mask agreement over {m['layers']} layers: min {m['agreement_min']:.4%}, mean {m['agreement_mean']:.4%}, "
+              f"mask agreement over {m['layers']} layers: min {m['agreement_min']:.4%}, "
+              f"mean {m['agreement_mean']:.4%}, "
               f"overall {m['agreement_overall']:.4%}\n"
               f"weight rel. difference: mean {m['weight_rel_diff_mean']:.3e}, max {m['weight_rel_diff_max']:.3e}\n"
               "worst layers: " + ", ".join(f"{r['layer']} {r['agreement']:.4%}" for r in m["worst"][:3]))

@@ -17,7 +17,8 @@ TINY_CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                                               num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB),
     "qwen3": lambda: transformers.Qwen3Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                              num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB),
+                                              num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                                              vocab_size=VOCAB),
     "gemma2": lambda: transformers.Gemma2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                                                 num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
                                                 vocab_size=VOCAB, sliding_window=8),
@@ -30,7 +31,8 @@ TINY_CONFIGS = {
                                             pad_token_id=0, eos_token_id=0, bos_token_id=0),
     "opt": lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=96, num_attention_heads=4, num_hidden_layers=2,
                                           vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=64),
-    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=64, eos_token_id=0, bos_token_id=0),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=64,
+                                            eos_token_id=0, bos_token_id=0),
 }
 
 

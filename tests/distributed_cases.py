@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY_CONFIGS, VOCAB, tiny_model  # noqa: E402
+from conftest import TINY_CONFIGS, VOCAB, tiny_model
 
 
 def model_for(family: str):

@@ -20,7 +20,8 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     assert _load("gpu_7b").main(["--tiny", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["method"], r["mode"]) for r in rows} == {(m, d) for m in ("wanda", "sparsegpt") for d in ("gpu", "lowmem")}
+    assert {(r["method"], r["mode"]) for r in rows} == {(m, d) for m in ("wanda", "sparsegpt")
+                                                         for d in ("gpu", "lowmem")}
     assert all(r["sparsity"] == pytest.approx(0.5) for r in rows)
 
 

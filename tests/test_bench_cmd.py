@@ -143,7 +143,8 @@ def test_format_table_without_baseline_has_no_speedup(result):
 
 @pytest.mark.parametrize("load, warned", [(0.2, False), (3.0, True)])
 def test_format_table_warns_on_a_busy_host(result, load, warned):
-    proto = result["protocol"] | {"cpu_count": 2, "torch_threads": 1, "load_average_1min": {"before": load, "after": 0.0}}
+    proto = result["protocol"] | {"cpu_count": 2, "torch_threads": 1,
+                                  "load_average_1min": {"before": load, "after": 0.0}}
     assert ("WARNING: the host was busy" in format_table({"protocol": proto, "rows": result["rows"]})) is warned
 
 

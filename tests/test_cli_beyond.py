@@ -83,7 +83,8 @@ def test_recipe_prune_then_recover_keeps_every_zero(tiny_model_dir, tmp_path, ca
     recipe = tmp_path / "r.yaml"
     out = tmp_path / "out"
     recipe.write_text(f"model: {tiny_model_dir}\ncalibration: {{samples: 4, seqlen: 16}}\n"
-                      "steps:\n  - {method: wanda, nm: [2, 4]}\n  - {method: lora, steps: 6, rank: 4, lr: 0.01, batch_size: 2}\n"
+                      "steps:\n  - {method: wanda, nm: [2, 4]}\n"
+                      "  - {method: lora, steps: 6, rank: 4, lr: 0.01, batch_size: 2}\n"
                       f"eval: {{seqlen: 16, max_tokens: 256}}\nexport: {{path: {out}}}\n")
     assert main(["run", str(recipe)]) == 0
     assert "sparsity after merge: 50.00% (before 50.00%)" in capsys.readouterr().out

@@ -223,7 +223,8 @@ def test_bench_tiny_reports_equal_results(tmp_path):
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["nproc"], r["batch_size"]) for r in rows] == [("wanda", 1, 2), ("wanda", 2, 2), ("wanda", 1, 1)]
+    assert [(r["method"], r["nproc"], r["batch_size"]) for r in rows] == [("wanda", 1, 2), ("wanda", 2, 2),
+                                                                          ("wanda", 1, 1)]
     assert rows[2]["control"] and rows[2]["mask_agreement"] > 0.99
     assert rows[1]["identical"] and rows[1]["mask_agreement"] == 1.0 and rows[1]["max_abs_diff"] == 0.0
     assert all(r["prune_s"] > 0 and r["sparsity"] == pytest.approx(0.5) for r in rows)

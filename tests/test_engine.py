@@ -18,14 +18,14 @@ def naive_prune(model, config, calib, sequential):
     model on all calibration windows at once to collect statistics, then prune."""
     method = method_for_config(config)
     spec = spec_for(model)
-    for index, block in enumerate(get_module(model, spec.blocks)):
+    for _index, block in enumerate(get_module(model, spec.blocks)):
         schedule = [spec.groups] if sequential == "block" else [[group] for group in spec.groups]
         for groups in schedule:
             stats = {}
 
             def hook_for(group):
                 def hook(module, args):
-                    stats[group].update(args[0])
+                    stats[group].update(args[0])  # noqa: B023 -- hooks run and are removed in this iteration
                 return hook
 
             handles = []

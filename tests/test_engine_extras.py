@@ -117,7 +117,8 @@ def test_eora_refuses_structured_steps(calib):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "opt", "gpt2"])
 @pytest.mark.parametrize("config", [GBLMConfig(sparsity=0.5), GBLMConfig(nm=(2, 4), gradient="block"),
                                     PrunerZeroConfig(sparsity=0.5, gradient_samples=2),
-                                    RIAConfig(nm=(2, 4), permute=True)], ids=["gblm", "gblm-block-2:4", "pruner-zero", "ria-perm"])
+                                    RIAConfig(nm=(2, 4), permute=True)],
+                         ids=["gblm", "gblm-block-2:4", "pruner-zero", "ria-perm"])
 def test_gradient_and_permutation_methods_on_every_family(family, config, calib):
     model = tiny_model(family)
     report = prune_(model, config, calib, progress=False)

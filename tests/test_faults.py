@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import save_file
 
 from conftest import tiny_model
@@ -152,7 +151,8 @@ def test_nan_in_a_block_output_stops_the_run_and_exports_nothing(tiny_model_dir,
 
 
 @pytest.mark.parametrize("sequential", ["true", "block"])
-@pytest.mark.parametrize("config", [WandaConfig(sparsity=0.5), SparseGPTConfig(sparsity=0.5)], ids=["wanda", "sparsegpt"])
+@pytest.mark.parametrize("config", [WandaConfig(sparsity=0.5), SparseGPTConfig(sparsity=0.5)],
+                         ids=["wanda", "sparsegpt"])
 def test_inf_in_a_linear_input_names_block_and_module_before_writing_it(config, sequential, calib):
     model = tiny_model("llama")
     down = model.model.layers[1].mlp.down_proj
@@ -193,7 +193,8 @@ def test_nan_in_a_block_output_stops_every_block_pass(config, calib):
 
 def test_nan_error_exits_2_on_the_command_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
     real = loading.load
-    monkeypatch.setattr(loading, "load", lambda *a, **k: (lambda m: (_nan_into_output_of_block(m[0], 1), m)[1])(real(*a, **k)))
+    monkeypatch.setattr(loading, "load",
+                        lambda *a, **k: (lambda m: (_nan_into_output_of_block(m[0], 1), m)[1])(real(*a, **k)))
     out = tmp_path / "out"
     assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--no-eval",
                  "--samples", "4", "--seqlen", "16", "--out", str(out)]) == 2
@@ -235,7 +236,8 @@ def test_header_whose_shape_does_not_match_its_bytes(tmp_path):
     header["w"]["shape"] = [4, 5]                                # claims 80 bytes, spans 64
     text = json.dumps(header).encode()
     (tmp_path / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
-    with pytest.raises(CorruptCheckpointError, match=r"'w' \(F32, shape \[4, 5\]\) needs 80 bytes but its offsets span 64"):
+    with pytest.raises(CorruptCheckpointError,
+                       match=r"'w' \(F32, shape \[4, 5\]\) needs 80 bytes but its offsets span 64"):
         check_checkpoint(tmp_path)
 
 

@@ -38,7 +38,8 @@ def test_nm_pattern_and_lowest(data, draw):
     groups = mask.reshape(score.shape[0], -1, m)
     assert (groups.sum(-1) == n).all()
     values = score.reshape(score.shape[0], -1, m)
-    assert (values.masked_fill(~groups, float("-inf")).amax(-1) <= values.masked_fill(groups, float("inf")).amin(-1)).all()
+    assert (values.masked_fill(~groups, float("-inf")).amax(-1)
+            <= values.masked_fill(groups, float("inf")).amin(-1)).all()
     W = score.masked_fill(mask, 0)
     assert check_pruned(W, n / m, (n, m), "row", zeros_before=int((score == 0).sum())) is None
 

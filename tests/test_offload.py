@@ -12,7 +12,7 @@ from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.sparsegpt import SparseGPTConfig
 from prunekit.methods.wanda import WandaConfig
 from prunekit.core.residency import ShardReader, empty_model
-from prunekit.offload import check_step, prune_out_of_core
+from prunekit.offload import prune_out_of_core
 
 
 def _tensors(folder):

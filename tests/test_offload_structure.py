@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import transformers
-from conftest import TINY_CONFIGS, VOCAB, tiny_model
+from conftest import TINY_CONFIGS, VOCAB
 from prunekit.prune import prune_
 from prunekit.loading import load_pruned
 from prunekit.core.residency import OnDisk, ShardReader, empty_model
@@ -148,7 +147,8 @@ def test_on_disk_reads_tied_head_and_added_biases(tmp_path):
     proj = skeleton.model.layers[0].self_attn.o_proj
     proj.bias = torch.nn.Parameter(torch.empty(64, device="meta"))
     disk.load(proj, "cpu")
-    assert torch.equal(proj.bias, torch.zeros(64)) and torch.equal(proj.weight, model.model.layers[0].self_attn.o_proj.weight)
+    assert torch.equal(proj.bias, torch.zeros(64)) and torch.equal(proj.weight,
+                                                                   model.model.layers[0].self_attn.o_proj.weight)
     disk.unload(proj)
     declared = AutoConfig.from_pretrained(tmp_path / "m")
     declared.mlp_bias = True                       # the config promises biases the checkpoint lacks

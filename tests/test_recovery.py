@@ -133,7 +133,7 @@ def test_masked_forward_is_the_merged_model(family, rslora):
     assert lora.scaling == expected_scale
     assert all(layer.scaling["default"] == expected_scale for layer in lora.layers.values())
     with torch.no_grad():
-        for key, tensor in lora.parameters().items():
+        for _key, tensor in lora.parameters().items():
             tensor.normal_(0, 0.2)                              # B starts at zero: make the update real
         adapted = model(input_ids=ids).logits
     merged_model = lora.merge_and_unload()

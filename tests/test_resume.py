@@ -153,7 +153,7 @@ def _kill_when(cmd, env, run: Path, out: Path, ready) -> None:
     step), SIGKILL it and every process it started (torchrun and its workers). A run that
     finishes first is cleared away and started again, three times at most."""
     import shutil
-    for attempt in range(3):
+    for _attempt in range(3):
         shutil.rmtree(run, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -171,7 +171,8 @@ def test_bad_requests_give_clear_errors(calib):
             vocab_size=VOCAB))
         prune_(m, MagnitudeSPConfig(sparsity=0.07, mlp=False, round_heads=False), calib, progress=False)
     with pytest.raises(ValueError, match="round_to"):
-        prune_(tiny_model("llama"), MagnitudeSPConfig(sparsity=0.99, attention=False, round_to=64), calib, progress=False)
+        prune_(tiny_model("llama"), MagnitudeSPConfig(sparsity=0.99, attention=False, round_to=64), calib,
+               progress=False)
     with pytest.raises(ValueError, match="sparsity must be"):
         MagnitudeSPConfig(sparsity=1.0)
     with pytest.raises(ValueError, match="nothing to prune"):

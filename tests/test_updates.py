@@ -97,9 +97,9 @@ def test_update_config_errors():
 
 # --------------------------------------------------------------------------- through the engine
 
-from conftest import tiny_model  # noqa: E402
-from prunekit.prune import prune_  # noqa: E402
-from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
+from conftest import tiny_model
+from prunekit.prune import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
 
 
 def _mean_error(report):

@@ -37,10 +37,10 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
                                  "--run-dir")
     from .data import evaluation_data
     from .eval.perplexity import perplexity
-    from .export import check_output_dir, save_pretrained_atomic
+    from .export import check_output_dir
     from .loading import describe_source, load, resolve_device
     from .report import parameter_counts, sparsity_report
-    from .surgery import block_widths, stock_widths
+    from .surgery import structure_record
     from . import distributed
 
     source = describe_source(recipe.model)
@@ -57,7 +57,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
         for step in recipe.steps:
             if method_for_config(step).scope == "recover":
                 distributed.refuse("a recovery (fine-tuning) step")
-        if any(_needs_calibration(step) for step in recipe.steps):      # fail before loading the model
+        if any(needs_calibration(step) for step in recipe.steps):      # fail before loading the model
             distributed.chunk_range(recipe.calibration.samples, recipe.calibration.batch_size, 0,
                                     distributed.world_size())
     for step in recipe.steps:
@@ -66,7 +66,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     started = time.perf_counter()
     model, tokenizer = load(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
                             allow_pickle=recipe.allow_pickle)
-    _check_seqlen(model.config, recipe)
+    check_seqlen(model.config, recipe)
     n_params = sum(p.numel() for p in model.parameters())
     echo(f"model: {recipe.model} ({model.config.model_type}, {n_params / 1e6:.1f}M parameters, "
          f"{recipe.dtype}), compute on {device}")
@@ -122,27 +122,13 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     if adapters:
         from .eora import adapter_parameters
         result["adapter_parameters"] = adapter_parameters(adapters)
-    widths = block_widths(model)
-    result["structure"] = {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}
+    result["structure"] = structure_record(model)
     result["seconds"] = round(time.perf_counter() - started, 2)
     echo(summary_table(result))
 
     if recipe.export is not None and main:
-        from .card import model_card
-        adapter_dir = None
-        if adapters:
-            adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
-            result["adapter"] = adapter_dir
-        card = model_card(recipe, _metadata(result))
-
-        def write_extras(staging):
-            # inside the atomic staging: the card appears together with the weights or not at all
-            if adapters:
-                from .eora import save_peft_adapter
-                save_peft_adapter(staging / adapter_dir, adapters, model)
-            (staging / "README.md").write_text(card)
-        out = save_pretrained_atomic(model, tokenizer, recipe.export.path, metadata=_metadata(result),
-                                     overwrite=recipe.export.overwrite, protect=protect, extra=write_extras)
+        out = export_model(model, tokenizer, recipe, result, adapters, recipe.export.path,
+                           overwrite=recipe.export.overwrite, protect=protect)
         how = ("AutoModelForCausalLM.from_pretrained" if result["structure"]["stock"] else
                "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe")
         echo(f"saved to {out} (loads with {how})")
@@ -215,10 +201,9 @@ def _save_step(run, index: int, model, tokenizer, recipe: Recipe, reports: list[
         return
     from . import distributed
     from .export import save_pretrained_atomic
-    from .surgery import block_widths, stock_widths
-    widths = block_widths(model)
+    from .surgery import structure_record
     record = {"recipe": recipe_to_dict(recipe), "steps": [_without_blocks(r) for r in reports],
-              "structure": {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}}
+              "structure": structure_record(model)}
     if distributed.is_main():           # every process holds the same model
         save_pretrained_atomic(model, tokenizer, run.step_dir(index), metadata=record, overwrite=True)
         run.forget_steps_before(index)
@@ -243,7 +228,7 @@ def describe_step(index: int, report, where: str = "") -> str:
 
 def _calibration(recipe: Recipe, tokenizer, result: dict, echo):
     from .data import calibration_data
-    if not any(_needs_calibration(step) for step in recipe.steps):
+    if not any(needs_calibration(step) for step in recipe.steps):
         return None
     c = recipe.calibration
     calib = calibration_data(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
@@ -348,10 +333,10 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
 
             def record(report, k=index) -> dict:
                 """prunekit.json of this step's output, written inside its atomic staging."""
-                if run is not None and linear:
+                if run is not None and linear:  # noqa: B023 -- called by prune_out_of_core in this iteration
                     report.layers = run.layer_records(k)   # with the blocks finished before a resumption
                 result["steps"] = result["steps"][:k] + [report.to_dict()]
-                return _metadata(result)
+                return export_metadata(result)
             report, out, _ = prune_out_of_core(
                 source, step, calib, target, dtype=dtype, device=device, sequential=recipe.sequential,
                 batch_size=recipe.calibration.batch_size, progress=progress, tokenizer=tokenizer,
@@ -406,12 +391,36 @@ def _recover(model, tokenizer, step, recipe: Recipe, device, progress, echo) -> 
     return report
 
 
-def _needs_calibration(step) -> bool:
+def export_model(model, tokenizer, recipe: Recipe, record: dict, adapters: dict, path, *, overwrite: bool,
+                 protect=()) -> Path:
+    """Save a pruned model atomically with its prunekit.json (`record` without per-block noise), its
+    model card and, with unmerged EoRA residuals, the PEFT adapter (record["adapter"] names its
+    folder). The one export of `run_recipe` and `prunekit sweep`; returns the output folder."""
+    from .card import model_card
+    from .export import save_pretrained_atomic
+    adapter_dir = None
+    if adapters:
+        adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
+        record["adapter"] = adapter_dir
+    metadata = export_metadata(record)
+    card = model_card(recipe, metadata)
+
+    def write_extras(staging):
+        # inside the atomic staging: the card and adapter appear together with the weights or not at all
+        if adapters:
+            from .eora import save_peft_adapter
+            save_peft_adapter(staging / adapter_dir, adapters, model)
+        (staging / "README.md").write_text(card)
+    return save_pretrained_atomic(model, tokenizer, path, metadata=metadata, overwrite=overwrite, protect=protect,
+                                  extra=write_extras)
+
+
+def needs_calibration(step) -> bool:
     method = method_for_config(step)
     return method.scope != "recover" and method.needs_calibration_for(step)   # recovery reads its own windows
 
 
-def _check_seqlen(config, recipe: Recipe) -> None:
+def check_seqlen(config, recipe: Recipe) -> None:
     """Windows longer than the model's context would be silently wrong: refuse them up front."""
     from .data import default_seqlen
     context = default_seqlen(config, cap=1 << 30)
@@ -428,7 +437,7 @@ def _perplexity(perplexity, model, eval_text, recipe: Recipe, device):
     return perplexity(model, eval_text, seqlen=recipe.eval.seqlen, stride=recipe.eval.stride, device=device)
 
 
-def _metadata(result: dict) -> dict:
+def export_metadata(result: dict) -> dict:
     """What goes into prunekit.json: everything but the per-block timing noise."""
     keep = dict(result)
     keep["steps"] = [{k: v for k, v in step.items() if k != "blocks"} for step in result["steps"]]

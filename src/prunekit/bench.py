@@ -69,6 +69,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .atomic import write_json_atomic
+
 log = logging.getLogger("prunekit")
 
 PROMPT_SEED = 0
@@ -190,7 +192,8 @@ def format_table(result: dict[str, Any]) -> str:
 
     lines = [
         f"prunekit bench, {proto['date']}",
-        f"device: {proto['device']} ({proto['device_name']}), torch threads {proto['torch_threads']}, dtype {proto['dtype']}",
+        f"device: {proto['device']} ({proto['device_name']}), torch threads {proto['torch_threads']}, "
+        f"dtype {proto['dtype']}",
         f"host: {proto['cpu_count']} CPUs; 1-min load average {_load(proto['load_average_1min']['before'])} before "
         f"the benchmark, {_load(proto['load_average_1min']['after'])} after",
         f"workload: batch {','.join(map(str, proto['batches']))}; prefill {proto['prompt_len']} tokens "
@@ -279,24 +282,6 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as JSON through a temp file in the same folder and ``os.replace``: readers
-    see the old file or the whole new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m prunekit.bench ...``: the bench command on its own (and the CPU worker entry)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -319,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
     values = tuple(batches)
     if not values or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in values):
-        raise ValueError(f"--batch expects positive integers such as 1,8; got {','.join(map(str, values)) or 'nothing'}")
+        raise ValueError(f"--batch expects positive integers such as 1,8; "
+                         f"got {','.join(map(str, values)) or 'nothing'}")
     return values
 
 

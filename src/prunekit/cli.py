@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .atomic import write_json_atomic
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="prune a model one-shot with calibration data")
     prune.add_argument("model", help='hub id, local directory, .gguf file, or "default" (embedded SmolLM2-135M)')
     prune.add_argument("--method", required=True,
-                       help="unstructured/N:M: magnitude, wanda, sparsegpt, ria, gblm, pruner-zero; width: magnitude-sp, wanda-sp, flap, taylor; "
+                       help="unstructured/N:M: magnitude, wanda, sparsegpt, ria, gblm, pruner-zero; "
+                            "width: magnitude-sp, wanda-sp, flap, taylor; "
                             "depth: block-influence, angular, sleb, last-k, laco (see `prunekit list`)")
     prune.add_argument("--sparsity", type=float,
                        help="in [0, 1): fraction of weights zeroed per layer (unstructured), of the decoder blocks' "
@@ -92,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="add EoRA low-rank compensation of rank R, exported as a PEFT adapter next to the model")
     prune.add_argument("--per", choices=["row", "layer"], help="comparison group for unstructured sparsity")
     prune.add_argument("--ignore", action="append", default=None, metavar="REGEX", help="leave matching layers dense")
-    prune.add_argument("--calib", default="default", help="calibration text: default, a .txt/.jsonl file or dir, wikitext2, c4, ptb")
+    prune.add_argument("--calib", default="default",
+                       help="calibration text: default, a .txt/.jsonl file or dir, wikitext2, c4, ptb")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--seqlen", type=int, default=512, help="tokens per calibration/evaluation window (default 512)")
     prune.add_argument("--seed", type=int, default=0)
@@ -114,13 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stride", type=int, default=None)
     evaluate.add_argument("--max-tokens", type=int, default=None)
     evaluate.add_argument("--fidelity-tokens", type=int, default=4096,
-                          help="fidelity: KL/top-1 positions (dense log-probs kept in memory: tokens x vocab x 4 bytes)")
-    evaluate.add_argument("--knowledge-data", default=None, help="knowledge questions .jsonl (default: the bundled set)")
+                          help="fidelity: KL/top-1 positions "
+                               "(dense log-probs kept in memory: tokens x vocab x 4 bytes)")
+    evaluate.add_argument("--knowledge-data", default=None,
+                          help="knowledge questions .jsonl (default: the bundled set)")
     evaluate.add_argument("--lm-eval-tasks", default=None,
                           help="comma-separated lm-eval tasks (default arc_easy,hellaswag,piqa,winogrande,boolq,mmlu)")
     evaluate.add_argument("--lm-eval-limit", type=int, default=None, help="lm-eval: at most N examples per task")
-    evaluate.add_argument("--lm-eval-include", default=None, metavar="DIR", help="lm-eval: directory of local task configs")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward in fidelity/knowledge/lm-eval")
+    evaluate.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                          help="lm-eval: directory of local task configs")
+    evaluate.add_argument("--batch-size", type=int, default=8,
+                          help="sequences per forward in fidelity/knowledge/lm-eval")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--allow-pickle", action="store_true")
@@ -130,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a YAML recipe")
     run.add_argument("recipe", type=Path)
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. steps.0.sparsity=0.6")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override, e.g. steps.0.sparsity=0.6")
     run.add_argument("--json", type=Path, help="also write the results as JSON")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, do nothing")
     run.add_argument("--offload", default=None, choices=["none", "cpu", "disk"],
@@ -170,7 +179,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (they can run code)")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. steps.0.damp=0.05")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, e.g. steps.0.damp=0.05")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, do nothing")
     _nproc(p)
@@ -180,7 +190,8 @@ def _nproc(p: argparse.ArgumentParser) -> None:
     # read (and removed) by `_launch_distributed` before parsing; declared here for --help
     p.add_argument("--nproc", type=int, metavar="N",
                    help="shard the calibration windows across N processes on this machine (torchrun, gloo on CPU, "
-                        "nccl on CUDA); the 1-process result (bit for bit with equal OMP_NUM_THREADS). Several machines: docs/distributed.md")
+                        "nccl on CUDA); the 1-process result (bit for bit with equal OMP_NUM_THREADS). "
+                        "Several machines: docs/distributed.md")
 
 
 def prune_args_to_dict(args) -> dict:
@@ -247,7 +258,7 @@ def _execute(recipe, args) -> int:
         raise ValueError("--resume continues a recorded run: give its --run-dir")
     result = run_recipe(recipe, run_dir=run_dir, resume=resume)
     if args.json and result.get("distributed", {}).get("rank", 0) == 0:     # rank 0 writes it
-        _write_json(args.json, result)
+        write_json_atomic(args.json, result, default=str)
     return 0
 
 
@@ -270,7 +281,8 @@ def _eval(args) -> int:
     print(f"sparsity: {sparsity['block_linear_sparsity']:.2%} of decoder-block linear weights, "
           f"{sparsity['model_sparsity']:.2%} of all {sparsity['parameters'] / 1e6:.1f}M parameters")
     if args.json:
-        _write_json(args.json, {"model": args.model, "perplexity": result.to_dict(), "sparsity": sparsity})
+        write_json_atomic(args.json, {"model": args.model, "perplexity": result.to_dict(), "sparsity": sparsity},
+                          default=str)
     return 0
 
 
@@ -304,7 +316,8 @@ def suite_lines(out: dict) -> list[str]:
         ppl = results["perplexity"]
         lines.append(f"perplexity {_format_ppl(ppl['ppl'])} [{ppl['protocol']}]")
         if "baseline" in ppl:
-            lines.append(f"perplexity (dense baseline) {_format_ppl(ppl['baseline']['ppl'])} [{ppl['baseline']['protocol']}]")
+            lines.append(f"perplexity (dense baseline) {_format_ppl(ppl['baseline']['ppl'])} "
+                         f"[{ppl['baseline']['protocol']}]")
     if "fidelity" in results:
         f = results["fidelity"]
         lines.append(f"fidelity: KL(dense || model) {f['kl_mean']:.4f} nats/token, top-1 agreement "
@@ -370,7 +383,7 @@ def _eval_suites(args, suites) -> int:
         data = {"model": args.model, "baseline": args.baseline, **out, "sparsity": sparsity}
         if "perplexity" in out["suites"]:
             data["perplexity"] = out["suites"]["perplexity"]          # where `prunekit eval` always put it
-        _write_json(args.json, data)
+        write_json_atomic(args.json, data, default=str)
     return 0
 
 
@@ -384,16 +397,6 @@ def _list(args) -> int:
         print(f"{label + ':':<18}" + ", ".join(names))
     print(f"{'model types:':<18}" + ", ".join(supported_model_types()))
     return 0
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)              # a full disk leaves no half-written .tmp behind
 
 
 if __name__ == "__main__":

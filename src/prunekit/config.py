@@ -26,7 +26,7 @@ class SparsityConfig:
     targets: tuple[str, ...] = ()          # regexes over module names to prune; () = every linear in the decoder blocks
     ignore: tuple[str, ...] = ()           # regexes over module names to leave dense
     overrides: dict = field(default_factory=dict)  # {regex: sparsity}; the first matching pattern wins
-    allocation: str = "uniform"            # "uniform", "owl" or "sensitivity": per-block sparsity under the global budget
+    allocation: str = "uniform"            # "uniform", "owl" or "sensitivity": per-block sparsity under global budget
     allocation_lambda: float = 0.08        # largest deviation of a block's sparsity from `sparsity` (OWL's lambda)
     owl_m: float = 5.0                     # OWL: an outlier scores above owl_m x the block's mean Wanda score
     update: str = "none"                   # "none", "obs" or "admm": re-fit the kept weights to the mask

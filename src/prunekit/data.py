@@ -475,7 +475,7 @@ def default_seqlen(config, cap: int = 512) -> int:
     if callable(get_text):
         try:
             configs.append(get_text())
-        except Exception:   # noqa: BLE001 - composite configs without a text part
+        except Exception:
             pass
     for cfg in configs:
         for name in ("max_position_embeddings", "n_positions"):

@@ -119,7 +119,8 @@ def barrier() -> None:
         _dist().barrier()
 
 
-def shard(calib: Tensor | None, batch_size: int, *, rank_: int | None = None, world: int | None = None) -> Tensor | None:
+def shard(calib: Tensor | None, batch_size: int, *, rank_: int | None = None,
+          world: int | None = None) -> Tensor | None:
     """This process's calibration windows: a contiguous run of whole `batch_size` chunks.
 
     Splitting at chunk boundaries keeps every chunk exactly as the single-process run forms it,

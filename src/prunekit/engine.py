@@ -155,7 +155,8 @@ def _prune_block(block, index, groups, method, config, hidden, kwargs, first_chu
     if options.block_gradients is not None:
         step = BlockStep(index, block, hidden, kwargs, options.device, options.cache_device, first_chunk)
         with torch.enable_grad():
-            options.gradients = options.block_gradients(step, {l.name: l.module for g in groups for l in g.layers})
+            options.gradients = options.block_gradients(step, {layer.name: layer.module
+                                                               for g in groups for layer in g.layers})
     records: list[LayerRecord] = []
 
     def prune(group):

@@ -169,8 +169,9 @@ def _disk_full(err: OSError, out: Path, existed: bool, model) -> DiskFullError:
     except OSError:
         free = "free space unknown"
     try:
-        need = f"; the weights alone need about {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MB"
-    except Exception:  # noqa: BLE001 - only for the message
+        need = (f"; the weights alone need about "
+                f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MB")
+    except Exception:
         need = ""
     kept = f"the previous export in {out} is unchanged" if existed else f"{out} was not created"
     return DiskFullError(f"disk full while writing the export to {out} ({err.strerror or err}); nothing was "

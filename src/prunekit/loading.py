@@ -357,7 +357,7 @@ def _check_gguf_complete(path: Path) -> None:
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
     except (MemoryError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # noqa: BLE001 - numpy raises reshape/dtype errors on a short file
+    except Exception as exc:
         raise CorruptCheckpointError(f"GGUF file {path} is truncated or corrupt: its header or tensor table "
                                      f"cannot be read ({type(exc).__name__}: {exc}); re-download it") from None
     if end > size:
@@ -558,7 +558,8 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
     model.tie_weights()                        # the tied output embedding is saved once
     tied = {k for k in missing if _is_tied_alias(model, k)}
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:5]}, "
+        raise ValueError(f"{path}: weights do not match the recorded widths "
+                         f"(missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
     model.eval()
     return model, _tokenizer(str(path), trust_remote_code)

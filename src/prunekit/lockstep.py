@@ -67,7 +67,7 @@ class Lockstep:
                 raise RuntimeError("calibration chunks took different paths through the block; use sequential='block'")
         except Aborted:
             return
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+        except BaseException as err:
             with self.cond:
                 self.failure = self.failure or err
                 self.cond.notify_all()

@@ -29,7 +29,7 @@ from .export import METADATA_FILE, check_output_dir, library_versions, normalize
 from .loading import recorded_widths
 from .prune import prune_
 from .registry import method_for_config
-from .surgery import block_widths, resize_to_, stock_widths
+from .surgery import resize_to_, structure_record
 
 
 def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path], prefix: str,
@@ -122,9 +122,7 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
             tokenizer.save_pretrained(staging)
         # metadata may be a function of the finished report (run_recipe records the step in it)
         record = to_jsonable(metadata(report) if callable(metadata) else dict(metadata or {}))
-        widths = block_widths(model)
-        record.setdefault("structure", {"stock": stock_widths(model) is not None, "num_blocks": len(widths),
-                                        "widths": widths})
+        record.setdefault("structure", structure_record(model))
         record["versions"] = library_versions()
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if card is not None:                               # the model card, in the same atomic step

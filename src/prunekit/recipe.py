@@ -69,7 +69,7 @@ class Recipe:
     device: str = "cpu"                   # compute device: cpu, cuda, cuda:1, auto
     sequential: str = "true"              # "true": one pass, later groups see pruned inputs; "block": reference order
     cache_device: str | None = None       # where cached activations live; "cpu" = low-memory mode on a GPU
-    offload: str = "none"                 # none | cpu (model and activations on CPU) | disk (stream blocks from the checkpoint)
+    offload: str = "none"                 # none | cpu (model+activations on CPU) | disk (stream blocks from checkpoint)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     calibration: Calibration = field(default_factory=Calibration)

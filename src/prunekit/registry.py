@@ -19,7 +19,6 @@ the engine uses it where it needs the score itself (RIA's channel permutation fo
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +32,7 @@ class Method:
     scope: str = "linear"    # "linear", "width" or "depth" (see the module docstring)
     calibrated: bool | None = None   # needs calibration data; None: exactly when it has an observer
     score: Callable | None = None    # linear methods: score(W, stats, cfg) -> (out, in), lower is pruned first
-    updates_weights: bool = False    # linear methods: fn already re-fits the kept weights (OBS), `update: obs` adds nothing
+    updates_weights: bool = False    # linear methods: fn already re-fits kept weights (OBS), `update: obs` adds nothing
 
     @property
     def needs_calibration(self) -> bool:

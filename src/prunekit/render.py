@@ -29,7 +29,8 @@ import io
 import json
 from pathlib import Path
 
-from .sweep import METRICS, RESULTS_JSONL, folder_name, read_rows, write_atomic
+from .atomic import write_atomic
+from .sweep import METRICS, RESULTS_JSONL, folder_name, read_rows
 
 # (figure name, metric column(s), y label, caption) for the sweep curves.
 CURVES = (
@@ -125,8 +126,9 @@ def _run_sections(folder: Path) -> list[tuple]:
     layers = [layer for step in record.get("steps", []) for layer in step.get("layers", []) or []
               if isinstance(layer, dict) and "achieved" in layer]
     if layers:
-        sections.append(("figure", "layer-sparsity", _bar_png([l["name"] for l in layers],
-                                                              [l["achieved"] for l in layers], "achieved sparsity"),
+        sections.append(("figure", "layer-sparsity", _bar_png([layer["name"] for layer in layers],
+                                                              [layer["achieved"] for layer in layers],
+                                                              "achieved sparsity"),
                          "Achieved sparsity of every pruned linear layer (zeros / weights), in model order."))
     structured = any("widths" in step or "removed_blocks" in step for step in record.get("steps", []))
     widths = (record.get("structure") or {}).get("widths") or []

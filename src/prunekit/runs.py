@@ -1,6 +1,6 @@
 """Resumable runs (`--run-dir RUN [--resume]`): a crash or Ctrl-C costs at most one block.
 
-Issue 6, part 2. The run directory holds
+The run directory holds
 
   manifest.json              the recipe, a fingerprint of the inputs, and per step the finished
                              blocks (with their per-layer records); rewritten atomically
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .atomic import write_atomic
 
 MANIFEST = "manifest.json"
 MIB = 1 << 20
@@ -48,15 +49,6 @@ MIB = 1 << 20
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then fsync and rename: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -136,7 +128,7 @@ class Run:
             return
         self.manifest["updated"] = _now()
         text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
-        _write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
+        write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
 
     def step_dir(self, step: int) -> Path:
         return self.path / f"step{step}"
@@ -240,7 +232,7 @@ class Recorded:
         if not distributed.is_main():                     # the same weights as process 0's, which writes them
             return
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in _named_with_prefix(block, index)}
-        _write_atomic(self.run.block_file(self.step, index),
+        write_atomic(self.run.block_file(self.step, index),
                       lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
     def done(self, index, records, hidden):
@@ -249,7 +241,7 @@ class Recorded:
         if hidden is not None:
             tensors = {f"chunk{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
             path = self.run.activations_file(self.step, index)
-            _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         distributed.barrier()      # every process's activations after block `index` are on disk
         step = self.run.manifest["steps"].setdefault(str(self.step), {})
         step[str(index)] = [_jsonable(r) for r in records]

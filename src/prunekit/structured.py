@@ -32,7 +32,6 @@ choose, so it scores on the dense model, like FLAP's reference code.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from .core.stream import NonFiniteError, block_stream, model_device, progress_ba
 from .models import spec_for
 from .models.spec import get_module, weight_view
 from .registry import method_for_config
-from .surgery import block_widths, enable_bias, head_counts, head_dim, keep_columns_, keep_rows_, \
+from .surgery import block_widths, enable_bias, head_counts, keep_columns_, keep_rows_, \
     set_head_counts, write_config
 from .report import StructureReport, parameter_counts
 
@@ -65,7 +64,8 @@ class WidthConfig:
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must be a number in [0, 1) (fraction of block parameters), got {self.sparsity!r}")
+            raise ValueError(f"sparsity must be a number in [0, 1) (fraction of block parameters), "
+                             f"got {self.sparsity!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to must be a positive integer (e.g. 8, 64, 128), got {self.round_to!r}")
         if self.heads not in ("auto", "query", "kv"):

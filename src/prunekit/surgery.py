@@ -220,3 +220,10 @@ def resize_to_(model: nn.Module, widths: list[dict]) -> None:
             for name in c.producers:
                 keep_rows_(get_module(block, name), torch.cat([keep + k * n for k in range(c.fused)]))
             keep_columns_(get_module(block, c.consumer), keep)
+
+
+def structure_record(model: nn.Module) -> dict:
+    """The "structure" entry of prunekit.json: whether a stock config describes the model, and
+    every block's widths (what `load_pruned` re-slices a fresh model to)."""
+    widths = block_widths(model)
+    return {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}

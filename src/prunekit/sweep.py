@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from .atomic import write_atomic
+
 SWEEP_FILE = "sweep.json"
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
@@ -190,15 +192,6 @@ def append_row(out: Path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(text.encode() if isinstance(text, str) else text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def flat_row(row: dict) -> dict:
     """The CSV form of a row: scalars only."""
     flat = {"id": row["id"], "method": row["method"], "sparsity": row.get("sparsity"),
@@ -238,7 +231,7 @@ def check_or_write_manifest(out: Path, manifest: dict) -> None:
 def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), overrides: list[str] = (),
               protocol: list[str] = (), save_models: bool = False, progress: bool = False, echo=print) -> list[dict]:
     """Run every grid point of `recipe` (a path or YAML text) not yet in `out`; return all rows."""
-    from .api import _check_seqlen
+    from .api import check_seqlen
     from .card import without_export
     from .eval.suites import parse_suites
     from .export import to_jsonable
@@ -279,7 +272,7 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
     device = resolve_device(base.device)
     dense, tokenizer = load(base.model, dtype=base.dtype, trust_remote_code=base.trust_remote_code,
                             allow_pickle=base.allow_pickle)
-    _check_seqlen(dense.config, base)
+    check_seqlen(dense.config, base)
     reference = _reference(dense, tokenizer, suites, proto, device, out / REFERENCE_DIR, echo)
     windows: dict = {}
     for index, (point, pid, point_recipe) in enumerate(todo):
@@ -300,13 +293,13 @@ def run_point(dense, tokenizer, point, pid, recipe, windows: dict, *, suites, pr
               progress=False, echo=print, save_to=None, protect=()) -> dict:
     """Prune a copy of `dense` by `recipe`, evaluate it, return the results row (and export it to
     `save_to` when given). `windows` caches calibration windows by calibration section."""
-    from .api import _needs_calibration, apply_steps
+    from .api import apply_steps, needs_calibration
     from .eval.suites import evaluate
     from .registry import method_for_config
     from .report import parameter_counts, sparsity_report
 
     calib = None
-    if any(_needs_calibration(step) for step in recipe.steps):
+    if any(needs_calibration(step) for step in recipe.steps):
         c = recipe.calibration
         key = (c.source, c.samples, c.seqlen, c.seed)
         if key not in windows:
@@ -357,34 +350,18 @@ def run_point(dense, tokenizer, point, pid, recipe, windows: dict, *, suites, pr
 
 
 def _export(model, tokenizer, recipe, reports, adapters, row, result, save_to, protect) -> None:
-    from .api import _metadata
-    from .card import model_card
-    from .export import save_pretrained_atomic
+    """Save a sweep point as `prunekit run` would, with the sweep's evaluation in its prunekit.json."""
+    from .api import export_model
     from .loading import describe_source
     from .recipe import recipe_to_dict
     from .report import sparsity_report
-    from .surgery import block_widths, stock_widths
-    widths = block_widths(model)
+    from .surgery import structure_record
     record = {"recipe": recipe_to_dict(recipe), "source": describe_source(recipe.model), "steps": reports,
               "parameters": row["parameters"], "parameters_after": row["parameters_after"],
-              "sparsity": sparsity_report(model), "eval": result,
-              "structure": {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}}
+              "sparsity": sparsity_report(model), "eval": result, "structure": structure_record(model)}
     if result["suites"].get("perplexity"):
         record["pruned_perplexity"] = result["suites"]["perplexity"]
-    adapter_dir = None
-    if adapters:
-        from .registry import method_for_config
-        adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir
-        record["adapter"] = adapter_dir
-    record = _metadata(record)
-    card = model_card(recipe, record)
-
-    def extras(staging):
-        if adapters:
-            from .eora import save_peft_adapter
-            save_peft_adapter(staging / adapter_dir, adapters, model)
-        (staging / "README.md").write_text(card)
-    save_pretrained_atomic(model, tokenizer, save_to, metadata=record, overwrite=True, protect=protect, extra=extras)
+    export_model(model, tokenizer, recipe, record, adapters, save_to, overwrite=True, protect=protect)
 
 
 def _reference(dense, tokenizer, suites, protocol, device, folder: Path, echo):

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from conftest import tiny_model, word_tokenizer  # noqa: E402
-from prunekit.eval.zeroshot import run_lm_eval  # noqa: E402
+from conftest import tiny_model, word_tokenizer
+from prunekit.eval.zeroshot import run_lm_eval
 
 TASK_DIR = Path(__file__).with_name("lm_eval_task")
 

@@ -23,7 +23,6 @@ import contextlib
 import contextvars
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 

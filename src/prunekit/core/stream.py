@@ -145,7 +145,7 @@ def capture(model, blocks, calib: Tensor, batch_size: int, device, cache_device)
     try:
         for index, block in enumerate(blocks):
             block.forward = stub_for(index)
-        for chunk_index, chunk in enumerate(chunks):
+        for _chunk_index, chunk in enumerate(chunks):
             if returns_tuple is None:        # learn the blocks' return type from the real block 0
                 try:
                     model(input_ids=chunk.to(embed_device), use_cache=False)

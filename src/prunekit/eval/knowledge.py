@@ -165,13 +165,6 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def _shared_prefix(encoded: list[list[int]]) -> list[int]:
     """The longest run of leading tokens that every prompt shares (the few-shot examples), but never
     a whole prompt: each prompt keeps at least one token of its own, whose logits start its answer."""

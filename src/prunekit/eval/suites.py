@@ -1,6 +1,6 @@
 """Evaluation suites of a pruned model, each number reported with the protocol that produced it.
 
-Suites (issue 5):
+Suites:
 
 * ``perplexity``: `prunekit.eval.perplexity` on the held-out split of ``protocol.data``;
 * ``fidelity``: token KL, top-1 agreement and the Divergent Token Metrics (arXiv 2311.01544)
@@ -92,7 +92,8 @@ class EvalProtocol:
         if isinstance(tasks, str):
             tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
         if not isinstance(tasks, (tuple, list)) or not tasks or not all(isinstance(t, str) and t for t in tasks):
-            raise ValueError(f"lm_eval_tasks must be task names such as ('arc_easy', 'piqa'), got {self.lm_eval_tasks!r}")
+            raise ValueError(f"lm_eval_tasks must be task names such as ('arc_easy', 'piqa'), "
+                             f"got {self.lm_eval_tasks!r}")
         object.__setattr__(self, "lm_eval_tasks", tuple(tasks))
         for name in ("knowledge_data", "lm_eval_include"):
             value = getattr(self, name)

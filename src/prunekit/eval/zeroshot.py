@@ -53,7 +53,7 @@ def run_lm_eval(model, tokenizer, tasks, *, limit: int | None = None, batch_size
         raise RuntimeError(f"lm-eval could not load the task(s) {tasks}: {err}. The standard tasks download their "
                            "datasets from the Hugging Face Hub and need the network (or a warm cache); offline, "
                            "use --lm-eval-include DIR with local task configs") from None
-    except Exception as err:   # noqa: BLE001 - datasets raise many kinds of errors when offline
+    except Exception as err:
         if "offline" in str(err).lower() or "connect" in str(err).lower() or "hub" in str(err).lower():
             raise RuntimeError(f"lm-eval could not load the task(s) {tasks}: {err}. The task needs the network "
                                "or a local task directory (--lm-eval-include DIR)") from None

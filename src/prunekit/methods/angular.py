@@ -56,12 +56,6 @@ def angular_distance_sum(x: list[Tensor], y: list[Tensor]) -> tuple[float, int]:
     return total, sum(a.shape[0] for a in x)
 
 
-def mean_angular_distance(x: list[Tensor], y: list[Tensor]) -> float:
-    """Mean of `angular_distance` over all rows of two boundaries."""
-    total, rows = angular_distance_sum(x, y)
-    return total / rows
-
-
 def _kept_tokens(hidden: list[Tensor], token: str) -> list[Tensor]:
     """The rows of a boundary that the distance uses: (rows, hidden) views or copies."""
     if token == "last":           # a copy, so the full hidden states can be freed

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..config import SparsityConfig
-from ..masks import lowest
 from ..registry import register
 from ..stats import Hessian
 from ..updates import OBS_BLOCKSIZE, OBS_DAMP, obs_sweep

@@ -87,7 +87,8 @@ def get_module(root: nn.Module, dotted: str) -> nn.Module:
     try:
         return root.get_submodule(dotted)
     except AttributeError as err:
-        raise AttributeError(f"{type(root).__name__} has no submodule {dotted!r}; the model spec does not fit this model") from err
+        raise AttributeError(f"{type(root).__name__} has no submodule {dotted!r}; "
+                             "the model spec does not fit this model") from err
 
 
 def is_linear(module: nn.Module) -> bool:
