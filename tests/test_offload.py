@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
+from conftest import TINY_CONFIGS, tiny_model
 from prunekit.prune import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.sparsegpt import SparseGPTConfig
@@ -59,12 +59,22 @@ def test_out_of_core_equals_in_memory(tmp_path, calib, family, config, sequentia
     assert not list(tmp_path.glob(".disk.tmp-*"))                         # staging swapped into place
 
 
-def test_empty_model_has_no_weights_but_real_buffers():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_empty_model_has_no_weights_but_real_buffers(family):
+    """Every buffer (rotary tables, Gemma's embedding scale) equals the one of a normally built model,
+    and building it patches nothing process-wide."""
+    model = tiny_model(family)
+    register = torch.nn.Module.register_parameter
     skeleton = empty_model(model.config)
+    assert torch.nn.Module.register_parameter is register
     assert all(p.is_meta for p in skeleton.parameters())
-    assert not any(b.is_meta for b in skeleton.buffers())
-    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight or not model.config.tie_word_embeddings
+    buffers = dict(skeleton.named_buffers())
+    assert buffers.keys() == dict(model.named_buffers()).keys()
+    for name, buffer in model.named_buffers():
+        assert not buffers[name].is_meta
+        torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (skeleton.get_output_embeddings().weight is skeleton.get_input_embeddings().weight) == tied
 
 
 def test_shard_reader_single_file(tmp_path):

@@ -36,30 +36,23 @@ from .memory import return_freed_memory
 INDEX_FILE = "model.safetensors.index.json"
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """While active, every parameter a module registers is replaced by a meta tensor of the same
-    shape and dtype (no storage). Buffers are untouched, so rotary tables stay real."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The causal LM for `config` with every parameter on the meta device (buffers real), in
-    eval mode; tied input/output embeddings stay one parameter."""
+    """The causal LM for `config` with every parameter on the meta device (no storage), buffers real,
+    in eval mode; tied input/output embeddings stay one parameter.
+
+    Built under `torch.device("meta")` (a thread-local mode: nothing process-wide is patched). The
+    buffers (rotary tables, embedding scales) are computed in `__init__` and are not in a checkpoint,
+    so they are then materialised on the CPU and filled by the model's own `_init_weights`, which is
+    what `from_pretrained` does for the non-persistent buffers it cannot load."""
     from transformers import AutoModelForCausalLM
-    with _parameters_on_meta():
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, buffer in list(model.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+    for module in model.modules():
+        if next(module.buffers(recurse=False), None) is not None:
+            model._init_weights(module)
     model.tie_weights()
     return model.eval()
 
