@@ -90,7 +90,7 @@ def command_for(name: str, args) -> list[str]:
 def equal_parameter_sparsity(model: str, sparsity: float, rank: int) -> float:
     """The sparsity at which the nonzero block weights plus rank-r adapters on every block linear
     equal the nonzero weights at `sparsity` without adapters."""
-    from prunekit.loading import load
+    from prunekit.io.loading import load
     from prunekit.models import spec_for
     from prunekit.models.spec import get_module, weight_view
     loaded, _ = load(model)

@@ -42,7 +42,7 @@ if job["kind"] == "synthetic-build":
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(job["dir"], max_shard_size="200MB")
     print(json.dumps({"ok": True})); sys.exit()
 from prunekit.cli import main
-from prunekit.offload import prune_out_of_core
+from prunekit.io.offload import prune_out_of_core
 from prunekit.registry import method_for_config
 from prunekit.recipe import step_from_dict
 if job["kind"] == "synthetic":

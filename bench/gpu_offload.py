@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for the checkpoints")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_offload.json"))
     args = parser.parse_args(argv)
-    from prunekit.offload import prune_out_of_core
+    from prunekit.io.offload import prune_out_of_core
     from prunekit.recipe import step_from_dict
 
     cuda = torch.cuda.is_available() and not args.tiny

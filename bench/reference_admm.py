@@ -28,7 +28,7 @@ def problem(seed: int, out: int, inp: int, tokens: int):
 def smollm2_layer(name: str, windows: int):
     """A real layer's weight and calibration input (dense model, first `windows` windows)."""
     from prunekit.data import calibration_data
-    from prunekit.loading import load
+    from prunekit.io.loading import load
     model, tokenizer = load("default")
     calib = calibration_data(tokenizer, "default", samples=windows, seqlen=512)
     module = model.get_submodule(name)

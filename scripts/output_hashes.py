@@ -88,7 +88,7 @@ def run_all() -> dict:
         for layer, (B, A) in sorted(getattr(report, "adapters", {}).items()):
             state[f"adapter.{layer}.B"], state[f"adapter.{layer}.A"] = B, A
         hashes[name] = digest(state)
-    from prunekit.offload import prune_out_of_core
+    from prunekit.io.offload import prune_out_of_core
     from safetensors.torch import load_file
     with tempfile.TemporaryDirectory() as work:
         for name, (family, step) in OUT_OF_CORE.items():

@@ -88,7 +88,7 @@ def run_case(name: str) -> tuple[dict, dict]:
     (block influence, SLEB's perplexities, LaCo's similarities), the allocation's block scores and
     the per-layer reconstruction errors, all of which must add every process's windows."""
     from prunekit import prune_
-    from prunekit.export import to_jsonable
+    from prunekit.io.export import to_jsonable
     case = cases()[name]
     config, sequential, windows, batch_size, family, compensate = (*case, *("llama", None)[len(case) - 4:])
     model = model_for(family)

@@ -108,7 +108,8 @@ def test_existing_output_refused_before_any_work(tiny_model_dir, tmp_path, capsy
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    monkeypatch.setattr("prunekit.loading.load", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
+    monkeypatch.setattr("prunekit.io.loading.load",
+                        lambda *a, **k: pytest.fail("loaded the model before checking --out"))
     assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_CONFIGS
 from prunekit.depth import BlockCache, DepthConfig, decoder_blocks, remove_blocks
 from prunekit.prune import prune_
-from prunekit.export import save_pretrained_atomic
+from prunekit.io.export import save_pretrained_atomic
 from prunekit.methods.last_k import LastKConfig
 
 FAMILIES = sorted(TINY_CONFIGS)

@@ -1,4 +1,4 @@
-"""prunekit.export: atomic safetensors export, prunekit.json, overwrite/protect rules, failures."""
+"""prunekit.io.export: atomic safetensors export, prunekit.json, overwrite/protect rules, failures."""
 import dataclasses
 import json
 import os
@@ -10,8 +10,8 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import word_tokenizer
-from prunekit import export
-from prunekit.export import METADATA_FILE, check_output_dir, save_pretrained_atomic
+from prunekit.io import export
+from prunekit.io.export import METADATA_FILE, check_output_dir, save_pretrained_atomic
 
 
 def tiny_tokenizer():

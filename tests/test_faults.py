@@ -25,13 +25,13 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import tiny_model
-from prunekit import loading
+from prunekit.io import loading
 from prunekit.api import run_recipe
 from prunekit.cli import main
 from prunekit.core.stream import NonFiniteError
 from prunekit.prune import prune_
-from prunekit.export import DiskFullError, save_pretrained_atomic
-from prunekit.loading import CorruptCheckpointError, check_checkpoint, load
+from prunekit.io.export import DiskFullError, save_pretrained_atomic
+from prunekit.io.loading import CorruptCheckpointError, check_checkpoint, load
 from prunekit.masks import nm_violations
 from prunekit.methods.sparsegpt import SparseGPTConfig
 from prunekit.methods.wanda import WandaConfig

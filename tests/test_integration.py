@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunekit.api import run_recipe
-from prunekit.loading import load
+from prunekit.io.loading import load
 from prunekit.recipe import recipe_from_dict
 from prunekit.report import sparsity_report
 

@@ -107,7 +107,7 @@ def test_shared_machinery_imports_no_driver_and_no_method(low, allowed):
 
 def test_method_files_import_no_driver():
     graph = import_graph()
-    drivers = {"prunekit.prune", "prunekit.engine", "prunekit.api", "prunekit.cli", "prunekit.offload",
+    drivers = {"prunekit.prune", "prunekit.engine", "prunekit.api", "prunekit.cli", "prunekit.io.offload",
                "prunekit.catalog", "prunekit.sweep", "prunekit.recipe"}
     for module, targets in graph.items():
         if module.startswith("prunekit.methods."):

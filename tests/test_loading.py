@@ -1,4 +1,4 @@
-"""prunekit.loading: local safetensors dirs, pickle refusal, GGUF conversion + cache, errors.
+"""prunekit.io.loading: local safetensors dirs, pickle refusal, GGUF conversion + cache, errors.
 
 Everything is offline and tiny (2-layer, hidden-32 Llama; a word-level tokenizer trained on
 three sentences; a GGUF written here with the `gguf` package). The one `slow` test loads the
@@ -14,8 +14,8 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from conftest import word_tokenizer
-from prunekit import loading
-from prunekit.loading import describe_source, load, resolve_device, resolve_dtype
+from prunekit.io import loading
+from prunekit.io.loading import describe_source, load, resolve_device, resolve_dtype
 
 SENTENCES = ["hello world the cat sat on the mat", "a dog ran far away from the cat",
              "the quick brown fox jumps over the lazy dog"]

@@ -12,7 +12,7 @@ from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.sparsegpt import SparseGPTConfig
 from prunekit.methods.wanda import WandaConfig
 from prunekit.core.residency import ShardReader, empty_model
-from prunekit.offload import prune_out_of_core
+from prunekit.io.offload import prune_out_of_core
 
 
 def _tensors(folder):
@@ -99,7 +99,7 @@ _RSS_CHILD = r"""
 import json, sys, torch
 from pathlib import Path
 import transformers
-from prunekit.offload import prune_out_of_core
+from prunekit.io.offload import prune_out_of_core
 from prunekit.recipe import step_from_dict
 
 def status(key):

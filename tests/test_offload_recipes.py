@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_tokenizer
-from prunekit import offload
+from prunekit.io import offload
 from prunekit.api import run_recipe
-from prunekit.loading import load_pruned
+from prunekit.io.loading import load_pruned
 from prunekit.recipe import recipe_from_dict
 
 CHAIN = [{"method": "flap", "sparsity": 0.25, "round_to": 4},

@@ -9,9 +9,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_CONFIGS, VOCAB
 from prunekit.prune import prune_
-from prunekit.loading import load_pruned
+from prunekit.io.loading import load_pruned
 from prunekit.core.residency import OnDisk, ShardReader, empty_model
-from prunekit.offload import check_step, prune_out_of_core
+from prunekit.io.offload import check_step, prune_out_of_core
 from prunekit.recipe import step_from_dict
 from prunekit.surgery import block_widths, stock_widths
 
@@ -185,7 +185,7 @@ def test_check_step_refuses_what_needs_the_whole_model():
 def test_block_stream_passes_keep_their_activations_memory_mapped(tmp_path, calib, monkeypatch):
     """Out of core, a scoring pass's cached activations (block 0's inputs, then every block's
     outputs) go to memory-mapped files, whose names are unlinked at once: nothing is left behind."""
-    from prunekit import offload
+    from prunekit.io import offload
     calls = []
     original = offload.spill
 

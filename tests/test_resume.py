@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_tokenizer
 from prunekit.api import run_recipe
 from prunekit.recipe import recipe_from_dict
-from prunekit.runs import Recorded
+from prunekit.io.runs import Recorded
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_identically(tmp_path, deep_model_dir, monkeypat
 def test_crash_between_the_activations_and_the_manifest_resumes_identically(tmp_path, deep_model_dir, monkeypatch):
     """Killed after block 3's activations were written but before the manifest named block 3:
     the resumption must start at block 3 from the activations after block 2, not from the newer file."""
-    from prunekit.runs import Run
+    from prunekit.io.runs import Run
     run_recipe(_recipe(deep_model_dir, tmp_path / "whole"), progress=False, echo=_quiet)
     original = Run._save
 

@@ -5,8 +5,8 @@ from conftest import TINY_CONFIGS, VOCAB, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from prunekit import prune_
-from prunekit.export import save_pretrained_atomic
-from prunekit.loading import load_pruned
+from prunekit.io.export import save_pretrained_atomic
+from prunekit.io.loading import load_pruned
 from prunekit.methods.flap import FlapConfig
 from prunekit.methods.magnitude_sp import MagnitudeSPConfig
 from prunekit.methods.taylor import TaylorConfig

@@ -36,7 +36,7 @@ def test_grids_are_products_and_their_union_without_duplicates():
 
 
 def test_a_bad_point_fails_before_any_work(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("prunekit.loading.load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("prunekit.io.loading.load", lambda *a, **k: pytest.fail("loaded a model"))
     out = tmp_path / "sweep"
     assert main(["sweep", str(_recipe(tmp_path, tiny_model_dir)), "--grid", "steps.0.sparsity=0.5,1.5",
                  "--out", str(out)]) == 2

@@ -12,11 +12,11 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "prune_": ".prune",
-    "load": ".loading",
+    "load": ".io.loading",
     "calibration_data": ".data",
     "evaluation_data": ".data",
     "perplexity": ".eval.perplexity",
-    "save_pretrained_atomic": ".export",
+    "save_pretrained_atomic": ".io.export",
     "sparsity_report": ".report",
     "SparsityConfig": ".config",
     "MagnitudeConfig": ".methods.magnitude",
@@ -25,7 +25,7 @@ _PUBLIC = {
     "run_recipe": ".api",
     "load_recipe": ".recipe",
     # structured pruning: width (heads, channels) and depth (blocks)
-    "load_pruned": ".loading",
+    "load_pruned": ".io.loading",
     "WidthConfig": ".structured",
     "MagnitudeSPConfig": ".methods.magnitude_sp",
     "WandaSPConfig": ".methods.wanda_sp",

@@ -24,7 +24,7 @@ log = logging.getLogger("prunekit")
 
 def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=None, resume: bool = False) -> dict:
     """Run `recipe`; `run_dir` records finished blocks so that `resume=True` continues an
-    interrupted run (see runs.py); `recipe.offload == "disk"` streams blocks from the checkpoint."""
+    interrupted run (see io/runs.py); `recipe.offload == "disk"` streams blocks from the checkpoint."""
     if resume and run_dir is None:
         raise ValueError("resume=True continues a recorded run: pass its run_dir (CLI --run-dir)")
     if recipe.offload == "disk":
@@ -37,8 +37,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
                                  "--run-dir")
     from .data import evaluation_data
     from .eval.perplexity import perplexity
-    from .export import check_output_dir
-    from .loading import describe_source, load, resolve_device
+    from .io.export import check_output_dir
+    from .io.loading import describe_source, load, resolve_device
     from .report import parameter_counts, sparsity_report
     from .surgery import structure_record
     from . import distributed
@@ -83,13 +83,13 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     calib = _calibration(recipe, tokenizer, result, echo)
     run = None
     if run_dir is not None:
-        from .runs import Run, inputs_fingerprint
+        from .io.runs import Run, inputs_fingerprint
         run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(_checkpoint_dir(recipe), calib), resume)
     cache_device = recipe.cache_device or ("cpu" if recipe.offload == "cpu" else None)
 
     start = 0
     if run is not None and run.last_step() >= 0:         # resume after the last finished step
-        from .loading import load_pruned
+        from .io.loading import load_pruned
         done = run.last_step()
         model, _ = load_pruned(run.step_dir(done), dtype=recipe.dtype)
         model.eval()
@@ -200,7 +200,7 @@ def _save_step(run, index: int, model, tokenizer, recipe: Recipe, reports: list[
     if run is None or index >= len(recipe.steps) - 1:
         return
     from . import distributed
-    from .export import save_pretrained_atomic
+    from .io.export import save_pretrained_atomic
     from .surgery import structure_record
     record = {"recipe": recipe_to_dict(recipe), "steps": [_without_blocks(r) for r in reports],
               "structure": structure_record(model)}
@@ -239,8 +239,8 @@ def _calibration(recipe: Recipe, tokenizer, result: dict, echo):
 
 def _checkpoint_dir(recipe: Recipe):
     """The local safetensors directory (or GGUF file) the recipe's model comes from."""
-    from .loading import _classify, gguf_to_checkpoint
-    kind, where = _classify(recipe.model)
+    from .io.loading import classify_source, gguf_to_checkpoint
+    kind, where = classify_source(recipe.model)
     if kind in ("default", "gguf"):
         return gguf_to_checkpoint(where, trust_remote_code=recipe.trust_remote_code)
     if kind == "hub":              # the files out-of-core pruning reads; never pickles or remote code
@@ -270,9 +270,9 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     import shutil
     import tempfile
     from .card import model_card
-    from .export import check_output_dir
-    from .loading import _tokenizer, describe_source, resolve_device
-    from .offload import check_step, prune_out_of_core
+    from .io.export import check_output_dir
+    from .io.loading import load_tokenizer, describe_source, resolve_device
+    from .io.offload import check_step, prune_out_of_core
     for index, step in enumerate(recipe.steps):
         try:
             check_step(step)
@@ -294,7 +294,7 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
              f"({'nccl' if device.type == 'cuda' else 'gloo'}), out of core; rank 0 writes the checkpoints")
     for step in recipe.steps:
         echo(f"expected speedup: {expected_speedup(step)}")
-    tokenizer = _tokenizer(str(location), recipe.trust_remote_code)
+    tokenizer = load_tokenizer(str(location), recipe.trust_remote_code)
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     result: dict = {"recipe": recipe_to_dict(recipe), "source": describe_source(recipe.model), "steps": [],
@@ -302,7 +302,7 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     calib = _calibration(recipe, tokenizer, result, echo)
     run = None
     if run_dir is not None:
-        from .runs import Run, inputs_fingerprint
+        from .io.runs import Run, inputs_fingerprint
         run = Run(run_dir, recipe_to_dict(recipe), inputs_fingerprint(location, calib), resume)
         if main:
             for leftover in run.path.glob(".step*.tmp-*"):     # a killed step's staging folder
@@ -365,7 +365,7 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
 def _out_of_core_dtype(recipe: Recipe, location):
     """The recipe's dtype; "auto" is the checkpoint's own float dtype (float32 if it names none)."""
     import torch
-    from .loading import resolve_dtype
+    from .io.loading import resolve_dtype
     dtype = resolve_dtype(recipe.dtype)
     if dtype != "auto":
         return dtype
@@ -378,7 +378,7 @@ def _recover(model, tokenizer, step, recipe: Recipe, device, progress, echo) -> 
     """A recovery step: its own training windows from the calibration source (step.samples, or
     steps x batch_size windows, of step.seqlen or calibration.seqlen tokens); kd's teacher is
     recipe.model loaded again, i.e. the dense model before any step."""
-    from .loading import load
+    from .io.loading import load
     from .recovery import format_summary, recovery_windows
     c = recipe.calibration
     windows = recovery_windows(tokenizer, step, c.source, seqlen=c.seqlen, seed=c.seed)
@@ -397,7 +397,7 @@ def export_model(model, tokenizer, recipe: Recipe, record: dict, adapters: dict,
     model card and, with unmerged EoRA residuals, the PEFT adapter (record["adapter"] names its
     folder). The one export of `run_recipe` and `prunekit sweep`; returns the output folder."""
     from .card import model_card
-    from .export import save_pretrained_atomic
+    from .io.export import save_pretrained_atomic
     adapter_dir = None
     if adapters:
         adapter_dir = next(s for s in recipe.steps if method_for_config(s).scope == "compensate").adapter_dir

@@ -69,7 +69,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .atomic import write_json_atomic
+from .io.atomic import write_json_atomic
 
 log = logging.getLogger("prunekit")
 
@@ -99,7 +99,7 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
     Raises ValueError for bad arguments (naming the CLI flag), CUDA asked for but unavailable,
     or a prompt longer than a model's position limit; FileNotFoundError for a missing model path.
     """
-    from prunekit.loading import describe_source, resolve_dtype
+    from prunekit.io.loading import describe_source, resolve_dtype
 
     batches = _check_batches(batches)
     for flag, value, least in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 1),
@@ -310,7 +310,7 @@ def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_device(device: str) -> torch.device:
-    from prunekit.loading import resolve_device
+    from prunekit.io.loading import resolve_device
 
     try:
         return resolve_device(device)
@@ -354,7 +354,7 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
                    repeats: int, warmup: int, threads: int | None, seed: int) -> dict[str, Any]:
     """Load one model and measure every batch size; ``{"info", "measurements", "torch_threads",
     "memory_method"}``."""
-    from prunekit.loading import load
+    from prunekit.io.loading import load
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .atomic import write_json_atomic
+from .io.atomic import write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +269,7 @@ def _eval(args) -> int:
         return _eval_suites(args, suites)
     from .data import evaluation_data
     from .eval.perplexity import perplexity
-    from .loading import load, resolve_device
+    from .io.loading import load, resolve_device
     from .report import sparsity_report
     device = resolve_device(args.device)
     model, tokenizer = load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle,
@@ -288,7 +288,7 @@ def _eval(args) -> int:
 
 def _recorded_dense_perplexity(model: str) -> dict | None:
     """The dense perplexity recorded at pruning time in MODEL/prunekit.json, if any."""
-    from .export import METADATA_FILE
+    from .io.export import METADATA_FILE
     path = Path(model) / METADATA_FILE
     if not path.is_file():
         return None
@@ -312,11 +312,11 @@ def suite_lines(out: dict) -> list[str]:
     lines = []
     results = out["suites"]
     if "perplexity" in results:
-        from .eval.perplexity import _format_ppl
+        from .eval.perplexity import format_ppl
         ppl = results["perplexity"]
-        lines.append(f"perplexity {_format_ppl(ppl['ppl'])} [{ppl['protocol']}]")
+        lines.append(f"perplexity {format_ppl(ppl['ppl'])} [{ppl['protocol']}]")
         if "baseline" in ppl:
-            lines.append(f"perplexity (dense baseline) {_format_ppl(ppl['baseline']['ppl'])} "
+            lines.append(f"perplexity (dense baseline) {format_ppl(ppl['baseline']['ppl'])} "
                          f"[{ppl['baseline']['protocol']}]")
     if "fidelity" in results:
         f = results["fidelity"]
@@ -348,7 +348,7 @@ def suite_lines(out: dict) -> list[str]:
 
 def _eval_suites(args, suites) -> int:
     from .eval.suites import EvalProtocol, evaluate, reference
-    from .loading import load, resolve_device
+    from .io.loading import load, resolve_device
     from .report import sparsity_report
     if "fidelity" in suites and not args.baseline:
         raise ValueError("the fidelity suite compares the model with its dense original: pass --baseline DENSE "

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .export import normalize_permissions, swap_into_place
+from .io.export import normalize_permissions, swap_into_place
 from .models.spec import is_linear, weight_view
 from .registry import register
 from .stats import Hessian

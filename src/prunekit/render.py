@@ -29,7 +29,7 @@ import io
 import json
 from pathlib import Path
 
-from .atomic import write_atomic
+from .io.atomic import write_atomic
 from .sweep import METRICS, RESULTS_JSONL, folder_name, read_rows
 
 # (figure name, metric column(s), y label, caption) for the sweep curves.

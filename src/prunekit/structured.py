@@ -196,7 +196,7 @@ def prune_width_(model: nn.Module, config: WidthConfig, calib: Tensor | None = N
         _remove(model, groups, scores, budget.uniform(index, groups), stats, config, report)
         return True
 
-    residency = current()            # blocks move to `device` and back, or stream from disk (offload.py)
+    residency = current()            # blocks move to `device` and back, or stream from disk (core/residency.py)
     if method.needs_calibration:
         for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                                  progress=progress, desc=f"score {method.name}"):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_atomic
+from .io.atomic import write_atomic
 
 SWEEP_FILE = "sweep.json"
 RESULTS_JSONL = "results.jsonl"
@@ -234,8 +234,8 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
     from .api import check_seqlen
     from .card import without_export
     from .eval.suites import parse_suites
-    from .export import to_jsonable
-    from .loading import describe_source, load, resolve_device
+    from .io.export import to_jsonable
+    from .io.loading import describe_source, load, resolve_device
     from .recipe import apply_override, recipe_to_dict
 
     if str(recipe).endswith((".yaml", ".yml")) and not Path(str(recipe)).is_file():
@@ -352,7 +352,7 @@ def run_point(dense, tokenizer, point, pid, recipe, windows: dict, *, suites, pr
 def _export(model, tokenizer, recipe, reports, adapters, row, result, save_to, protect) -> None:
     """Save a sweep point as `prunekit run` would, with the sweep's evaluation in its prunekit.json."""
     from .api import export_model
-    from .loading import describe_source
+    from .io.loading import describe_source
     from .recipe import recipe_to_dict
     from .report import sparsity_report
     from .surgery import structure_record

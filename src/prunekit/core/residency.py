@@ -15,7 +15,7 @@ pre-passes; `depth.onloaded`: SLEB's and LaCo's searches) ask `current()`, which
 sets for the duration of a run. So every unstructured/N:M, width and depth method streams from
 disk with no code of its own. Depth pruning removes blocks from the skeleton only at the end;
 `OnDisk` remembers each block's index in the input and `block_shards` writes the kept blocks
-under their new positions. The out-of-core driver that builds an `OnDisk` run is `offload.py`.
+under their new positions. The out-of-core driver that builds an `OnDisk` run is `io/offload.py`.
 """
 from __future__ import annotations
 

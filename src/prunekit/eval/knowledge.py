@@ -265,10 +265,10 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[list[str]
                 raise ValueError(f"the choice {option!r} tokenizes to nothing")
             rows.append((context[prefix.length:], continuation))
     scores = torch.zeros(len(rows), dtype=torch.float64)
-    from .perplexity import LOGITS_BUDGET_BYTES, _vocab_size
+    from .perplexity import LOGITS_BUDGET_BYTES, vocab_size
     longest = max(len(c) + len(t) for c, t in rows)
     per_forward = max(batch_size * CHOICES, min(ROWS_PER_FORWARD * CHOICES,
-                                                LOGITS_BUDGET_BYTES // (longest * _vocab_size(model) * 4)))
+                                                LOGITS_BUDGET_BYTES // (longest * vocab_size(model) * 4)))
     for batch in _same_length_batches([len(c) + len(t) for c, t in rows], per_forward):
         ids = torch.tensor([rows[r][0] + rows[r][1] for r in batch], device=device)
         logits = model(input_ids=ids, past_key_values=prefix.cache(len(batch)), use_cache=True).logits

@@ -72,7 +72,7 @@ class PerplexityResult:
         return ", ".join(parts)
 
     def __str__(self) -> str:
-        return f"ppl {_format_ppl(self.ppl)} [{self.protocol}]"
+        return f"ppl {format_ppl(self.ppl)} [{self.protocol}]"
 
     def to_dict(self) -> dict:
         """JSON-ready: the numbers, the protocol line, and the evaluation text's own protocol."""
@@ -95,7 +95,7 @@ class PerplexityResult:
         }
 
 
-def _format_ppl(value: float) -> str:
+def format_ppl(value: float) -> str:
     if not math.isfinite(value):
         return str(value)
     return f"{value:.2f}" if value < 1e6 else f"{value:.4g}"
@@ -129,7 +129,7 @@ def _max_positions(model) -> int | None:
     return None
 
 
-def _vocab_size(model) -> int:
+def vocab_size(model) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is not None:
@@ -144,7 +144,7 @@ def _model_device(model) -> torch.device:
 
 def auto_batch_size(model, seqlen: int) -> int:
     """Windows per forward so that one batch of float32 logits stays under LOGITS_BUDGET_BYTES."""
-    return max(1, LOGITS_BUDGET_BYTES // (seqlen * _vocab_size(model) * 4))
+    return max(1, LOGITS_BUDGET_BYTES // (seqlen * vocab_size(model) * 4))
 
 
 def perplexity(model, ids, seqlen: int = 512, stride: int | None = None, batch_size: int | None = None,

@@ -231,8 +231,8 @@ class Reference:
                                  "recompute it with those suites")
 
 
-def _vocab_size(model) -> int:
-    from .perplexity import _vocab_size as vocab
+def vocab_size(model) -> int:
+    from .perplexity import vocab_size as vocab
     return vocab(model)
 
 
@@ -290,7 +290,7 @@ def reference(dense_model, tokenizer, suites, protocol: EvalProtocol = EvalProto
     """Measure the dense model once: everything `evaluate` compares a pruned model against."""
     from .fidelity import dense_logprobs, fidelity_windows, greedy_continuations
     suites = parse_suites(suites)
-    vocab = _vocab_size(dense_model)
+    vocab = vocab_size(dense_model)
     ref = Reference(protocol=protocol, suites=suites, vocab_size=vocab)
     text = None
     if "perplexity" in suites or "fidelity" in suites:
@@ -405,7 +405,7 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
     warnings: list[str] = []
     if ref is not None:
         ref.check(protocol, [s for s in suites if s != "perplexity"] or None)
-        vocab = _vocab_size(model)
+        vocab = vocab_size(model)
         if vocab != ref.vocab_size:
             raise ValueError(f"the model's vocabulary ({vocab} tokens) differs from the dense reference's "
                              f"({ref.vocab_size}); a baseline must share the model's tokenizer")

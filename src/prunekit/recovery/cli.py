@@ -131,9 +131,9 @@ def default_teacher(model_dir: Path) -> str:
 
 def run_recover_cli(args: argparse.Namespace) -> int:
     """Validate everything, load, train, export, print the summary. Returns 0."""
-    from ..atomic import write_json_atomic
-    from ..export import check_output_dir, save_pretrained_atomic
-    from ..loading import load, load_pruned, recorded_widths, resolve_device
+    from ..io.atomic import write_json_atomic
+    from ..io.export import check_output_dir, save_pretrained_atomic
+    from ..io.loading import load, load_pruned, recorded_widths, resolve_device
     from .train import CHECKPOINT, format_summary, recover_, recovery_windows
 
     cfg = config_from_args(args)

@@ -376,7 +376,7 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
     none). Returns a report: losses before/after on fixed windows and per step, tokens, seconds,
     trainable parameters, sparsity before/after. Raises RuntimeError if a zero became nonzero.
     """
-    from ..loading import resolve_device
+    from ..io.loading import resolve_device
     from ..registry import method_for_config
     from .masked_lora import zero_masks
 

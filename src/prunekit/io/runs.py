@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from .. import distributed
 from .atomic import write_atomic
 
 MANIFEST = "manifest.json"
@@ -165,7 +165,7 @@ class Run:
 
     def layer_records(self, step: int) -> list:
         """Every finished block's LayerRecords of `step`, this session's and the earlier ones'."""
-        from .report import LayerRecord
+        from ..report import LayerRecord
         return [LayerRecord(**record) for record in self.records(step)]
 
     def recorder(self, step: int, inner):

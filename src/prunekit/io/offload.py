@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core.residency import INDEX_FILE, OnDisk, ShardReader, empty_model
+from ..core.residency import INDEX_FILE, OnDisk, ShardReader, empty_model
 from .export import METADATA_FILE, check_output_dir, library_versions, normalize_permissions, swap_into_place, \
     to_jsonable
 from .loading import recorded_widths
-from .prune import prune_
-from .registry import method_for_config
-from .surgery import resize_to_, structure_record
+from ..prune import prune_
+from ..registry import method_for_config
+from ..surgery import resize_to_, structure_record
 
 
 def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path], prefix: str,
