@@ -9,8 +9,7 @@ VOCAB = 128
 
 # 2-layer models of every supported family; widths are multiples of 8 so 2:4 and 4:8 apply.
 TINY_CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                              num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB),
+    "llama": lambda: llama_config(),
     "mistral": lambda: transformers.MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                                                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB,
                                                   sliding_window=8),
@@ -34,6 +33,21 @@ TINY_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=64,
                                             eos_token_id=0, bos_token_id=0),
 }
+
+
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+             vocab_size=VOCAB)
+
+
+def llama_config(**overrides) -> transformers.LlamaConfig:
+    """The tiny Llama's config (TINY_CONFIGS["llama"]) with some values changed."""
+    return transformers.LlamaConfig(**{**LLAMA, **overrides})
+
+
+def llama(seed: int = 0, **overrides):
+    """A tiny Llama (see `llama_config`), seeded, in eval mode."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(llama_config(**overrides)).eval()
 
 
 def tiny_model(family: str, seed: int = 0):

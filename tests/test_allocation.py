@@ -1,10 +1,8 @@
 """Non-uniform layer-wise sparsity (OWL, sensitivity): the global budget holds exactly."""
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, llama, tiny_model
 from prunekit.allocation import _round_to_total, allocate, spread
 from prunekit.prune import prune_
 from prunekit.masks import nm_violations
@@ -14,10 +12,7 @@ from prunekit.methods.wanda import WandaConfig
 
 
 def deep_llama(layers=6, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=layers, vocab_size=VOCAB)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = llama(seed, intermediate_size=128, num_hidden_layers=layers)
     with torch.no_grad():                       # uneven blocks, so the allocation has something to see
         for i, block in enumerate(model.model.layers):
             block.mlp.down_proj.weight.mul_(1 + i)

@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import word_tokenizer
+from conftest import llama, word_tokenizer
 from prunekit.io import export
 from prunekit.io.export import METADATA_FILE, check_output_dir, save_pretrained_atomic
 
@@ -19,11 +19,7 @@ def tiny_tokenizer():
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
-                                      max_position_embeddings=64, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = llama(seed, hidden_size=32, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True)
     with torch.no_grad():  # look pruned: half the first block's q_proj is zero
         model.model.layers[0].self_attn.q_proj.weight[:, ::2] = 0
     return model

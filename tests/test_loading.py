@@ -11,9 +11,8 @@ import time
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
 
-from conftest import word_tokenizer
+from conftest import llama, word_tokenizer
 from prunekit.io import loading
 from prunekit.io.loading import describe_source, load, resolve_device, resolve_dtype
 
@@ -26,11 +25,7 @@ def tiny_tokenizer():
 
 
 def tiny_llama(seed=0, tie=False):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
-                                      max_position_embeddings=64, tie_word_embeddings=tie)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return llama(seed, hidden_size=32, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=tie)
 
 
 @pytest.fixture

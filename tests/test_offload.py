@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_CONFIGS, tiny_model
+from conftest import TINY_CONFIGS, llama_config, tiny_model
 from prunekit.prune import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.sparsegpt import SparseGPTConfig
@@ -122,9 +122,8 @@ print(json.dumps({"baseline": baseline, "budget": budget, "peak": peak, "weights
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory):
     """A synthetic llama of 48 blocks (about 480 MB of weights) in 40 MB shards."""
-    import transformers
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
-                                      num_key_value_heads=8, num_hidden_layers=48, vocab_size=128)
+    config = llama_config(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                          num_hidden_layers=48)
     torch.manual_seed(0)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)

@@ -5,11 +5,10 @@ import shutil
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_tokenizer
+from conftest import llama, tiny_tokenizer
 from prunekit.io import offload
 from prunekit.api import run_recipe
 from prunekit.io.loading import load_pruned
@@ -30,10 +29,7 @@ def _tensors(folder):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "llama6"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=6, vocab_size=128)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path, max_shard_size="100KB")
+    llama(num_hidden_layers=6).save_pretrained(path, max_shard_size="100KB")
     tiny_tokenizer().save_pretrained(path)
     return path
 

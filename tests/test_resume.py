@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from conftest import tiny_tokenizer
+from conftest import llama, tiny_tokenizer
 from prunekit.api import run_recipe
 from prunekit.recipe import recipe_from_dict
 from prunekit.io.runs import Recorded
@@ -32,10 +30,7 @@ def _tensors(folder):
 def deep_model_dir(tmp_path_factory):
     """An 8-block Llama: enough blocks to interrupt a run in the middle."""
     path = tmp_path_factory.mktemp("models") / "deep-llama"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=8, vocab_size=128)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    llama(num_hidden_layers=8).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 

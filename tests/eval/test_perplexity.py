@@ -10,22 +10,18 @@ import re
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
 from prunekit.data import EvalText
 from prunekit.eval import PerplexityResult, perplexity
+from conftest import llama
 
 VOCAB = 128
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB,
-                                      max_position_embeddings=128)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return llama(0, hidden_size=32, intermediate_size=64, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")

@@ -101,11 +101,8 @@ def test_evaluate_reports_drift(dense, tokenizer, ref):
 
 
 def test_vocabulary_mismatch_is_refused(tokenizer, ref):
-    import transformers
-    from transformers import AutoModelForCausalLM
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=256)
-    other = AutoModelForCausalLM.from_config(config).eval()
+    from conftest import llama
+    other = llama(vocab_size=256)
     with pytest.raises(ValueError, match="vocabulary"):
         evaluate(other, tokenizer, "fidelity", PROTOCOL, reference=ref)
 
