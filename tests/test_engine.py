@@ -158,7 +158,7 @@ def test_verification_names_the_layer_that_stayed_dense(calib, monkeypatch):
     from prunekit.catalog import get_method
     method = get_method("magnitude")
     broken = type(method)(method.name, method.config_cls, lambda W, stats, cfg: W, method.stats)
-    monkeypatch.setattr("prunekit.engine.method_for_config", lambda cfg: broken)
+    monkeypatch.setattr("prunekit.prune.method_for_config", lambda cfg: broken)
     with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn\.q_proj"):
         prune_(tiny_model("llama"), MagnitudeConfig(sparsity=0.5), calib, progress=False)
 

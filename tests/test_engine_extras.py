@@ -49,14 +49,14 @@ def test_permute_channels_keeps_the_function(family, calib):
 
 @pytest.mark.parametrize("sequential", ["true", "block"])
 def test_ria_permutation_propagates_what_the_pruned_model_computes(sequential, calib, monkeypatch):
-    import prunekit.permute as permute
+    import prunekit.engine as engine
 
     calls = []
 
     def always_permute(score, n, m):                 # force a permutation so the path always runs
         calls.append(score.shape)
         return torch.randperm(score.shape[1], generator=torch.Generator().manual_seed(len(calls)))
-    monkeypatch.setattr(permute, "nm_permutation", always_permute)
+    monkeypatch.setattr(engine, "nm_permutation", always_permute)
     model = tiny_model("llama")
     propagated = _inputs_of_last_block(model, calib, lambda: prune_(
         model, RIAConfig(nm=(2, 4), permute=True), calib, sequential=sequential, progress=False, batch_size=2))

@@ -185,14 +185,14 @@ def test_check_step_refuses_what_needs_the_whole_model():
 def test_block_stream_passes_keep_their_activations_memory_mapped(tmp_path, calib, monkeypatch):
     """Out of core, a scoring pass's cached activations (block 0's inputs, then every block's
     outputs) go to memory-mapped files, whose names are unlinked at once: nothing is left behind."""
-    from prunekit.io import offload
+    from prunekit.core import residency
     calls = []
-    original = offload.spill
+    original = residency.spill
 
     def counting(hidden, folder):
         calls.append(len(hidden))
         return original(hidden, folder)
-    monkeypatch.setattr(offload, "spill", counting)
+    monkeypatch.setattr(residency, "spill", counting)
     _compare(tmp_path, _deep("llama", 4), step_from_dict({"method": "block-influence", "layers": 1}), calib)
     assert calls == [1] * 5                       # 8 windows in one chunk; inputs + 4 blocks' outputs
     assert not list(tmp_path.rglob("*.activations"))

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from prunekit.masks import lowest, nm_violations
-from prunekit.methods.sparsegpt import SparseGPTConfig, obs_sweep
+from prunekit.methods.sparsegpt import SparseGPTConfig
 from prunekit.methods.wanda import WandaConfig
 from prunekit.stats import Hessian
-from prunekit.updates import admm_update, apply_update
+from prunekit.updates import admm_update, apply_update, obs_sweep
 
 
 def _problem(out=16, inp=32, tokens=256, seed=0):
@@ -48,7 +48,7 @@ def test_admm_approaches_the_least_squares_optimum_and_beats_the_obs_sweep():
     pruned = lowest(W.abs() * stats.sq_norm.sqrt(), 0.6)
     optimum = _error(X, W, _least_squares(X, W, pruned))
     admm = _error(X, W, admm_update(W, stats.H, pruned, iterations=200))
-    obs = _error(X, W, obs_sweep(W, stats, SparseGPTConfig(sparsity=0.6, damp=0.0), fixed=pruned))
+    obs = _error(X, W, obs_sweep(W, stats, sparsity=0.6, damp=0.0, fixed=pruned))
     assert admm <= optimum * 1.05          # dampening keeps it slightly off the exact optimum
     assert admm < obs
 
@@ -56,7 +56,7 @@ def test_admm_approaches_the_least_squares_optimum_and_beats_the_obs_sweep():
 def test_obs_sweep_with_a_fixed_mask_keeps_that_mask_and_lowers_error():
     X, W, stats = _problem(seed=2)
     pruned = lowest(W.abs() * stats.sq_norm.sqrt(), 0.5)
-    swept = obs_sweep(W, stats, SparseGPTConfig(sparsity=0.5), fixed=pruned)
+    swept = obs_sweep(W, stats, sparsity=0.5, fixed=pruned)
     assert torch.equal(swept == 0, pruned)
     assert _error(X, W, swept) < _error(X, W, W.masked_fill(pruned, 0))
 
