@@ -25,13 +25,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import tiny_model
-from prunekit.io import loading
+from prunekit.io import gguf, loading
 from prunekit.api import run_recipe
 from prunekit.cli import main
 from prunekit.core.stream import NonFiniteError
 from prunekit.prune import prune_
 from prunekit.io.export import DiskFullError, save_pretrained_atomic
-from prunekit.io.loading import CorruptCheckpointError, check_checkpoint, load
+from prunekit.io.checkpoint import CorruptCheckpointError, check_checkpoint
+from prunekit.io.loading import load
 from prunekit.masks import nm_violations
 from prunekit.methods.sparsegpt import SparseGPTConfig
 from prunekit.methods.wanda import WandaConfig
@@ -307,7 +308,7 @@ def test_corrupt_gguf_cache_is_rebuilt(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", reference)
     cache = tmp_path / "cache"
     load(path, cache_dir=cache)
-    shard = next(loading.gguf_cache_dir(path, cache).glob("*.safetensors"))
+    shard = next(gguf.gguf_cache_dir(path, cache).glob("*.safetensors"))
     whole = shard.read_bytes()
     shard.write_bytes(whole[:-7])                                # damaged after it was published
     model, _ = load(path, cache_dir=cache)

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from conftest import llama, word_tokenizer
-from prunekit.io import loading
+from prunekit.io import gguf, loading
 from prunekit.io.loading import describe_source, load, resolve_device, resolve_dtype
 
 SENTENCES = ["hello world the cat sat on the mat", "a dog ran far away from the cat",
@@ -254,7 +254,7 @@ def tiny_gguf(tmp_path):
 @pytest.mark.parametrize("transformers_keeps_quantizer", [False, True])
 def test_gguf_converts_once_then_loads_from_cache(tiny_gguf, tmp_path, monkeypatch, transformers_keeps_quantizer):
     if transformers_keeps_quantizer:  # without GgufConfig(dequantize=True) the model keeps its quantization_config
-        monkeypatch.setattr(loading, "_dequantize_kwargs", dict)
+        monkeypatch.setattr(gguf, "_dequantize_kwargs", dict)
     path, reference = tiny_gguf
     cache = tmp_path / "cache"
     model, tok = load(path, cache_dir=cache)
@@ -289,7 +289,7 @@ def test_gguf_cache_location_from_env(tiny_gguf, tmp_path, monkeypatch):
 def test_incomplete_cache_is_rebuilt(tiny_gguf, tmp_path):
     path, reference = tiny_gguf
     cache = tmp_path / "cache"
-    target = loading.gguf_cache_dir(path, cache)
+    target = gguf.gguf_cache_dir(path, cache)
     target.mkdir(parents=True)
     (target / "junk.txt").write_text("half-written by someone else")
     model, _ = load(path, cache_dir=cache)
@@ -300,7 +300,7 @@ def test_incomplete_cache_is_rebuilt(tiny_gguf, tmp_path):
 
 def test_failed_cache_write_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
     path, _ = tiny_gguf
-    real = loading._convert_gguf
+    real = gguf._convert_gguf
 
     def convert_then_break_tokenizer(*args):
         model, tok = real(*args)
@@ -311,7 +311,7 @@ def test_failed_cache_write_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
         tok.save_pretrained = no_space
         return model, tok
 
-    monkeypatch.setattr(loading, "_convert_gguf", convert_then_break_tokenizer)
+    monkeypatch.setattr(gguf, "_convert_gguf", convert_then_break_tokenizer)
     cache = tmp_path / "cache"
     with pytest.raises(OSError, match="No space"):
         load(path, cache_dir=cache)
@@ -334,7 +334,7 @@ def test_corrupt_gguf_fails_before_writing_cache(tiny_gguf, tmp_path, blob):
 def test_gguf_is_always_dequantized():
     # transformers 5 keeps GGUF blocks packed when `kernels` has a matmul for the device; pruning needs dense weights
     if hasattr(transformers, "GgufConfig"):
-        assert loading._dequantize_kwargs()["quantization_config"].dequantize is True
+        assert gguf._dequantize_kwargs()["quantization_config"].dequantize is True
 
 
 def test_default_model_missing_wheel_explains_install(monkeypatch):

@@ -6,7 +6,7 @@
     remove_blocks   delete blocks in place and keep the model consistent: `layer_idx` of every
                     submodule (the KV cache is indexed by it), `config.num_hidden_layers` and the
                     per-layer config lists such as `layer_types`
-    prune_depth_    run a registered depth method and remove what it chose; `engine.prune_`
+    prune_depth_    run a registered depth method and remove what it chose; `prune.prune_`
                     calls it for every method registered with scope="depth"
     BlockCache      the calibration hidden states at every block boundary, to score the model
                     with some blocks skipped or replaced without rerunning the blocks before them
@@ -253,7 +253,7 @@ def lowest(scores: list[float], count: int) -> list[int]:
 class BlockCache:
     """The calibration windows' hidden states at every block boundary of the current model.
 
-    Built with one dense pass (`engine.block_stream`), which also records every block's forward
+    Built with one dense pass (`core.stream.block_stream`), which also records every block's forward
     arguments (masks, rotary tables). `inputs[i]` is block i's input (one tensor per calibration
     chunk, on the cache device) and `output` the last block's output, both for the current model,
     i.e. the input model without the blocks in `removed`.
@@ -359,7 +359,7 @@ def _apply(modules: list[nn.Module], x: Tensor) -> Tensor:
 @contextmanager
 def onloaded(device: torch.device, *modules: nn.Module, changed: bool = False):
     """Make `modules` resident on `device` for the duration, then put them back (through the
-    current residency, `offload.current()`: moved back in memory, or released to disk);
+    current residency, `core.residency.current()`: moved back in memory, or released to disk);
     `changed=True` when the caller changed them (out of core, a changed block is written)."""
     from .core.residency import current
     residency = current()

@@ -147,7 +147,7 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
 
 def block_gradients(step, modules: dict[str, nn.Module], *, seed: int = 0) -> dict[str, Tensor]:
     """{name: sqrt(sum over chunks of (dL/dW)^2)}, L = sum(Y * R) over one calibration chunk of
-    `step` (a `prunekit.engine.BlockStep`), R ~ N(0, 1) seeded by (seed, block index, global chunk
+    `step` (a `prunekit.core.stream.BlockStep`), R ~ N(0, 1) seeded by (seed, block index, global chunk
     number) as `BlockTaylor` is. (out, in) float32 on CPU. `modules`: linears of `step.block` by name."""
     params = list(step.block.parameters())
     flags = [p.requires_grad for p in params]

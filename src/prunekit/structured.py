@@ -11,12 +11,12 @@ leaves every KV group, so `num_attention_heads % num_key_value_heads == 0` still
 KV group with its query heads ("kv" mode; for multi-head attention this is one head), or an FFN
 channel.
 
-`prune_width_` (called by `engine.prune_` for methods registered with `scope="width"`):
+`prune_width_` (called by `prune.prune_` for methods registered with `scope="width"`):
 
   1. scores   the method maps (Coupled, stats, cfg) -> one score per unit, or one per consumer
               column (averaged per unit). Activation statistics are observed on the consumer's
               input (o_proj / down_proj) in a block-by-block calibration pass
-              (`engine.block_stream`); gradient scores backpropagate through one block at a time.
+              (`core.stream.block_stream`); gradient scores backpropagate through one block at a time.
   2. select   uniform: every block loses the same share; attention the nearest whole number of
               units, the MLP the rest of the parameter budget. Non-uniform: FLAP's adaptive
               search, scores standardized per block and group, then one global ranking in which

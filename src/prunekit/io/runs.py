@@ -173,7 +173,7 @@ class Run:
 
 
 class Recorded:
-    """A residency (`offload.InMemory` / `offload.OnDisk`) that records each finished block in the
+    """A residency (`core.residency.InMemory` / `OnDisk`) that records each finished block in the
     run directory, and on resumption skips the blocks already done."""
 
     def __init__(self, run: Run, step: int, inner):
