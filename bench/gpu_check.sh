@@ -32,7 +32,7 @@ step() {   # step NAME LIMIT_S COMMAND...
 { date -u +%FT%TZ; nvidia-smi -L; "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "gpus", torch.cuda.device_count())'; git rev-parse --short HEAD 2>/dev/null; nproc; } >>"$LOG" 2>&1
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "no CUDA device" | tee -a "$LOG"; exit 2; }
 
-step cli 110 "$PY" bench/gpu_cli.py --out "$OUT/gpu_cli.json"
+step cli 90 "$PY" bench/gpu_cli.py --out "$OUT/gpu_cli.json"
 step 7b 170 "$PY" bench/gpu_7b.py --samples 64 --out "$OUT/gpu_7b.json"
 step structured 80 "$PY" bench/gpu_structured.py --repeats 3 --new-tokens 64 --out "$OUT/gpu_structured.json"
 step offload 120 "$PY" bench/gpu_offload.py --layers 9 --gpu-cap-gib 14 --samples 32 --work /tmp/prunekit-gpu-offload --out "$OUT/gpu_offload.json"

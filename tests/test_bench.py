@@ -16,6 +16,15 @@ def _load(name):
     return module
 
 
+def test_gpu_cli_check_runs_on_cpu(tmp_path):
+    """bench/gpu_check.sh's CLI step, dry-run on the CPU: every case runs and equals itself."""
+    out = tmp_path / "gpu_cli.json"
+    assert _load("gpu_cli").main(["--device", "cpu", "--cases", "wanda,sparsegpt-2of4,flap", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["wanda", "sparsegpt-2of4", "flap"]
+    assert all(r["rc"] == 0 and r["same_shapes"] and r["mask_agreement"] == 1.0 for r in rows)
+
+
 def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     assert _load("gpu_7b").main(["--tiny", "--out", str(out)]) == 0
