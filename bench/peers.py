@@ -282,7 +282,7 @@ def evaluate(directory: Path, args, log: Path) -> dict:
 
 def run_peer(peer: str, dtype: str | None, method: str, args, checkpoint: Path, windows: Path) -> dict:
     """One pruning run in a fresh process (measured), then its evaluation; a dict row."""
-    name = peer if dtype in (None, "float32") else f"{peer}-{dtype}"
+    name = peer if dtype in (None, "float32") else f"{peer}-{dtype}"    # the row's key, also for --resume
     out = args.work / f"{method}-{name}"
     log = args.work / "logs" / f"{method}-{name}.log"
     if peer == "reference":
@@ -345,6 +345,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="pruned checkpoints and logs (default /tmp/peers-SxL)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "peers.json")
     parser.add_argument("--note", default=None, help="recorded in the JSON (e.g. that the machine was shared)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the successful rows (and dense ppl) of --json measured on the same windows "
+                             "(same sha256) and run only the missing ones")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     peers = [p for p in args.peers.split(",") if p]
@@ -377,7 +380,17 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     rows: list[dict] = []
-    if not args.no_dense:
+    done: dict = {}
+    if args.resume and args.json.is_file():
+        old = json.loads(args.json.read_text())
+        if old.get("calibration", {}).get("sha256") == digest and old.get("sparsity") == args.sparsity:
+            done = {(r["method"], r["peer"]): r for r in old.get("rows", []) if not r.get("error")}
+            result["resumed_from"] = {"date": old.get("date"), "git_commit": old.get("git_commit"),
+                                      "note": old.get("note"), "rows_kept": [f"{m}/{p}" for m, p in done]}
+            if "dense" in old:
+                result["dense"], result["eval_protocol"] = old["dense"], old["dense"]["protocol"]
+            print(f"resuming: {len(done)} rows kept from {args.json} ({old.get('date')})", flush=True)
+    if not args.no_dense and "dense" not in result:
         dense = evaluate(checkpoint, args, args.work / "logs" / "dense.eval.log")
         result["dense"] = dense
         result["eval_protocol"] = dense["protocol"]
@@ -386,7 +399,8 @@ def main(argv=None) -> int:
     for method in methods:
         for peer in peers:
             for dtype in (dtypes if peer == "prunekit" else [None]):
-                rows.append(run_peer(peer, dtype, method, args, checkpoint, windows))
+                name = peer if dtype in (None, "float32") else f"{peer}-{dtype}"
+                rows.append(done.get((method, name)) or run_peer(peer, dtype, method, args, checkpoint, windows))
                 result.setdefault("eval_protocol", rows[-1].get("protocol"))
                 save()
     result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
