@@ -178,8 +178,9 @@ def worker_prunekit(argv) -> int:
     tok.save_pretrained(str(args.out))
     (args.out / "peer_run.json").write_text(json.dumps({
         "prune_seconds": seconds, "dtype": args.dtype, "config": repr(config), "sequential": "true (prune_ default)",
-        "windows": list(ids.shape), "versions": {"prunekit": getattr(prunekit, "__version__", None),
-                                                 "torch": torch.__version__}, "torch_threads": torch.get_num_threads()}))
+        "windows": list(ids.shape),
+        "versions": {"prunekit": getattr(prunekit, "__version__", None), "torch": torch.__version__},
+        "torch_threads": torch.get_num_threads()}))
     print(f"prunekit {args.method} {args.dtype}: {seconds:.1f} s", flush=True)
     return 0
 
@@ -253,7 +254,8 @@ def prepare(work: Path, samples: int, seqlen: int) -> tuple[Path, Path, str]:
     from safetensors.torch import save_file
 
     import prunekit
-    from prunekit.loading import default_model_path, gguf_to_checkpoint
+    from prunekit.io.gguf import gguf_to_checkpoint
+    from prunekit.io.loading import default_model_path
 
     checkpoint = Path(gguf_to_checkpoint(default_model_path()))
     _, tok = prunekit.load(str(checkpoint))
@@ -335,7 +337,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="wanda,sparsegpt")
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--prunekit-dtypes", default="auto", help="comma list, or auto: float32 (+bfloat16 on bf16 CPUs)")
+    parser.add_argument("--prunekit-dtypes", default="auto",
+                        help="comma list, or auto: float32 (+bfloat16 on bf16 CPUs)")
     parser.add_argument("--ref-python", type=Path, default=Path("/work/venv-ref/bin/python"))
     parser.add_argument("--llmc-python", type=Path, default=Path("/work/venv-llmc/bin/python"))
     parser.add_argument("--reference", type=Path, default=Path("/work/.mirror/locuslab+wanda/repo"))

@@ -148,3 +148,31 @@ def test_run_recipe_end_to_end(tiny_model_dir, tmp_path):
     assert differs_from_magnitude                                             # the input norms shaped the mask
     assert torch.equal(pruned.model.embed_tokens.weight, dense.model.embed_tokens.weight)
     assert torch.equal(pruned.lm_head.weight, dense.lm_head.weight)
+
+
+@pytest.mark.parametrize("native, dtype, hinted", [(True, "float32", True), (False, "float32", False),
+                                                    (True, "bfloat16", False)])
+def test_bfloat16_hint_on_cpus_that_multiply_bfloat16(tiny_model_dir, tmp_path, monkeypatch, native, dtype, hinted):
+    """A float32 run on a CPU with AMX / AVX512-BF16 says that --dtype bfloat16 is faster there."""
+    from prunekit.io import loading
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: native)
+    recipe = recipe_from_dict({"model": str(tiny_model_dir), "dtype": dtype,
+                               "calibration": {"source": str(_text_file(tmp_path)), "samples": 2, "seqlen": 16},
+                               "steps": [{"method": "magnitude", "sparsity": 0.5}]})
+    printed = []
+    run_recipe(recipe, progress=False, echo=printed.append)
+    assert (loading.BF16_HINT in printed) == hinted
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
+    from prunekit.io import loading
+    import builtins
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
+                            ("fpu sse avx2", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        def fake_open(path, *args, _file=cpuinfo, **kwargs):
+            return real_open(_file if path == "/proc/cpuinfo" else path, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", fake_open)
+        assert loading.cpu_has_native_bf16() is expected

@@ -38,7 +38,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     from .data import evaluation_data
     from .eval.perplexity import perplexity
     from .io.export import check_output_dir
-    from .io.loading import describe_source, load, resolve_device
+    from .io.loading import BF16_HINT, cpu_has_native_bf16, describe_source, load, resolve_device
     from .report import parameter_counts, sparsity_report
     from .surgery import structure_record
     from . import distributed
@@ -70,6 +70,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     n_params = sum(p.numel() for p in model.parameters())
     echo(f"model: {recipe.model} ({model.config.model_type}, {n_params / 1e6:.1f}M parameters, "
          f"{recipe.dtype}), compute on {device}")
+    if device.type == "cpu" and recipe.dtype == "float32" and cpu_has_native_bf16():
+        echo(BF16_HINT)
     result: dict = {"recipe": recipe_to_dict(recipe), "source": source, "parameters": n_params, "steps": []}
 
     eval_text = None
