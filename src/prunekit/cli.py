@@ -223,6 +223,7 @@ def prune_args_to_dict(args) -> dict:
 
 
 def _parse_nm(text: str) -> list[int]:
+    """"2:4" (or "2/4") -> [2, 4]; the config validates N < M and the layer widths later."""
     parts = text.replace("/", ":").split(":")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"--nm expects N:M such as 2:4, got {text!r}")
@@ -230,6 +231,8 @@ def _parse_nm(text: str) -> list[int]:
 
 
 def _prune(args) -> int:
+    """`prunekit prune`: the flags become a one-step recipe and take `prunekit run`'s path, so a command
+    line and a recipe file cannot disagree. Imports are local: `prunekit --help` must not load torch."""
     from .recipe import apply_override, recipe_from_dict
     if args.sparsity is None and not args.nm and args.layers is None:
         raise ValueError("give --sparsity (e.g. 0.5), --nm (e.g. 2:4) or, for depth methods, --layers N")
@@ -240,6 +243,7 @@ def _prune(args) -> int:
 
 
 def _run(args) -> int:
+    """`prunekit run RECIPE`: --set overrides apply to the raw YAML before validation (recipe.py)."""
     from .recipe import load_recipe
     if not args.recipe.is_file():
         raise FileNotFoundError(f"recipe file not found: {args.recipe}")
@@ -248,6 +252,7 @@ def _run(args) -> int:
 
 
 def _execute(recipe, args) -> int:
+    """Run a validated recipe (or print it, --dry-run); --json gets the result written atomically."""
     from .api import run_recipe
     from .recipe import dump_recipe
     if args.dry_run:
@@ -263,6 +268,8 @@ def _execute(recipe, args) -> int:
 
 
 def _eval(args) -> int:
+    """`prunekit eval`: perplexity alone takes the short path below; any other suite, or a --baseline
+    to compare against, goes through the suites (eval/suites.py), which need the dense reference."""
     from .eval.suites import parse_suites
     suites = parse_suites(args.suite)
     if suites != ("perplexity",) or args.baseline:
