@@ -115,6 +115,22 @@ def test_existing_output_refused_before_any_work(tiny_model_dir, tmp_path, capsy
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_overwrite_never_replaces_a_model_prunekit_did_not_write(tiny_model_dir, tmp_path, capsys):
+    """The probe's data loss: --out naming an ordinary Hugging Face model with --overwrite replaced it."""
+    import shutil
+    big = tmp_path / "big"
+    shutil.copytree(tiny_model_dir, big)
+    before = {p.name: p.read_bytes() for p in big.iterdir()}
+    argv = ["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--no-eval",
+            "--out", str(big), "--overwrite"]
+    assert main(argv) == 2
+    assert "was not written by prunekit" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in big.iterdir()} == before
+    mine = tmp_path / "mine"                          # what prunekit exported, it may replace
+    assert main([*argv[:-2], str(mine)]) == 0
+    assert main([*argv[:-2], str(mine), "--overwrite"]) == 0
+
+
 def test_refuses_to_overwrite_the_input_model(tiny_model_dir, capsys):
     before = _weights(tiny_model_dir)
     assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5",

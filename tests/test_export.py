@@ -115,6 +115,21 @@ def test_overwrite_refuses_folders_that_are_not_exports(parts, tmp_path):
     assert METADATA_FILE in listing(empty)
 
 
+def test_overwrite_replaces_only_what_prunekit_exported(parts, tmp_path):
+    """A Hugging Face model that prunekit never wrote (config.json, no prunekit.json of ours) is refused
+    with the reason, and left byte for byte as it was; so is a folder with a foreign prunekit.json."""
+    model, tok = parts
+    for name, extra in (("hf-model", None), ("foreign", '{"note": "someone else\'s file"}')):
+        out = tmp_path / name
+        model.save_pretrained(out)
+        if extra is not None:
+            (out / METADATA_FILE).write_text(extra)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(ValueError, match="was not written by prunekit"):
+            save_pretrained_atomic(model, tok, out, metadata={}, overwrite=True)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_overwrite_refuses_the_working_directory(parts, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

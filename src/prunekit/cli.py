@@ -360,6 +360,9 @@ def _eval_suites(args, suites) -> int:
     if "fidelity" in suites and not args.baseline:
         raise ValueError("the fidelity suite compares the model with its dense original: pass --baseline DENSE "
                          "(the model it was pruned from)")
+    if "lm-eval" in suites:
+        from .eval.zeroshot import check_include_trusted
+        check_include_trusted(args.lm_eval_include, args.trust_remote_code)     # before any model is loaded
     device = resolve_device(args.device)
     values = {"data": args.data, "seqlen": args.seqlen, "stride": args.stride, "max_tokens": args.max_tokens,
               "fidelity_tokens": args.fidelity_tokens, "lm_eval_limit": args.lm_eval_limit,
@@ -375,10 +378,11 @@ def _eval_suites(args, suites) -> int:
         dense, dense_tokenizer = load(args.baseline, dtype=args.dtype, allow_pickle=args.allow_pickle,
                                       trust_remote_code=args.trust_remote_code)
         _check_same_vocabulary(tokenizer, dense_tokenizer, args.model, args.baseline)
-        ref = reference(dense, dense_tokenizer, suites, protocol, device=device)
+        ref = reference(dense, dense_tokenizer, suites, protocol, device=device,
+                        trust_remote_code=args.trust_remote_code)
         del dense
     out = evaluate(model, tokenizer, suites, protocol, reference=ref, device=device,
-                   recorded=_recorded_dense_perplexity(args.model))
+                   recorded=_recorded_dense_perplexity(args.model), trust_remote_code=args.trust_remote_code)
     for line in suite_lines(out):
         print(line)
     sparsity = sparsity_report(model)

@@ -273,7 +273,8 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
     dense, tokenizer = load(base.model, dtype=base.dtype, trust_remote_code=base.trust_remote_code,
                             allow_pickle=base.allow_pickle)
     check_seqlen(dense.config, base)
-    reference = _reference(dense, tokenizer, suites, proto, device, out / REFERENCE_DIR, echo)
+    reference = _reference(dense, tokenizer, suites, proto, device, out / REFERENCE_DIR, echo,
+                           trust_remote_code=base.trust_remote_code)
     windows: dict = {}
     for index, (point, pid, point_recipe) in enumerate(todo):
         echo(f"[{index + 1}/{len(todo)}] {pid}")
@@ -317,7 +318,8 @@ def run_point(dense, tokenizer, point, pid, recipe, windows: dict, *, suites, pr
         handles = attach_adapters(model, adapters)
     started = time.perf_counter()
     try:
-        result = evaluate(model, tokenizer, suites, protocol, reference=reference, device=device)
+        result = evaluate(model, tokenizer, suites, protocol, reference=reference, device=device,
+                          trust_remote_code=recipe.trust_remote_code)
     finally:
         for handle in handles:
             handle.remove()
@@ -364,14 +366,14 @@ def _export(model, tokenizer, recipe, reports, adapters, row, result, save_to, p
     export_model(model, tokenizer, recipe, record, adapters, save_to, overwrite=True, protect=protect)
 
 
-def _reference(dense, tokenizer, suites, protocol, device, folder: Path, echo):
+def _reference(dense, tokenizer, suites, protocol, device, folder: Path, echo, trust_remote_code: bool = False):
     """The dense reference, loaded from `folder` when a previous run of this sweep saved it."""
     from .eval.suites import Reference, reference
     if folder.exists():
         echo(f"dense reference: {folder} (saved by an earlier run of this sweep)")
         return Reference.load(folder, protocol=protocol, suites=suites)
     echo("dense reference: measuring the dense model once for every point")
-    ref = reference(dense, tokenizer, suites, protocol, device=device)
+    ref = reference(dense, tokenizer, suites, protocol, device=device, trust_remote_code=trust_remote_code)
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     ref.save(staging)
     os.replace(staging, folder)             # a killed run leaves no half-written reference

@@ -286,7 +286,7 @@ class _OnDevice:
 
 
 def reference(dense_model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), *,
-              device="cpu") -> Reference:
+              device="cpu", trust_remote_code: bool = False) -> Reference:
     """Measure the dense model once: everything `evaluate` compares a pruned model against."""
     from .fidelity import dense_logprobs, fidelity_windows, greedy_continuations
     suites = parse_suites(suites)
@@ -319,7 +319,8 @@ def reference(dense_model, tokenizer, suites, protocol: EvalProtocol = EvalProto
         if "lm-eval" in suites:
             from .zeroshot import run_lm_eval
             ref.lm_eval = run_lm_eval(dense_model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
-                                      batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=run_on)
+                                      batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=run_on,
+                                      trust_remote_code=trust_remote_code)
     return ref
 
 
@@ -395,7 +396,8 @@ def drift_warnings(baseline: dict | None, recorded: dict | None) -> list[str]:
 
 
 def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), *,
-             reference: Reference | None = None, device="cpu", recorded: dict | None = None) -> dict:
+             reference: Reference | None = None, device="cpu", recorded: dict | None = None,
+             trust_remote_code: bool = False) -> dict:
     """Run `suites` on `model`; JSON-ready dict of every number with its protocol (see the module docstring)."""
     suites = parse_suites(suites)
     ref = reference
@@ -444,7 +446,8 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
         if "lm-eval" in suites:
             from .zeroshot import run_lm_eval
             result = run_lm_eval(model, tokenizer, protocol.lm_eval_tasks, limit=protocol.lm_eval_limit,
-                                 batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=run_on)
+                                 batch_size=protocol.batch_size, include=protocol.lm_eval_include, device=run_on,
+                                 trust_remote_code=trust_remote_code)
             if ref is not None and ref.lm_eval is not None:
                 result["baseline"] = ref.lm_eval
             out["suites"]["lm-eval"] = result

@@ -24,6 +24,14 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+def check_include_trusted(include, trust_remote_code: bool) -> None:
+    """Refuse a local lm-eval task directory without consent: its YAML can run Python from it."""
+    if include and not trust_remote_code:
+        raise ValueError(f"--lm-eval-include {include}: lm-eval task configs can run Python from their directory "
+                         "(`!function` entries), so a task directory is code; pass --trust-remote-code to allow it "
+                         "(trust_remote_code=True in Python)")
+
+
 def _metrics(task_result: dict) -> dict:
     """{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...} -> {"acc": 0.5, "acc_stderr": 0.1}."""
     out = {}
@@ -36,8 +44,13 @@ def _metrics(task_result: dict) -> dict:
 
 
 def run_lm_eval(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8,
-                include: str | None = None, device="cpu") -> dict:
-    """lm-eval results of `model`: {task: {metric: value}, "protocol": "...", ...} (JSON-ready)."""
+                include: str | None = None, device="cpu", trust_remote_code: bool = False) -> dict:
+    """lm-eval results of `model`: {task: {metric: value}, "protocol": "...", ...} (JSON-ready).
+
+    A task directory (`include`) is code: lm-eval task YAML can name Python functions
+    (`!function utils.doc_to_text`) that lm-eval imports from that directory. So it is refused unless
+    `trust_remote_code` (the CLI's --trust-remote-code, the same consent that custom model code needs)."""
+    check_include_trusted(include, trust_remote_code)
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     tasks = list(tasks)
     manager = TaskManager(include_path=str(include)) if include else TaskManager()

@@ -149,7 +149,21 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
     if entries and not any(name in entries for name in _EXPORT_MARKERS):
         raise ValueError(f"refusing to overwrite {out}: it does not look like a model export (no "
                          f"{' or '.join(_EXPORT_MARKERS)}) and is not empty; remove it yourself if it is disposable")
+    if entries and not is_prunekit_export(out):
+        raise ValueError(f"refusing to overwrite {out}: it was not written by prunekit (no {METADATA_FILE} of ours), "
+                         "so it may be a model you need; --overwrite only replaces prunekit's own exports. "
+                         "Choose another --out, or remove it yourself if it is disposable")
     return out
+
+
+def is_prunekit_export(folder: Path) -> bool:
+    """`folder` holds a prunekit.json that prunekit wrote: a JSON object whose "versions" names prunekit
+    (every export records it, `library_versions`). Only such folders may be replaced by --overwrite."""
+    try:
+        record = json.loads((folder / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("versions"), dict) and "prunekit" in record["versions"]
 
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
