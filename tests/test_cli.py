@@ -131,6 +131,25 @@ def test_overwrite_never_replaces_a_model_prunekit_did_not_write(tiny_model_dir,
     assert main([*argv[:-2], str(mine), "--overwrite"]) == 0
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "0.7", "--nm", "2:4"], "sparsity 0.7 and nm 2:4 disagree"),
+    (["--sparsity", "0.5", "--eora-rank", "100000"], "use --eora-rank 32 or less"),
+])
+def test_requests_that_cannot_be_met_are_refused(tiny_model_dir, tmp_path, capsys, extra, message):
+    """The probe's silent results: --sparsity 0.7 --nm 2:4 gave 50%; --eora-rank 100000 was clamped."""
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model_dir), "--method", "wanda", *extra, "--no-eval", "--samples", "2",
+                 "--seqlen", "16", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_agreeing_sparsity_and_nm_are_accepted():
+    from prunekit.recipe import step_from_dict
+    assert step_from_dict({"method": "wanda", "sparsity": 0.5, "nm": [2, 4]}).nm == (2, 4)
+    assert step_from_dict({"method": "wanda", "sparsity": 0.25, "nm": [1, 4]}).sparsity == 0.25
+
+
 def test_refuses_to_overwrite_the_input_model(tiny_model_dir, capsys):
     before = _weights(tiny_model_dir)
     assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5",

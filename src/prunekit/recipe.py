@@ -124,7 +124,20 @@ def step_from_dict(raw: dict, where: str = "step"):
     for key in ("nm", "targets", "ignore"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
+    _check_nm_agrees(where, values.get("sparsity"), values.get("nm"))
     return method.config_cls(**values)
+
+
+def _check_nm_agrees(where: str, sparsity, nm) -> None:
+    """An N:M pattern zeroes exactly N/M of the weights; a different sparsity given beside it would be
+    silently ignored (the config derives sparsity from nm), so the two together must agree."""
+    if sparsity is None or not isinstance(nm, tuple) or len(nm) != 2:
+        return
+    n, m = nm
+    if isinstance(n, int) and isinstance(m, int) and m > 0 and isinstance(sparsity, (int, float)) \
+            and abs(sparsity - n / m) > 1e-9:
+        raise ValueError(f"{where}: sparsity {sparsity:g} and nm {n}:{m} disagree: N:M zeroes exactly N/M = "
+                         f"{n / m:g} of the weights; give only --nm (or only --sparsity for unstructured)")
 
 
 def load_recipe(path_or_text: str | Path, overrides: list[str] = ()) -> Recipe:
