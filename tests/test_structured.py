@@ -179,3 +179,13 @@ def test_bad_requests_give_clear_errors(calib):
         MagnitudeSPConfig(attention=False, mlp=False)
     with pytest.raises(ValueError, match="needs calibration"):
         prune_(tiny_model("llama"), FlapConfig(), None, progress=False)
+
+
+def test_a_target_above_what_feasible_widths_allow_is_refused(calib):
+    """The probe: flap --sparsity 0.99 removed 72.71% and reported success. Keeping one unit of each group
+    per block bounds what can go; a target above that bound is refused with the bound."""
+    from prunekit.methods.flap import FlapConfig
+    with pytest.raises(ValueError, match=r"sparsity 0\.99 cannot be met: .* at most \d+\.\d+% .* --sparsity 0\.\d+"):
+        prune_(tiny_model("llama"), FlapConfig(sparsity=0.99), calib, progress=False)
+    report = prune_(tiny_model("llama"), FlapConfig(sparsity=0.3), calib, progress=False)   # reachable: met
+    assert 0.2 < report.removed_fraction < 0.4

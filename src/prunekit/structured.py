@@ -33,6 +33,7 @@ choose, so it scores on the dense model, like FLAP's reference code.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -376,7 +377,24 @@ class _Budget:
         keep = []
         for p, (_, groups, _, _) in enumerate(pending):
             keep.append([self._feasible(group, group.units - removed[p][g]) for g, group in enumerate(groups)])
+        self._check_reached(pending, keep)
         return keep
+
+    def _check_reached(self, pending: list, keep: list[list[int]]) -> None:
+        """Making every block feasible keeps at least one unit (and whole multiples) of each group. A target
+        above what is left removable even then cannot be met: refuse it with the most that can be removed,
+        instead of reporting success at a lower sparsity (FLAP at 0.99 once removed 72.7%). Below that, the
+        rounding to feasible widths stands and the report states the share reached."""
+        total = sum(self.block_params)
+        most = sum((group.units - self._feasible(group, 0)) * group.cost
+                   for _, groups, _, _ in pending for group in groups) / total
+        if self.cfg.sparsity > most:
+            reached = sum((group.units - k) * group.cost for (_, groups, _, _), kept in zip(pending, keep)
+                          for group, k in zip(groups, kept)) / total
+            raise ValueError(f"sparsity {self.cfg.sparsity} cannot be met: every block keeps at least one unit of "
+                             f"each group (and whole multiples of round_to={self.cfg.round_to} channels), so at most "
+                             f"{most:.2%} of the block parameters can be removed (this ranking reached {reached:.2%}); "
+                             f"use --sparsity {math.floor(most * 100) / 100:g} or less")
 
     def _feasible(self, group: Coupled, n_keep: int) -> int:
         if group.kind == "channels":
