@@ -148,7 +148,7 @@ def prune_linear_(model: nn.Module, method, config, calib: Tensor | None, groups
 
 
 def _prune_block(block, index, groups, method, config, hidden, kwargs, first_chunk, calib, options, spec):
-    """Observe and prune one block's groups; `hidden` (the chunks) is replaced by the block's outputs."""
+    """Observe and prune one block's groups; each chunk of `hidden` is replaced, in place, by its output."""
     for group in groups:
         if options.observer is not None:
             group.stats = options.observer(in_features(group.layers[0].module), options.device)
@@ -168,8 +168,8 @@ def _prune_block(block, index, groups, method, config, hidden, kwargs, first_chu
     else:
         # of all windows (every process's): the same probe rows as a single process
         probe_every = max(1, math.ceil(options.windows * calib.shape[1] / PROBE_ROWS))
-        hidden[:] = _run_block(block, groups, hidden, kwargs, options.device, options.cache_device,
-                               options.sequential, prune, probe_every)
+        _run_block(block, groups, hidden, kwargs, options.device, options.cache_device, options.sequential, prune,
+                   probe_every)
     return records
 
 

@@ -102,6 +102,15 @@ def layer_rank(cfg: EoraConfig, out_features: int, in_features: int) -> int:
     return min(rank, out_features, in_features)
 
 
+def check_rank_fits(cfg: EoraConfig, shapes) -> None:
+    """An explicit rank above min(out, in) of some layer would be clamped there by `layer_rank`: refuse it
+    before any work, with the largest rank every layer (`shapes`: their (out, in)) can take."""
+    smallest = min(min(shape) for shape in shapes)
+    if cfg.rank is not None and cfg.rank > smallest:
+        raise ValueError(f"EoRA rank {cfg.rank} is above what the smallest pruned layer can hold (min(out, in) = "
+                         f"{smallest}); use --eora-rank {smallest} or less")
+
+
 def eigen_basis(H: Tensor, eps: float = EIG_FLOOR) -> tuple[Tensor, Tensor]:
     """(Q (in, in), lam (in,)) float32 with H ~= Q diag(lam) Q^T and lam >= eps * lam_max > 0.
 

@@ -27,7 +27,7 @@ from .core.memory import one_malloc_arena
 from .core.residency import current, using
 from .core.stream import model_device
 from .depth import prune_depth_
-from .eora import merge_adapters_
+from .eora import check_rank_fits, merge_adapters_
 from .models.spec import weight_view
 from .registry import method_for_config
 from .report import PruneReport
@@ -78,16 +78,6 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
                              progress, compensate, residency)
 
 
-def _check_rank_fits(rank: int, groups) -> None:
-    """A low-rank residual cannot have a rank above min(out, in) of its layer: refuse, with the largest
-    rank every pruned layer can take, rather than clamp it silently."""
-    smallest = min(min(weight_view(layer.module).shape) for block in groups for group in block
-                   for layer in group.layers)
-    if rank > smallest:
-        raise ValueError(f"EoRA rank {rank} is above what the smallest pruned layer can hold (min(out, in) = "
-                         f"{smallest}); use --eora-rank {smallest} or less")
-
-
 def _prune_linear(model, method, config, calib, windows, device, sequential, batch_size, cache_device, progress,
                   compensate, residency) -> PruneReport:
     """Unstructured / N:M: the pre-passes, then the linear engine."""
@@ -99,8 +89,9 @@ def _prune_linear(model, method, config, calib, windows, device, sequential, bat
         allocation = allocate(model, config, calib, device=device, batch_size=batch_size,
                               cache_device=cache_device, progress=progress)
     groups = engine.plan(model, config, allocation.layers if allocation else None)
-    if compensate is not None and getattr(compensate, "rank", None) is not None:
-        _check_rank_fits(compensate.rank, groups)
+    if compensate is not None:
+        check_rank_fits(compensate, [weight_view(layer.module).shape for block in groups for group in block
+                                     for layer in group.layers])
     device = torch.device(device) if device is not None else model_device(model)
     cache_device = torch.device(cache_device) if cache_device is not None else device
     report = PruneReport(method=method.name, config=config, sequential=sequential,

@@ -97,9 +97,10 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
     return dev
 
 
-BF16_HINT = ("hint: this CPU multiplies bfloat16 natively (AMX / AVX512-BF16): --dtype bfloat16 pruned about 2x "
-             "faster here with perplexity within 0.3% of float32 (statistics stay float32/float64; the model is "
-             "loaded and saved in bfloat16; BENCHMARKS.md, peers table)")
+BF16_HINT = ("hint: this CPU multiplies bfloat16 natively (AMX / AVX512-BF16): --dtype bfloat16 may prune faster "
+             "(on a 2-core Xeon with AMX: Wanda 2x, SparseGPT 1.2x, perplexity within 0.7% of float32; "
+             "BENCHMARKS.md, peers table); statistics stay float32/float64, the model is loaded and saved "
+             "in bfloat16")
 
 
 def cpu_has_native_bf16() -> bool:

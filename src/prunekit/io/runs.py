@@ -128,7 +128,7 @@ class Run:
             return
         self.manifest["updated"] = _now()
         text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
-        write_atomic(self.path / MANIFEST, lambda tmp: tmp.write_text(text))
+        write_atomic(self.path / MANIFEST, text)
 
     def step_dir(self, step: int) -> Path:
         return self.path / f"step{step}"

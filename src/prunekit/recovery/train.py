@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io.atomic import write_atomic
 from ..registry import register
 
 log = logging.getLogger("prunekit")
@@ -313,17 +314,8 @@ def _identity(cfg: RecoverConfig, windows: Tensor, masks: dict[str, Tensor], par
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file in the same folder, fsync, rename: the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save, atomically (`io.atomic`): the old file or the new, never half."""
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
