@@ -87,3 +87,42 @@ def tiny_model_dir(tmp_path_factory):
     tiny_model("llama").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# Mixture-of-Experts families (transformers 5 fused experts), 3 blocks, 8 routed experts, top-2.
+# DeepSeek-V3 / GLM-4-MoE route in 2 groups (best 1 group) and keep block 0 dense; Qwen3-MoE keeps
+# block 0 dense through mlp_only_layers; Qwen2-MoE has a gated shared expert.
+_MOE_SHAPE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=3, vocab_size=VOCAB, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+MOE_CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**_MOE_SHAPE, num_local_experts=8),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**_MOE_SHAPE, num_experts=8, moe_intermediate_size=16,
+                                                     shared_expert_intermediate_size=24),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_MOE_SHAPE, num_experts=8, moe_intermediate_size=16,
+                                                     head_dim=8, mlp_only_layers=[0], norm_topk_prob=True),
+    "olmoe": lambda: transformers.OlmoeConfig(**_MOE_SHAPE, num_experts=8),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**_MOE_SHAPE, "num_key_value_heads": 4}, n_routed_experts=8, n_group=2, topk_group=1,
+        moe_intermediate_size=16, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(**_MOE_SHAPE, n_routed_experts=8, n_group=2, topk_group=1,
+                                                   moe_intermediate_size=16, first_k_dense_replace=1, head_dim=8),
+    "gpt_oss": lambda: transformers.GptOssConfig(**_MOE_SHAPE, num_local_experts=8, head_dim=8, sliding_window=8),
+    "phimoe": lambda: transformers.PhimoeConfig(**_MOE_SHAPE, num_local_experts=8),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(**_MOE_SHAPE, num_local_experts=8),
+}
+
+
+def tiny_moe(family: str, seed: int = 0):
+    """A tiny MoE model of `family` (MOE_CONFIGS), seeded, in eval mode; router rows and the
+    DeepSeek correction bias are drawn with a visible spread so that routing is not near-uniform."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(MOE_CONFIGS[family]()).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith((".gate", ".router")) and hasattr(module, "weight") and module.weight.dim() == 2:
+                module.weight.normal_(0, 0.5)
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0, 0.1)
+    return model

@@ -35,7 +35,7 @@ from .gradients import WithGradient
 from .lockstep import Lockstep
 from .masks import check_pruned
 from .models import spec_for
-from .models.spec import get_module, in_features, is_linear, weight_view
+from .models.spec import get_module, has_module, in_features, is_linear, weight_view
 from .permute import nm_permutation
 from .report import LayerRecord, PruneReport, memory_now
 from .surgery import permute_channels_
@@ -202,6 +202,8 @@ def _plan_block(spec, index: int, block: nn.Module, config, sparsities=None) -> 
         layers = []
         for name in names:
             full = f"{spec.blocks}.{index}.{name}"
+            if spec.experts is not None and not has_module(block, name):
+                continue            # MoE families: dense and expert blocks differ (spec.Experts)
             module = get_module(block, name)
             if not is_linear(module):
                 raise TypeError(f"{full} is a {type(module).__name__}, not a linear layer; fix the model spec")

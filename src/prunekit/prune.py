@@ -2,6 +2,7 @@
 
     width   remove heads and channels (`structured.prune_width_`)
     depth   remove whole blocks (`depth.prune_depth_`)
+    experts remove (or merge) routed experts of MoE blocks (`experts.prune_experts_`)
     linear  unstructured / N:M: run the pre-passes the config asks for, then the linear engine
             (`engine.py`) with what they produced:
               allocation   per-layer sparsities under the global budget (OWL, sensitivity; `allocation.py`)
@@ -28,6 +29,7 @@ from .core.residency import current, using
 from .core.stream import model_device
 from .depth import prune_depth_
 from .eora import check_rank_fits, merge_adapters_
+from .experts import prune_experts_
 from .models.spec import weight_view
 from .registry import method_for_config
 from .report import PruneReport
@@ -61,7 +63,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     if compensate is not None and method.scope != "linear":
         raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
                          "units, which changes the layers' shapes (put eora after a wanda/sparsegpt/... step)")
-    if method.scope not in ("linear", "width", "depth"):
+    if method.scope not in ("linear", "width", "depth", "experts"):
         raise ValueError(f"{method.name} is a {method.scope} step, not a pruning method: run it in a recipe")
     windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
     if distributed.is_distributed():
@@ -71,6 +73,9 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         if method.scope == "width":
             return prune_width_(model, config, calib, device=device, batch_size=batch_size,
                                 cache_device=cache_device, progress=progress)
+        if method.scope == "experts":
+            return prune_experts_(model, config, calib, device=device, batch_size=batch_size,
+                                  cache_device=cache_device, progress=progress)
         if method.scope == "depth":
             return prune_depth_(model, config, calib, device=device, batch_size=batch_size,
                                 cache_device=cache_device, progress=progress)

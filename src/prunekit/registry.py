@@ -3,13 +3,15 @@ and its pure function. Duplicate names are rejected; there is no dispatch on met
 anywhere else in the code. This module is the lowest of the package (every method imports it);
 `catalog.py` imports the built-in methods and answers lookups by name.
 
-Methods have one of three scopes, each with its own function signature:
+Each method has a scope, and each scope its own function signature:
 
     "linear"  fn(W, stats, cfg) -> W_pruned: `W` a float32 (out, in) weight, `stats` the observer
               the method declared (or None), `cfg` its config with this layer's sparsity
               (unstructured and N:M methods; the engine in `engine.py` drives them)
     "width"   scores for the heads and channels of one block (see `structured.py`)
     "depth"   fn(model, calib, cfg, ...) -> blocks to remove (see `depth.py`)
+    "experts" fn(routed, cfg, keep) -> one score per routed expert of an MoE block, higher kept
+              (see `experts.py`); a merging method also registers `apply`
     "compensate"  a step that follows a linear pruning step and is computed in the same pass,
               from the same statistics (EoRA's low-rank residuals, see `eora.py`)
     "recover" fine-tuning that keeps the sparsity (masked LoRA, PERP, distillation; `recovery/`)
@@ -29,10 +31,11 @@ class Method:
     config_cls: type
     fn: Callable
     stats: type | None       # observer class the method needs, None for data-free methods
-    scope: str = "linear"    # "linear", "width" or "depth" (see the module docstring)
+    scope: str = "linear"    # one of SCOPES (see the module docstring)
     calibrated: bool | None = None   # needs calibration data; None: exactly when it has an observer
     score: Callable | None = None    # linear methods: score(W, stats, cfg) -> (out, in), lower is pruned first
     updates_weights: bool = False    # linear methods: fn already re-fits kept weights (OBS), `update: obs` adds nothing
+    apply: Callable | None = None    # experts methods: apply(block, moe, routed, kept, cfg) merges instead of dropping
 
     @property
     def needs_calibration(self) -> bool:
@@ -50,18 +53,19 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-SCOPES = ("linear", "width", "depth", "compensate", "recover")
+SCOPES = ("linear", "width", "depth", "experts", "compensate", "recover")
 
 
 def register(name: str, config_cls: type, stats: type | None = None, scope: str = "linear",
-             calibrated: bool | None = None, score: Callable | None = None, updates_weights: bool = False):
+             calibrated: bool | None = None, score: Callable | None = None, updates_weights: bool = False,
+             apply: Callable | None = None):
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
-        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated, score, updates_weights)
+        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated, score, updates_weights, apply)
         return fn
     return decorate
 

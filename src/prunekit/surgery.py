@@ -4,6 +4,7 @@
     permute_channels_            reorder the MLP's intermediate channels (same function, new order)
     set_head_counts              tell an attention module its new head counts
     enable_bias                  give a family's layers a bias where compensation needs one (FLAP)
+    keep_experts_                keep some routed experts of an MoE block (experts, router rows, biases)
     block_widths / stock_widths  read every block's widths; the config values that describe them
     write_config / resize_to_    write uniform widths into the config; shrink a freshly built model
                                  to recorded (non-uniform) widths, which `load_pruned` needs
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .models import spec_for
+from .models.moe import expert_count, is_moe_block
 from .models.spec import get_module, is_conv1d, weight_view
 
 
@@ -50,6 +52,8 @@ def block_widths(model: nn.Module) -> list[dict]:
             entry["heads"], entry["kv_heads"], _ = head_counts(spec, model.config, block)
         if spec.channels is not None:
             entry["channels"] = weight_view(get_module(block, spec.channels.consumer)).shape[1]
+        if spec.experts is not None and is_moe_block(block, spec.experts):
+            entry["experts"] = expert_count(block, spec.experts)
         widths.append(entry)
     return widths
 
@@ -101,6 +105,39 @@ def permute_channels_(block: nn.Module, channels, perm: Tensor) -> None:
     keep_columns_(get_module(block, channels.consumer), perm)
 
 
+# attributes that count a block's routed experts, in the modules of transformers 5's MoE families
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "out_features")
+
+
+def keep_experts_(block: nn.Module, moe, keep: Tensor) -> None:
+    """Keep only the routed experts `keep` (indices, in the order given) of one MoE block, in place.
+
+    Every parameter and buffer of the experts module and of the router has the expert on
+    dimension 0 (gate_up_proj, down_proj and their biases; the router's weight rows, its bias,
+    `e_score_correction_bias`), so each is sliced there; then every attribute of the MoE module
+    and its children that held the old count (`num_experts`, the PhiMoE router's `out_features`)
+    gets the new one. Shared experts are separate modules and are not touched. The config is
+    written by `write_config` once every block is done.
+    """
+    old = expert_count(block, moe)
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    if keep.numel() == 0 or keep.unique().numel() != keep.numel() or int(keep.min()) < 0 or int(keep.max()) >= old:
+        raise ValueError(f"experts to keep must be distinct indices in [0, {old}), got {keep.tolist()}")
+    for module in (get_module(block, moe.experts), get_module(block, moe.router)):
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.shape[0] == old:
+                sliced = param.data[keep.to(param.device)].contiguous()
+                setattr(module, name, nn.Parameter(sliced, requires_grad=param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.dim() and buffer.shape[0] == old:
+                persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, buffer[keep.to(buffer.device)].contiguous(), persistent=persistent)
+    for module in get_module(block, moe.module).modules():
+        for attribute in _EXPERT_COUNTS:
+            if getattr(module, attribute, None) == old and not isinstance(getattr(module, attribute), bool):
+                setattr(module, attribute, keep.numel())
+
+
 def keep_columns_(module: nn.Module, columns: Tensor) -> None:
     """Keep only these input columns of a linear layer, in place."""
     conv1d = is_conv1d(module)
@@ -146,10 +183,12 @@ def stock_widths(model: nn.Module) -> dict | None:
     the family cannot express them (OPT/GPT-2 derive head_dim from hidden_size / heads)."""
     spec = spec_for(model)
     widths = block_widths(model)
-    if any(w != widths[0] for w in widths):
+    counts = {w["experts"] for w in widths if "experts" in w}          # dense blocks of an MoE model have none
+    widths = [{k: v for k, v in w.items() if k != "experts"} for w in widths]
+    if any(w != widths[0] for w in widths) or len(counts) > 1:
         return None
     names = spec.config_names
-    values = {}
+    values = {spec.experts.count_key: counts.pop()} if counts else {}
     if "heads" in widths[0]:
         hd = head_dim(model.config, spec)
         if names.head_dim is None and widths[0]["heads"] * hd != model.config.hidden_size:
@@ -174,6 +213,8 @@ def write_config(model: nn.Module) -> bool:
     for name, value in values.items():
         setattr(model.config, name, value)
     spec = spec_for(model)
+    if spec.experts is not None and spec.experts.count_key in values and hasattr(model, "num_experts"):
+        model.num_experts = values[spec.experts.count_key]       # Qwen/OLMoE's causal-LM class keeps a copy
     if spec.heads is not None:
         for block in get_module(model, spec.blocks):
             attention = get_module(block, spec.heads.module)
@@ -220,6 +261,10 @@ def resize_to_(model: nn.Module, widths: list[dict]) -> None:
             for name in c.producers:
                 keep_rows_(get_module(block, name), torch.cat([keep + k * n for k in range(c.fused)]))
             keep_columns_(get_module(block, c.consumer), keep)
+        if spec.experts is not None and "experts" in width:
+            if width["experts"] > expert_count(block, spec.experts):
+                raise ValueError(f"block {index}: recorded {width['experts']} experts, the config builds fewer")
+            keep_experts_(block, spec.experts, torch.arange(width["experts"]))
 
 
 def structure_record(model: nn.Module) -> dict:

@@ -211,11 +211,24 @@ def normalize_permissions(folder: Path) -> None:
 
 
 def _save_model(model, path: Path) -> None:
+    """safetensors always. transformers 5 writes fused MoE experts back as the original per-expert
+    keys, sized from the config; an MoE whose blocks keep different expert counts has no config
+    that sizes them, so it is written with the in-memory (fused) names, which `load_pruned` reads."""
     params = inspect.signature(model.save_pretrained).parameters
-    if "safe_serialization" in params:  # transformers 4.x; 5.x always writes safetensors
-        model.save_pretrained(path, safe_serialization=True)
-    else:
-        model.save_pretrained(path)
+    kwargs = {"safe_serialization": True} if "safe_serialization" in params else {}  # 4.x; 5.x always safetensors
+    if "save_original_format" in params and _uneven_experts(model):
+        kwargs["save_original_format"] = False
+    model.save_pretrained(path, **kwargs)
+
+
+def _uneven_experts(model) -> bool:
+    from ..models import spec_for
+    from ..surgery import block_widths
+    try:
+        spec = spec_for(model)
+    except ValueError:
+        return False
+    return spec.experts is not None and len({w["experts"] for w in block_widths(model) if "experts" in w}) > 1
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadata: dict | None = None,

@@ -66,6 +66,38 @@ class ConfigNames:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A block's mixture of experts: a router, routed experts stored as fused 3-D parameters, and
+    optional shared experts (never removed).
+
+    transformers 5 stores the routed experts of a block in one module: `gate_up_proj` (E, 2I, H)
+    and `down_proj` (E, H, I) (gpt-oss: transposed, (E, H, 2I) and (E, I, H), gate/up rows
+    interleaved, with biases); the router holds a raw (E, H) `weight` (gpt-oss: and a bias;
+    DeepSeek-V3/GLM-4-MoE: an `e_score_correction_bias` buffer). Every expert parameter and router
+    tensor has the expert on dimension 0, which is what `surgery.keep_experts_` slices.
+
+    `routing` names how the router turns logits into (weights, chosen experts); `models/moe.py`
+    implements each kind and a test checks it against the family's own router:
+        "softmax"          softmax over all experts, top-k, renormalised over the top-k when
+                           `renormalize` (a bool, or the config flag that decides it)
+        "topk-softmax"     top-k of the logits, softmax over those k (gpt-oss, GraniteMoE)
+        "sigmoid-grouped"  sigmoid scores + `e_score_correction_bias`, best `topk_group` of `n_group`
+                           groups, top-k inside them, optional renormalisation, scaled (DeepSeek-V3)
+        "sparsemixer"      PhiMoE's SparseMixer (inference form)
+    """
+    module: str                         # the MoE block, relative to a decoder block ("mlp")
+    router: str                         # its router ("mlp.gate"); returns (logits, weights, indices)
+    experts: str                        # the fused experts module ("mlp.experts")
+    count_key: str                      # the config key that counts routed experts
+    routing: str = "softmax"
+    renormalize: bool | str = True      # "softmax" routing: renormalise over the top-k (or the config flag)
+    transposed: bool = False            # gpt-oss: (E, H, 2I) / (E, I, H) instead of (E, 2I, H) / (E, H, I)
+    interleaved: bool = False           # gpt-oss: gate/up rows alternate instead of [gate | up]
+    shared: tuple[str, ...] = ()        # shared experts (and their gates): never dropped
+    residual_norm: str = "post_attention_layernorm"   # reads the residual stream entering the MoE
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     model_types: tuple[str, ...]          # config.model_type values served by this spec
     blocks: str                           # dotted path of the nn.ModuleList of decoder blocks
@@ -75,11 +107,20 @@ class ModelSpec:
     heads: Heads | None = None            # width pruning: the attention's coupled group
     channels: Channels | None = None      # width pruning: the MLP's coupled group
     config_names: ConfigNames = ConfigNames()
+    experts: Experts | None = None        # MoE families: the block's experts (blocks without them are dense)
 
     def __post_init__(self):
         names = [name for group in self.groups for name in group]
         if len(names) != len(set(names)):
             raise ValueError(f"spec for {self.model_types}: a linear layer is listed twice: {names}")
+
+
+def has_module(root: nn.Module, dotted: str) -> bool:
+    try:
+        root.get_submodule(dotted)
+    except AttributeError:
+        return False
+    return True
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
