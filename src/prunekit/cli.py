@@ -74,16 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", required=True,
                        help="unstructured/N:M: magnitude, wanda, sparsegpt, ria, gblm, pruner-zero; "
                             "width: magnitude-sp, wanda-sp, flap, taylor; "
-                            "depth: block-influence, angular, sleb, last-k, laco (see `prunekit list`)")
+                            "depth: block-influence, angular, sleb, last-k, laco; "
+                            "MoE experts: reap, expert-frequency, expert-output, expert-loo, easy-ep, naee, "
+                            "expert-merge, expert-random (see `prunekit list`)")
     prune.add_argument("--sparsity", type=float,
                        help="in [0, 1): fraction of weights zeroed per layer (unstructured), of the decoder blocks' "
-                            "parameters removed (width), or of the blocks removed (depth)")
+                            "parameters removed (width), of the blocks removed (depth), or of each MoE block's "
+                            "routed experts removed (experts)")
     prune.add_argument("--layers", type=int, help="depth: remove exactly this many decoder blocks")
+    prune.add_argument("--experts", type=int, metavar="N", help="experts: keep N routed experts in every MoE block")
     prune.add_argument("--round-to", type=int, help="width: kept FFN channels are a multiple of this (default 8)")
     prune.add_argument("--uniform", dest="uniform", action="store_const", const=True, default=None,
-                       help="width: every block loses the same share (default except flap)")
+                       help="width/experts: every block loses the same share (default except flap)")
     prune.add_argument("--non-uniform", dest="uniform", action="store_const", const=False,
-                       help="width: one global ranking decides each block's widths (flap's default)")
+                       help="width: one global ranking decides each block's widths (flap's default); experts: one "
+                            "global expert budget spread over the MoE blocks by score (loads with load_pruned)")
     prune.add_argument("--heads", choices=["auto", "query", "kv"],
                        help="width: remove query heads evenly inside KV groups, or whole KV groups")
     prune.add_argument("--nm", help="N:M pattern, e.g. 2:4 (N zeros in every M consecutive weights)")
@@ -96,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--per", choices=["row", "layer"], help="comparison group for unstructured sparsity")
     prune.add_argument("--ignore", action="append", default=None, metavar="REGEX", help="leave matching layers dense")
     prune.add_argument("--calib", default="default",
-                       help="calibration text: default, a .txt/.jsonl file or dir, wikitext2, c4, ptb")
+                       help="calibration text: default (= prose), code (stdlib Python source), a .txt/.jsonl file or "
+                            "dir, wikitext2, c4, ptb")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--seqlen", type=int, default=512, help="tokens per calibration/evaluation window (default 512)")
     prune.add_argument("--seed", type=int, default=0)
@@ -113,7 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--suite", default="perplexity",
                           help="comma-separated: perplexity, fidelity, knowledge, lm-eval; all = "
                                "perplexity,fidelity,knowledge (lm-eval needs the network, ask for it by name)")
-    evaluate.add_argument("--data", default="default", help="evaluation text source (its held-out split)")
+    evaluate.add_argument("--data", default=None,
+                          help="evaluation text source, its held-out split: default (= prose, stdlib docs), code "
+                               "(stdlib source), a .txt/.jsonl file or dir, wikitext2, c4, ptb (default: default)")
+    evaluate.add_argument("--domains", action="store_true",
+                          help="perplexity on each offline domain, code (stdlib source) and prose (stdlib docs), "
+                               "each with its protocol, instead of on --data: what a pruning calibrated on one "
+                               "domain costs on the other")
     evaluate.add_argument("--seqlen", type=int, default=512)
     evaluate.add_argument("--stride", type=int, default=None)
     evaluate.add_argument("--max-tokens", type=int, default=None)
@@ -203,7 +215,7 @@ def prune_args_to_dict(args) -> dict:
         step["nm"] = _parse_nm(args.nm)
     if args.per:
         step["per"] = args.per
-    for key in ("layers", "round_to", "uniform", "heads", "allocation", "update"):
+    for key in ("layers", "experts", "round_to", "uniform", "heads", "allocation", "update"):
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)
     if args.ignore:
@@ -234,8 +246,9 @@ def _prune(args) -> int:
     """`prunekit prune`: the flags become a one-step recipe and take `prunekit run`'s path, so a command
     line and a recipe file cannot disagree. Imports are local: `prunekit --help` must not load torch."""
     from .recipe import apply_override, recipe_from_dict
-    if args.sparsity is None and not args.nm and args.layers is None:
-        raise ValueError("give --sparsity (e.g. 0.5), --nm (e.g. 2:4) or, for depth methods, --layers N")
+    if args.sparsity is None and not args.nm and args.layers is None and args.experts is None:
+        raise ValueError("give --sparsity (e.g. 0.5), --nm (e.g. 2:4), for depth methods --layers N, or for expert "
+                         "methods --experts N")
     raw = prune_args_to_dict(args)
     for override in args.set:
         apply_override(raw, override)
@@ -269,11 +282,13 @@ def _execute(recipe, args) -> int:
 
 def _eval(args) -> int:
     """`prunekit eval`: perplexity alone takes the short path below; any other suite, or a --baseline
-    to compare against, goes through the suites (eval/suites.py), which need the dense reference."""
+    to compare against, goes through the suites (eval/suites.py), which need the dense reference.
+    With --domains the perplexity is measured on each offline domain (code, prose) instead of --data."""
     from .eval.suites import parse_suites
     suites = parse_suites(args.suite)
+    domains = _eval_domains(args, suites)
     if suites != ("perplexity",) or args.baseline:
-        return _eval_suites(args, suites)
+        return _eval_suites(args, suites, domains)
     from .data import evaluation_data
     from .eval.perplexity import perplexity
     from .io.loading import load, resolve_device
@@ -281,16 +296,59 @@ def _eval(args) -> int:
     device = resolve_device(args.device)
     model, tokenizer = load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle,
                             trust_remote_code=args.trust_remote_code)
-    text = evaluation_data(tokenizer, args.data, max_tokens=args.max_tokens)
-    result = perplexity(model, text, seqlen=args.seqlen, stride=args.stride, device=device)
+    results = {}
+    for source in domains or (args.data,):
+        text = evaluation_data(tokenizer, source, max_tokens=args.max_tokens)
+        results[source] = perplexity(model, text, seqlen=args.seqlen, stride=args.stride, device=device)
     sparsity = sparsity_report(model)
-    print(result)
+    if domains:
+        for line in domain_lines({name: result.to_dict() for name, result in results.items()}):
+            print(line)
+    else:
+        print(results[args.data])
     print(f"sparsity: {sparsity['block_linear_sparsity']:.2%} of decoder-block linear weights, "
           f"{sparsity['model_sparsity']:.2%} of all {sparsity['parameters'] / 1e6:.1f}M parameters")
     if args.json:
-        write_json_atomic(args.json, {"model": args.model, "perplexity": result.to_dict(), "sparsity": sparsity},
-                          default=str)
+        data = {"model": args.model}
+        if domains:
+            data["domains"] = {name: result.to_dict() for name, result in results.items()}
+        else:
+            data["perplexity"] = results[args.data].to_dict()
+        write_json_atomic(args.json, {**data, "sparsity": sparsity}, default=str)
     return 0
+
+
+def _eval_domains(args, suites) -> tuple[str, ...]:
+    """The domains --domains asks for (empty without it); also settles --data (default: "default")."""
+    from .data import DOMAINS
+    domains = DOMAINS if getattr(args, "domains", False) else ()
+    if domains and "perplexity" not in suites:
+        raise ValueError("--domains reports the perplexity on each domain: add perplexity to --suite "
+                         f"(e.g. --suite perplexity,{','.join(suites)})")
+    if domains and args.data is not None and "fidelity" not in suites:
+        raise ValueError(f"--domains measures the perplexity on {' and '.join(DOMAINS)}, so --data {args.data} "
+                         "would not be used; drop --data (or --domains)")
+    if args.data is None:
+        args.data = "default"
+    return domains
+
+
+def domain_lines(results: dict) -> list[str]:
+    """One line per domain (and its dense baseline, if measured), each with its protocol.
+
+    results: domain name -> `PerplexityResult.to_dict()`, optionally with a "baseline" entry.
+    """
+    from .eval.perplexity import format_ppl
+    lines = []
+    for name, ppl in results.items():
+        line = f"perplexity on {name}: {format_ppl(ppl['ppl'])}"
+        if ppl.get("ratio_to_baseline") is not None:
+            line += f" ({ppl['ratio_to_baseline']:.3f}x dense)"
+        lines.append(f"{line} [{ppl['protocol']}]")
+        if "baseline" in ppl:
+            lines.append(f"perplexity on {name} (dense baseline): {format_ppl(ppl['baseline']['ppl'])} "
+                         f"[{ppl['baseline']['protocol']}]")
+    return lines
 
 
 def _recorded_dense_perplexity(model: str) -> dict | None:
@@ -316,7 +374,7 @@ def _check_same_vocabulary(tokenizer, dense_tokenizer, model: str, baseline: str
 
 def suite_lines(out: dict) -> list[str]:
     """One line per metric, each with its protocol."""
-    lines = []
+    lines = domain_lines(out.get("domains") or {})
     results = out["suites"]
     if "perplexity" in results:
         from .eval.perplexity import format_ppl
@@ -353,7 +411,11 @@ def suite_lines(out: dict) -> list[str]:
     return lines
 
 
-def _eval_suites(args, suites) -> int:
+def _eval_suites(args, suites, domains: tuple[str, ...] = ()) -> int:
+    """The suites (and a dense --baseline); with `domains`, the perplexity suite runs once per domain, with
+    the dense baseline measured on the same domain, and the other suites run once on --data."""
+    import dataclasses
+    from .data import ALIASES
     from .eval.suites import EvalProtocol, evaluate, reference
     from .io.loading import load, resolve_device
     from .report import sparsity_report
@@ -371,18 +433,36 @@ def _eval_suites(args, suites) -> int:
     if args.lm_eval_tasks:
         values["lm_eval_tasks"] = args.lm_eval_tasks
     protocol = EvalProtocol(**values)
+    per_domain = {name: dataclasses.replace(protocol, data=name) for name in domains}
+    others = tuple(s for s in suites if s != "perplexity") if domains else suites
     model, tokenizer = load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle,
                             trust_remote_code=args.trust_remote_code)
-    ref = None
+    ref, domain_refs = None, {}
     if args.baseline:
         dense, dense_tokenizer = load(args.baseline, dtype=args.dtype, allow_pickle=args.allow_pickle,
                                       trust_remote_code=args.trust_remote_code)
         _check_same_vocabulary(tokenizer, dense_tokenizer, args.model, args.baseline)
-        ref = reference(dense, dense_tokenizer, suites, protocol, device=device,
-                        trust_remote_code=args.trust_remote_code)
+        if others:
+            ref = reference(dense, dense_tokenizer, others, protocol, device=device,
+                            trust_remote_code=args.trust_remote_code)
+        for name, domain_protocol in per_domain.items():
+            domain_refs[name] = reference(dense, dense_tokenizer, ("perplexity",), domain_protocol, device=device)
         del dense
-    out = evaluate(model, tokenizer, suites, protocol, reference=ref, device=device,
-                   recorded=_recorded_dense_perplexity(args.model), trust_remote_code=args.trust_remote_code)
+    recorded = _recorded_dense_perplexity(args.model)
+    if others:
+        out = evaluate(model, tokenizer, others, protocol, reference=ref, device=device, recorded=recorded,
+                       trust_remote_code=args.trust_remote_code)
+    else:
+        out = {"suites": {}, "warnings": [], "protocol": protocol.to_dict()}
+    if domains:
+        out["domains"] = {}
+    for name, domain_protocol in per_domain.items():
+        # the dense perplexity recorded at pruning time is compared only on the domain it was measured on
+        source = ((recorded or {}).get("source") or {}).get("source")
+        measured = evaluate(model, tokenizer, ("perplexity",), domain_protocol, reference=domain_refs.get(name),
+                            device=device, recorded=recorded if source == ALIASES.get(name, name) else None)
+        out["domains"][name] = measured["suites"]["perplexity"]
+        out["warnings"].extend(measured["warnings"])
     for line in suite_lines(out):
         print(line)
     sparsity = sparsity_report(model)
@@ -401,8 +481,8 @@ def _eval_suites(args, suites) -> int:
 def _list(args) -> int:
     from .models import supported_model_types
     from .catalog import available_methods, get_method
-    kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth", "compensate": "compensation",
-             "recover": "recovery"}
+    kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth", "experts": "MoE experts",
+             "compensate": "compensation", "recover": "recovery"}
     for scope, label in kinds.items():
         names = [name for name in available_methods() if get_method(name).scope == scope]
         print(f"{label + ':':<18}" + ", ".join(names))

@@ -12,16 +12,24 @@ where that text comes from, how it is split, and how it becomes tokens:
     ``pydoc_data.topics`` plus docstrings read with `ast` (never by importing modules)
     from the stdlib's ``.py`` files. Its content depends on the Python version, which is
     therefore recorded in every description and protocol.
+  - ``"code"``: the second offline domain, Python source code: the stdlib's own ``.py`` files
+    with their docstrings removed (comments kept). Docstrings are removed because they *are*
+    the default corpus: left in, the two domains would share their prose, and a model
+    calibrated on one would partly have seen the other. Comments stay because real code has
+    them and the default corpus does not contain them. ``"prose"`` is another name of
+    ``"default"`` (same text, same protocol, reported as ``source=default``), so that the two
+    domains of `DOMAINS` can be named side by side: ``--calib code`` / ``--calib prose``.
+    Like the hub names below, these names win over a same-named file or directory (``./code``).
   - a local ``.txt`` file, a ``.jsonl`` file (one JSON object per line with a ``text``
     field), or a directory of such files (read recursively, in sorted order);
   - ``"wikitext2"``, ``"c4"``, ``"ptb"``: Hugging Face datasets, the usual benchmarks of
     the pruning literature (needs ``pip install datasets`` and a network, or a warm cache).
     These names win over a same-named file in the working directory; write ``./c4`` for that.
 * Calibration and evaluation text never overlap. Hub datasets use their native splits
-  (train vs. test/validation). The default corpus and local sources are split by
+  (train vs. test/validation). The offline corpora and local sources are split by
   documents: every 10th document (the 10th, 20th, ...) is held out for evaluation, the
   rest is calibration text, and exact duplicate documents are dropped first so that no
-  document can land on both sides (in the default corpus, repeated long paragraphs too).
+  document can land on both sides (in the offline corpora, repeated long paragraphs too).
   A source that is a single document is cut at a paragraph (or line) boundary near 90% of
   its length.
 * `calibration_data` tokenizes the calibration split once and draws seeded random windows
@@ -50,6 +58,11 @@ import torch
 SPLITS = ("calibration", "evaluation")
 EVAL_EVERY = 10                    # every 10th document is held out for evaluation
 DEFAULT_DOCSTRING_CHARS = 1_000_000  # cap on the docstring part of the default corpus
+CODE_CHARS = 1_500_000             # cap on the code corpus (about the size of the default corpus)
+CODE_FILE_CHARS = 40_000           # at most this much of one module, so that no large module dominates
+CODE_FILE_STEP = 5                 # code files are taken every 5th of the sorted list first (see _code_order)
+DOMAINS = ("code", "prose")        # the two offline text domains; `prunekit eval --domains` reports both
+ALIASES = {"prose": "default"}     # other names of a source: same text, same protocol
 # encodings: mostly codec tables; pydoc_data: read directly as the reference topics
 _SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
                         "__pycache__", "encodings", "pydoc_data"})
@@ -99,8 +112,9 @@ HUB_DATASETS: dict[str, HubDataset] = {
         text_field="sentence", separator=" "),
 }
 
-ACCEPTED_SOURCES = ('"default" (offline: Python stdlib documentation), a path to a .txt or .jsonl file '
-                    'or to a directory of them, or a Hugging Face dataset name: ' + ", ".join(sorted(HUB_DATASETS)))
+ACCEPTED_SOURCES = ('"default" or "prose" (offline: Python stdlib documentation), "code" (offline: Python stdlib '
+                    'source code), a path to a .txt or .jsonl file or to a directory of them, or a Hugging Face '
+                    'dataset name: ' + ", ".join(sorted(HUB_DATASETS)))
 
 
 def _import_datasets():
@@ -239,7 +253,105 @@ def _drop_repeated_paragraphs(docs: list[str], min_chars: int = 64) -> list[str]
 
 
 def default_description() -> str:
+    """Short description of the default (prose) corpus, with the Python version its content depends on."""
     return f"stdlib docs, Python {platform.python_version()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The code corpus: Python's own source, docstrings removed (they are the default corpus)
+# ----------------------------------------------------------------------------------------------
+
+def _code_order(paths: list[Path], step: int = CODE_FILE_STEP) -> list[Path]:
+    """The sorted file list visited every `step`th file, first from the 1st, then from the 2nd, ...
+
+    A capped corpus read in plain sorted order would hold only the alphabetical start of the stdlib
+    (asyncio, ctypes, email, ...); this fixed interleaving spreads the same cap over all of it.
+    """
+    return [paths[i] for offset in range(step) for i in range(offset, len(paths), step)]
+
+
+def _character_column(line: str, byte_offset: int) -> int:
+    """`ast` column offsets count UTF-8 bytes; the same position counted in characters of `line`."""
+    return len(line.encode("utf-8")[:byte_offset].decode("utf-8", errors="ignore"))
+
+
+def strip_docstrings(source: str) -> str:
+    """`source` (Python) without the docstrings of its module, classes and functions; all else unchanged.
+
+    A docstring on lines of its own is removed with those lines; one that shares a line with other
+    code, or is the only statement of a class or function body, becomes ``pass`` so that the code
+    stays valid Python. Comments, other string literals and the layout are kept. Raises
+    SyntaxError (or ValueError) when `source` does not parse.
+    """
+    source = source.replace("\r\n", "\n").replace("\r", "\n")   # ast counts lines the same way
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                        # invalid escape sequences in old code
+        tree = ast.parse(source)
+    docstrings = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, *_DEFS)) and node.body:
+            first = node.body[0]
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                docstrings.append((first, not isinstance(node, ast.Module) and len(node.body) == 1))
+    del tree
+    lines = source.split("\n")
+    for node, only_statement in sorted(docstrings, key=lambda item: item[0].lineno, reverse=True):
+        first, last = node.lineno - 1, node.end_lineno - 1
+        head = lines[first][:_character_column(lines[first], node.col_offset)]
+        tail = lines[last][_character_column(lines[last], node.end_col_offset):]
+        if not head.strip() and not tail.strip() and not only_statement:
+            lines[first:last + 1] = []
+        else:
+            lines[first:last + 1] = [head + "pass" + tail]
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_documents(code_chars: int = CODE_CHARS, file_chars: int = CODE_FILE_CHARS) -> tuple[tuple[str, ...], str]:
+    """The stdlib-source corpus as documents (one per module), built once per process (about a second).
+
+    The stdlib's `.py` files (the same files the default corpus reads: no test suites, idlelib,
+    lib2to3, encodings or site-packages) are visited in the fixed order of `_code_order`; each file
+    that is UTF-8 and parses becomes one document: its source without docstrings
+    (`strip_docstrings`), cut at a blank line before `file_chars` characters, until `code_chars`
+    characters have been collected. The documents are then put back in sorted path order, and long
+    blocks that repeat are kept at their first occurrence only, so the splits cannot share them.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chosen: list[tuple[str, str]] = []
+    chars = 0
+    gc_was_enabled = gc.isenabled()
+    gc.disable()        # as in _default_documents: ast.parse allocates many nodes
+    try:
+        for path in (_code_order(_stdlib_sources(root)) if root.is_dir() else []):
+            if chars >= code_chars:
+                break
+            try:
+                code = strip_docstrings(path.read_bytes().decode("utf-8")).strip("\n")
+            except (OSError, SyntaxError, ValueError):           # UnicodeDecodeError is a ValueError
+                continue
+            if len(code) > file_chars:
+                cut = code.rfind("\n\n", 0, file_chars)
+                code = code[:cut if cut > 0 else file_chars].rstrip("\n")
+            if code.strip():
+                chosen.append((path.relative_to(root).as_posix(), code))
+                chars += len(code)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if not chosen:
+        raise RuntimeError(f"the code corpus is empty: no readable stdlib sources under {root}")
+    docs = _drop_repeated_paragraphs([code for _, code in sorted(chosen)])
+    about = (f"source of {len(chosen)} stdlib modules, docstrings removed (read from {root}: every "
+             f"{CODE_FILE_STEP}th file of the sorted list first, at most {file_chars:,} characters per file, "
+             f"capped at {code_chars:,} characters)")
+    return tuple(docs), about
+
+
+def code_description() -> str:
+    """Short description of the code corpus, with the Python version its content depends on."""
+    return f"stdlib code, Python {platform.python_version()}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,10 +467,16 @@ def _looks_like_path(source: str) -> bool:
 
 def _resolve(source: str | os.PathLike, split: str) -> _Text:
     _check_split(split)
+    if isinstance(source, str):
+        source = ALIASES.get(source, source)
     if isinstance(source, str) and source == "default":
         docs, corpus = _default_documents()
         text, rule = split_documents(docs, split)
         return _Text(text, "default", default_description(), corpus, rule, platform.python_version())
+    if isinstance(source, str) and source == "code":
+        docs, corpus = _code_documents()
+        text, rule = split_documents(docs, split)
+        return _Text(text, "code", code_description(), corpus, rule, platform.python_version())
     if isinstance(source, str) and source in HUB_DATASETS:
         spec = HUB_DATASETS[source]
         text, about = hub_text(spec, split)
