@@ -32,6 +32,7 @@ class SparsityConfig:
     update: str = "none"                   # "none", "obs" or "admm": re-fit the kept weights to the mask
     admm_iterations: int = 20              # ADMM iterations (the reference's 20)
     admm_gradual: bool = False             # ADMM chooses the mask itself over the first 3/4 of the iterations
+    expert_min_tokens: int = 16            # MoE: an expert routed fewer calibration tokens falls back to |W| scores
 
     def __post_init__(self):
         if self.nm is not None:
@@ -66,6 +67,9 @@ class SparsityConfig:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not isinstance(self.admm_iterations, int) or self.admm_iterations < 1:
             raise ValueError(f"admm_iterations must be a positive integer, got {self.admm_iterations!r}")
+        if isinstance(self.expert_min_tokens, bool) or not isinstance(self.expert_min_tokens, int) \
+                or self.expert_min_tokens < 0:
+            raise ValueError(f"expert_min_tokens must be a non-negative integer, got {self.expert_min_tokens!r}")
         if self.admm_gradual and self.update != "admm":
             raise ValueError("admm_gradual applies to update='admm'; add update: admm (--update admm)")
 

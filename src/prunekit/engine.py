@@ -31,10 +31,12 @@ from torch import Tensor, nn
 from . import distributed
 from .core.stream import BlockStep, NonFiniteError, capture, check_finite_outputs, keep_output, progress_bar, \
     to_device
+from .expert_weights import ExpertGroup, observe_experts, plan_experts, prune_expert_group
 from .gradients import WithGradient
 from .lockstep import Lockstep
 from .masks import check_pruned
 from .models import spec_for
+from .models.moe import is_moe_block
 from .models.spec import get_module, has_module, in_features, is_linear, weight_view
 from .permute import nm_permutation
 from .report import LayerRecord, PruneReport, memory_now
@@ -150,7 +152,7 @@ def prune_linear_(model: nn.Module, method, config, calib: Tensor | None, groups
 def _prune_block(block, index, groups, method, config, hidden, kwargs, first_chunk, calib, options, spec):
     """Observe and prune one block's groups; each chunk of `hidden` is replaced, in place, by its output."""
     for group in groups:
-        if options.observer is not None:
+        if options.observer is not None and not isinstance(group, ExpertGroup):   # experts: one observer per expert
             group.stats = options.observer(in_features(group.layers[0].module), options.device)
     if options.block_gradients is not None:
         step = BlockStep(index, block, hidden, kwargs, options.device, options.cache_device, first_chunk)
@@ -160,7 +162,10 @@ def _prune_block(block, index, groups, method, config, hidden, kwargs, first_chu
     records: list[LayerRecord] = []
 
     def prune(group):
-        records.extend(_prune_group(group, method, config, index, block, options, spec))
+        if isinstance(group, ExpertGroup):
+            records.extend(prune_expert_group(group, method, config, index, options))
+        else:
+            records.extend(_prune_group(group, method, config, index, block, options, spec))
 
     if hidden is None:                          # data-free: no forward pass
         for group in groups:
@@ -188,7 +193,8 @@ def _memory_budget(model, blocks, plan, hidden: list[Tensor], sequential: str) -
     hidden_size, elem = hidden[0].shape[-1], hidden[0].element_size()
     cache = tokens * hidden_size * elem                   # block inputs; outputs overwrite them chunk by chunk
     if sequential == "true":
-        widest = max((in_features(g.layers[0].module) for groups in plan for g in groups), default=0)
+        widest = max((in_features(g.layers[0].module) for groups in plan for g in groups
+                      if not isinstance(g, ExpertGroup)), default=0)
         cache += tokens * (hidden_size + widest) * 4
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
@@ -215,6 +221,10 @@ def _plan_block(spec, index: int, block: nn.Module, config, sparsities=None) -> 
         if layers:
             permutable = spec.channels is not None and names == (spec.channels.consumer,)
             groups.append(_Group(layers, permutable=permutable))
+    if spec.experts is not None and is_moe_block(block, spec.experts):
+        experts = plan_experts(spec, index, block, config)      # the routed experts: one more group
+        if experts is not None:
+            groups.append(experts)
     return groups
 
 
@@ -320,7 +330,7 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
     group_of = {}   # module -> its group; whichever layer of a group runs first observes the shared input
     for group in groups:
         for layer in group.layers:
-            group_of[layer.module] = group
+            group_of[layer.module] = group          # an ExpertGroup is its own single "layer" (the experts module)
     lockstep = Lockstep(len(hidden)) if sequential == "true" else None
     seen = threading.local()
 
@@ -329,6 +339,11 @@ def _run_block(block, groups, hidden, kwargs, device, cache_device, sequential, 
         if id(group) in seen.groups:                       # k/v after q: same input, already observed
             return
         seen.groups.add(id(group))
+        if isinstance(group, ExpertGroup):
+            observe_experts(group, args)           # tokens, chosen experts, routing weights of this chunk
+            if lockstep is not None:
+                lockstep.meet(group, lambda: prune(group))
+            return
         X = args[0]
         if group.stats is not None:
             group.stats.update(X)
