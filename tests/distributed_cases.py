@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY_CONFIGS, VOCAB, tiny_model
+from conftest import MOE_CONFIGS, TINY_CONFIGS, VOCAB, tiny_model, tiny_moe
 
 
 def model_for(family: str):
@@ -28,6 +28,8 @@ def model_for(family: str):
         config = TINY_CONFIGS["llama"]()
         config.num_hidden_layers = 4
         return AutoModelForCausalLM.from_config(config).eval()
+    if family in MOE_CONFIGS:
+        return tiny_moe(family)
     return tiny_model(family)
 
 
@@ -53,6 +55,10 @@ def cases() -> dict:
     from prunekit.methods.sleb import SLEBConfig
     from prunekit.methods.taylor import TaylorConfig
     from prunekit.methods.wanda_sp import WandaSPConfig
+    from prunekit.methods.expert_loo import ExpertLooConfig
+    from prunekit.methods.moe_pruner import MoePrunerConfig
+    from prunekit.methods.naee import NaeeConfig
+    from prunekit.methods.reap import ReapConfig
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")           # "merge=True densifies": intended here
         eora = EoraConfig(rank=4, merge=True)
@@ -80,6 +86,14 @@ def cases() -> dict:
         "sleb": (SLEBConfig(layers=2), "true", 8, 2, "llama-4"),
         "sleb-samples": (SLEBConfig(layers=1, samples=6), "true", 8, 2, "llama-4"),
         "laco": (LaCoConfig(layers=2, merge=2, interval=1, threshold=0.5, min_layer=0), "true", 8, 2, "llama-4"),
+        # Mixture of experts: expert scores sum every process's routed tokens; weights inside experts
+        # reduce each expert's observer (DeepSeek-V3: grouped routing, shared experts, a dense block)
+        "reap": (ReapConfig(sparsity=0.5), "true", 8, 2, "mixtral"),
+        "reap-non-uniform": (ReapConfig(sparsity=0.5, uniform=False), "true", 10, 4, "qwen2_moe"),
+        "expert-loo": (ExpertLooConfig(experts=4), "true", 8, 2, "deepseek_v3"),
+        "naee": (NaeeConfig(experts=6), "true", 8, 2, "mixtral"),
+        "moe-pruner": (MoePrunerConfig(sparsity=0.5, expert_min_tokens=8), "true", 8, 2, "mixtral"),
+        "sparsegpt-experts": (SparseGPTConfig(nm=(2, 4)), "block", 8, 2, "deepseek_v3"),
     }
 
 

@@ -50,3 +50,21 @@ def test_expert_method_on_a_dense_model_names_the_type(tiny_model_dir, tmp_path,
     assert main(["prune", str(tiny_model_dir), "--method", "reap", "--sparsity", "0.5", "--out", str(out), *FAST]) == 2
     assert "'llama' (LlamaForCausalLM) has no experts" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_offload_disk_equals_in_memory(tiny_moe_dir, tmp_path):
+    from safetensors.torch import load_file
+    outs = {}
+    for mode in ("memory", "disk"):
+        out = tmp_path / mode
+        extra = ["--offload", "disk"] if mode == "disk" else []
+        assert main(["prune", str(tiny_moe_dir), "--method", "reap", "--sparsity", "0.25", "--out", str(out),
+                     *extra, *FAST]) == 0
+        tensors = {}
+        for path in sorted(out.glob("*.safetensors")):
+            tensors.update(load_file(str(path)))
+        outs[mode] = tensors
+    assert sorted(outs["memory"]) == sorted(outs["disk"])
+    assert any(".experts.5.w1.weight" in name for name in outs["disk"])        # per-expert keys, as transformers
+    for name, tensor in outs["memory"].items():
+        assert torch.equal(tensor, outs["disk"][name]), name

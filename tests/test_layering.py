@@ -93,7 +93,10 @@ def test_no_import_cycle_in_the_package():
     ("prunekit.surgery", ("prunekit.models",)),
     ("prunekit.engine", ("prunekit.core", "prunekit.models", "prunekit.distributed", "prunekit.gradients",
                          "prunekit.lockstep", "prunekit.masks", "prunekit.permute", "prunekit.report",
-                         "prunekit.surgery", "prunekit.updates", "prunekit.stats", "prunekit.config")),
+                         "prunekit.surgery", "prunekit.updates", "prunekit.stats", "prunekit.config",
+                         "prunekit.expert_weights")),
+    ("prunekit.expert_weights", ("prunekit.core", "prunekit.models", "prunekit.distributed", "prunekit.masks",
+                                 "prunekit.report", "prunekit.updates")),
 ])
 def test_shared_machinery_imports_no_driver_and_no_method(low, allowed):
     """The block stream and residency, the registry, the family specs, surgery and the linear

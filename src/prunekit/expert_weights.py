@@ -102,14 +102,17 @@ def _matrix(experts: nn.Module, moe, name: str, expert: int) -> Tensor:
 
 
 def prune_expert_group(group: ExpertGroup, method, config, block_index: int, options) -> list[LayerRecord]:
-    """Prune every expert's gate_up then down projection with `method` (see the module docstring)."""
+    """Prune every expert's gate_up then down projection with `method` (see the module docstring).
+
+    Observers are fed chunk by chunk (each calibration chunk's tokens routed to the expert), as in
+    the linear engine: the same float32 products whichever process holds a chunk, so distributed
+    calibration reproduces the single-process statistics."""
     group.pruned = True
     experts, moe, device = group.module, group.moe, options.device
-    x = torch.cat([r[0].reshape(-1, r[0].shape[-1]) for r in group.routed]) if group.routed else None
-    chosen = torch.cat([r[1].reshape(-1, r[1].shape[-1]) for r in group.routed]) if group.routed else None
-    weights = torch.cat([r[2].reshape(-1, r[2].shape[-1]) for r in group.routed]) if group.routed else None
+    chunks = [(x.reshape(-1, x.shape[-1]), chosen.reshape(-1, chosen.shape[-1]), weights.reshape(chosen.shape))
+              for x, chosen, weights in ((r[0], r[1], r[2].reshape(r[1].shape)) for r in group.routed)]
     group.routed = []
-    if x is not None and not bool(torch.isfinite(x).all()):
+    if not all(bool(torch.isfinite(x).all()) for x, _, _ in chunks):
         raise NonFiniteError(f"block {block_index}, {group.name}: the experts' input holds NaN/Inf on the calibration "
                              "data; nothing of this group was written (check the model dtype and the data)")
     weighted = getattr(config, "routed_weighting", False)
@@ -118,19 +121,21 @@ def prune_expert_group(group: ExpertGroup, method, config, block_index: int, opt
     records = []
     with torch.no_grad():
         for expert in range(expert_count_of(experts)):
-            if x is not None:
-                rows, slot = torch.where(chosen == expert)
-                X = x[rows].to(device=device, dtype=torch.float32)                      # (n_j, H)
-                gate = weights[rows, slot].to(device)                                    # (n_j,)
-            else:
-                X, gate = None, None
-            tokens = int(distributed.all_sum(0 if X is None else X.shape[0])[0])
-            fallback = X is not None and tokens < floor
+            parts = None                                   # data-free: no calibration chunks
+            if chunks:
+                parts = []
+                for x, chosen, weights in chunks:           # this expert's tokens, chunk by chunk
+                    rows, slot = torch.where(chosen == expert)
+                    gate = weights[rows, slot].to(device).float()
+                    parts.append((x[rows].to(device=device, dtype=torch.float32), gate if weighted else None))
+            tokens = int(distributed.all_sum(sum(p[0].shape[0] for p in parts) if parts else 0)[0])
+            fallback = parts is not None and tokens < floor
             for part in ("gate_up_proj", "down_proj"):
-                if part == "down_proj" and X is not None:
-                    X = intermediate(experts, moe, expert, X.to(experts.gate_up_proj.dtype)).float()
-                records.append(_prune_matrix(group, part, expert, X, gate if weighted else None, tokens, fallback,
-                                             method, layer_config, config, block_index, options))
+                if part == "down_proj" and parts is not None:
+                    dtype = experts.gate_up_proj.dtype
+                    parts = [(intermediate(experts, moe, expert, X.to(dtype)).float(), gate) for X, gate in parts]
+                records.append(_prune_matrix(group, part, expert, parts, tokens, fallback, method, layer_config,
+                                             config, block_index, options))
     return records
 
 
@@ -138,19 +143,21 @@ def expert_count_of(experts: nn.Module) -> int:
     return int(experts.gate_up_proj.shape[0])
 
 
-def _prune_matrix(group, part, expert, X, gate, tokens, fallback, method, layer_config, config, block_index,
+def _prune_matrix(group, part, expert, parts, tokens, fallback, method, layer_config, config, block_index,
                   options) -> LayerRecord:
+    """One expert matrix: observe its input chunk by chunk, prune, write back, verify."""
     start = time.perf_counter()
     stored = _matrix(group.module, group.moe, part, expert)                              # (out, in)
     W = stored.detach().to(device=options.device, dtype=torch.float32, copy=True)
     zeros_before = int((W == 0).sum())
     stats, note = None, None
-    if options.observer is not None and X is not None:
+    if options.observer is not None and parts is not None:
         stats = options.observer(W.shape[1], options.device)
-        if X.shape[0]:
-            stats.update(X * gate.unsqueeze(-1) if gate is not None else X)
+        for X, gate in parts:
+            if X.shape[0]:
+                stats.update(X * gate.unsqueeze(-1) if gate is not None else X)
         distributed.reduce_stats_(stats)
-    if fallback or (options.observer is not None and X is not None and tokens == 0):
+    if fallback or (options.observer is not None and parts is not None and tokens == 0):
         note = f"{tokens} routed calibration tokens (< {config.expert_min_tokens}): magnitude scores"
         W_new = W.masked_fill(lowest(W.abs(), layer_config.sparsity, layer_config.nm, config.per), 0)
     else:
@@ -161,7 +168,8 @@ def _prune_matrix(group, part, expert, X, gate, tokens, fallback, method, layer_
     stored.copy_(W_new.to(stored.dtype))
     distributed.broadcast_(stored)
     error = None
-    if X is not None and X.shape[0]:
+    X = torch.cat([p[0] for p in parts]) if parts else None                           # (n_j, in)
+    if X is not None:
         probe = X[:: max(1, math.ceil(X.shape[0] / PROBE_TOKENS))]
         moved, total = distributed.all_sum(float((probe @ (W - stored.float()).T).square().sum()),
                                            float((probe @ W.T).square().sum()))

@@ -29,7 +29,9 @@ from .export import METADATA_FILE, check_output_dir, library_versions, normalize
 from .loading import recorded_widths
 from ..prune import prune_
 from ..registry import method_for_config
-from ..surgery import resize_to_, structure_record
+from ..models import spec_for
+from ..surgery import resize_to_, stock_widths, structure_record
+from .moe_checkpoint import FusedReader, to_saved
 
 
 def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path], prefix: str,
@@ -71,6 +73,27 @@ def finish_checkpoint(staging: Path, reader: ShardReader, block_files: list[Path
         leftover.unlink()          # staging files of blocks that were written again under a new position
 
 
+def saved_layout(model: nn.Module, path: Path, staging: Path) -> Path:
+    """A block shard rewritten with the keys `save_pretrained` writes (MoE: one key per expert)."""
+    from safetensors.torch import load_file, save_file
+    tensors = to_saved(model, load_file(str(path)))
+    final = staging / f"saved-{path.name}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(final), metadata={"format": "pt"})
+    return final
+
+
+def load_buffers(model: nn.Module, reader) -> None:
+    """Persistent buffers the checkpoint stores (DeepSeek-V3's `e_score_correction_bias`) replace the
+    skeleton's initial values; they stay in memory (small), and a changed block writes them back."""
+    for name, buffer in model.named_buffers():
+        if name in reader:
+            value = reader.get(name)
+            if tuple(value.shape) != tuple(buffer.shape):
+                raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint, the config builds "
+                                 f"{tuple(buffer.shape)}")
+            buffer.copy_(value)
+
+
 def skeleton_for(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     """The meta skeleton of the checkpoint in `model_dir`; a non-uniform width-pruned export
     (per-block widths in its prunekit.json) is re-sliced to them, as `loading.load_pruned` does."""
@@ -101,6 +124,10 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
     out = check_output_dir(out_dir, overwrite=overwrite, protect=[model_dir, *protect])
     model = skeleton_for(model_dir, dtype)
     reader = ShardReader(model_dir)
+    moe = spec_for(model).experts is not None
+    if moe:                                   # per-expert keys on disk, fused tensors in memory
+        reader = FusedReader(reader, model, spec_for(model).blocks)
+    load_buffers(model, reader)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -112,7 +139,10 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
         if not write:
             return report, out, model
         disk = getattr(residency, "inner", residency)
-        finish_checkpoint(staging, reader, disk.block_shards(), disk.prefix, dtype)
+        shards = disk.block_shards()
+        if moe and stock_widths(model) is not None:   # as save_pretrained writes it (uneven counts stay fused)
+            shards = [saved_layout(model, path, staging) for path in shards]
+        finish_checkpoint(staging, reader, shards, disk.prefix, dtype)
         model.config.save_pretrained(staging)              # with new widths / block count, if any
         try:
             GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
