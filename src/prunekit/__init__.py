@@ -44,11 +44,23 @@ _PUBLIC = {
     "GBLMConfig": ".methods.gblm",
     "PrunerZeroConfig": ".methods.pruner_zero",
     "EoraConfig": ".eora",
+    # Mixture of experts: whole experts (scores, merging) and weights inside experts
+    "ExpertsConfig": ".experts",
+    "ReapConfig": ".methods.reap",
+    "ExpertFrequencyConfig": ".methods.expert_frequency",
+    "ExpertOutputConfig": ".methods.expert_output",
+    "ExpertLooConfig": ".methods.expert_loo",
+    "EasyEpConfig": ".methods.easy_ep",
+    "NaeeConfig": ".methods.naee",
+    "ExpertRandomConfig": ".methods.expert_random",
+    "MoePrunerConfig": ".methods.moe_pruner",
     # recovery that keeps the mask
     "recover_": ".recovery",
     "LoraRecoverConfig": ".recovery",
     "PerpConfig": ".recovery",
     "KDConfig": ".recovery",
+    "RouterKDConfig": ".recovery",
+    "ExpertKDConfig": ".recovery",
 }
 __all__ = sorted(_PUBLIC)
 

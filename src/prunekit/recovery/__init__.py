@@ -4,15 +4,18 @@
     report = recover_(model, LoraRecoverConfig(steps=200, rank=16, rslora=True), windows)
 
 `train.py` holds the configs, the registered `recover_` (methods "lora", "perp" (PERP, arXiv
-2312.15230), "kd"; scope "recover") and checkpoint/resume; `masked_lora.py` the adapters whose
-update is masked by the base weight's sparsity (rsLoRA/RoRA scale: arXiv 2312.03732,
-2501.04315); `cli.py` the
-`prunekit recover` command. Importing this package registers the three methods; peft is
-imported only when LoRA adapters are attached.
+2312.15230), "kd", and for Mixture-of-Experts models "router-kd" (Router KD, arXiv 2603.02217)
+and "expert-kd" (MoE-Pruner's expert-wise distillation, arXiv 2410.12013); scope "recover") and
+checkpoint/resume; `masked_lora.py` the adapters whose update is masked by the base weight's
+sparsity (rsLoRA/RoRA scale: arXiv 2312.03732, 2501.04315); `moe.py` what the MoE methods train
+and expert-kd's per-expert loss; `cli.py` the `prunekit recover` command. Importing this package
+registers the five methods; peft is imported only when LoRA adapters are attached.
 """
 from .masked_lora import MaskedLora, attach_masked_lora, lora_scaling
-from .train import (KDConfig, LoraRecoverConfig, PerpConfig, RecoverConfig, block_linears, format_summary,
-                    recover_, recovery_windows)
+from .moe import ExpertDistillation, expert_parameters, router_parameters
+from .train import (ExpertKDConfig, KDConfig, LoraRecoverConfig, PerpConfig, RecoverConfig, RouterKDConfig,
+                    block_linears, format_summary, pruned_tensors, recover_, recovery_windows)
 
-__all__ = ["KDConfig", "LoraRecoverConfig", "MaskedLora", "PerpConfig", "RecoverConfig", "attach_masked_lora",
-           "block_linears", "format_summary", "lora_scaling", "recover_", "recovery_windows"]
+__all__ = ["ExpertDistillation", "ExpertKDConfig", "KDConfig", "LoraRecoverConfig", "MaskedLora", "PerpConfig",
+           "RecoverConfig", "RouterKDConfig", "attach_masked_lora", "block_linears", "expert_parameters",
+           "format_summary", "lora_scaling", "pruned_tensors", "recover_", "recovery_windows", "router_parameters"]

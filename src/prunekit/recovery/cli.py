@@ -1,4 +1,4 @@
-"""`prunekit recover DIR --data SOURCE --method {lora,perp,kd} --steps N --out DIR2`.
+"""`prunekit recover DIR --data SOURCE --method {lora,perp,kd,router-kd,expert-kd} --steps N --out DIR2`.
 
 Loads a pruned checkpoint, draws training windows from --data (the same sources as calibration:
 "default", a .txt/.jsonl file or folder, a `datasets` name), fine-tunes with a mask-preserving
@@ -6,8 +6,10 @@ method (`train.py`) and exports a stock checkpoint with the same zeros. DIR is n
 output folder and the checkpoint folder are checked against it before any work. The output's
 prunekit.json keeps DIR's record (source, pruning steps, structure) and adds a `recovery` section.
 
-kd needs the dense teacher: --teacher, else the `source` DIR's prunekit.json records (a local
-path, a hub id, a .gguf file or "default").
+kd, router-kd and expert-kd need the model before pruning as their teacher: --teacher, else the
+`source` DIR's prunekit.json records (a local path, a hub id, a .gguf file or "default").
+router-kd (Router KD, arXiv 2603.02217) and expert-kd (MoE-Pruner's expert-wise distillation,
+arXiv 2410.12013) apply to Mixture-of-Experts models only.
 
 Checkpoints go to --run-dir (default: OUT.checkpoints next to OUT) every --checkpoint-every
 steps; --resume continues from there. After a successful export the checkpoint is deleted unless
@@ -23,7 +25,8 @@ from pathlib import Path
 METADATA_FILE = "prunekit.json"
 # flag dest -> config field; a flag left out keeps the config's default (one source of truth)
 CONFIG_FLAGS = ("steps", "lr", "batch_size", "samples", "seqlen", "seed", "weight_decay", "max_grad_norm",
-                "checkpoint_every", "rank", "alpha", "rslora", "dropout", "temperature", "kd_weight")
+                "checkpoint_every", "rank", "alpha", "rslora", "dropout", "temperature", "kd_weight",
+                "expert_weight")
 TEACHER_HINT = ("pass --teacher MODEL: the dense model DIR was pruned from (a local directory, a hub id, "
                 "a .gguf file or 'default')")
 
@@ -33,7 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "recover", help="fine-tune a pruned model without touching its zeros (masked LoRA, PERP, distillation)",
         description="Recovery fine-tuning that keeps the sparsity: masked LoRA (lora), norms and biases "
-                    "only (perp), or masked LoRA distilled from the dense model (kd).")
+                    "only (perp), masked LoRA distilled from the dense model (kd); for Mixture-of-Experts "
+                    "models the routers distilled from the unpruned model (router-kd) or the experts "
+                    "distilled expert by expert (expert-kd).")
     _add_arguments(parser)
     parser.set_defaults(handler=run_recover_cli)
     return parser
@@ -43,8 +48,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="DIR", help="the pruned checkpoint directory (e.g. the --out of prunekit prune)")
     p.add_argument("--data", default="default",
                    help="training text: default (offline), a .txt/.jsonl file or dir, wikitext2, c4, ptb")
-    p.add_argument("--method", required=True, metavar="{lora,perp,kd}",
-                   help="lora: masked LoRA; perp: norms and biases only; kd: masked LoRA distilled from --teacher")
+    p.add_argument("--method", required=True, metavar="{lora,perp,kd,router-kd,expert-kd}",
+                   help="lora: masked LoRA; perp: norms and biases only; kd: masked LoRA distilled from --teacher; "
+                        "router-kd: only the MoE routers, distilled from --teacher (arXiv 2603.02217); "
+                        "expert-kd: the MoE experts (zeros kept), cross-entropy + per-expert MSE to --teacher's "
+                        "experts (MoE-Pruner, arXiv 2410.12013)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     p.add_argument("--out", required=True, help="output directory (safetensors + tokenizer + prunekit.json)")
     lora = p.add_argument_group("LoRA (lora, kd)")
@@ -53,12 +61,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--rslora", action="store_const", const=True, default=None,
                       help="rank-stabilised scale alpha/sqrt(rank) instead of alpha/rank")
     lora.add_argument("--dropout", type=float, help="dropout on the adapters' input (default 0)")
-    kd = p.add_argument_group("distillation (kd)")
-    kd.add_argument("--teacher", help="the dense model (default: the source recorded in DIR/prunekit.json)")
-    kd.add_argument("--temperature", type=float, help="softmax temperature (default 1)")
-    kd.add_argument("--kd-weight", type=float, help="weight of the KL term; the rest is next-token loss (default 1)")
+    kd = p.add_argument_group("distillation (kd, router-kd, expert-kd)")
+    kd.add_argument("--teacher", help="the model before pruning (default: the source recorded in DIR/prunekit.json)")
+    kd.add_argument("--temperature", type=float, help="kd, router-kd: softmax temperature (default 1)")
+    kd.add_argument("--kd-weight", type=float,
+                    help="kd, router-kd: weight of the KL term; the rest is next-token loss (default 1)")
+    kd.add_argument("--expert-weight", type=float,
+                    help="expert-kd: lambda, the weight of the summed per-expert MSE (default: cross-entropy / "
+                         "expert MSE before training, as MoE-Pruner initialises it)")
     train = p.add_argument_group("training")
-    train.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; perp 1e-3)")
+    train.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; perp 1e-3; expert-kd 2e-5)")
     train.add_argument("--batch-size", type=int, help="windows per step (default 4)")
     train.add_argument("--seqlen", type=int, help="tokens per window (default 512, capped by the model's context)")
     train.add_argument("--samples", type=int, help="windows drawn from --data (default steps x batch size)")
@@ -109,12 +121,12 @@ def config_from_args(args):
     return config_cls(**values)
 
 
-def default_teacher(model_dir: Path) -> str:
+def default_teacher(model_dir: Path, method: str = "kd") -> str:
     """The dense source recorded in `model_dir`/prunekit.json, as something `load` accepts."""
     meta = model_dir / METADATA_FILE
     if not meta.is_file():
-        raise ValueError(f"kd needs the dense teacher and {model_dir} has no {METADATA_FILE} saying where it was "
-                         f"pruned from; {TEACHER_HINT}")
+        raise ValueError(f"{method} needs the dense teacher and {model_dir} has no {METADATA_FILE} saying where it "
+                         f"was pruned from; {TEACHER_HINT}")
     source = json.loads(meta.read_text()).get("source") or {}
     kind = source.get("kind")
     if kind == "default":
@@ -123,7 +135,7 @@ def default_teacher(model_dir: Path) -> str:
         return source["id"]
     if kind in ("local", "gguf") and source.get("path"):
         if not Path(source["path"]).exists():
-            raise FileNotFoundError(f"kd's teacher, the source recorded in {meta}, no longer exists: "
+            raise FileNotFoundError(f"{method}'s teacher, the source recorded in {meta}, no longer exists: "
                                     f"{source['path']}; {TEACHER_HINT}")
         return source["path"]
     raise ValueError(f"{meta} records no usable source model ({source!r}); {TEACHER_HINT}")
@@ -146,11 +158,14 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args, cfg, out, model_dir)
     teacher_name = None
     if cfg.needs_teacher:
-        teacher_name = args.teacher or default_teacher(model_dir)
+        teacher_name = args.teacher or default_teacher(model_dir, args.method)
         if Path(teacher_name).exists() and Path(teacher_name).resolve() == model_dir:
             raise ValueError(f"the teacher is {model_dir} itself; {TEACHER_HINT}")
     elif args.teacher:
-        raise ValueError(f"--teacher applies to --method kd only, not {args.method}")
+        from ..catalog import get_method
+        distilling = [n for n in recover_methods() if get_method(n).config_cls.objective != "lm"]
+        raise ValueError(f"--teacher applies to the distillation methods ({', '.join(distilling)}) only, "
+                         f"not {args.method}")
     device = resolve_device(args.device)
 
     if recorded_widths(model_dir) is not None:      # blocks of different widths: no stock config describes them

@@ -1,7 +1,7 @@
 """Recovery fine-tuning that keeps the sparsity: configs, the training loop, checkpoint/resume.
 
-Three registered methods (scope "recover") share one function, `recover_`; each config class
-says what it trains and what it minimises:
+Five registered methods (scope "recover") share one function, `recover_`; each config class
+says what it trains (`trains`) and what it minimises (`objective`):
 
     lora  masked LoRA on every linear layer of the decoder blocks, next-token loss
           (`masked_lora.py`; rslora=True: the alpha / sqrt(r) scale of rsLoRA arXiv 2312.03732
@@ -12,6 +12,13 @@ says what it trains and what it minimises:
     kd    masked LoRA, loss = T^2 * KL(teacher || student) on temperature-T softmaxes (Hinton et
           al., arXiv 1503.02531), teacher = the dense model; `kd_weight` < 1 mixes in the
           next-token loss
+    router-kd  Mixture-of-Experts models: only the routers (weight, and bias where the family has
+          one), loss = kd's T^2 * KL(teacher || student) (Router Knowledge Distillation, Hyeon & Do,
+          arXiv 2603.02217); teacher = the model before its experts were pruned/merged/edited
+    expert-kd  Mixture-of-Experts models: the fused 3-D expert weights with their zeros held,
+          loss = next-token cross-entropy + lambda * sum over MoE blocks and experts of the MSE
+          between the teacher's and the student's expert outputs (expert-wise knowledge
+          distillation of MoE-Pruner, Xie et al., arXiv 2410.12013, Eq. 10; see `moe.py`)
 
 The loop: AdamW over the trainable tensors, exactly `steps` optimizer steps, each on
 `batch_size` windows taken in order from a seeded permutation of the windows (a new permutation
@@ -26,9 +33,12 @@ the trainable tensors, the optimizer state, the step, the RNG states and the los
 to a temp file and renamed into place; they are read with `torch.load(weights_only=True)` only.
 A resume checks that the method, its settings, the windows and the model's zeros are the same.
 
-After training, the zeros of every linear weight in the decoder blocks are compared with those
-recorded before: a weight that was zero and is not raises RuntimeError. A failed or interrupted
-run leaves the model as it was given (adapters discarded, PERP's tensors restored).
+After training, the zeros of every linear weight in the decoder blocks, and of every fused 3-D
+expert weight of an MoE model, are compared with those recorded before: a weight that was zero
+and is not raises RuntimeError. A trained tensor that this check covers (expert-kd's expert
+weights, PhiMoE's linear router under router-kd) has its gradient masked and its zeros written
+again after every optimizer step. A failed or interrupted run leaves the model as it was given
+(adapters discarded, trained tensors restored).
 """
 from __future__ import annotations
 
@@ -94,8 +104,8 @@ class RecoverConfig:
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
     checkpoint_every: int = 50        # steps between checkpoints (with a run_dir); 0: none
 
-    trains: ClassVar[str] = ""        # "lora" or "norms_biases"
-    objective: ClassVar[str] = "lm"   # "lm" (next-token cross-entropy) or "kd"
+    trains: ClassVar[str] = ""        # "lora", "norms_biases", "routers" or "experts"
+    objective: ClassVar[str] = "lm"   # "lm" (next-token cross-entropy), "kd" (KL to the teacher) or "expert-kd"
 
     def __post_init__(self):
         _integer("steps", self.steps, 1)
@@ -114,7 +124,7 @@ class RecoverConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.objective == "kd"
+        return self.objective != "lm"
 
     @property
     def windows_needed(self) -> int:
@@ -170,8 +180,54 @@ class KDConfig(LoraRecoverConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "temperature", _number("temperature", self.temperature, 0.0))
-        object.__setattr__(self, "kd_weight", _number("kd_weight", self.kd_weight, 0.0, 1.0, low_open=False))
+        _check_distillation(self)
+
+
+def _check_distillation(cfg) -> None:
+    object.__setattr__(cfg, "temperature", _number("temperature", cfg.temperature, 0.0))
+    object.__setattr__(cfg, "kd_weight", _number("kd_weight", cfg.kd_weight, 0.0, 1.0, low_open=False))
+
+
+@dataclass(frozen=True)
+class RouterKDConfig(RecoverConfig):
+    """router-kd: only the routers of a Mixture-of-Experts model, trained on T^2 * KL(teacher || student).
+
+    Router Knowledge Distillation (Hyeon & Do, arXiv 2603.02217): after experts are pruned, merged
+    or edited, recalibrating the routers alone on the original model's next-token distributions
+    (unlabeled data) recovers much of the loss. Trainable: each MoE block's router weight, and its
+    bias where the family has one (`moe.router_parameters`); everything else is frozen.
+    """
+    temperature: float = 1.0          # softmax temperature of both distributions; the loss is scaled by T^2
+    kd_weight: float = 1.0            # loss = kd_weight * KD + (1 - kd_weight) * next-token loss
+
+    trains: ClassVar[str] = "routers"
+    objective: ClassVar[str] = "kd"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_distillation(self)
+
+
+@dataclass(frozen=True)
+class ExpertKDConfig(RecoverConfig):
+    """expert-kd: MoE-Pruner's expert-wise knowledge distillation (Xie et al., arXiv 2410.12013, Eq. 10).
+
+    loss = next-token cross-entropy + expert_weight * sum over MoE blocks j and routed experts i of
+    MSE(teacher expert i of block j, student expert i of block j), both experts reading the
+    student's input to the block's experts on the tokens routed to expert i (`moe.ExpertDistillation`).
+    Trainable: the fused 3-D expert weights, their zeros kept; the teacher is the unpruned model.
+    """
+    lr: float = 2e-5                  # the paper's (full fine-tuning, cosine schedule; ours is constant)
+    expert_weight: float | None = None  # lambda; None: L_CE / L_expert before training (the paper's initialisation)
+
+    trains: ClassVar[str] = "experts"
+    objective: ClassVar[str] = "expert-kd"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.expert_weight is not None:
+            object.__setattr__(self, "expert_weight", _number("expert_weight (None: balance it automatically)",
+                                                              self.expert_weight, 0.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,12 +269,30 @@ def norm_and_bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def zeros_violated(targets: dict[str, nn.Module], masks: dict[str, Tensor]) -> dict[str, int]:
-    """Layer name -> how many weights that were zero (mask False) are nonzero now; only offenders."""
+def pruned_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """What pruning zeroes, by name: the (out, in) weight of every linear layer in the decoder blocks
+    (under the layer's name) and, for MoE families, every fused 3-D expert weight (under the
+    parameter's name). The zero check after recovery covers exactly these."""
     from ..models.spec import weight_view
+    from .moe import fused_expert_weights
+
+    out = {name: weight_view(module) for name, module in block_linears(model).items()}
+    out.update(fused_expert_weights(model))
+    return out
+
+
+def nonzero_masks(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """name -> bool mask, True where the tensor is nonzero."""
+    return {name: tensor.detach() != 0 for name, tensor in tensors.items()}
+
+
+def zeros_violated(tensors: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, int]:
+    """Tensor name -> how many weights that were zero (mask False) are nonzero now; only offenders.
+
+    `tensors` from `pruned_tensors` (linear weights and fused expert weights), taken after training."""
     out = {}
-    for name, module in targets.items():
-        count = int(((weight_view(module) != 0) & ~masks[name]).sum())
+    for name, tensor in tensors.items():
+        count = int(((tensor.detach() != 0) & ~masks[name]).sum())
         if count:
             out[name] = count
     return out
@@ -253,8 +327,21 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> T
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def objective(model: nn.Module, ids: Tensor, cfg: RecoverConfig, teacher: nn.Module | None) -> Tensor:
-    """The loss one batch of windows contributes (the thing the optimizer minimises)."""
+def expert_kd_terms(model: nn.Module, ids: Tensor, distiller) -> tuple[Tensor, Tensor]:
+    """(next-token cross-entropy, sum of the per-expert MSEs) of one student forward (expert-kd)."""
+    distiller.reset()
+    logits = model(input_ids=ids, use_cache=False).logits
+    return next_token_loss(logits, ids), distiller.total()
+
+
+def objective(model: nn.Module, ids: Tensor, cfg: RecoverConfig, teacher: nn.Module | None,
+              distiller=None) -> Tensor:
+    """The loss one batch of windows contributes (the thing the optimizer minimises).
+
+    distiller: expert-kd's `moe.ExpertDistillation` (its hooks installed, `weight` = lambda)."""
+    if cfg.objective == "expert-kd":
+        ce, expert = expert_kd_terms(model, ids, distiller)
+        return ce + distiller.weight * expert
     logits = model(input_ids=ids, use_cache=False).logits
     if cfg.objective != "kd":
         return next_token_loss(logits, ids)
@@ -285,14 +372,32 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def probe_loss(model: nn.Module, windows: Tensor, cfg: RecoverConfig, teacher: nn.Module | None,
-               device: torch.device) -> float:
+               device: torch.device, distiller=None) -> float:
     """The objective on the first PROBE_WINDOWS windows, no dropout (the same before and after)."""
     probe = windows[:PROBE_WINDOWS]
     total = 0.0
     for start in range(0, len(probe), cfg.batch_size):
         batch = probe[start:start + cfg.batch_size].to(device)
-        total += float(objective(model, batch, cfg, teacher)) * len(batch)
+        total += float(objective(model, batch, cfg, teacher, distiller)) * len(batch)
     return total / len(probe)
+
+
+@torch.no_grad()
+def balanced_expert_weight(model: nn.Module, windows: Tensor, cfg: RecoverConfig, distiller,
+                           device: torch.device) -> float:
+    """MoE-Pruner's lambda, "initialized based on the strength of" the two losses: L_CE / L_expert,
+    both measured on the probe windows before any training (1.0 if the experts equal the teacher's)."""
+    probe = windows[:PROBE_WINDOWS]
+    ce_total = expert_total = 0.0
+    for start in range(0, len(probe), cfg.batch_size):
+        batch = probe[start:start + cfg.batch_size].to(device)
+        ce, expert = expert_kd_terms(model, batch, distiller)
+        ce_total += float(ce) * len(batch)
+        expert_total += float(expert) * len(batch)
+    if not expert_total > 0:
+        log.warning("expert-kd: the experts' outputs equal the teacher's on the probe windows; lambda = 1")
+        return 1.0
+    return ce_total / expert_total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,22 +463,30 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 @register("lora", LoraRecoverConfig, scope="recover", calibrated=True)
 @register("perp", PerpConfig, scope="recover", calibrated=True)
 @register("kd", KDConfig, scope="recover", calibrated=True)
+@register("router-kd", RouterKDConfig, scope="recover", calibrated=True)
+@register("expert-kd", ExpertKDConfig, scope="recover", calibrated=True)
 def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: nn.Module | None = None,
              run_dir: str | os.PathLike | None = None, resume: bool = False, device: str | torch.device = "cpu",
              progress: bool = True) -> dict:
     """Fine-tune `model` in place on `windows` (n, seqlen) token ids without moving any of its zeros.
 
-    teacher: the dense model for kd (frozen; never modified). run_dir: where checkpoints go
+    teacher: the model before pruning for kd, router-kd and expert-kd (frozen; never modified;
+    expert-kd calls only its experts modules). run_dir: where checkpoints go
     (None: no checkpoints). resume: continue from run_dir's checkpoint (a fresh start if there is
     none). Returns a report: losses before/after on fixed windows and per step, tokens, seconds,
     trainable parameters, sparsity before/after. Raises RuntimeError if a zero became nonzero.
     """
+    from contextlib import nullcontext
+
     from ..io.loading import resolve_device
     from ..registry import method_for_config
     from .masked_lora import zero_masks
+    from .moe import ExpertDistillation
 
     name = method_for_config(cfg).name
     windows = _check_windows(windows, cfg, model.config)
+    if cfg.trains != "lora":
+        trainable_tensors(model, cfg, name)          # a dense model given to router-kd/expert-kd fails here
     if cfg.needs_teacher and teacher is None:
         raise ValueError(f"{name} distils from the dense model: pass teacher=<the model before pruning>")
     device = resolve_device(device)
@@ -395,17 +508,24 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
             if teacher is not None:
                 teacher.to(device).eval()
             targets = block_linears(model)
-            masks = zero_masks(targets)                                        # recorded before any training
-            sparsity_before = _zero_fraction(masks)
-            loss_before = probe_loss(model, windows, cfg, teacher, device)
-            params, losses, resumed_from = _fit(model, cfg, windows, teacher, targets, masks, checkpoint, resume,
-                                                device, name, progress)
-        violated = zeros_violated(targets, masks)
-        if violated:
-            raise RuntimeError(f"recovery made {sum(violated.values())} pruned weights nonzero "
-                               f"({', '.join(f'{k}: {v}' for k, v in list(violated.items())[:5])}); this is a bug")
-        loss_after = probe_loss(model, windows, cfg, teacher, device)
-        sparsity_after = _zero_fraction(zero_masks(targets))
+            masks = zero_masks(targets)                                        # LoRA's masks, before any training
+            zeros = nonzero_masks(pruned_tensors(model))                       # linears + fused experts: the check
+            sparsity_before = _zero_fraction(zeros)
+            distiller = ExpertDistillation(model, teacher, name) if cfg.objective == "expert-kd" else None
+            with distiller if distiller is not None else nullcontext():
+                if distiller is not None:
+                    distiller.weight = (cfg.expert_weight if cfg.expert_weight is not None
+                                        else balanced_expert_weight(model, windows, cfg, distiller, device))
+                loss_before = probe_loss(model, windows, cfg, teacher, device, distiller)
+                params, losses, resumed_from = _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint,
+                                                    resume, device, name, progress, distiller)
+                violated = zeros_violated(pruned_tensors(model), zeros)
+                if violated:
+                    raise RuntimeError(f"recovery made {sum(violated.values())} pruned weights nonzero "
+                                       f"({', '.join(f'{k}: {v}' for k, v in list(violated.items())[:5])}); "
+                                       "this is a bug")
+                loss_after = probe_loss(model, windows, cfg, teacher, device, distiller)
+        sparsity_after = _zero_fraction(nonzero_masks(pruned_tensors(model)))
     finally:
         model.to(home)
         if teacher is not None:
@@ -423,7 +543,7 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
         "trainable_parameters": sum(p.numel() for p in params.values()),
         "loss_before": loss_before,
         "loss_after": loss_after,
-        "loss_protocol": f"{_objective_name(cfg)} on the first {min(PROBE_WINDOWS, len(windows))} training "
+        "loss_protocol": f"{_objective_name(cfg, distiller)} on the first {min(PROBE_WINDOWS, len(windows))} training "
                          f"windows, before training and after the merge",
         "loss_first_step": losses[0] if losses else None,
         "loss_last_step": losses[-1] if losses else None,
@@ -438,19 +558,44 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
     }
     if cfg.trains == "lora":
         report["lora"] = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "rslora": cfg.rslora, "scaling": cfg.scaling}
+    if distiller is not None:
+        report["expert_kd"] = {"expert_weight": distiller.weight, "blocks": len(distiller.pairs),
+                               "expert_weight_from": "given" if cfg.expert_weight is not None
+                               else "L_CE / L_expert on the probe windows before training"}
     return report
 
 
-def _fit(model, cfg, windows, teacher, targets, masks, checkpoint, resume, device, name, progress):
+def trainable_tensors(model: nn.Module, cfg: RecoverConfig, name: str) -> dict[str, nn.Parameter]:
+    """What a method other than LoRA trains, by name (a clear error when the model has none of it)."""
+    from .moe import expert_parameters, router_parameters
+
+    if cfg.trains == "norms_biases":
+        params = norm_and_bias_parameters(model)
+        if not params:
+            raise ValueError(f"{name} found no normalisation or bias parameters to train in this model")
+        return params
+    if cfg.trains == "routers":
+        return router_parameters(model, name)
+    if cfg.trains == "experts":
+        return expert_parameters(model, name)
+    raise ValueError(f"{name}: unknown trainable set {cfg.trains!r}")
+
+
+def _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint, resume, device, name, progress,
+         distiller=None):
     """Attach what trains, restore a checkpoint, run the steps, merge. Returns (params, losses, resumed_from).
 
-    On any failure the model is put back as it was given: adapters discarded (the base weights
-    were never written), PERP's tensors restored, requires_grad flags restored.
+    masks: LoRA's, per linear layer; zeros: every pruned tensor's (what the checkpoint identity
+    records). On any failure the model is put back as it was given: adapters discarded (the base
+    weights were never written), trained tensors restored, requires_grad flags restored.
     """
     from .masked_lora import attach_masked_lora
+    from .moe import fused_expert_weights
 
     flags = {key: p.requires_grad for key, p in model.named_parameters()}
     lora = None
+    params: dict[str, nn.Parameter] = {}
+    param_masks: dict[str, Tensor] = {}
     backup: dict[str, Tensor] = {}
     finished = False
     try:
@@ -464,18 +609,20 @@ def _fit(model, cfg, windows, teacher, targets, masks, checkpoint, resume, devic
                 for layer in lora.layers.values():
                     layer.lora_dropout.train()
         else:
-            params = norm_and_bias_parameters(model)
-            if not params:
-                raise ValueError("perp found no normalisation or bias parameters to train in this model")
-            frozen = {id(module.weight) for module in targets.values()}
-            if any(id(p) in frozen for p in params.values()):   # impossible by construction; checked anyway
-                raise RuntimeError("perp would train a pruned weight matrix")
-            backup = {key: p.detach().clone() for key, p in params.items()}
+            params = trainable_tensors(model, cfg, name)
+            pruned = {id(module.weight) for module in targets.values()}
+            pruned |= {id(p) for p in fused_expert_weights(model).values()}
+            if cfg.trains == "norms_biases" and any(id(p) in pruned for p in params.values()):
+                raise RuntimeError("perp would train a pruned weight matrix")   # impossible by construction
+            # a trained tensor that pruning may have zeroed keeps its zeros: gradient masked, zeros rewritten
+            param_masks = {key: p.detach() != 0 for key, p in params.items() if id(p) in pruned}
+            # on the CPU: expert-kd's tensors are most of an MoE model
+            backup = {key: p.detach().to("cpu", copy=True) for key, p in params.items()}
         for p in params.values():
             p.requires_grad_(True)
 
         optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        identity = _identity(cfg, windows, masks, params) if checkpoint is not None else None
+        identity = _identity(cfg, windows, zeros, params) if checkpoint is not None else None
         start, losses = 0, []
         if resume and checkpoint.exists():
             state = load_checkpoint(checkpoint)
@@ -485,13 +632,15 @@ def _fit(model, cfg, windows, teacher, targets, masks, checkpoint, resume, devic
                     p.copy_(state["trainable"][key])
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(state["rng"], device)
+            if distiller is not None and "expert_weight" in state:
+                distiller.weight = float(state["expert_weight"])     # lambda stays the one training began with
             start, losses = state["step"], list(state["losses"])
             log.info("resuming %s from step %d of %d (%s)", name, start, cfg.steps, checkpoint)
         elif resume:
             log.info("no checkpoint at %s: starting %s from step 0", checkpoint, name)
 
         _train(model, cfg, windows, teacher, params, optimizer, device, start, losses, checkpoint, identity,
-               name, progress)
+               name, progress, param_masks, distiller)
         if lora is not None:
             lora.merge_and_unload()
             lora = None
@@ -502,13 +651,17 @@ def _fit(model, cfg, windows, teacher, targets, masks, checkpoint, resume, devic
             lora.unload()
         if not finished and backup:
             with torch.no_grad():
-                for key, p in norm_and_bias_parameters(model).items():
+                for key, p in params.items():
                     p.copy_(backup[key])
         for key, p in model.named_parameters():
             p.requires_grad_(flags.get(key, p.requires_grad))
 
 
-def _objective_name(cfg: RecoverConfig) -> str:
+def _objective_name(cfg: RecoverConfig, distiller=None) -> str:
+    if cfg.objective == "expert-kd":
+        weight = distiller.weight if distiller is not None else cfg.expert_weight
+        return (f"next-token cross-entropy + {weight:g} x sum over MoE blocks and experts of "
+                "MSE(teacher expert, student expert)")
     if cfg.objective != "kd":
         return "next-token cross-entropy"
     mix = f" + {1 - cfg.kd_weight:g} x next-token cross-entropy" if cfg.kd_weight < 1 else ""
@@ -533,8 +686,13 @@ def _check_windows(windows: Tensor, cfg: RecoverConfig, config) -> Tensor:
 
 
 def _train(model, cfg, windows, teacher, params, optimizer, device, start, losses, checkpoint, identity, name,
-           progress) -> None:
-    """Steps start..cfg.steps-1; appends each step's loss to `losses`; checkpoints as configured."""
+           progress, param_masks=None, distiller=None) -> None:
+    """Steps start..cfg.steps-1; appends each step's loss to `losses`; checkpoints as configured.
+
+    param_masks: trained tensor name -> True where nonzero; their gradient is masked before the
+    clipping and their zeros are written again after every step (exactly zero, whatever AdamW does).
+    """
+    param_masks = param_masks or {}
     from tqdm.auto import tqdm
 
     trainable = list(params.values())
@@ -542,24 +700,33 @@ def _train(model, cfg, windows, teacher, params, optimizer, device, start, losse
     try:
         for step in range(start, cfg.steps):
             ids = windows[batch_indices(step, len(windows), cfg.batch_size, cfg.seed)].to(device)
-            loss = objective(model, ids, cfg, teacher)
+            loss = objective(model, ids, cfg, teacher, distiller)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"the {name} loss is {float(loss)} at step {step + 1}; lower the learning rate "
                                    f"(lr={cfg.lr:g}) or keep max_grad_norm")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for key, mask in param_masks.items():
+                if params[key].grad is not None:
+                    params[key].grad.masked_fill_(~mask, 0.0)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
+            if param_masks:
+                with torch.no_grad():
+                    for key, mask in param_masks.items():
+                        params[key].masked_fill_(~mask, 0.0)
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done = step + 1
             if checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                save_checkpoint(checkpoint, {
-                    "format": CHECKPOINT_FORMAT, "step": done, "identity": identity,
-                    "trainable": {key: p.detach().cpu() for key, p in params.items()},
-                    "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "losses": list(losses)})
+                state = {"format": CHECKPOINT_FORMAT, "step": done, "identity": identity,
+                         "trainable": {key: p.detach().cpu() for key, p in params.items()},
+                         "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "losses": list(losses)}
+                if distiller is not None:
+                    state["expert_weight"] = distiller.weight
+                save_checkpoint(checkpoint, state)
                 log.info("checkpoint at step %d: %s", done, checkpoint)
     finally:
         bar.close()
