@@ -125,3 +125,19 @@ def test_gpu_offload_bench_runs_tiny(tmp_path, src_on_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["wanda", "sparsegpt"]
     assert all(r["blocks"] == 3 and r["peak_block_mb"] > 0 and r["seconds_per_block"]["median"] >= 0 for r in rows)
+
+
+def test_moe_experts_bench_runs_tiny(tiny_moe_dir, tmp_path, src_on_path):
+    out = tmp_path / "moe.json"
+    bench = _load("moe_experts")
+    assert bench.main(["--model", str(tiny_moe_dir), "--samples", "2", "--seqlen", "32", "--eval-tokens", "512",
+                       "--kl-tokens", "128", "--only", "reap-50", "--only", "moe-pruner-2:4",
+                       "--only", "reap-50-code-calibrated", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"unpruned MoE", "reap-50", "moe-pruner-2:4", "reap-50-code-calibrated"}
+    assert rows["reap-50"]["parameters"] < rows["unpruned MoE"]["parameters"]
+    assert rows["reap-50"]["checkpoint_mb"] < rows["unpruned MoE"]["checkpoint_mb"]
+    assert rows["moe-pruner-2:4"]["kl"] > 0 and "ppl_code" in rows["reap-50-code-calibrated"]
+    assert "PROXY" not in result["proxy"] and "not a trained MoE" in result["proxy"]
+    assert out.with_suffix(".md").read_text().startswith("| run |")
