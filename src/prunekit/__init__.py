@@ -53,6 +53,7 @@ _PUBLIC = {
     "EasyEpConfig": ".methods.easy_ep",
     "NaeeConfig": ".methods.naee",
     "ExpertRandomConfig": ".methods.expert_random",
+    "ExpertMergeConfig": ".methods.expert_merge",
     "MoePrunerConfig": ".methods.moe_pruner",
     # recovery that keeps the mask
     "recover_": ".recovery",

@@ -9,16 +9,48 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
+from .interrupts import Terminated, close_progress_bars, interrupted_line, output_states, signals
 from .io.atomic import write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Ctrl-C (exit 130) and SIGTERM (exit 143) stop any command cleanly: the
+    workers are joined, temporary folders removed by the `finally` blocks that own them, and one
+    line says what was interrupted and what was (not) written, instead of a traceback."""
+    state: dict = {"program": argv is None}       # None: the `prunekit` program itself (not a caller in Python)
     argv = list(sys.argv[1:] if argv is None else argv)
+    with signals(state) as received:
+        try:
+            code = _main(argv, state)
+            if received and state.get("forward"):
+                raise KeyboardInterrupt        # --nproc: torchrun and its workers were stopped by the signal
+            state["finished"] = True
+            return code
+        except BaseException as err:
+            # a library may turn the KeyboardInterrupt into its own error (a Rust panic from safetensors):
+            # whatever ends the command after a signal arrived is the interrupt
+            state["reporting"] = True
+            if not received and not isinstance(err, (KeyboardInterrupt, Terminated)):
+                state["finished"] = True
+                raise
+            signum = received[0] if received else (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+        # out of the except block: the traceback and its frames are gone, so progress bars they held closed
+        close_progress_bars()
+        if os.environ.get("RANK", "0") == "0":         # under torchrun, one voice: rank 0's
+            print(interrupted_line(signum, state), file=sys.stderr, flush=True)
+        state["finished"] = True
+        return 128 + int(signum)
+
+
+def _main(argv: list[str], state: dict) -> int:
+    state["command"] = next((a for a in argv if not a.startswith("-")), "")
     try:
-        launched = _launch_distributed(argv)
+        launched = _launch_distributed(argv, state)
     except ValueError as err:
         print(f"prunekit: error: {err}", file=sys.stderr)
         return 2
@@ -26,19 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         return launched
     parser = _parser()
     args = parser.parse_args(argv)
+    state["args"] = args
+    state["outputs"] = output_states(state)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.handler(args)
     except (ValueError, OSError, ImportError, TypeError, RuntimeError, FloatingPointError) as err:
         # OSError covers a missing file, an existing --out and a full disk (export.DiskFullError);
         # FloatingPointError is NaN/Inf in the activations (engine.NonFiniteError)
-        if args.verbose:
-            raise
+        if args.verbose or state.get("received"):
+            raise                      # after a signal: the interrupt, reported by `main`
         print(f"prunekit: error: {err}", file=sys.stderr)
         return 2
 
 
-def _launch_distributed(argv: list[str]) -> int | None:
+def _launch_distributed(argv: list[str], state: dict | None = None) -> int | None:
     """`--nproc N` (prune and run): re-run this very command in N processes under torchrun and
     return its exit status; None when this process should do the work itself. Inside torchrun
     (WORLD_SIZE set) --nproc is dropped, after checking it agrees with the launched world size."""
@@ -61,6 +95,8 @@ def _launch_distributed(argv: list[str]) -> int | None:
         return None
     if "--dry-run" in rest:
         return None
+    if state is not None:
+        state["forward"] = True        # a signal now goes on to torchrun (`_signals`)
     return launch(rest, nproc)
 
 

@@ -13,10 +13,20 @@ for cores; the price is memory, since every suspended chunk holds its activation
 Only the thread that arrives last at a meeting point runs the action (pruning, and under
 distributed calibration the collectives that sum statistics), so each process issues each
 collective exactly once.
+
+Interruption: Ctrl-C (KeyboardInterrupt) and SIGTERM arrive in the main thread, which sits in
+`run` while the workers compute. `run` then sets the abort flag, wakes every waiting worker (each
+stops with `Aborted` at its meeting point; the one computing stops at its next one, without
+running the pruning action) and joins them all before re-raising: no worker outlives the
+interrupt, so the process never exits with threads still inside torch (which ended it with
+"terminate called without an active exception", SIGABRT).
 """
 from __future__ import annotations
 
 import threading
+import time
+
+PATIENCE = 5.0      # seconds after an interrupt during which a further one still waits for the workers
 
 
 class Lockstep:
@@ -33,19 +43,39 @@ class Lockstep:
         self.turn = 0
         self.cond = threading.Condition()
         self.failure: BaseException | None = None
+        self.aborted = False           # set by `abort` (an interrupt in the main thread): every worker stops
+        self.entered = 0               # workers that started running, and that left `_worker`
+        self.exited = 0
         self.points: list = []         # meeting points in the order thread 0 reached them
         self.local = threading.local()
 
     def run(self, fn) -> None:
-        threads = [threading.Thread(target=self._worker, args=(i, fn), daemon=True) for i in range(self.n)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        threads: list[threading.Thread] = []
+        try:
+            for i in range(self.n):
+                threads.append(threading.Thread(target=self._worker, args=(i, fn), daemon=True,
+                                                name=f"lockstep-{i}"))
+                threads[-1].start()
+            with self.cond:
+                self.cond.wait_for(lambda: self.exited == self.n)
+            for thread in threads:
+                thread.join()          # they have left `_worker`; this only reaps them
+        except BaseException:          # KeyboardInterrupt, or SIGTERM's exception, in the main thread
+            self.abort()
+            self._wait_for_workers(len(threads))
+            raise
         if self.failure is not None:
             raise self.failure
 
+    def abort(self) -> None:
+        """Stop every worker at its next meeting point (those waiting at one: now)."""
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
     def meet(self, point, action) -> None:
+        if self.aborted:
+            raise Aborted
         i, k = self.local.index, self.local.count
         self.local.count += 1
         if i == 0:
@@ -55,29 +85,56 @@ class Lockstep:
                                "(data-dependent routing?); use sequential='block'")
         if i == self.n - 1:
             action()
+            if self.aborted:           # interrupted while pruning: the others are leaving already
+                raise Aborted
         self._hand_over(i)
         self._wait(i)
 
     def _worker(self, i: int, fn) -> None:
         self.local.index, self.local.count = i, 0
+        with self.cond:
+            self.entered += 1
         try:
             self._wait(i)
             fn(i)
             if self.local.count != len(self.points):
                 raise RuntimeError("calibration chunks took different paths through the block; use sequential='block'")
+            self._hand_over(i)
         except Aborted:
-            return
+            pass
         except BaseException as err:
             with self.cond:
                 self.failure = self.failure or err
+        finally:
+            with self.cond:
+                self.exited += 1
                 self.cond.notify_all()
-            return
-        self._hand_over(i)
+
+    def _wait_for_workers(self, started: int) -> None:
+        """After `abort`: wait until every worker has left `_worker` (the one computing stops at its next
+        meeting point, never more than one group away). Counted by the workers themselves, not with
+        Thread.join: a join cut short by Ctrl-C marks a thread that is still running as stopped
+        (CPython's bpo-45274 fix), after which joining it returns at once. A further Ctrl-C or SIGTERM
+        in the first seconds does not cut this short; a later one does (a worker stuck in a collective
+        whose peer is gone would otherwise hold the process until the distributed timeout). A worker
+        whose start() the interrupt cut short may never run: it is given a second (it would stop at
+        once anyway, as the flag is set)."""
+        aborted_at = time.monotonic()
+        while True:
+            try:
+                with self.cond:
+                    if self.exited >= started or (self.exited == self.entered
+                                                  and time.monotonic() > aborted_at + 1.0):
+                        return
+                    self.cond.wait(0.05)
+            except BaseException:      # another interrupt
+                if time.monotonic() > aborted_at + PATIENCE:
+                    return
 
     def _wait(self, i: int) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.turn == i or self.failure is not None)
-            if self.failure is not None:
+            self.cond.wait_for(lambda: self.turn == i or self.failure is not None or self.aborted)
+            if self.failure is not None or self.aborted:
                 raise Aborted
 
     def _hand_over(self, i: int) -> None:
@@ -87,4 +144,4 @@ class Lockstep:
 
 
 class Aborted(Exception):
-    """Another lockstep thread failed; this one stops quietly."""
+    """Another lockstep thread failed, or the main thread was interrupted; this one stops quietly."""

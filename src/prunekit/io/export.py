@@ -38,9 +38,10 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from .atomic import clean_stale_staging, staging_dir, unmark
 
 METADATA_FILE = "prunekit.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -132,6 +133,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
         if _related(out, guarded):
             raise ValueError(f"refusing to write {out}: it is, contains, or lies inside the input model "
                              f"{guarded}, which is never overwritten (choose another --out)")
+    clean_stale_staging(out)        # what a killed run (SIGKILL during its save) left beside `out`
     if raw.is_symlink():  # replacing would swap the link, not its target: let the user decide
         raise FileExistsError(f"{out_dir} is a symlink (to {os.readlink(raw)}); remove it or choose another --out")
     if not out.exists():
@@ -251,8 +253,9 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
 
     out.parent.mkdir(parents=True, exist_ok=True)
     existed = out.exists()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        tmp = staging_dir(out)      # marked as ours: a run killed while saving leaves it for the next to remove
         _save_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -271,26 +274,30 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
     except OSError as err:
         if err.errno not in _DISK_FULL:
             raise
-        shutil.rmtree(tmp, ignore_errors=True)          # frees the space before the message is read
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)      # frees the space before the message is read
         raise _disk_full(err, out, existed, model) from err
-    finally:
-        if tmp.exists():
+    finally:                        # also on Ctrl-C / SIGTERM: no half-written folder stays behind
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def swap_into_place(staging: Path, out: Path) -> None:
     """Rename `staging` to `out`; an old `out` is moved aside first and deleted last, so a crash
-    leaves the old directory or the new one, never neither (and never half of one)."""
+    leaves the old directory or the new one, never neither (and never half of one). A marker that
+    `staging_dir` put into `staging` is removed first: it must not end up in the output."""
+    unmark(staging)
     aside = None
     if out.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        aside = staging_dir(out, "old")
         os.rename(out, aside / out.name)
     try:
         os.rename(staging, out)
     except BaseException:
         if aside is not None and not out.exists():
             os.rename(aside / out.name, out)  # put the old one back
+            unmark(aside)
             aside.rmdir()
             aside = None
         raise

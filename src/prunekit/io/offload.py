@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import staging_dir
 from ..core.residency import INDEX_FILE, OnDisk, ShardReader, empty_model
 from .export import METADATA_FILE, check_output_dir, library_versions, normalize_permissions, swap_into_place, \
     to_jsonable
@@ -129,7 +129,7 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
         reader = FusedReader(reader, model, spec_for(model).blocks)
     load_buffers(model, reader)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = staging_dir(out)        # marked as ours: a killed run leaves it for the next one to remove
     try:
         residency = OnDisk(model, reader, staging, dtype, spill_activations=spill_activations)
         if residency_hook is not None:                      # a resumable run wraps it (runs.Recorded)
@@ -160,7 +160,7 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
         normalize_permissions(staging)
         check_output_dir(out, overwrite=overwrite, protect=[model_dir, *protect])
         swap_into_place(staging, out)
-    finally:
+    finally:                          # also on Ctrl-C / SIGTERM: no half-written checkpoint stays behind
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return report, out, model
