@@ -48,8 +48,8 @@ the unpruned model's inputs, the calibration tokens [and as many held-out tokens
         deepseek_v3                                    .729 [.716]    .722 [.722]    .702 [.721]
         glm4_moe                                       .342 [.341]    .326 [.330]    .313 [.353]
         gpt_oss                                        .853 [.868]    .950 [.949]    .671 [.684]
-    SmolLM2-135M made a top-2-of-8 Mixtral by MoEfication (`bench/make_moe.py`: experts are slices
-    of the dense MLPs, a weak proxy, perplexity 13.2 -> 47080), 30 blocks, 1024 tokens of the
+    SmolLM2-135M made a top-2-of-8 Mixtral by MoEfication (an early version of `bench/make_moe.py`,
+    a weak proxy whose perplexity was far above the dense model's), 30 blocks, 1024 tokens of the
     default corpus [1024 of its evaluation split]
                                                        .397 [.451]    .437 [.490]    .501 [.489]
         "frequent" is the best of the three in 24 of 30 blocks (calibration and held-out alike)
