@@ -101,7 +101,8 @@ def model(request):
 
 
 def test_every_supported_type_has_a_tiny_config():
-    assert sorted(CONFIGS) == supported_model_types()
+    from conftest import MOE_CONFIGS          # the MoE families: tests/models/test_moe_specs.py
+    assert sorted([*CONFIGS, *MOE_CONFIGS]) == supported_model_types()
 
 
 def test_spec_fits_the_model(model):
