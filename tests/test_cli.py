@@ -177,3 +177,13 @@ def test_chained_depth_then_width_recipe_exports_a_smaller_stock_model(tiny_mode
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 1 and model.config.mlp_bias
     assert sum(p.numel() for p in model.parameters()) == result["parameters_after"]
+
+
+def test_sparsity_zero_is_refused_before_loading(tmp_path, capsys):
+    """Issue 21, part 6: it failed after loading the model with 'targets=() ignore=() select no linear layer'."""
+    out = tmp_path / "out"
+    assert main(["prune", str(tmp_path / "no-model-needed"), "--method", "wanda", "--sparsity", "0",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sparsity=0 prunes nothing" in err and "--sparsity 0.5" in err
+    assert not out.exists()

@@ -57,6 +57,9 @@ class SparsityConfig:
             _compile("overrides", pattern)
             _check_sparsity(f"overrides[{pattern!r}]", value)
         object.__setattr__(self, "overrides", dict(self.overrides))
+        if self.sparsity == 0 and not any(value > 0 for value in self.overrides.values()):
+            raise ValueError("sparsity=0 prunes nothing: give a fraction in (0, 1) such as 0.5 (--sparsity 0.5), "
+                             "or overrides that prune some layers")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not 0 <= self.allocation_lambda < 0.5:
