@@ -147,11 +147,47 @@ def test_hub_ids_and_local_dirs_share_one_code_path(tiny_dir, monkeypatch):
         return real(location, *args)
 
     monkeypatch.setattr(loading, "_from_pretrained", spy)
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: None)         # as if online
     load(tiny_dir[0])
     with pytest.raises(RuntimeError, match="offline test"):
         load("some-org/some-model")
     assert seen == [str(tiny_dir[0].resolve()), "some-org/some-model"]
     assert describe_source("some-org/some-model") == {"kind": "hub", "id": "some-org/some-model", "path": None}
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_missing_local_path(monkeypatch, tmp_path):
+    """Issue 21, part 6: `nope-model` was tried as a hub id for ~50 s of retries before "couldn't connect"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: "huggingface.co:443: Name or service not known")
+    monkeypatch.setattr(loading, "_from_pretrained", lambda *a: pytest.fail("the hub must not be tried"))
+    with pytest.raises(FileNotFoundError, match=r"'nope-model' is not a local directory or file \(nothing at "
+                                                r".*nope-model\).*Hub is unreachable.*HF_HUB_OFFLINE=1"):
+        load("nope-model")
+
+
+def test_hub_offline_by_choice_skips_the_probe(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: pytest.fail("no probe when HF_HUB_OFFLINE is set"))
+    monkeypatch.setattr(loading, "_from_pretrained", lambda *a: (_ for _ in ()).throw(RuntimeError("reached")))
+    with pytest.raises(RuntimeError, match="reached"):
+        load("some-org/some-model")
+
+
+def test_hub_probe_reports_a_closed_port_quickly():
+    import time
+    started = time.perf_counter()
+    import os
+    old = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"                  # discard port: nothing listens
+    try:
+        reason = loading.hub_unreachable(timeout=2)
+    finally:
+        if old is None:
+            del os.environ["HF_ENDPOINT"]
+        else:
+            os.environ["HF_ENDPOINT"] = old
+    assert reason is not None and "127.0.0.1:9" in reason and time.perf_counter() - started < 3
 
 
 def test_transformers_gets_safe_arguments(monkeypatch):
@@ -162,6 +198,7 @@ def test_transformers_gets_safe_arguments(monkeypatch):
         raise RuntimeError("stop before any download")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: None)         # as if online
     with pytest.raises(RuntimeError, match="stop before"):
         load("some-org/some-model", dtype="bf16")
     assert seen == {"location": "some-org/some-model", "dtype": torch.bfloat16, "trust_remote_code": False,

@@ -161,6 +161,55 @@ def _looks_like_path(text: str) -> bool:
             or text.count("/") > 1 or os.sep != "/" and os.sep in text)
 
 
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (a short reason), or None if a connection opens.
+
+    One TCP connection to the endpoint's host (HF_ENDPOINT, default huggingface.co), in a thread
+    joined with `timeout`, so that a slow name lookup cannot hold the caller either."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{host}:{port}: {err}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"{host}:{port}: no answer within {timeout:.0f} s"
+
+
+def check_hub_id(model_id: str) -> None:
+    """A name that is neither a local path nor reachable on the Hub fails at once, saying both.
+
+    Skipped when the Hub is off by choice (HF_HUB_OFFLINE: transformers reads its cache) or the id
+    is in the local Hugging Face cache; otherwise an unreachable Hub would cost a minute of retries
+    before transformers' "couldn't connect" (issue 21: `nope-model`, `models/does-not-exist`)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return
+    except Exception:                  # an id the cache helper rejects: the probe below still answers
+        pass
+    reason = hub_unreachable()
+    if reason is not None:
+        raise FileNotFoundError(f"{model_id!r} is not a local directory or file (nothing at "
+                                f"{Path(model_id).expanduser().resolve()}), and as a Hugging Face Hub id it cannot "
+                                f"be downloaded: the Hub is unreachable ({reason}). Pass a local checkpoint "
+                                "directory, a .gguf file or 'default'; for a model already in the Hub cache, set "
+                                "HF_HUB_OFFLINE=1")
+
+
 def classify_source(model: str | os.PathLike) -> tuple[str, Path | str]:
     """(kind, location): kind is "default", "gguf", "local" or "hub"."""
     if isinstance(model, str) and model == DEFAULT_MODEL:  # always the embedded model; "./default" is a path
@@ -335,6 +384,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = "f
         check_checkpoint(where)                     # a truncated shard fails here, before any loading
         location = str(where)
     else:
+        check_hub_id(where)                         # offline: say so now, not after a minute of retries
         location = str(where)
     lm, tokenizer = _from_pretrained(location, torch_dtype, trust_remote_code, allow_pickle)
     lm.eval()
