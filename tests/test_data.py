@@ -288,3 +288,22 @@ def test_offline_corpora_in_smollm2_tokens():
         assert counts["evaluation"][1] > 512 * 10
         windows = calibration_data(tokenizer, source, samples=2, seqlen=512)
         assert windows.shape == (2, 512)
+
+
+def test_binary_empty_and_non_utf8_files_are_named(tmp_path):
+    """Issue 21, part 6: these gave a decode error or "the source holds no text" without naming the file."""
+    from prunekit.data import load_text
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"\x00\x01\x02 abc \x00" * 50)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 au lait ".encode("latin-1") * 50)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("")
+    for path, message in ((binary, "NUL bytes"), (latin, "not UTF-8 text"), (empty, "holds no text"),
+                          (folder, "holds no text")):
+        with pytest.raises(ValueError, match=message) as err:
+            load_text(str(path), "calibration")
+        assert str(path) in str(err.value)

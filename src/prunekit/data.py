@@ -377,11 +377,17 @@ def _read_jsonl(path: Path) -> list[str]:
 
 
 def _read_file(path: Path) -> list[str]:
-    if path.suffix.lower() in _JSONL_SUFFIXES:
-        return _read_jsonl(path)
-    if path.suffix.lower() in _TEXT_SUFFIXES:
-        return [path.read_text(encoding="utf-8")]
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+    """The documents of one local .txt/.jsonl file; a file that is not UTF-8 text is named."""
+    if path.suffix.lower() not in _JSONL_SUFFIXES + _TEXT_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+    try:
+        docs = _read_jsonl(path) if path.suffix.lower() in _JSONL_SUFFIXES else [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); calibration and evaluation "
+                         "files must be UTF-8 .txt or .jsonl") from None
+    if any("\x00" in doc for doc in docs):
+        raise ValueError(f"{path}: holds NUL bytes, so it looks like a binary file, not text")
+    return docs
 
 
 def _local_documents(path: Path) -> tuple[list[str], str]:
@@ -396,6 +402,8 @@ def _local_documents(path: Path) -> tuple[list[str], str]:
     else:
         docs = _read_file(path)
         about = f"local file {path}"
+    if not any(doc.strip() for doc in docs):
+        raise ValueError(f"{path}: holds no text (empty or whitespace only)")
     return docs, about
 
 
