@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from . import distributed
 from .core.stream import NonFiniteError
 from .masks import check_pruned, lowest
+from .models.moe import expert_matrix
 from .models.spec import get_module
 from .report import LayerRecord
 from .updates import apply_update
@@ -84,8 +85,7 @@ def observe_experts(group: ExpertGroup, args: tuple) -> None:
 def intermediate(experts: nn.Module, moe, expert: int, x: Tensor) -> Tensor:
     """The input of expert `expert`'s down projection for tokens x (T, H): act(gate) * up, from the
     family's own activation (gpt-oss: its clamped, interleaved `_apply_gate`, with the bias)."""
-    W = experts.gate_up_proj[expert]
-    gate_up = x @ W if moe.transposed else x @ W.T                                  # (T, 2I)
+    gate_up = x @ expert_matrix(experts, moe, "gate_up_proj", expert).T              # (T, 2I)
     bias = getattr(experts, "gate_up_proj_bias", None)
     if bias is not None:
         gate_up = gate_up + bias[expert]
@@ -93,12 +93,6 @@ def intermediate(experts: nn.Module, moe, expert: int, x: Tensor) -> Tensor:
         return experts._apply_gate(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return experts.act_fn(gate) * up
-
-
-def _matrix(experts: nn.Module, moe, name: str, expert: int) -> Tensor:
-    """Expert `expert`'s `gate_up_proj` or `down_proj` as an (out, in) view of the stored parameter."""
-    W = getattr(experts, name)[expert]
-    return W.T if moe.transposed else W
 
 
 def prune_expert_group(group: ExpertGroup, method, config, block_index: int, options) -> list[LayerRecord]:
@@ -109,8 +103,8 @@ def prune_expert_group(group: ExpertGroup, method, config, block_index: int, opt
     calibration reproduces the single-process statistics."""
     group.pruned = True
     experts, moe, device = group.module, group.moe, options.device
-    chunks = [(x.reshape(-1, x.shape[-1]), chosen.reshape(-1, chosen.shape[-1]), weights.reshape(chosen.shape))
-              for x, chosen, weights in ((r[0], r[1], r[2].reshape(r[1].shape)) for r in group.routed)]
+    chunks = [(x.reshape(-1, x.shape[-1]), chosen.reshape(-1, chosen.shape[-1]), weights.reshape(-1, chosen.shape[-1]))
+              for x, chosen, weights in group.routed]
     group.routed = []
     if not all(bool(torch.isfinite(x).all()) for x, _, _ in chunks):
         raise NonFiniteError(f"block {block_index}, {group.name}: the experts' input holds NaN/Inf on the calibration "
@@ -147,7 +141,7 @@ def _prune_matrix(group, part, expert, parts, tokens, fallback, method, layer_co
                   options) -> LayerRecord:
     """One expert matrix: observe its input chunk by chunk, prune, write back, verify."""
     start = time.perf_counter()
-    stored = _matrix(group.module, group.moe, part, expert)                              # (out, in)
+    stored = expert_matrix(group.module, group.moe, part, expert)                              # (out, in)
     W = stored.detach().to(device=options.device, dtype=torch.float32, copy=True)
     zeros_before = int((W == 0).sum())
     stats, note = None, None

@@ -120,6 +120,11 @@ class RoutedTokens:
         self.num_experts = expert_count(block, moe)
         self._statistics: ExpertStatistics | None = None
 
+    def sample(self, max_tokens: int) -> Tensor:
+        """Rows of an evenly strided sample of at most `max_tokens` of this block's tokens."""
+        total = self.x.shape[0]
+        return torch.arange(0, total, max(1, -(-total // max_tokens)), device=self.x.device)
+
     def routed_to(self, expert: int) -> tuple[Tensor, Tensor]:
         """(token rows, routing weights) of the tokens routed to `expert`."""
         rows, slot = torch.where(self.chosen == expert)
@@ -164,9 +169,10 @@ def observe(step, moe) -> RoutedTokens:
         x = args[0]
         seen["x"].append(x.reshape(-1, x.shape[-1]).detach())
         logits, weights, chosen = output[0], output[1], output[2]
+        k = chosen.shape[-1]
         seen["logits"].append(logits.reshape(-1, logits.shape[-1]).detach().float())
-        seen["weights"].append(weights.reshape(chosen.reshape(-1, chosen.shape[-1]).shape).detach().float())
-        seen["chosen"].append(chosen.reshape(-1, chosen.shape[-1]).detach())
+        seen["weights"].append(weights.reshape(-1, k).detach().float())
+        seen["chosen"].append(chosen.reshape(-1, k).detach())
 
     def on_norm(module, args):
         residual = args[0]

@@ -203,6 +203,13 @@ def stock_widths(model: nn.Module) -> dict | None:
     return values
 
 
+def uneven_experts(model: nn.Module) -> bool:
+    """An MoE whose blocks keep different numbers of routed experts: no stock config sizes it, so it
+    is saved with the in-memory (fused) names and loads with `load_pruned`."""
+    spec = spec_for(model)
+    return spec.experts is not None and len({w["experts"] for w in block_widths(model) if "experts" in w}) > 1
+
+
 def write_config(model: nn.Module) -> bool:
     """Write uniform widths into `model.config` (True), or leave it for `load_pruned` (False).
 

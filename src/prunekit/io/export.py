@@ -224,13 +224,12 @@ def _save_model(model, path: Path) -> None:
 
 
 def _uneven_experts(model) -> bool:
-    from ..models import spec_for
-    from ..surgery import block_widths
+    """`surgery.uneven_experts`, False for a model no spec describes (export saves any model)."""
+    from ..surgery import uneven_experts
     try:
-        spec = spec_for(model)
+        return uneven_experts(model)
     except ValueError:
         return False
-    return spec.experts is not None and len({w["experts"] for w in block_widths(model) if "experts" in w}) > 1
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadata: dict | None = None,

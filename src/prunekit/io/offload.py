@@ -30,7 +30,7 @@ from .loading import recorded_widths
 from ..prune import prune_
 from ..registry import method_for_config
 from ..models import spec_for
-from ..surgery import resize_to_, stock_widths, structure_record
+from ..surgery import resize_to_, structure_record, uneven_experts
 from .moe_checkpoint import FusedReader, to_saved
 
 
@@ -140,7 +140,7 @@ def prune_out_of_core(model_dir: str | os.PathLike, step, calib, out_dir, *, dty
             return report, out, model
         disk = getattr(residency, "inner", residency)
         shards = disk.block_shards()
-        if moe and stock_widths(model) is not None:   # as save_pretrained writes it (uneven counts stay fused)
+        if moe and not uneven_experts(model):     # as save_pretrained writes it (uneven counts stay fused)
             shards = [saved_layout(model, path, staging) for path in shards]
         finish_checkpoint(staging, reader, shards, disk.prefix, dtype)
         model.config.save_pretrained(staging)              # with new widths / block count, if any

@@ -57,8 +57,7 @@ def loo_errors(routed: RoutedTokens, rows: Tensor) -> Tensor:
 
 @register("expert-loo", ExpertLooConfig, scope="experts", calibrated=True)
 def expert_loo(routed: RoutedTokens, cfg: ExpertLooConfig, keep: int | None) -> Tensor:
-    total = routed.x.shape[0]
-    rows = torch.arange(0, total, max(1, -(-total // cfg.max_tokens)), device=routed.x.device)
+    rows = routed.sample(cfg.max_tokens)
     errors = loo_errors(routed, rows)
     count = torch.tensor([float(rows.numel())], dtype=torch.float64)
     if distributed.is_distributed():

@@ -222,12 +222,6 @@ def cluster_logit(logits: Tensor, routing: str) -> Tensor:
 _CLUSTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # routed -> (keep, clusters), one block
 
 
-def sample_rows(routed: RoutedTokens, max_tokens: int) -> Tensor:
-    """An evenly strided sample of at most `max_tokens` of the block's calibration tokens."""
-    total = routed.x.shape[0]
-    return torch.arange(0, total, max(1, -(-total // max_tokens)), device=routed.x.device)
-
-
 @torch.no_grad()
 def mean_outputs(routed: RoutedTokens, rows: Tensor) -> Tensor:
     """(E, H) float64: every expert's mean output (weight 1) over the tokens `rows`, every process's."""
@@ -243,7 +237,7 @@ def block_clusters(routed: RoutedTokens, cfg: ExpertMergeConfig, keep: int) -> l
     cached = _CLUSTERS.get(routed)
     if cached is not None and cached[0] == keep:
         return cached[1]
-    features = mean_outputs(routed, sample_rows(routed, cfg.max_tokens))           # (E, H)
+    features = mean_outputs(routed, routed.sample(cfg.max_tokens))           # (E, H)
     clusters = cluster_experts(torch.cdist(features, features), keep, groups_of(routed.router))
     _CLUSTERS[routed] = (keep, clusters)
     return clusters
@@ -263,7 +257,7 @@ def merge_experts_(block: nn.Module, moe, routed: RoutedTokens | None, kept: Ten
                          f"representatives {sorted(chosen)}")
     experts, router = get_module(block, moe.experts), get_module(block, moe.router)
     count = expert_count(block, moe)
-    rows = sample_rows(routed, cfg.max_tokens) if cfg.router == "fit" else None
+    rows = routed.sample(cfg.max_tokens) if cfg.router == "fit" else None
     for cluster, representative in zip(clusters, chosen):
         if len(cluster) == 1:
             continue
@@ -279,13 +273,17 @@ def merge_experts_(block: nn.Module, moe, routed: RoutedTokens | None, kept: Ten
 
 def _merge_router_(router, moe, routed, rows, members: Tensor, representative: int, weights: Tensor,
                    cfg: ExpertMergeConfig) -> None:
-    """Write one cluster's router row (and router bias, correction bias) into the representative's slot."""
+    """Write one cluster's router row (and router bias, correction bias) into the representative's slot.
+
+    The router's buffers with one entry per expert (DeepSeek-V3's `e_score_correction_bias`) are
+    found as `surgery.keep_experts_` finds them, and averaged under "average" and "fit"."""
     if cfg.router == "frequent":
         return                                                     # the representative's own row stays
     bias = getattr(router, "bias", None)
-    correction = getattr(router, "e_score_correction_bias", None)
-    if correction is not None:
-        correction[representative] = weighted_average(correction[members.to(correction.device)], weights)
+    count = router.weight.shape[0]
+    for buffer in router.buffers(recurse=False):
+        if buffer.dim() and buffer.shape[0] == count:
+            buffer[representative] = weighted_average(buffer[members.to(buffer.device)], weights)
     index = members.to(router.weight.device)
     row = weighted_average(router.weight.data[index], weights)                  # (H,)
     row_bias = weighted_average(bias.data[index], weights) if bias is not None else None

@@ -69,8 +69,7 @@ def naee(routed: RoutedTokens, cfg: NaeeConfig, keep: int | None) -> Tensor:
         raise ValueError(f"naee would try C({experts}, {drop}) = {count:,} subsets of experts to drop in block "
                          f"{routed.block_index}, more than max_subsets={cfg.max_subsets:,}; use expert-loo (leave one "
                          "expert out, E re-routings) or reap for this many experts, or raise max_subsets")
-    total = routed.x.shape[0]
-    rows = torch.arange(0, total, max(1, -(-total // cfg.max_tokens)), device=routed.x.device)
+    rows = routed.sample(cfg.max_tokens)
     outputs = torch.stack([routed.expert_output(j, rows) for j in range(experts)], dim=1).float()   # (T, E, H)
     full = _mix(outputs, routed.chosen[rows], routed.weights[rows])                         # (T, H)
     subsets = list(dropped_subsets(experts, drop, groups))

@@ -168,11 +168,17 @@ def mixture(experts: nn.Module, x: Tensor, chosen: Tensor, weights: Tensor) -> T
     return experts(x, chosen, weights.to(x.dtype))
 
 
+def expert_matrix(experts: nn.Module, moe: Experts, name: str, expert: int) -> Tensor:
+    """Expert `expert`'s `gate_up_proj` (2I, H) or `down_proj` (H, I) as an (out, in) view of the
+    stored parameter (gpt-oss stores them transposed)."""
+    W = getattr(experts, name)[expert]
+    return W.T if moe.transposed else W
+
+
 def expert_weights(experts: nn.Module, moe: Experts, expert: int) -> dict[str, Tensor]:
     """Views of one expert's matrices as (out, in): "gate" and "up" (I, H), "down" (H, I)."""
-    gate_up, down = experts.gate_up_proj[expert], experts.down_proj[expert]
-    if moe.transposed:
-        gate_up, down = gate_up.T, down.T                                            # (2I, H), (H, I)
+    gate_up = expert_matrix(experts, moe, "gate_up_proj", expert)                     # (2I, H)
+    down = expert_matrix(experts, moe, "down_proj", expert)                           # (H, I)
     if moe.interleaved:
         gate, up = gate_up[0::2], gate_up[1::2]
     else:
@@ -188,5 +194,5 @@ def _check_route_kinds() -> None:
 
 
 _check_route_kinds()
-__all__ = ["MOE_SPECS", "route", "expert_output", "mixture", "expert_weights", "is_moe_block", "expert_count",
-           "top_k", "groups_of"]
+__all__ = ["MOE_SPECS", "route", "expert_output", "mixture", "expert_matrix", "expert_weights", "is_moe_block",
+           "expert_count", "top_k", "groups_of"]
