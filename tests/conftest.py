@@ -50,6 +50,17 @@ def llama(seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(llama_config(**overrides)).eval()
 
 
+def saved_tensors(folder) -> dict:
+    """Every tensor of the *.safetensors files in `folder`, by name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
 def tiny_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family]())

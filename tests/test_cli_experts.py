@@ -53,17 +53,14 @@ def test_expert_method_on_a_dense_model_names_the_type(tiny_model_dir, tmp_path,
 
 
 def test_offload_disk_equals_in_memory(tiny_moe_dir, tmp_path):
-    from safetensors.torch import load_file
+    from conftest import saved_tensors
     outs = {}
     for mode in ("memory", "disk"):
         out = tmp_path / mode
         extra = ["--offload", "disk"] if mode == "disk" else []
         assert main(["prune", str(tiny_moe_dir), "--method", "reap", "--sparsity", "0.25", "--out", str(out),
                      *extra, *FAST]) == 0
-        tensors = {}
-        for path in sorted(out.glob("*.safetensors")):
-            tensors.update(load_file(str(path)))
-        outs[mode] = tensors
+        outs[mode] = saved_tensors(out)
     assert sorted(outs["memory"]) == sorted(outs["disk"])
     assert any(".experts.5.w1.weight" in name for name in outs["disk"])        # per-expert keys, as transformers
     for name, tensor in outs["memory"].items():

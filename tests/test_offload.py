@@ -3,23 +3,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_CONFIGS, llama_config, tiny_model
+from conftest import TINY_CONFIGS, llama_config, saved_tensors, tiny_model
 from prunekit.prune import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.sparsegpt import SparseGPTConfig
 from prunekit.methods.wanda import WandaConfig
 from prunekit.core.residency import ShardReader, empty_model
 from prunekit.io.offload import prune_out_of_core
-
-
-def _tensors(folder):
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 def _save(model, path, shard=None):
@@ -42,10 +34,10 @@ def test_out_of_core_equals_in_memory(tmp_path, calib, family, config, sequentia
 
     model = AutoModelForCausalLM.from_pretrained(dense).eval()
     prune_(model, config, calib_, device="cpu", sequential=sequential, progress=False)
-    expected = _tensors(_save(model, tmp_path / "memory"))
+    expected = saved_tensors(_save(model, tmp_path / "memory"))
 
     _, out, _ = prune_out_of_core(dense, config, calib_, tmp_path / "disk", sequential=sequential, progress=False)
-    got = _tensors(out)
+    got = saved_tensors(out)
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name

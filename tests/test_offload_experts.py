@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_moe
-from safetensors.torch import load_file
+from conftest import VOCAB, saved_tensors, tiny_moe
 from transformers import AutoModelForCausalLM
 
 import prunekit.catalog  # registers the methods
@@ -16,13 +15,6 @@ from prunekit.prune import prune_
 
 assert prunekit.catalog
 CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
-
-
-def _tensors(folder):
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 @pytest.mark.parametrize("family,step", [("mixtral", ReapConfig(sparsity=0.5)),
@@ -36,10 +28,10 @@ def test_out_of_core_equals_in_memory(tmp_path, family, step):
     memory = AutoModelForCausalLM.from_pretrained(dense).eval()
     prune_(memory, step, CALIB, device="cpu", progress=False)
     memory.save_pretrained(tmp_path / "memory")
-    expected = _tensors(tmp_path / "memory")
+    expected = saved_tensors(tmp_path / "memory")
 
     _, out, _ = prune_out_of_core(dense, step, CALIB, tmp_path / "disk", progress=False)
-    got = _tensors(out)
+    got = saved_tensors(out)
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name

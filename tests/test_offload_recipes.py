@@ -5,10 +5,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import llama, tiny_tokenizer
+from conftest import llama, saved_tensors, tiny_tokenizer
 from prunekit.io import offload
 from prunekit.api import run_recipe
 from prunekit.io.loading import load_pruned
@@ -17,13 +16,6 @@ from prunekit.recipe import recipe_from_dict
 CHAIN = [{"method": "flap", "sparsity": 0.25, "round_to": 4},
          {"method": "wanda", "sparsity": 0.5},
          {"method": "block-influence", "layers": 2}]
-
-
-def _tensors(folder):
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def test_multi_step_recipe_out_of_core_equals_in_memory(tmp_path, model_dir):
     run_recipe(_recipe(model_dir, tmp_path / "memory", CHAIN), progress=False, echo=lambda *a: None)
     lines, echo = _lines()
     result = run_recipe(_recipe(model_dir, tmp_path / "disk", CHAIN, offload="disk"), progress=False, echo=echo)
-    expected, got = _tensors(tmp_path / "memory"), _tensors(tmp_path / "disk")
+    expected, got = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "disk")
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -89,7 +81,7 @@ def test_run_dir_keeps_finished_steps_and_resumes_after_them(tmp_path, model_dir
     lines, echo = _lines()
     run_recipe(recipe, progress=False, echo=echo, run_dir=run, resume=True)
     assert any("steps 0..0: finished in an earlier session" in line for line in lines)
-    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    expected, got = saved_tensors(tmp_path / "whole"), saved_tensors(tmp_path / "out")
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
     record = json.loads((tmp_path / "out" / "prunekit.json").read_text())
@@ -103,7 +95,7 @@ def test_dtype_auto_takes_the_checkpoint_dtype(tmp_path, model_dir):
     result = run_recipe(_recipe(half, tmp_path / "out", [{"method": "wanda", "sparsity": 0.5}], offload="disk",
                                 dtype="auto"), progress=False, echo=lambda *a: None)
     assert result["dtype"] == "bfloat16"
-    assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.bfloat16}
+    assert {t.dtype for t in saved_tensors(tmp_path / "out").values()} == {torch.bfloat16}
 
 
 def test_hub_id_downloads_safetensors_only(tmp_path, model_dir, monkeypatch):

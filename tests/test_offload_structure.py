@@ -4,23 +4,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import TINY_CONFIGS, VOCAB
+from conftest import TINY_CONFIGS, VOCAB, saved_tensors
 from prunekit.prune import prune_
 from prunekit.io.loading import load_pruned
 from prunekit.core.residency import OnDisk, ShardReader, empty_model
 from prunekit.io.offload import check_step, prune_out_of_core
 from prunekit.recipe import step_from_dict
 from prunekit.surgery import block_widths, stock_widths
-
-
-def _tensors(folder):
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 def _deep(family: str, layers: int = 6):
@@ -41,10 +33,10 @@ def _compare(tmp_path, model, step, calib, *, expect_stock=None):
     memory = AutoModelForCausalLM.from_pretrained(dense).eval()
     prune_(memory, step, calib, device="cpu", progress=False)
     memory.save_pretrained(tmp_path / "memory")
-    expected = _tensors(tmp_path / "memory")
+    expected = saved_tensors(tmp_path / "memory")
 
     report, out, _ = prune_out_of_core(dense, step, calib, tmp_path / "disk", progress=False)
-    got = _tensors(out)
+    got = saved_tensors(out)
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -169,7 +161,7 @@ def test_out_of_core_reads_a_non_uniform_export(tmp_path, calib):
     _, second, _ = prune_out_of_core(first, wanda, calib, tmp_path / "second", progress=False)
     memory, _ = load_pruned(first)
     prune_(memory, wanda, calib, device="cpu", progress=False)
-    got = _tensors(second)
+    got = saved_tensors(second)
     for name, tensor in memory.state_dict().items():
         if name in got:
             assert torch.equal(got[name], tensor), name

@@ -11,19 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import llama, tiny_tokenizer
+from conftest import llama, saved_tensors, tiny_tokenizer
 from prunekit.api import run_recipe
 from prunekit.recipe import recipe_from_dict
 from prunekit.io.runs import Recorded
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _tensors(folder):
-    out = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def _quiet(*_):
 @pytest.mark.parametrize("offload", ["none", "disk"])
 def test_interrupted_run_resumes_identically(tmp_path, deep_model_dir, monkeypatch, offload):
     run_recipe(_recipe(deep_model_dir, tmp_path / "whole", offload), progress=False, echo=_quiet)
-    expected = _tensors(tmp_path / "whole")
+    expected = saved_tensors(tmp_path / "whole")
 
     original = Recorded.done
 
@@ -72,7 +65,7 @@ def test_interrupted_run_resumes_identically(tmp_path, deep_model_dir, monkeypat
                         run_dir=run, resume=True)
     layers = result["steps"][0]["layers"]                        # blocks 0..2 restored from the manifest
     assert [layer["block"] for layer in layers] == [b for b in range(8) for _ in range(7)]
-    got = _tensors(tmp_path / "out")
+    got = saved_tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -97,7 +90,7 @@ def test_crash_between_the_activations_and_the_manifest_resumes_identically(tmp_
     assert sorted(p.name for p in run.glob("activations-*")) == [
         "activations-step0-block2-rank0.safetensors", "activations-step0-block3-rank0.safetensors"]
     run_recipe(_recipe(deep_model_dir, tmp_path / "out"), progress=False, echo=_quiet, run_dir=run, resume=True)
-    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    expected, got = saved_tensors(tmp_path / "whole"), saved_tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -179,7 +172,7 @@ def test_sigkill_then_resume(tmp_path, deep_model_dir):
     cmd = base + ["--out", str(tmp_path / "out"), "--run-dir", str(run)]
     _kill_when(cmd, env, run, tmp_path / "out", lambda run, steps: len(steps.get("0", {})) >= 2)
     subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True)
-    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    expected, got = saved_tensors(tmp_path / "whole"), saved_tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -207,7 +200,7 @@ def test_sigkill_of_a_2_process_run_then_resume(tmp_path, deep_model_dir, offloa
     assert one.returncode == 2 and "inputs changed (processes)" in one.stderr
     two = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    expected, got = saved_tensors(tmp_path / "whole"), saved_tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -238,7 +231,7 @@ def test_multi_step_run_resumes_after_its_last_finished_step(tmp_path, deep_mode
     unstructured step (after two of its blocks), resumed from the width step's checkpoint and the
     recorded blocks, the result is the uninterrupted one."""
     run_recipe(_chain(deep_model_dir, tmp_path / "whole", offload), progress=False, echo=_quiet)
-    expected = _tensors(tmp_path / "whole")
+    expected = saved_tensors(tmp_path / "whole")
     original = Recorded.done
 
     def stop_after_two_blocks(self, index, records, hidden):
@@ -255,7 +248,7 @@ def test_multi_step_run_resumes_after_its_last_finished_step(tmp_path, deep_mode
     result = run_recipe(_chain(deep_model_dir, tmp_path / "out", offload), progress=False, echo=lines.append,
                         run_dir=run, resume=True)
     assert any("steps 0..0: finished in an earlier session" in line for line in lines)
-    got = _tensors(tmp_path / "out")
+    got = saved_tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -295,7 +288,7 @@ def test_sigkill_in_a_multi_step_out_of_core_run_then_resume(tmp_path, deep_mode
     _kill_when(cmd, env, run, tmp_path / "out",
                lambda run, steps: (run / "step0" / "prunekit.json").is_file() and len(steps.get("1", {})) >= 1)
     subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True)
-    expected, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
+    expected, got = saved_tensors(tmp_path / "whole"), saved_tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
