@@ -67,6 +67,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     model, tokenizer = load(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
                             allow_pickle=recipe.allow_pickle)
     check_seqlen(model.config, recipe)
+    if recipe.export is not None and recipe.export.format == "gguf":
+        _gguf_preflight(model, tokenizer, recipe, source)
     n_params = sum(p.numel() for p in model.parameters())
     echo(f"model: {recipe.model} ({model.config.model_type}, {n_params / 1e6:.1f}M parameters, "
          f"{recipe.dtype}), compute on {device}")
@@ -282,6 +284,10 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
             raise ValueError(f"steps.{index}: {err}") from None
     if recipe.export is None:
         raise ValueError("--offload disk writes the pruned blocks straight into the export: give --out")
+    if recipe.export.format == "gguf":
+        raise ValueError("export.format gguf writes from the whole model in memory, which --offload disk never holds: "
+                         f"prune out of core, then run `prunekit export {recipe.export.path} --format gguf --out "
+                         "FILE.gguf` on a machine that holds the pruned model")
     from . import distributed
     started = time.perf_counter()
     location = _checkpoint_dir(recipe)
@@ -408,13 +414,31 @@ def export_model(model, tokenizer, recipe: Recipe, record: dict, adapters: dict,
     card = model_card(recipe, metadata)
 
     def write_extras(staging):
-        # inside the atomic staging: the card and adapter appear together with the weights or not at all
+        # inside the atomic staging: the card, adapter and GGUF file appear together with the weights or not at all
         if adapters:
             from .eora import save_peft_adapter
             save_peft_adapter(staging / adapter_dir, adapters, model)
         (staging / "README.md").write_text(card)
+        if recipe.export.format == "gguf":
+            from .io.gguf_writer import write_gguf
+            written = write_gguf(model, tokenizer, staging / GGUF_FILE, outtype=recipe.export.outtype,
+                                 source=record.get("source"), name=Path(path).name)
+            record["gguf"] = metadata["gguf"] = {**written.to_dict(), "path": GGUF_FILE}   # into prunekit.json
     return save_pretrained_atomic(model, tokenizer, path, metadata=metadata, overwrite=overwrite, protect=protect,
                                   extra=write_extras)
+
+
+GGUF_FILE = "model.gguf"
+
+
+def _gguf_preflight(model, tokenizer, recipe: Recipe, source: dict) -> None:
+    """An export that ends in a GGUF file fails now, not after the pruning, if the writer cannot take it."""
+    from .io.gguf_writer import preflight
+    for index, step in enumerate(recipe.steps):
+        if method_for_config(step).scope == "compensate" and not step.merge:
+            raise ValueError(f"steps.{index}: an EoRA adapter kept apart (merge: false) has no place in a GGUF file; "
+                             "set merge: true for export.format gguf")
+    preflight(model, tokenizer, source)
 
 
 def needs_calibration(step) -> bool:

@@ -1,5 +1,5 @@
-"""Command line: `prunekit prune`, `prunekit eval`, `prunekit run`, `prunekit recover`, `prunekit bench`,
-`prunekit sweep`, `prunekit report`, `prunekit list`.
+"""Command line: `prunekit prune`, `prunekit eval`, `prunekit run`, `prunekit export`, `prunekit recover`,
+`prunekit bench`, `prunekit sweep`, `prunekit report`, `prunekit list`.
 
 `prune` builds a one-step recipe from its flags and takes the same path as `run`, so a command
 line and a recipe file can never disagree. Errors in the user's input print one line and exit 2.
@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     prune.add_argument("--eval-data", default=None, help="evaluation text (default: the held-out split of --calib)")
     prune.add_argument("--out", help="output directory (safetensors + tokenizer + prunekit.json)")
+    prune.add_argument("--export-format", choices=["safetensors", "gguf"], default=None,
+                       help="gguf: also write --out/model.gguf for llama.cpp, in the same atomic export")
+    prune.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                       help="GGUF weight type with --export-format gguf (default f16)")
     _common(prune)
     prune.set_defaults(handler=_prune)
 
@@ -195,8 +199,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, default=None,
                      help="record finished blocks and steps here so that an interrupted run can continue (--resume)")
     run.add_argument("--resume", action="store_true", help="continue the run recorded in --run-dir")
+    run.add_argument("--export-format", choices=["safetensors", "gguf"], default=None,
+                     help="override the recipe's export format (gguf: also write model.gguf into the export)")
     _nproc(run)
     run.set_defaults(handler=_run)
+
+    export = sub.add_parser("export", help="write a saved (pruned) model as GGUF for llama.cpp")
+    export.add_argument("model", help="a prunekit export folder, a local checkpoint, a .gguf file or \"default\"")
+    export.add_argument("--format", required=True, choices=["gguf"], help="gguf: one file for llama.cpp")
+    export.add_argument("--out", required=True, help="the output file (FILE.gguf)")
+    export.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="weight type of 2-D tensors (norms and biases stay f32); default f16")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.add_argument("--trust-remote-code", action="store_true")
+    export.set_defaults(handler=_export)
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)
@@ -267,6 +283,12 @@ def prune_args_to_dict(args) -> dict:
         raw["eval"] = {"data": args.eval_data or args.calib, "seqlen": args.seqlen}
     if args.out:
         raw["export"] = {"path": args.out, "overwrite": args.overwrite}
+        if args.export_format:
+            raw["export"]["format"] = args.export_format
+        if args.outtype:
+            raw["export"]["outtype"] = args.outtype
+    elif args.export_format or args.outtype:
+        raise ValueError("--export-format / --outtype say how --out is written: give --out DIR")
     return raw
 
 
@@ -297,7 +319,21 @@ def _run(args) -> int:
     if not args.recipe.is_file():
         raise FileNotFoundError(f"recipe file not found: {args.recipe}")
     overrides = list(args.set) + ([f"offload={args.offload}"] if args.offload else [])
+    overrides += [f"export.format={args.export_format}"] if args.export_format else []
     return _execute(load_recipe(args.recipe, overrides), args)
+
+
+def _export(args) -> int:
+    """`prunekit export DIR --format gguf --out FILE.gguf`: the saved model as one llama.cpp file."""
+    from .io.gguf_writer import export_gguf
+    result = export_gguf(args.model, args.out, outtype=args.outtype, overwrite=args.overwrite,
+                         trust_remote_code=args.trust_remote_code)
+    print(f"wrote {result.path}: llama.cpp architecture {result.arch!r}, {result.tensors} tensors, {result.outtype}, "
+          f"{result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"run it: llama-cli -m {result.path}  (or llama_cpp.Llama({str(result.path)!r}))")
+    return 0
 
 
 def _execute(recipe, args) -> int:

@@ -60,6 +60,14 @@ class Evaluation:
 class Export:
     path: str
     overwrite: bool = False
+    format: str = "safetensors"     # gguf: also write model.gguf (llama.cpp) into the export folder
+    outtype: str = "f16"            # GGUF weight type: f32, f16, bf16, q8_0
+
+    def __post_init__(self):
+        if self.format not in ("safetensors", "gguf"):
+            raise ValueError(f"export.format must be safetensors or gguf, got {self.format!r}")
+        if self.outtype not in ("f32", "f16", "bf16", "q8_0"):
+            raise ValueError(f"export.outtype must be f32, f16, bf16 or q8_0, got {self.outtype!r}")
 
 
 @dataclass(frozen=True)
@@ -198,10 +206,11 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     out.update(_non_default(recipe, skip=("model", "steps", *_SECTIONS)))
     out["calibration"] = dataclasses.asdict(recipe.calibration)
     out["steps"] = [step_to_dict(step) for step in recipe.steps]
-    for key in ("eval", "export"):
-        value = getattr(recipe, key)
-        if value is not None:
-            out[key] = dataclasses.asdict(value)
+    if recipe.eval is not None:
+        out["eval"] = dataclasses.asdict(recipe.eval)
+    if recipe.export is not None:      # the format fields only when they say more than the default folder
+        out["export"] = {"path": recipe.export.path, "overwrite": recipe.export.overwrite,
+                         **_non_default(recipe.export, skip=("path", "overwrite"))}
     return out
 
 

@@ -241,14 +241,18 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
     safetensors, python) and ``saved_at`` (UTC). See the module docstring for the rules on
     existing folders, `overwrite` and `protect`. `extra(staging_dir)` writes more files (an EoRA
     adapter) before the swap, so they appear together with the model or not at all. Returns the
-    resolved `out_dir`.
+    resolved `out_dir`. `extra` may add entries to `metadata`; they are recorded.
     """
     protect = list(protect or ())
     out = check_output_dir(out_dir, overwrite=overwrite, protect=protect)
-    record = to_jsonable(dict(metadata or {}))
-    record["versions"] = {**library_versions(), **(record.get("versions") or {})}
-    record.setdefault("saved_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"  # fail before writing
+    saved_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def record_text() -> str:
+        record = to_jsonable(dict(metadata or {}))
+        record["versions"] = {**library_versions(), **(record.get("versions") or {})}
+        record.setdefault("saved_at", saved_at)
+        return json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    record_text()                   # fail before writing
 
     out.parent.mkdir(parents=True, exist_ok=True)
     existed = out.exists()
@@ -265,7 +269,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
             raise RuntimeError(f"save_pretrained wrote pickle files {pickles}; refusing to export them")
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no *.safetensors into {tmp}")
-        (tmp / METADATA_FILE).write_text(text)
+        (tmp / METADATA_FILE).write_text(record_text())     # with what `extra` added to `metadata`
         normalize_permissions(tmp)
 
         check_output_dir(out, overwrite=overwrite, protect=protect)  # the world may have moved meanwhile
