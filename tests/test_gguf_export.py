@@ -327,3 +327,81 @@ def test_experts_uniform_run_in_llama_cpp_and_uneven_are_refused(bpe, tmp_path):
     with pytest.raises(GgufUnsupportedError, match="one expert count.*--uniform"):
         write_gguf(model, bpe, tmp_path / "u.gguf")
     assert not (tmp_path / "u.gguf").exists()
+
+
+def test_qwen3_moe_uniform_experts_run_and_dense_blocks_are_refused(bpe, tmp_path):
+    from prunekit import prune_
+    from prunekit.methods.expert_frequency import ExpertFrequencyConfig
+    shape = {**MOE_CONFIGS["qwen3_moe"]().to_dict(), "vocab_size": BPE_VOCAB, "mlp_only_layers": [],
+             "moe_intermediate_size": 32}
+    shape.pop("model_type", None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**shape)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    prune_(model, ExpertFrequencyConfig(experts=4), calibration(), progress=False)
+    result = write_gguf(model, bpe, tmp_path / "m.gguf", outtype="f32")
+    assert result.arch == "qwen3moe"
+    assert_runs_the_same(model, result.path)
+    mixed = AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**{**shape, "mlp_only_layers": [0]}))
+    with pytest.raises(GgufUnsupportedError, match=r"experts in every block.*\[0\]"):
+        plan_gguf(mixed)
+    unnormalised = AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**{**shape, "norm_topk_prob": False}))
+    with pytest.raises(GgufUnsupportedError, match="norm_topk_prob=False"):
+        plan_gguf(unnormalised)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bpe_model_dir(bpe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-bpe"
+    build("llama").save_pretrained(path)
+    bpe.save_pretrained(path)
+    return path
+
+
+def test_cli_export_writes_a_file_llama_cpp_runs_and_refuses_to_overwrite(bpe_model_dir, tmp_path, capsys):
+    from prunekit.cli import main
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(bpe_model_dir), "--format", "gguf", "--out", str(out), "--outtype", "f32"]) == 0
+    assert "llama.cpp architecture 'llama'" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(bpe_model_dir).eval()
+    assert_runs_the_same(model, out)
+    before = out.read_bytes()
+    assert main(["export", str(bpe_model_dir), "--format", "gguf", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(["export", str(bpe_model_dir), "--format", "gguf", "--out", str(bpe_model_dir / "x.gguf")]) == 2
+    assert "input model" in capsys.readouterr().err
+    assert not (bpe_model_dir / "x.gguf").exists()
+
+
+def test_prune_with_export_format_gguf_writes_model_gguf_in_the_export(bpe_model_dir, tmp_path):
+    import json
+
+    from prunekit.cli import main
+    out = tmp_path / "pruned"
+    assert main(["prune", str(bpe_model_dir), "--method", "wanda", "--sparsity", "0.5", "--samples", "4",
+                 "--seqlen", "32", "--no-eval", "--out", str(out), "--export-format", "gguf", "--outtype", "f32"]) == 0
+    record = json.loads((out / "prunekit.json").read_text())
+    assert record["gguf"]["arch"] == "llama" and record["gguf"]["path"] == "model.gguf"
+    assert record["recipe"]["export"]["format"] == "gguf"
+    assert_runs_the_same(AutoModelForCausalLM.from_pretrained(out).eval(), out / "model.gguf")
+
+
+def test_gguf_export_fails_before_pruning_when_the_writer_cannot_take_the_model(tiny_model_dir, tmp_path, capsys):
+    from prunekit.cli import main
+    # the tiny checkpoint's tokenizer is word-level: no GGUF form; refused before any calibration or pruning
+    code = main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--no-eval",
+                 "--out", str(tmp_path / "o"), "--export-format", "gguf"])
+    assert code == 2 and "no GGUF form" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--export-format",
+                 "gguf"]) == 2
+    assert "give --out" in capsys.readouterr().err
+    assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--offload", "disk",
+                 "--out", str(tmp_path / "o"), "--export-format", "gguf"]) == 2
+    assert "prunekit export" in capsys.readouterr().err

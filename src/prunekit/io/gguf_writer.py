@@ -210,6 +210,14 @@ def _needs(plan: GgufPlan, config) -> list[str]:
     experts = {b.experts for b in plan.blocks}
     if experts != {0}:
         needs.append("experts")
+        dense = [i for i, b in enumerate(plan.blocks) if not b.experts]
+        if dense:
+            raise GgufUnsupportedError(f"llama.cpp's {plan.arch.name} graph needs routed experts in every block; this "
+                                       f"model has dense FFN blocks {dense} (mlp_only_layers / decoder_sparse_step)")
+        if not getattr(config, "norm_topk_prob", True):
+            raise GgufUnsupportedError(f"llama.cpp's {plan.arch.name} graph renormalises the top-k router weights; "
+                                       "this model does not (norm_topk_prob=False), so llama.cpp would compute "
+                                       "another function")
         if len(experts) > 1:
             raise GgufUnsupportedError(
                 f"GGUF has one expert count for all layers, and this model's blocks keep {sorted(experts)} experts; "
