@@ -91,6 +91,27 @@ def tiny_tokenizer():
     return word_tokenizer(text[:200_000].splitlines())
 
 
+BPE_VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    """A byte-level BPE tokenizer (GPT-2 style, BPE_VOCAB tokens) trained offline on a slice of the default
+    corpus: a tokenizer llama.cpp can read (the word-level `tiny_tokenizer` has no GGUF form)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prunekit.data import load_text
+    text, _ = load_text("default", "calibration")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(text[:100_000].splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved 2-layer Llama with a tokenizer: what a user's local checkpoint looks like."""

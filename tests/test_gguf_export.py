@@ -13,29 +13,10 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import MOE_CONFIGS, llama_config
+from conftest import BPE_VOCAB, MOE_CONFIGS, llama_config
 
 from prunekit.io.gguf_writer import (
     ARCHES, GgufUnsupportedError, _interleave, _llama3_rope_factors, check_gguf_output, plan_gguf, write_gguf)
-
-BPE_VOCAB = 320
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    """A byte-level BPE tokenizer (GPT-2 style) trained offline on a slice of the default corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from prunekit.data import load_text
-    text, _ = load_text("default", "calibration")
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(text[:100_000].splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
 
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
@@ -86,6 +67,7 @@ def assert_runs_the_same(model, path: Path, new_tokens: int = 12) -> None:
     finally:
         llm.close()
     with torch.no_grad():
+        model.generation_config.eos_token_id = None            # llama.cpp's loop here does not stop at EOS either
         expected = model.generate(torch.tensor([IDS]), max_new_tokens=new_tokens, do_sample=False,
                                   output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     want = expected.sequences[0, len(IDS):].tolist()
@@ -293,17 +275,18 @@ def test_width_bias_compensation_is_written(bpe, tmp_path):
 def test_attention_free_and_ffn_free_blocks_as_deci_no_op_layers(bpe, tmp_path):
     """A block with no heads or no FFN channels left: deci skips the attention (n_head 0) or gets a
     one-wide zero FFN; llama.cpp must equal the model with those sublayers removed."""
-    from prunekit.io.gguf_writer import _tensors
+    from prunekit.io.gguf_writer import _tensors, _written_heads
     model = build("llama")
-    state = model.state_dict()
     plan = plan_gguf(model)
-    plan.blocks[0].heads = plan.blocks[0].kv_heads = 0
+    plan.blocks[0].heads = plan.blocks[0].kv_heads = plan.blocks[2].heads = plan.blocks[2].kv_heads = 0
     plan.blocks[1].ffn = 0
     plan.arch = ARCHES["deci"]
     names = dict(_tensors(model, plan))
-    assert "blk.0.attn_q.weight" not in names and "blk.0.attn_norm.weight" not in names
+    assert "blk.2.attn_q.weight" not in names and "blk.2.attn_norm.weight" not in names
+    assert torch.equal(names["blk.0.attn_output.weight"], torch.zeros(64, 16))    # block 0: a zero one-head stand-in
+    assert _written_heads(plan) == ([1, 4, 0], [1, 2, 0])
     assert torch.equal(names["blk.1.ffn_down.weight"], torch.zeros(64, 1))
-    assert torch.equal(names["blk.1.ffn_norm.weight"], state["model.layers.1.post_attention_layernorm.weight"])
+    assert torch.equal(names["blk.1.ffn_norm.weight"], torch.ones(64))
 
 
 def test_experts_uniform_run_in_llama_cpp_and_uneven_are_refused(bpe, tmp_path):

@@ -38,6 +38,7 @@ _PUBLIC = {
     "SLEBConfig": ".methods.sleb",
     "LastKConfig": ".methods.last_k",
     "LaCoConfig": ".methods.laco",
+    "SublayerDropConfig": ".methods.sublayer_drop",
     "benchmark": ".bench",
     # beyond one-shot: more scores, compensation
     "RIAConfig": ".methods.ria",

@@ -110,14 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", required=True,
                        help="unstructured/N:M: magnitude, wanda, sparsegpt, ria, gblm, pruner-zero; "
                             "width: magnitude-sp, wanda-sp, flap, taylor; "
-                            "depth: block-influence, angular, sleb, last-k, laco; "
+                            "depth: block-influence, angular, sleb, last-k, laco, sublayer-drop; "
                             "MoE experts: reap, expert-frequency, expert-output, expert-loo, easy-ep, naee, "
                             "expert-merge, expert-random (see `prunekit list`)")
     prune.add_argument("--sparsity", type=float,
                        help="in [0, 1): fraction of weights zeroed per layer (unstructured), of the decoder blocks' "
                             "parameters removed (width), of the blocks removed (depth), or of each MoE block's "
                             "routed experts removed (experts)")
-    prune.add_argument("--layers", type=int, help="depth: remove exactly this many decoder blocks")
+    prune.add_argument("--layers", type=int, help="depth: remove exactly this many decoder blocks (sublayer-drop: "
+                                                  "this many sublayers)")
+    prune.add_argument("--sublayers", choices=["attention", "mlp", "both"],
+                       help="sublayer-drop: which sublayers are candidates (default attention)")
     prune.add_argument("--experts", type=int, metavar="N", help="experts: keep N routed experts in every MoE block")
     prune.add_argument("--round-to", type=int, help="width: kept FFN channels are a multiple of this (default 8)")
     prune.add_argument("--uniform", dest="uniform", action="store_const", const=True, default=None,
@@ -267,7 +270,7 @@ def prune_args_to_dict(args) -> dict:
         step["nm"] = _parse_nm(args.nm)
     if args.per:
         step["per"] = args.per
-    for key in ("layers", "experts", "round_to", "uniform", "heads", "allocation", "update"):
+    for key in ("layers", "sublayers", "experts", "round_to", "uniform", "heads", "allocation", "update"):
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)
     if args.ignore:

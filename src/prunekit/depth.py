@@ -95,6 +95,10 @@ class DepthConfig:
                                         or self.layers < 1):
             raise ValueError(f"layers must be a positive number of blocks to remove, got {self.layers!r}")
 
+    def candidates(self, num_blocks: int) -> int:
+        """How many units `sparsity` and `layers` count: blocks here; sublayers for sublayer-drop."""
+        return num_blocks
+
     def blocks_to_remove(self, num_blocks: int) -> int:
         """How many of `num_blocks` blocks to remove; at least one, and at least one must stay."""
         if self.layers is not None:
@@ -112,10 +116,12 @@ class DepthConfig:
 
 @dataclass
 class BlockChoice:
-    """A depth method's answer: the blocks to remove (input-model numbering) and why."""
+    """A depth method's answer: the blocks to remove (input-model numbering) and why; `sublayers`: single
+    attention or FFN sublayers to remove, as (block, "attention" | "mlp"), for sublayer-drop."""
     remove: list[int]
     scores: dict = field(default_factory=dict)     # per block / per candidate values behind the choice
     notes: list[str] = field(default_factory=list)
+    sublayers: list[tuple[int, str]] = field(default_factory=list)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -208,11 +214,14 @@ def prune_depth_(model: nn.Module, config: DepthConfig, calib: Tensor | None, *,
     if method.scope != "depth":
         raise TypeError(f"{method.name} is a {method.scope} method, not a depth method")
     num_blocks = len(decoder_blocks(model))
-    count = config.blocks_to_remove(num_blocks)           # a bad request fails before any work
+    count = config.blocks_to_remove(config.candidates(num_blocks))     # a bad request fails before any work
     block_params, model_params = parameter_counts(model)
     started = time.perf_counter()
     choice = method.fn(model, calib, config, device=device, batch_size=batch_size, cache_device=cache_device,
                        progress=progress)
+    if choice.sublayers:
+        return _drop_sublayers(model, method.name, config, choice, count, num_blocks, (block_params, model_params),
+                               started)
     if len(set(choice.remove)) != count:
         raise RuntimeError(f"{method.name} chose {len(set(choice.remove))} blocks to remove, expected {count}")
     remove_blocks(model, choice.remove)
@@ -224,6 +233,36 @@ def prune_depth_(model: nn.Module, config: DepthConfig, calib: Tensor | None, *,
                            block_params_after=block_after, model_params_before=model_params,
                            model_params_after=model_after, seconds=time.perf_counter() - started,
                            removed_blocks=removed, scores=choice.scores, notes=notes)
+
+
+def _drop_sublayers(model, name: str, config, choice: BlockChoice, count: int, num_blocks: int, before, started):
+    """Remove the chosen sublayers; a block that loses both its attention and its FFN is removed whole."""
+    from .surgery import drop_sublayer_
+    chosen = sorted(set(choice.sublayers))
+    if len(chosen) != count:
+        raise RuntimeError(f"{name} chose {len(chosen)} sublayers to remove, expected {count}")
+    by_block: dict[int, set[str]] = {}
+    for index, kind in chosen:
+        by_block.setdefault(index, set()).add(kind)
+    whole = sorted(i for i, kinds in by_block.items() if kinds == {"attention", "mlp"})
+    for index, kind in chosen:
+        if index not in whole:
+            drop_sublayer_(model, index, kind)
+    remove_blocks(model, whole)                                   # after: indices above are in input numbering
+    block_after, model_after = parameter_counts(model)
+    notes = []
+    for kind, label in (("attention", "attention"), ("mlp", "FFN")):
+        blocks = [i for i, k in chosen if k == kind and i not in whole]
+        if blocks:
+            notes.append(f"removed the {label} of blocks {blocks}")
+    if whole:
+        notes.append(f"removed blocks {whole} whole (both their sublayers were chosen)")
+    notes = ["; ".join(notes) + f" ({count} of {config.candidates(num_blocks)} sublayers)", *choice.notes]
+    log.info("%s: %s", name, notes[0])
+    return StructureReport(method=name, config=config, block_params_before=before[0], block_params_after=block_after,
+                           model_params_before=before[1], model_params_after=model_after,
+                           seconds=time.perf_counter() - started, removed_blocks=whole, scores=choice.scores,
+                           notes=notes)
 
 
 def first_windows(calib: Tensor, samples: int | None) -> Tensor:

@@ -8,6 +8,8 @@
     block_widths / stock_widths  read every block's widths; the config values that describe them
     write_config / resize_to_    write uniform widths into the config; shrink a freshly built model
                                  to recorded (non-uniform) widths, which `load_pruned` needs
+    drop_sublayer_               remove a block's attention or FFN (with the norm before it): the
+                                 block keeps its residual path; its width is recorded as 0
 
 What to remove is decided elsewhere (the width driver, `structured.py`; RIA's permutation in the
 linear engine); this module only carries it out, from the family spec (`models/`).
@@ -49,9 +51,11 @@ def block_widths(model: nn.Module) -> list[dict]:
     for block in get_module(model, spec.blocks):
         entry = {}
         if spec.heads is not None:
-            entry["heads"], entry["kv_heads"], _ = head_counts(spec, model.config, block)
+            dropped = isinstance(get_module(block, spec.heads.module), NoAttention)
+            entry["heads"], entry["kv_heads"], _ = (0, 0, 0) if dropped else head_counts(spec, model.config, block)
         if spec.channels is not None:
-            entry["channels"] = weight_view(get_module(block, spec.channels.consumer)).shape[1]
+            dropped = isinstance(get_module(block, spec.channels.module), NoMLP)
+            entry["channels"] = 0 if dropped else weight_view(get_module(block, spec.channels.consumer)).shape[1]
         if spec.experts is not None and is_moe_block(block, spec.experts):
             entry["experts"] = expert_count(block, spec.experts)
         widths.append(entry)
@@ -185,8 +189,8 @@ def stock_widths(model: nn.Module) -> dict | None:
     widths = block_widths(model)
     counts = {w["experts"] for w in widths if "experts" in w}          # dense blocks of an MoE model have none
     widths = [{k: v for k, v in w.items() if k != "experts"} for w in widths]
-    if any(w != widths[0] for w in widths) or len(counts) > 1:
-        return None
+    if any(w != widths[0] for w in widths) or len(counts) > 1 or 0 in widths[0].values():
+        return None                     # (0: a removed sublayer, which no stock config describes)
     names = spec.config_names
     values = {spec.experts.count_key: counts.pop()} if counts else {}
     if "heads" in widths[0]:
@@ -243,7 +247,11 @@ def resize_to_(model: nn.Module, widths: list[dict]) -> None:
     if len(widths) != len(blocks):
         raise ValueError(f"the recorded widths list {len(widths)} blocks, the config builds {len(blocks)}")
     for index, (block, width) in enumerate(zip(blocks, widths)):
-        if spec.heads is not None and "heads" in width:
+        if width.get("heads") == 0:
+            drop_sublayer_(model, index, "attention")
+        if width.get("channels") == 0:
+            drop_sublayer_(model, index, "mlp")
+        if spec.heads is not None and width.get("heads"):
             n_heads, n_kv, hd = head_counts(spec, model.config, block)
             per_kv = n_heads // n_kv
             if width["kv_heads"] > n_kv or width["heads"] > n_heads or width["heads"] % width["kv_heads"]:
@@ -261,7 +269,7 @@ def resize_to_(model: nn.Module, widths: list[dict]) -> None:
                 keep_rows_(get_module(block, h.v), kv)
             keep_columns_(get_module(block, h.o), q)
             set_head_counts(model, spec, index)
-        if spec.channels is not None and "channels" in width:
+        if spec.channels is not None and width.get("channels"):
             c = spec.channels
             n = weight_view(get_module(block, c.consumer)).shape[1]
             keep = torch.arange(width["channels"])
@@ -279,3 +287,55 @@ def structure_record(model: nn.Module) -> dict:
     every block's widths (what `load_pruned` re-slices a fresh model to)."""
     widths = block_widths(model)
     return {"stock": stock_widths(model) is not None, "num_blocks": len(widths), "widths": widths}
+
+
+# Families whose block is x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x)): removing a
+# sublayer with the norm before it leaves exactly the residual path.
+SUBLAYER_NORMS = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
+SUBLAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+class NoAttention(nn.Module):
+    """A removed attention sublayer: adds nothing to the residual stream. It still tells the KV cache how
+    many positions went by (an empty key/value of 0 heads), since `generate` reads the sequence length from
+    the cache of layer 0, which may be this one."""
+
+    def __init__(self, layer_idx: int, head_dim: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+
+    def forward(self, hidden_states: Tensor, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class NoMLP(nn.Module):
+    """A removed FFN sublayer: adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def drop_sublayer_(model: nn.Module, index: int, kind: str) -> None:
+    """Remove block `index`'s attention (kind "attention") or FFN ("mlp") and the norm that feeds it, in
+    place. The block then passes that half of its residual path through unchanged."""
+    if model.config.model_type not in SUBLAYER_FAMILIES:
+        raise ValueError(f"removing a block's attention or FFN is supported for {', '.join(SUBLAYER_FAMILIES)}, "
+                         f"not {model.config.model_type!r} (its block has another norm layout)")
+    if kind not in SUBLAYER_NORMS:
+        raise ValueError(f"a sublayer is 'attention' or 'mlp', got {kind!r}")
+    spec = spec_for(model)
+    block = get_module(model, spec.blocks)[index]
+    name = spec.heads.module if kind == "attention" else spec.channels.module
+    current = get_module(block, name)
+    if isinstance(current, (NoAttention, NoMLP)):
+        raise ValueError(f"block {index}'s {kind} was already removed")
+    if kind == "attention":
+        replacement = NoAttention(getattr(current, "layer_idx", index), head_dim(model.config, spec))
+    else:
+        replacement = NoMLP()
+    setattr(block, name, replacement)
+    setattr(block, SUBLAYER_NORMS[kind], nn.Identity())

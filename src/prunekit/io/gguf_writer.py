@@ -12,9 +12,11 @@ this module holds that knowledge for the families we prune, as data:
 that are not all zero, experts) and picks the stock architecture when it can hold them, else
 `deci` when the family fits it, else refuses with the reason: a model llama.cpp cannot run is
 never written as a file that fails at load. A block whose attention has no heads left is written
-as an attention-free deci layer; a block whose FFN has no channels left is written with a one-wide
-FFN whose weights are zero, because this llama.cpp's deci graph skips the whole layer
-(attention included) when its FFN width is 0 (`models/deci.cpp`: `if (n_ff == 0) continue`).
+as an attention-free deci layer (n_head 0), except block 0, which gets a one-head attention whose
+weights are zero: llama.cpp reads the head size from layer 0's head count and sets it to 0 when that
+is 0. A block whose FFN has no channels left is written with a one-wide FFN whose weights are zero,
+because this llama.cpp's deci graph skips the whole layer (attention included) when its FFN width
+is 0 (`models/deci.cpp`: `if (n_ff == 0) continue`). Both stand-ins add exactly zero.
 
 Rope: Hugging Face stores q/k rows in "rotate half" order; llama.cpp's `llama` and `deci` graphs
 rotate interleaved pairs, so their q/k rows (and biases) are permuted per head (`_interleave`);
@@ -302,17 +304,19 @@ def _tensors(model, plan: GgufPlan):
                 if tensor is None:
                     continue
                 if shape.heads == 0 and hf.startswith(("self_attn", "input_layernorm")):
-                    continue                                  # an attention-free layer
+                    continue                                  # an attention-free layer (block 0: below)
                 if (shape.ffn == 0 or shape.experts) and hf.startswith(("mlp.", "post_attention")):
                     continue                                  # the zero FFN or the experts below
                 if plan.arch.interleaved_rope and short in ("attn_q", "attn_k"):
                     tensor = _interleave(tensor, shape.heads if short == "attn_q" else shape.kv_heads)
                 yield f"blk.{i}.{gguf_name}", tensor
+        if shape.heads == 0 and i == 0:
+            yield from _zero_attention(config.hidden_size, plan.head_dim)
         if shape.experts:
             yield f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"]
             yield from _expert_tensors(state, p, i)
         elif shape.ffn == 0:
-            yield from _zero_ffn(config.hidden_size, i, state[p + "post_attention_layernorm.weight"])
+            yield from _zero_ffn(config.hidden_size, i)
     yield "output_norm.weight", state["model.norm.weight"]
     if not getattr(config, "tie_word_embeddings", False):
         yield "output.weight", state["lm_head.weight"]
@@ -328,9 +332,26 @@ def _expert_tensors(state: dict, p: str, i: int):
     yield f"blk.{i}.ffn_down_exps.weight", state[p + "mlp.experts.down_proj"]
 
 
-def _zero_ffn(hidden: int, i: int, norm: torch.Tensor):
+def _zero_attention(hidden: int, head_dim: int):
+    """Block 0's one-head attention whose output is exactly zero (see the module docstring)."""
+    yield "blk.0.attn_norm.weight", torch.ones(hidden)
+    for name in ("attn_q", "attn_k", "attn_v"):
+        yield f"blk.0.{name}.weight", torch.zeros(head_dim, hidden)
+    yield "blk.0.attn_output.weight", torch.zeros(hidden, head_dim)
+
+
+def _written_heads(plan: GgufPlan) -> tuple[list[int], list[int]]:
+    """Per-layer query and KV head counts as written (block 0 without attention: the zero one-head stand-in)."""
+    heads = [b.heads for b in plan.blocks]
+    kv = [b.kv_heads for b in plan.blocks]
+    if heads[0] == 0:
+        heads[0] = kv[0] = 1
+    return heads, kv
+
+
+def _zero_ffn(hidden: int, i: int):
     """A one-channel FFN whose output is exactly zero (see the module docstring)."""
-    yield f"blk.{i}.ffn_norm.weight", norm
+    yield f"blk.{i}.ffn_norm.weight", torch.ones(hidden)
     yield f"blk.{i}.ffn_gate.weight", torch.zeros(1, hidden)
     yield f"blk.{i}.ffn_up.weight", torch.zeros(1, hidden)
     yield f"blk.{i}.ffn_down.weight", torch.zeros(hidden, 1)
@@ -375,8 +396,9 @@ def _metadata(writer, model, plan: GgufPlan, outtype: str, name: str) -> None:
     writer.add_vocab_size(int(config.vocab_size))
     blocks = plan.blocks
     if plan.arch.per_layer:
-        writer.add_head_count([b.heads for b in blocks])
-        writer.add_head_count_kv([b.kv_heads for b in blocks])
+        heads, kv_heads = _written_heads(plan)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
         writer.add_feed_forward_length([b.ffn or 1 for b in blocks])   # 0 channels: the zero FFN above
     else:
         writer.add_head_count(blocks[0].heads)
