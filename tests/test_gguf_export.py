@@ -26,6 +26,9 @@ FAMILIES = {
     "mistral": lambda **kw: transformers.MistralConfig(**{**SHAPE, **kw}),
     "qwen2": lambda **kw: transformers.Qwen2Config(**{**SHAPE, **kw}),
     "qwen3": lambda **kw: transformers.Qwen3Config(**{**SHAPE, "head_dim": 16, **kw}),
+    "gemma3_text": lambda **kw: transformers.Gemma3TextConfig(**{
+        **SHAPE, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], **kw}),
 }
 
 
@@ -99,7 +102,7 @@ def test_llama3_rope_factors_equal_transformers_frequencies():
 
 
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),
-                                         ("qwen3", "qwen3")])
+                                         ("qwen3", "qwen3"), ("gemma3_text", "gemma3")])
 def test_dense_model_is_written_as_its_stock_architecture(family, arch):
     plan = plan_gguf(build(family))
     assert plan.arch.name == arch and plan.uniform and not plan.notes
@@ -388,3 +391,26 @@ def test_gguf_export_fails_before_pruning_when_the_writer_cannot_take_the_model(
     assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--offload", "disk",
                  "--out", str(tmp_path / "o"), "--export-format", "gguf"]) == 2
     assert "prunekit export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "depth", "width-uniform"])
+def test_gemma3_pruned_runs_in_llama_cpp_and_non_uniform_is_refused(kind, bpe, tmp_path):
+    # depth: removing block 0 leaves [full, sliding]; the per-layer sliding pattern must follow
+    from prunekit.depth import remove_blocks
+    if kind == "depth":
+        model = build("gemma3_text")
+        remove_blocks(model, [0])
+        assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    else:
+        model = pruned("gemma3_text", kinds()[kind][0])
+    result = write_gguf(model, bpe, tmp_path / "m.gguf", outtype="f32")
+    assert result.arch == "gemma3"
+    assert_runs_the_same(model, result.path)
+
+
+def test_gemma3_refusals(bpe, tmp_path):
+    from prunekit.methods.flap import FlapConfig
+    with pytest.raises(GgufUnsupportedError, match="q/k norms"):
+        plan_gguf(pruned("gemma3_text", FlapConfig(sparsity=0.4, uniform=False, round_to=4)))
+    with pytest.raises(GgufUnsupportedError, match="query_pre_attn_scalar=256"):
+        plan_gguf(build("gemma3_text", query_pre_attn_scalar=256))

@@ -69,6 +69,7 @@ ARCHES = {
     "qwen3": GgufArch("qwen3", interleaved_rope=False, biases=frozenset({"q", "k", "v"}), qk_norm=True),
     "qwen3moe": GgufArch("qwen3moe", interleaved_rope=False, biases=frozenset({"q", "k", "v"}), qk_norm=True,
                          experts=True),
+    "gemma3": GgufArch("gemma3", interleaved_rope=False, qk_norm=True),
     "deci": GgufArch("deci", interleaved_rope=True, biases=_ALL_BIASES, per_layer=True),
 }
 
@@ -78,6 +79,8 @@ class Family:
     """How one Hugging Face `model_type` maps to llama.cpp."""
     stock: str                 # the architecture llama.cpp names it by
     deci: bool                 # pre-norm RMSNorm, SiLU-gated FFN, full rope: deci can hold per-layer widths
+    norms: dict | None = None  # Hugging Face norm names in a block -> GGUF names, when not the llama pair
+    norm_shift: float = 0.0    # added to every norm weight (Gemma's RMSNorm multiplies by 1 + w)
 
 
 FAMILIES = {
@@ -87,6 +90,9 @@ FAMILIES = {
     "qwen3": Family("qwen3", deci=False),         # q/k norms: deci has none
     "mixtral": Family("llama", deci=False),
     "qwen3_moe": Family("qwen3moe", deci=False),
+    "gemma3_text": Family("gemma3", deci=False, norm_shift=1.0, norms={
+        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "pre_feedforward_layernorm.weight": "ffn_norm.weight", "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}),
 }
 
 # Hugging Face names inside a decoder block -> GGUF names inside `blk.N`
@@ -98,6 +104,15 @@ _BLOCK_TENSORS = {
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
+
+
+def _block_tensors(family: Family) -> dict:
+    if family.norms is None:
+        return _BLOCK_TENSORS
+    projections = {k: v for k, v in _BLOCK_TENSORS.items() if not k.endswith("layernorm.weight")}
+    return {**family.norms, **projections}
+
+
 _BIAS_KIND = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
               "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
 
@@ -179,6 +194,8 @@ def plan_gguf(model) -> GgufPlan:
     head_dim = _head_dim(config)
     plan = GgufPlan(ARCHES[family.stock], family, _block_shapes(state, config, head_dim), head_dim,
                     _present_biases(state))
+    if family.stock == "gemma3":
+        _check_gemma3(config, len(plan.blocks))
     needs = _needs(plan, config)
     missing = _missing(plan.arch, needs)
     if missing:
@@ -198,7 +215,7 @@ def plan_gguf(model) -> GgufPlan:
 
 
 def _deci_reason(config) -> str:
-    if config.model_type in ("qwen3", "qwen3_moe"):
+    if config.model_type in ("qwen3", "qwen3_moe", "gemma3_text"):
         return " (it has per-head q/k norms). Prune it uniformly (--uniform) to export it to GGUF"
     return " (it has routed experts: GGUF has one expert count, so prune experts uniformly)"
 
@@ -241,8 +258,12 @@ def _missing(arch: GgufArch, needs: list[str]) -> list[str]:
     return missing
 
 
-def _rope_parameters(config) -> dict:
+def _rope_parameters(config, kind: str = "full_attention") -> dict:
+    """The rope of the full-attention layers (or of `kind`): transformers 5 nests it per attention type
+    for families with sliding layers (Gemma 3), older versions keep rope_theta / rope_scaling."""
     params = getattr(config, "rope_parameters", None)
+    if params and kind in params:
+        return dict(params[kind])
     if params:
         return dict(params)
     scaling = dict(getattr(config, "rope_scaling", None) or {})
@@ -294,7 +315,7 @@ def _tensors(model, plan: GgufPlan):
         yield "rope_freqs.weight", _llama3_rope_factors(rope, plan.head_dim)
     for i, shape in enumerate(plan.blocks):
         p = f"model.layers.{i}."
-        for hf, short in _BLOCK_TENSORS.items():
+        for hf, short in _block_tensors(plan.family).items():
             is_linear = not hf.endswith(".weight")
             names = [(hf + ".weight", short + ".weight")] if is_linear else [(hf, short)]
             if is_linear and _BIAS_KIND[short] in plan.biases:
@@ -309,6 +330,8 @@ def _tensors(model, plan: GgufPlan):
                     continue                                  # the zero FFN or the experts below
                 if plan.arch.interleaved_rope and short in ("attn_q", "attn_k"):
                     tensor = _interleave(tensor, shape.heads if short == "attn_q" else shape.kv_heads)
+                if plan.family.norm_shift and gguf_name.endswith("norm.weight"):
+                    tensor = tensor.float() + plan.family.norm_shift
                 yield f"blk.{i}.{gguf_name}", tensor
         if shape.heads == 0 and i == 0:
             yield from _zero_attention(config.hidden_size, plan.head_dim)
@@ -317,7 +340,7 @@ def _tensors(model, plan: GgufPlan):
             yield from _expert_tensors(state, p, i)
         elif shape.ffn == 0:
             yield from _zero_ffn(config.hidden_size, i)
-    yield "output_norm.weight", state["model.norm.weight"]
+    yield "output_norm.weight", state["model.norm.weight"].float() + plan.family.norm_shift
     if not getattr(config, "tie_word_embeddings", False):
         yield "output.weight", state["lm_head.weight"]
 
@@ -413,11 +436,37 @@ def _metadata(writer, model, plan: GgufPlan, outtype: str, name: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if plan.arch.name == "gemma3":
+        _gemma3_metadata(writer, config)
     if blocks[0].experts:
         writer.add_expert_count(blocks[0].experts)
         writer.add_expert_used_count(int(config.num_experts_per_tok))
         if plan.arch.name == "qwen3moe":
             writer.add_expert_feed_forward_length(blocks[0].ffn)
+
+
+def _gemma3_metadata(writer, config) -> None:
+    """Sliding-window layers as a per-layer pattern (exact after depth pruning), their own rope base, and the
+    final soft-capping."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if getattr(config, "sliding_window", None) and "sliding_attention" in types:
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in types])
+        writer.add_rope_freq_base_swa(float(_rope_parameters(config, "sliding_attention")["rope_theta"]))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _check_gemma3(config, blocks: int) -> None:
+    """llama.cpp's Gemma 3 graph fixes what it cannot read from the file: the attention scale (1/sqrt(head_dim),
+    or 1/sqrt(hidden/heads) when the model has 62 layers, as Gemma-3-27B) and no attention soft-capping."""
+    scale = config.hidden_size / config.num_attention_heads if blocks == 62 else _head_dim(config)
+    if not math.isclose(float(config.query_pre_attn_scalar), scale):
+        raise GgufUnsupportedError(f"llama.cpp scales Gemma 3 attention by 1/sqrt({scale:g}) for a {blocks}-layer "
+                                   f"model; this one uses query_pre_attn_scalar={config.query_pre_attn_scalar}")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise GgufUnsupportedError("llama.cpp's Gemma 3 graph has no attention soft-capping; this model sets "
+                                   f"attn_logit_softcapping={config.attn_logit_softcapping}")
 
 
 def _source_gguf(source: dict | None) -> Path | None:
