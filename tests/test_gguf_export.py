@@ -29,6 +29,8 @@ FAMILIES = {
     "gemma3_text": lambda **kw: transformers.Gemma3TextConfig(**{
         **SHAPE, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], **kw}),
+    "phi3": lambda **kw: transformers.Phi3Config(**{**SHAPE, "pad_token_id": 0, "eos_token_id": 0, "bos_token_id": 0,
+                                                    **kw}),
 }
 
 
@@ -102,7 +104,7 @@ def test_llama3_rope_factors_equal_transformers_frequencies():
 
 
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),
-                                         ("qwen3", "qwen3"), ("gemma3_text", "gemma3")])
+                                         ("qwen3", "qwen3"), ("gemma3_text", "gemma3"), ("phi3", "phi3")])
 def test_dense_model_is_written_as_its_stock_architecture(family, arch):
     plan = plan_gguf(build(family))
     assert plan.arch.name == arch and plan.uniform and not plan.notes
@@ -414,3 +416,15 @@ def test_gemma3_refusals(bpe, tmp_path):
         plan_gguf(pruned("gemma3_text", FlapConfig(sparsity=0.4, uniform=False, round_to=4)))
     with pytest.raises(GgufUnsupportedError, match="query_pre_attn_scalar=256"):
         plan_gguf(build("gemma3_text", query_pre_attn_scalar=256))
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "depth", "width-uniform"])
+def test_phi3_fused_projections_run_in_llama_cpp(kind, bpe, tmp_path):
+    from prunekit.methods.wanda_sp import WandaSPConfig
+    config = WandaSPConfig(sparsity=0.3, attention=False) if kind == "width-uniform" else kinds()[kind][0]
+    model = pruned("phi3", config)          # FFN channels only: llama.cpp's phi3 ties the query width to the hidden
+    result = write_gguf(model, bpe, tmp_path / "m.gguf", outtype="f32")
+    assert result.arch == "phi3"
+    assert_runs_the_same(model, result.path)
+    with pytest.raises(GgufUnsupportedError, match="query width"):
+        plan_gguf(pruned("phi3", WandaSPConfig(sparsity=0.1, mlp=False)))

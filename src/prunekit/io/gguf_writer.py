@@ -70,6 +70,7 @@ ARCHES = {
     "qwen3moe": GgufArch("qwen3moe", interleaved_rope=False, biases=frozenset({"q", "k", "v"}), qk_norm=True,
                          experts=True),
     "gemma3": GgufArch("gemma3", interleaved_rope=False, qk_norm=True),
+    "phi3": GgufArch("phi3", interleaved_rope=False, free_query_width=False),
     "deci": GgufArch("deci", interleaved_rope=True, biases=_ALL_BIASES, per_layer=True),
 }
 
@@ -81,6 +82,7 @@ class Family:
     deci: bool                 # pre-norm RMSNorm, SiLU-gated FFN, full rope: deci can hold per-layer widths
     norms: dict | None = None  # Hugging Face norm names in a block -> GGUF names, when not the llama pair
     norm_shift: float = 0.0    # added to every norm weight (Gemma's RMSNorm multiplies by 1 + w)
+    projections: dict | None = None   # Hugging Face linear names -> GGUF names, when not llama's q/k/v/o, gate/up/down
 
 
 FAMILIES = {
@@ -91,8 +93,13 @@ FAMILIES = {
     "mixtral": Family("llama", deci=False),
     "qwen3_moe": Family("qwen3moe", deci=False),
     "gemma3_text": Family("gemma3", deci=False, norm_shift=1.0, norms={
-        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
-        "pre_feedforward_layernorm.weight": "ffn_norm.weight", "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}),
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+        "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}),
+    # fused projections, written fused: attn_qkv = [q | k | v] rows, ffn_up = [gate | up] rows
+    "phi3": Family("phi3", deci=False, projections={"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+                                                     "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}),
 }
 
 # Hugging Face names inside a decoder block -> GGUF names inside `blk.N`
@@ -107,13 +114,12 @@ _BLOCK_TENSORS = {
 
 
 def _block_tensors(family: Family) -> dict:
-    if family.norms is None:
-        return _BLOCK_TENSORS
-    projections = {k: v for k, v in _BLOCK_TENSORS.items() if not k.endswith("layernorm.weight")}
-    return {**family.norms, **projections}
+    norms = family.norms or {k: v for k, v in _BLOCK_TENSORS.items() if k.endswith("layernorm.weight")}
+    projections = family.projections or {k: v for k, v in _BLOCK_TENSORS.items() if k not in norms}
+    return {**norms, **projections}
 
 
-_BIAS_KIND = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
+_BIAS_KIND = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "attn_qkv": "qkv",
               "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
 
 
@@ -157,27 +163,34 @@ def _block_shapes(state: dict, config, head_dim: int) -> list[BlockShape]:
     shapes = []
     for i in range(_layers(state)):
         p = f"model.layers.{i}."
-        q, k = state.get(p + "self_attn.q_proj.weight"), state.get(p + "self_attn.k_proj.weight")
-        heads = 0 if q is None else q.shape[0] // head_dim
-        kv = 0 if k is None else k.shape[0] // head_dim
+        o, k = state.get(p + "self_attn.o_proj.weight"), state.get(p + "self_attn.k_proj.weight")
+        heads = 0 if o is None else o.shape[1] // head_dim
+        if k is not None:
+            kv = k.shape[0] // head_dim
+        else:                                                     # fused [q | k | v] (Phi-3), or no attention
+            qkv = state.get(p + "self_attn.qkv_proj.weight")
+            kv = 0 if qkv is None else (qkv.shape[0] - heads * head_dim) // (2 * head_dim)
         if p + "mlp.experts.gate_up_proj" in state:
             gate_up = state[p + "mlp.experts.gate_up_proj"]          # (E, 2I, H)
             shapes.append(BlockShape(heads, kv, gate_up.shape[1] // 2, experts=gate_up.shape[0]))
             continue
-        gate = state.get(p + "mlp.gate_proj.weight")
-        shapes.append(BlockShape(heads, kv, 0 if gate is None else gate.shape[0]))
+        down = state.get(p + "mlp.down_proj.weight")
+        shapes.append(BlockShape(heads, kv, 0 if down is None else down.shape[1]))
     return shapes
 
 
-def _present_biases(state: dict) -> set[str]:
+def _present_biases(state: dict, family: Family) -> set[str]:
     """Kinds of linear bias that carry information (width pruning adds all-zero q/k/v biases when it
-    turns a config's bias flag on; those are dropped rather than forcing another architecture)."""
+    turns a config's bias flag on; those are dropped rather than forcing another architecture). A nonzero
+    bias the family's tensor map does not know is refused, never dropped."""
+    names = _block_tensors(family)
     kinds = set()
     for name, tensor in state.items():
-        if name.startswith("model.layers.") and name.endswith(".bias"):
-            short = _BLOCK_TENSORS.get(name.split(".", 3)[3][:-len(".bias")])
-            if short in _BIAS_KIND and bool(tensor.any()):
-                kinds.add(_BIAS_KIND[short])
+        if name.startswith("model.layers.") and name.endswith(".bias") and bool(tensor.any()):
+            short = names.get(name.split(".", 3)[3][:-len(".bias")])
+            if short not in _BIAS_KIND:
+                raise GgufUnsupportedError(f"{name}: GGUF export has no place for this bias")
+            kinds.add(_BIAS_KIND[short])
     return kinds
 
 
@@ -193,9 +206,14 @@ def plan_gguf(model) -> GgufPlan:
     state = model.state_dict()
     head_dim = _head_dim(config)
     plan = GgufPlan(ARCHES[family.stock], family, _block_shapes(state, config, head_dim), head_dim,
-                    _present_biases(state))
+                    _present_biases(state, family))
     if family.stock == "gemma3":
         _check_gemma3(config, len(plan.blocks))
+    window = getattr(config, "sliding_window", None)
+    if (family.stock != "gemma3" and window and window < config.max_position_embeddings
+            and getattr(config, "use_sliding_window", True)):
+        plan.notes.append(f"llama.cpp's {family.stock} graph has no sliding window: the same model up to {window} "
+                          "tokens of context, full attention beyond")
     needs = _needs(plan, config)
     missing = _missing(plan.arch, needs)
     if missing:
