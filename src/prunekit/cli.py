@@ -60,6 +60,13 @@ def _main(argv: list[str], state: dict) -> int:
     args = parser.parse_args(argv)
     state["args"] = args
     state["outputs"] = output_states(state)
+    if isinstance(getattr(args, "json", None), Path):       # --json: a path that cannot be written fails now
+        from .io.atomic import check_writable
+        try:
+            check_writable(args.json)
+        except OSError as err:
+            print(f"prunekit: error: --json {err}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.handler(args)
@@ -68,8 +75,20 @@ def _main(argv: list[str], state: dict) -> int:
         # FloatingPointError is NaN/Inf in the activations (engine.NonFiniteError)
         if args.verbose or state.get("received"):
             raise                      # after a signal: the interrupt, reported by `main`
-        print(f"prunekit: error: {err}", file=sys.stderr)
+        print(f"prunekit: error: {_one_line(err, args)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException, args) -> str:
+    """The error as one line, in the command line's words: transformers' refusal of custom code (several
+    lines ending in "pass the argument `trust_remote_code=True`") names the CLI flag instead."""
+    text = str(err)
+    if "trust_remote_code=True" in text and "--trust-remote-code" not in text:
+        model = getattr(args, "model", None) or getattr(args, "recipe", None) or "the model"
+        return (f"{model} contains custom code (its config's auto_map) that must run to load it; prunekit runs no "
+                "code from a checkpoint unless asked: read its .py files, then pass --trust-remote-code if you "
+                "trust them")
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _launch_distributed(argv: list[str], state: dict | None = None) -> int | None:

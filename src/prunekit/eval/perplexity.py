@@ -178,6 +178,12 @@ def perplexity(model, ids, seqlen: int = 512, stride: int | None = None, batch_s
         raise ValueError(f"seqlen={seqlen} exceeds the model's {limit} positions")
     n = int(ids.numel())
     if n < seqlen:
+        if source.get("split") == "evaluation":        # say which part of the user's text this is
+            raise ValueError(f"the evaluation split of {source.get('source')} has {n} tokens "
+                             f"({source.get('split_rule')}), fewer than one window of seqlen={seqlen}: perplexity "
+                             "is measured on held-out text "
+                             "only, not on the part used for calibration; give more text (or more documents) or "
+                             "a lower --seqlen")
         raise ValueError(f"the text has {n} tokens, fewer than one window of seqlen={seqlen}; "
                          "lower seqlen or use more text")
     if batch_size is None:

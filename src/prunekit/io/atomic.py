@@ -45,6 +45,27 @@ def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path]
         raise
 
 
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Fail now, before any work, if `path` (a file, or with `folder` a folder) cannot be written later: a
+    file path that names a folder, or a place whose nearest existing folder refuses new files (read-only, no
+    permission). Tried for real with a probe file, so it also holds for root and read-only mounts."""
+    path = Path(path).expanduser()
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".prunekit-write-test-")
+    except OSError as err:
+        raise PermissionError(f"cannot write {path}: {existing} does not accept new files ({err.strerror or err}); "
+                              "choose another location") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any, **dumps) -> None:
     """`data` as indented JSON (2 spaces, a final newline); `dumps`: more `json.dumps` options."""
     write_atomic(path, json.dumps(data, indent=2, **dumps) + "\n")

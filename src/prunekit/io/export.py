@@ -41,7 +41,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from .atomic import clean_stale_staging, staging_dir, unmark
+from .atomic import check_writable, clean_stale_staging, staging_dir, unmark
 
 METADATA_FILE = "prunekit.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -134,6 +134,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
             raise ValueError(f"refusing to write {out}: it is, contains, or lies inside the input model "
                              f"{guarded}, which is never overwritten (choose another --out)")
     clean_stale_staging(out)        # what a killed run (SIGKILL during its save) left beside `out`
+    check_writable(out, folder=True)        # a read-only parent fails now, not after the pruning
     if raw.is_symlink():  # replacing would swap the link, not its target: let the user decide
         raise FileExistsError(f"{out_dir} is a symlink (to {os.readlink(raw)}); remove it or choose another --out")
     if not out.exists():

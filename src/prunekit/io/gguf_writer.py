@@ -599,6 +599,7 @@ class GgufResult:
 def check_gguf_output(out: str | os.PathLike, overwrite: bool = False, protect=()) -> Path:
     """Validate a GGUF destination before any work: an existing file needs overwrite (and must be a GGUF
     file, not something else the user keeps), a folder is refused, the input is never replaced."""
+    from .atomic import check_writable
     from .export import _related
     raw = Path(os.path.abspath(Path(out).expanduser()))
     path = raw.resolve()
@@ -609,6 +610,7 @@ def check_gguf_output(out: str | os.PathLike, overwrite: bool = False, protect=(
             raise ValueError(f"refusing to write {path}: it is, or lies inside, the input model {item}")
     if path.is_dir():
         raise IsADirectoryError(f"{out} is a directory; give a file name ending in .gguf")
+    check_writable(path)
     if path.exists() or raw.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or choose "

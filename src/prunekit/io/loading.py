@@ -337,11 +337,18 @@ def _from_pretrained(location: str, dtype, trust_remote_code: bool, allow_pickle
 
     if recorded_widths(location) is not None:
         return load_pruned(location, dtype, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, trust_remote_code=trust_remote_code,
-        # safetensors only unless pickles are allowed; then prefer safetensors, fall back to .bin
-        use_safetensors=None if allow_pickle else True,
-    )
+    import pickle
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, trust_remote_code=trust_remote_code,
+            # safetensors only unless pickles are allowed; then prefer safetensors, fall back to .bin
+            use_safetensors=None if allow_pickle else True,
+        )
+    except pickle.UnpicklingError as err:       # torch.load(weights_only=True) met something that is not a tensor
+        unsafe = str(err).split("WeightsUnpickler error:")[-1].strip().split(".")[0]
+        raise ValueError(f"{location}: the pickled checkpoint holds more than tensors ({unsafe}), which the safe "
+                         "loader refuses even with --allow-pickle: unpickling it could run code. If you trust it, "
+                         "convert it to safetensors in a separate, trusted environment") from None
     return model, load_tokenizer(location, trust_remote_code)
 
 
