@@ -110,7 +110,8 @@ def test_run_recipe_end_to_end(tiny_model_dir, tmp_path):
     result = run_recipe(recipe, progress=False, echo=printed.append)
 
     assert result["recipe"] == recipe_to_dict(recipe)
-    assert result["calibration"] == {"source": str(text), "samples": 4, "seqlen": 16, "seed": 0}
+    assert result["calibration"] == {"source": str(text), "samples": 4, "seqlen": 16, "seed": 0, "split_tokens": 1656,
+                                     "distinct_tokens": 64}
     assert result["parameters"] == result["parameters_after"] == 78144
     assert result["dense_perplexity"]["ppl"] > 1 and result["pruned_perplexity"]["ppl"] > 1
     assert result["dense_perplexity"]["ppl"] != result["pruned_perplexity"]["ppl"]

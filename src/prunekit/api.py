@@ -85,6 +85,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
             result["dense_perplexity"] = dense.to_dict()
 
     calib = _calibration(recipe, tokenizer, result, echo)
+    check_memory(model, recipe, device, echo)
     run = None
     if run_dir is not None:
         from .io.runs import Run, inputs_fingerprint
@@ -231,14 +232,46 @@ def describe_step(index: int, report, where: str = "") -> str:
 
 
 def _calibration(recipe: Recipe, tokenizer, result: dict, echo):
-    from .data import calibration_data
+    from .data import calibration_windows
     if not any(needs_calibration(step) for step in recipe.steps):
         return None
     c = recipe.calibration
-    calib = calibration_data(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
-    result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed}
-    echo(f"calibration: {c.samples} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed})")
+    calib, covered = calibration_windows(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
+    result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed,
+                             "split_tokens": covered.split_tokens, "distinct_tokens": covered.distinct_tokens}
+    echo(f"calibration: {c.samples} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed}); "
+         f"{covered.line(c.seqlen)}")
     return calib
+
+
+def check_memory(model, recipe: Recipe, device, echo) -> None:
+    """Say what the calibration pass will hold at least, and refuse it before it starts when that cannot fit
+    (core/budget.py)."""
+    import psutil
+    import torch
+
+    from .core.budget import Estimate, check_fits, estimate
+    from .models import spec_for
+    from .models.spec import get_module
+    if not any(needs_calibration(step) for step in recipe.steps):
+        return
+    blocks = get_module(model, spec_for(model).blocks)
+    widest = max((m.in_features for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)), default=0)
+    hessian = any(method_for_config(step).name == "sparsegpt" or getattr(step, "update", "none") in ("obs", "admm")
+                  or method_for_config(step).scope == "compensate" for step in recipe.steps)
+    element = next(model.parameters()).element_size()
+    c = recipe.calibration
+    need = estimate(sum(p.numel() for p in model.parameters()), sum(p.numel() for p in blocks[0].parameters()),
+                    model.config.hidden_size, widest, c.samples, c.seqlen, element, hessian, False)
+    echo(need.line())
+    on_device = torch.device(device).type == "cuda" and (recipe.cache_device or str(device)) != "cpu"
+    if on_device:
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        device_need = estimate(0, 0, model.config.hidden_size, widest, c.samples, c.seqlen, element, hessian, True)
+        check_fits(device_need, free, c.samples, c.seqlen, str(device), ["--cache-device cpu"])
+    hints = ["--offload disk (weights stay on disk, one block in memory)"]
+    host_need = Estimate(need.weights, 0, 0) if on_device else need      # on a GPU the activations live there
+    check_fits(host_need, psutil.virtual_memory().available, c.samples, c.seqlen, "this machine", hints)
 
 
 def _checkpoint_dir(recipe: Recipe):
@@ -419,7 +452,7 @@ def export_model(model, tokenizer, recipe: Recipe, record: dict, adapters: dict,
             from .eora import save_peft_adapter
             save_peft_adapter(staging / adapter_dir, adapters, model)
         (staging / "README.md").write_text(card)
-        if recipe.export.format == "gguf":
+        if recipe.export is not None and recipe.export.format == "gguf":
             from .io.gguf_writer import write_gguf
             written = write_gguf(model, tokenizer, staging / GGUF_FILE, outtype=recipe.export.outtype,
                                  source=record.get("source"), name=Path(path).name)

@@ -541,6 +541,13 @@ def calibration_data(tokenizer, source: str | os.PathLike = "default", samples: 
     Window starts are drawn uniformly from [0, n - seqlen) with `torch.Generator().manual_seed(seed)`
     over the token stream of the whole calibration split (n tokens), as in GPTQ/SparseGPT/Wanda.
     """
+    return calibration_windows(tokenizer, source, samples, seqlen, seed)[0]
+
+
+def calibration_windows(tokenizer, source: str | os.PathLike = "default", samples: int = 128, seqlen: int = 512,
+                        seed: int = 0):
+    """`calibration_data`, and the `core.budget.Coverage` of the split that its windows read."""
+    from .core.budget import coverage
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if not isinstance(seqlen, int) or seqlen < 2:
@@ -552,7 +559,8 @@ def calibration_data(tokenizer, source: str | os.PathLike = "default", samples: 
                          f"windows of seqlen={seqlen} need at least {seqlen + 1}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=generator)
-    return ids[starts[:, None] + torch.arange(seqlen)].contiguous()
+    windows = ids[starts[:, None] + torch.arange(seqlen)].contiguous()
+    return windows, coverage(int(ids.numel()), starts.tolist(), seqlen)
 
 
 @dataclass(frozen=True, eq=False)
