@@ -111,3 +111,25 @@ def test_staging_and_swap_leave_no_marker_and_no_folder(tmp_path):
     assert not (out / STAGING_MARKER).exists()
     with pytest.raises(ValueError, match="staging kind"):
         staging_dir(out, "new")
+
+
+def test_every_staging_folder_is_marked_and_cleaned(tmp_path):
+    """The out-of-core steps scratch, the EoRA adapter, the GGUF conversion cache and the sweep's dense
+    reference stage in marked folders too: what a killed run left is removed by the next one."""
+    from prunekit.io.atomic import STAGING_MARKER, clean_stale_staging, staging_dir
+    steps = staging_dir(tmp_path / "out", "steps")
+    assert (steps / STAGING_MARKER).is_file()
+    stale = _plant(tmp_path / "out", "steps", {"pid": _dead_pid()})
+    assert clean_stale_staging(tmp_path / "out") == [stale] and steps.exists()      # ours, alive: kept
+
+    from prunekit.eval.suites import Reference
+    leftover = _plant(tmp_path / "reference", "tmp", {"pid": _dead_pid()})
+    reference = Reference.__new__(Reference)
+    for name in ("logprobs", "prompts", "continuations"):
+        setattr(reference, name, None)
+    reference.protocol = type("P", (), {"to_dict": lambda self: {}})()
+    reference.suites, reference.vocab_size, reference.text = (), 0, None
+    reference.perplexity = reference.knowledge = reference.lm_eval = None
+    reference.save(tmp_path / "reference")
+    assert not leftover.exists() and (tmp_path / "reference" / "reference.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".reference")] == []

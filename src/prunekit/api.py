@@ -305,8 +305,8 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     scratch folder next to it, or in the run directory with `--run-dir`, where a finished step is
     kept and skipped on `--resume` (an unstructured/N:M step also resumes block by block)."""
     import shutil
-    import tempfile
     from .card import model_card
+    from .io.atomic import staging_dir
     from .io.export import check_output_dir
     from .io.loading import load_tokenizer, describe_source, resolve_device
     from .io.offload import check_step, prune_out_of_core
@@ -357,7 +357,7 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     if run is None and len(recipe.steps) > 1:
         if main:
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.steps-", dir=out_path.parent))
+            scratch = staging_dir(out_path, "steps")      # marked: a killed run's scratch is removed next time
         scratch = distributed.broadcast_object(scratch)     # every process reads the steps rank 0 wrote
     source, out, last = location, None, len(recipe.steps) - 1
     try:

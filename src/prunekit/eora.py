@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .io.atomic import clean_stale_staging, staging_dir
 from .io.export import normalize_permissions, swap_into_place
 from .models.spec import is_linear, weight_view
 from .registry import register
@@ -309,7 +309,8 @@ def save_peft_adapter(path: str | os.PathLike, adapters: dict[str, tuple[Tensor,
 
     out = _check_adapter_dir(path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_staging(out)
+    staging = staging_dir(out)          # marked: what a killed run leaves is removed by the next one
     try:
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(text)

@@ -374,9 +374,7 @@ def _reference(dense, tokenizer, suites, protocol, device, folder: Path, echo, t
         return Reference.load(folder, protocol=protocol, suites=suites)
     echo("dense reference: measuring the dense model once for every point")
     ref = reference(dense, tokenizer, suites, protocol, device=device, trust_remote_code=trust_remote_code)
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    ref.save(staging)
-    os.replace(staging, folder)             # a killed run leaves no half-written reference
+    ref.save(folder)                        # atomic: a killed run leaves no half-written reference
     return ref
 
 

@@ -26,13 +26,15 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+
+from ..io.atomic import clean_stale_staging, staging_dir
+from ..io.export import swap_into_place
 
 SUITES = ("perplexity", "fidelity", "knowledge", "lm-eval")
 ALL_OFFLINE = ("perplexity", "fidelity", "knowledge")       # `--suite all`: lm-eval needs the network
@@ -167,7 +169,8 @@ class Reference:
         from safetensors.torch import save_file
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        clean_stale_staging(directory)
+        staging = staging_dir(directory)    # marked: what a killed run leaves is removed by the next one
         try:
             tensors = {name: getattr(self, name).contiguous() for name in ("logprobs", "prompts", "continuations")
                        if getattr(self, name) is not None}
@@ -177,17 +180,10 @@ class Reference:
                     "vocab_size": self.vocab_size, "text": self.text, "perplexity": self.perplexity,
                     "knowledge": self.knowledge, "lm_eval": self.lm_eval}
             (staging / REFERENCE_JSON).write_text(json.dumps(meta, indent=1, default=str))
-            if directory.exists():
-                if not (directory / REFERENCE_JSON).is_file():
-                    raise FileExistsError(f"{directory} exists and is not a prunekit reference; choose another "
-                                          "directory (nothing there was changed)")
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                staging.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                staging.rename(directory)
+            if directory.exists() and not (directory / REFERENCE_JSON).is_file():
+                raise FileExistsError(f"{directory} exists and is not a prunekit reference; choose another "
+                                      "directory (nothing there was changed)")
+            swap_into_place(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -74,7 +74,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dumps) -> None:
 # ------------------------------------------------------------------ staging folders, and what a killed run leaves
 
 STAGING_MARKER = "prunekit-staging.json"     # inside every staging folder prunekit makes: who made it
-STAGING_KINDS = ("tmp", "old")               # .NAME.tmp-XXXX (the new output), .NAME.old-XXXX (the old one, aside)
+STAGING_KINDS = ("tmp", "old", "steps")      # .NAME.tmp-XXXX (the new output), .NAME.old-XXXX (the old one, aside),
+#                                              .NAME.steps-XXXX (the intermediate steps of an out-of-core run)
 
 log = logging.getLogger("prunekit")
 _mentioned: set[str] = set()                 # folders already named in a warning by this process

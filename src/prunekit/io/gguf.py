@@ -15,12 +15,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from .atomic import clean_stale_staging, staging_dir, unmark
 from .checkpoint import CorruptCheckpointError, check_checkpoint, file_sha256, is_tied_alias
 
 log = logging.getLogger("prunekit")
@@ -171,7 +171,8 @@ def _build_gguf_cache(path: Path, target: Path, trust_remote_code: bool) -> None
     started = time.perf_counter()
     model, tokenizer = _convert_gguf(path, trust_remote_code)  # fails before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale_staging(target)
+    tmp = staging_dir(target)           # marked: what a killed conversion leaves is removed by the next one
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -186,9 +187,10 @@ def _build_gguf_cache(path: Path, target: Path, trust_remote_code: bool) -> None
         if _is_sound_cache(target):  # another process finished first: keep its copy
             return
         if target.exists():  # stale or broken cache: move it aside, then replace
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            stale = staging_dir(target, "old")
             os.replace(target, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
+        unmark(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
