@@ -133,3 +133,14 @@ def test_every_staging_folder_is_marked_and_cleaned(tmp_path):
     reference.save(tmp_path / "reference")
     assert not leftover.exists() and (tmp_path / "reference" / "reference.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".reference")] == []
+
+
+def test_write_atomic_removes_a_killed_writers_temporary_file(tmp_path):
+    from prunekit.io.atomic import write_atomic
+    target = tmp_path / "model.gguf"
+    dead = tmp_path / f".model.gguf.{_dead_pid()}-abcd.tmp"
+    live = tmp_path / f".model.gguf.{os.getpid()}-efgh.tmp"
+    dead.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    write_atomic(target, b"GGUF")
+    assert target.read_bytes() == b"GGUF" and not dead.exists() and live.exists()

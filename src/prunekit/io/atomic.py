@@ -26,7 +26,9 @@ def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path]
     it is given (e.g. `lambda tmp: save_file(tensors, str(tmp))`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_files(path)
+    # the pid in the name: a file left by a killed process is recognised (`clean_stale_files`)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     tmp = Path(name)
     try:
         if callable(content):
@@ -98,6 +100,24 @@ def staging_dir(target: str | os.PathLike, kind: str = "tmp") -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def clean_stale_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files `.NAME.<pid>-XXXX.tmp` that `write_atomic` calls for `path` left behind
+    when their process was killed (a GGUF export is as large as the model); files of live processes stay."""
+    path = Path(path)
+    removed = []
+    try:
+        candidates = sorted(path.parent.glob(f".{path.name}.*-*.tmp"))
+    except OSError:
+        return removed
+    for file in candidates:
+        pid = file.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not _alive({"pid": int(pid)}):
+            file.unlink(missing_ok=True)
+            log.warning("removed %s, a temporary file of an interrupted prunekit run (process %s)", file, pid)
+            removed.append(file)
+    return removed
 
 
 def unmark(folder: Path) -> None:
