@@ -27,7 +27,9 @@ def test_prune_export_and_eval(tiny_model_dir, tmp_path, capsys):
     assert scan["block_linear_sparsity"] == pytest.approx(0.5)
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["recipe"]["steps"] == [{"method": "sparsegpt", "nm": [2, 4]}]
-    assert meta["calibration"] == {"source": "default", "samples": 4, "seqlen": 32, "seed": 0}
+    assert {k: meta["calibration"][k] for k in ("source", "samples", "seqlen", "seed")} == {
+        "source": "default", "samples": 4, "seqlen": 32, "seed": 0}
+    assert 0 < meta["calibration"]["distinct_tokens"] <= 4 * 32 < meta["calibration"]["split_tokens"]
     assert meta["pruned_perplexity"]["ppl"] > 1 and meta["dense_perplexity"]["ppl"] > 1
     assert set(meta["sparsity"]["layers"]) == set(scan["layers"])
     assert {"torch", "transformers", "prunekit"} <= set(meta["versions"])

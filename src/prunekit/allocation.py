@@ -81,18 +81,21 @@ def allocate(model, config, calib: Tensor, *, device=None, batch_size: int = 8, 
 
 
 def spread(keys: list[float], sizes: list[int], target: float, lam: float) -> list[float]:
-    """Per-block sparsity: target + deviation, deviation = c - scaled key, clipped to [-lam, lam],
-    with c chosen (bisection) so that sum(size * deviation) == 0. Higher key -> lower sparsity."""
+    """Per-block sparsity: target + deviation, deviation = c - scaled key, clipped to [-lam, lam] and to what
+    a sparsity can be ([0, 0.999]: below a target under lam, a block can give at most `target`), with c chosen
+    (bisection) so that sum(size * deviation) == 0. Higher key -> lower sparsity. Clipping to [0, 0.999] after
+    the bisection instead broke the budget: 0.05 with lambda 0.08 gave blocks [0.13, 0.0], 6.5% in all."""
     lo, hi = min(keys), max(keys)
     if hi - lo < 1e-12 or lam == 0:
         return [target] * len(keys)
     scaled = [(k - lo) / (hi - lo) * 2 * lam for k in keys]           # OWL's [0, 2 lambda]
     total = sum(sizes)
+    low, high = max(-lam, -target), min(lam, 0.999 - target)          # low <= 0 <= high
 
     def mean_deviation(c: float) -> float:
-        return sum(n * min(lam, max(-lam, c - x)) for n, x in zip(sizes, scaled)) / total
+        return sum(n * min(high, max(low, c - x)) for n, x in zip(sizes, scaled)) / total
 
-    a, b = -lam, 3 * lam                                              # mean_deviation(a) <= 0 <= mean_deviation(b)
+    a, b = low, high + 2 * lam                                        # mean_deviation(a) <= 0 <= mean_deviation(b)
     for _ in range(200):
         c = (a + b) / 2
         if mean_deviation(c) < 0:
@@ -100,7 +103,7 @@ def spread(keys: list[float], sizes: list[int], target: float, lam: float) -> li
         else:
             b = c
     c = (a + b) / 2
-    return [min(0.999, max(0.0, target + min(lam, max(-lam, c - x)))) for x in scaled]
+    return [target + min(high, max(low, c - x)) for x in scaled]
 
 
 def _observe(step, layers: dict) -> dict[str, InputNorm]:
@@ -191,7 +194,9 @@ def _layer_counts(blocks_layers: list[dict], block_sparsity: list[float], config
         return out, zeros / total
     zeros = 0
     for name, module, s in layers:
-        out[name] = (s, None)
+        # a block allocated 0 stays among the pruned layers (the engine leaves out layers at sparsity 0, so the
+        # report's sparsity of the pruned layers would count only the other blocks), as per="row" does above
+        out[name] = (max(s, 1e-12), None)
         zeros += config.layer_zeros(*weight_view(module).shape, s)
     return out, zeros / total
 

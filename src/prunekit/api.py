@@ -74,6 +74,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
          f"{recipe.dtype}), compute on {device}")
     if device.type == "cpu" and recipe.dtype == "float32" and cpu_has_native_bf16():
         echo(BF16_HINT)
+    check_memory(model, recipe, device, echo)      # before the windows are drawn: 10**9 of them fail in a second
     result: dict = {"recipe": recipe_to_dict(recipe), "source": source, "parameters": n_params, "steps": []}
 
     eval_text = None
@@ -85,7 +86,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
             result["dense_perplexity"] = dense.to_dict()
 
     calib = _calibration(recipe, tokenizer, result, echo)
-    check_memory(model, recipe, device, echo)
     run = None
     if run_dir is not None:
         from .io.runs import Run, inputs_fingerprint

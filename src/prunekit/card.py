@@ -8,8 +8,16 @@ was pruned, the metrics each with its protocol line, how to load it and the hone
 statement of `expected_speedup` (below). The export writes it inside the same atomic
 staging folder as the weights, so it is never half-written and never out of step with them.
 No paper: this follows the hub's model-card conventions (front matter + Markdown).
+
+Every string a user chose (the model name or path, data sources in the protocol lines, the adapter
+folder) goes through `md_text`, `md_code` or `md_block`: a `|` would split a table row, a newline end a
+heading, `<script>` run in a renderer that passes HTML through, and a backtick close a code span early.
+`render.py` uses the same helpers for report.md.
 """
 from __future__ import annotations
+
+import html
+import re
 
 import yaml
 
@@ -55,6 +63,36 @@ def expected_speedup(step) -> str:
     return EXPECTED_SPEEDUP["depth"].format(amount=amount)
 
 
+def md_text(value, cell: bool = False) -> str:
+    """`value` as inline Markdown that shows exactly as written, also in a table cell or a heading: one line,
+    `& < >` as HTML entities, and backslashes before the characters Markdown would act on (`|` splits a table
+    cell; `_` only where it could start or end emphasis, so that `kl_mean` stays readable; a list marker
+    at the start, unless `cell`: a table cell holds no list, and its "-" for "none" stays plain)."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    text = re.sub(r"([\\`*\[\]|~#])", r"\\\1", text)
+    text = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
+    if cell:
+        return text
+    text = re.sub(r"^([-+])(?=\s|$)", r"\\\1", text)                  # a list marker at the start of a line
+    return re.sub(r"^(\d{1,9})([.)])(?=\s|$)", r"\1\\\2", text)      # an ordered-list marker
+
+
+def md_code(value) -> str:
+    """`value` as a one-line code span (shown verbatim, HTML included) whose fence is longer than any run of
+    backticks inside it. Not for table cells (a `|` there would still split the cell)."""
+    text = " ".join(str(value).split())
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_block(content: str, info: str = "") -> list[str]:
+    """Lines of a fenced code block holding `content` verbatim: the fence is longer than any run of backticks in
+    it, so no line of the content can close the block early."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", content)), default=0))
+    return [fence + info, content.rstrip("\n"), fence]
+
+
 def model_card(recipe, record: dict) -> str:
     """Markdown (with hub front matter) for a model exported by `recipe`; `record` is what goes
     into its `prunekit.json` (run_recipe's result)."""
@@ -66,32 +104,32 @@ def model_card(recipe, record: dict) -> str:
     if source.get("kind") == "hub":            # a local folder or a .gguf file is no hub id
         front["base_model"] = source.get("id", recipe.model)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {recipe.model} pruned with prunekit ({' + '.join(methods)})", "",
-             f"Produced by `prunekit run` from `{recipe.model}`.", "",
-             "## Recipe", "", "```yaml", dump_recipe(without_export(recipe)).strip(), "```", "",
+             f"# {md_text(recipe.model)} pruned with prunekit ({' + '.join(methods)})", "",
+             f"Produced by `prunekit run` from {md_code(recipe.model)}.", "",
+             "## Recipe", "", *md_block(dump_recipe(without_export(recipe)).strip(), "yaml"), "",
              "## What was pruned", ""]
     lines += _pruned_lines(record)
     lines += ["", "## Metrics", ""]
     lines += _metric_lines(record)
-    lines += ["", "## How to load", "", "```python"]
+    lines += ["", "## How to load", ""]
     structure = record.get("structure") or {}
     if structure.get("stock", True):
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  'model = AutoModelForCausalLM.from_pretrained("PATH")',
-                  'tokenizer = AutoTokenizer.from_pretrained("PATH")']
+        code = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                'model = AutoModelForCausalLM.from_pretrained("PATH")',
+                'tokenizer = AutoTokenizer.from_pretrained("PATH")']
     else:   # blocks of different widths: a stock config cannot describe them
-        lines += ["import prunekit", 'model, tokenizer = prunekit.load_pruned("PATH")']
-    if record.get("adapter"):
-        lines += ["from peft import PeftModel",
-                  f'model = PeftModel.from_pretrained(model, "PATH/{record["adapter"]}")  # EoRA residuals']
-    lines += ["```", "", "`PATH` is this folder (or its hub id)."]
+        code = ["import prunekit", 'model, tokenizer = prunekit.load_pruned("PATH")']
+    if record.get("adapter"):       # repr: a quote or a newline in the folder name stays inside the string
+        code += ["from peft import PeftModel",
+                 f'model = PeftModel.from_pretrained(model, {"PATH/" + str(record["adapter"])!r})  # EoRA residuals']
+    lines += [*md_block("\n".join(code), "python"), "", "`PATH` is this folder (or its hub id)."]
     if not structure.get("stock", True):
         lines += ["Its decoder blocks have different widths, which a stock config cannot describe; "
                   "`prunekit.load_pruned` rebuilds them from `prunekit.json`."]
     lines += ["", "## Expected speed", ""]
     lines += [f"- step {index} ({name}): {expected_speedup(step)}"
               for index, (name, step) in enumerate(zip(methods, recipe.steps))]
-    lines += ["", "Measure it on your hardware with `prunekit bench PATH --baseline " + recipe.model + "`.", ""]
+    lines += ["", f"Measure it on your hardware with {md_code(f'prunekit bench PATH --baseline {recipe.model}')}.", ""]
     return "\n".join(lines)
 
 
@@ -111,13 +149,13 @@ def _pruned_lines(record: dict) -> list[str]:
     if before and after:
         lines.append(f"- parameters: {before:,} before, {after:,} after ({1 - after / before:.2%} removed)")
     if record.get("adapter_parameters"):
-        lines.append(f"- EoRA adapter: {record['adapter_parameters']:,} parameters in `{record.get('adapter')}`")
+        lines.append(f"- EoRA adapter: {record['adapter_parameters']:,} parameters in {md_code(record.get('adapter'))}")
     structure = record.get("structure") or {}
     if structure.get("num_blocks") is not None:
         lines.append(f"- decoder blocks: {structure['num_blocks']}"
                      + ("" if structure.get("stock", True) else " (of different widths)"))
     for index, step in enumerate(record.get("steps") or []):
-        method = step.get("method", "?")
+        method = md_text(step.get("method", "?"))
         if "removed_fraction_of_block_params" in step:
             lines.append(f"- step {index}: {method} removed {step['removed_fraction_of_block_params']:.2%} of the "
                          "block parameters")
@@ -145,7 +183,8 @@ def _metric_lines(record: dict) -> list[str]:
     if not rows:
         return ["No evaluation was run (the recipe has no `eval:` section)."]
     lines = ["| metric | value | protocol |", "|---|---|---|"]
-    lines += [f"| {name} | {value} | {str(protocol).replace('|', '/')} |" for name, value, protocol in rows]
+    lines += [f"| {md_text(name, cell=True)} | {md_text(value, cell=True)} | {md_text(protocol, cell=True)} |"
+              for name, value, protocol in rows]
     return lines
 
 

@@ -75,6 +75,7 @@ def _main(argv: list[str], state: dict) -> int:
         # FloatingPointError is NaN/Inf in the activations (engine.NonFiniteError)
         if args.verbose or state.get("received"):
             raise                      # after a signal: the interrupt, reported by `main`
+        close_progress_bars(collect=False)     # a bar the error cut short ends its line; the message starts its own
         print(f"prunekit: error: {_one_line(err, args)}", file=sys.stderr)
         return 2
 

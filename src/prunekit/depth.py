@@ -99,18 +99,22 @@ class DepthConfig:
         """How many units `sparsity` and `layers` count: blocks here; sublayers for sublayer-drop."""
         return num_blocks
 
+    def unit(self) -> str:
+        """What `candidates` counts, in messages."""
+        return "blocks"
+
     def blocks_to_remove(self, num_blocks: int) -> int:
-        """How many of `num_blocks` blocks to remove; at least one, and at least one must stay."""
+        """How many of `num_blocks` candidates (`unit`) to remove; at least one, and at least one must stay."""
         if self.layers is not None:
             count, asked = self.layers, f"layers={self.layers}"
         else:
             count, asked = math.floor(self.sparsity * num_blocks + 0.5), f"sparsity={self.sparsity}"
         if count == 0:
-            raise ValueError(f"{asked} of {num_blocks} blocks rounds to 0 blocks to remove; "
+            raise ValueError(f"{asked} of {num_blocks} {self.unit()} rounds to 0 {self.unit()} to remove; "
                              f"use sparsity >= {0.5 / num_blocks:.3g} or layers=1")
         if count >= num_blocks:
-            raise ValueError(f"{asked} would remove {count} of the model's {num_blocks} blocks; at least one must "
-                             f"stay (at most layers={num_blocks - 1})")
+            raise ValueError(f"{asked} would remove {count} of the model's {num_blocks} {self.unit()}; at least one "
+                             f"must stay (at most layers={num_blocks - 1})")
         return count
 
 

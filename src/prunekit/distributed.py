@@ -254,13 +254,36 @@ def strip_nproc(argv: list[str]) -> tuple[list[str], int | None]:
 
 
 def launch(argv: list[str], nproc: int) -> int:
-    """Run `prunekit <argv>` in `nproc` processes on this machine under torchrun (its module
-    entry, `python -m torch.distributed.run --standalone`: a local rendezvous on a free port);
-    returns its exit status. `argv` must not contain --nproc (see `strip_nproc`)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+    """Run `prunekit <argv>` in `nproc` processes on this machine under torchrun (its entry point,
+    `torch.distributed.run` with --standalone: a local rendezvous on a free port, run through `torchrun`
+    below); returns its exit status. `argv` must not contain --nproc (see `strip_nproc`)."""
+    command = [sys.executable, "-m", "prunekit.distributed", "--nproc-per-node", str(nproc), "--standalone",
                "-m", "prunekit", *argv]
     env = dict(os.environ)
     # N processes x all cores each would oversubscribe the CPU; torchrun's own default is 1 thread
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     return subprocess.call(command, env=env)
+
+
+def torchrun(argv: list[str]) -> int:
+    """torchrun (`torch.distributed.run.main`) that answers Ctrl-C and SIGTERM quietly. torchrun stops its
+    workers (rank 0 says what was interrupted and what was written), then raises SignalException, whose
+    traceback would end the output; here that is exit 128 + the signal instead. Its warnings (timestamped
+    lines such as one per worker it signals) would bury the workers' own messages: only its errors show,
+    unless LOGLEVEL asks for more."""
+    if "LOGLEVEL" not in os.environ:
+        import logging
+        os.environ["LOGLEVEL"] = "ERROR"            # torchrun's loggers that read it (and the workers' own)
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)     # and those that do not
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as run
+    try:
+        run(argv)
+    except SignalException as err:
+        return 128 + int(err.sigval)
+    return 0
+
+
+if __name__ == "__main__":          # `python -m prunekit.distributed TORCHRUN-ARGS`: what `launch` runs
+    sys.exit(torchrun(sys.argv[1:]))

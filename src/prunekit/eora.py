@@ -323,8 +323,19 @@ def save_peft_adapter(path: str | os.PathLike, adapters: dict[str, tuple[Tensor,
     return out
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike):
-    """`peft.PeftModel.from_pretrained(model, path)`: the pruned model plus its EoRA adapter."""
+def load_adapter(model: nn.Module, path: str | os.PathLike, allow_pickle: bool = False):
+    """`peft.PeftModel.from_pretrained(model, path)`: the pruned model plus its EoRA adapter.
+
+    A local folder must hold the safetensors weights `save_peft_adapter` writes: without them peft falls
+    back to adapter_model.bin, a pickle (which it reads with torch.load(weights_only=True), but prunekit
+    reads no pickle unless asked: allow_pickle=True, as for models)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / ADAPTER_WEIGHTS).is_file() and not allow_pickle:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        raise ValueError(f"{folder} holds no {ADAPTER_WEIGHTS}" + (f" (only {', '.join(pickles)}, a pickle)"
+                                                                   if pickles else "")
+                         + "; prunekit loads adapters from safetensors only; pass allow_pickle=True if you "
+                           "trust the file")
     try:
         from peft import PeftModel
     except ImportError as err:

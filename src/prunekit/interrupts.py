@@ -97,11 +97,14 @@ def _forward(signum: int) -> None:
         pass
 
 
-def close_progress_bars() -> None:
+def close_progress_bars(collect: bool = True) -> None:
     """Close the progress bars the interrupted work left open now, so that they print their last
-    state before the one line, not after it (from their finalizers at exit)."""
+    state before the one line, not after it (from their finalizers at exit). `collect`: first free the
+    bars nothing refers to any more (a garbage collection: a fraction of a second with torch loaded;
+    not needed while the traceback that holds them is alive)."""
     import gc
-    gc.collect()
+    if collect:
+        gc.collect()
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
         try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -94,6 +96,11 @@ class Recipe:
             raise ValueError(f"offload must be none, cpu or disk, got {self.offload!r}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        # the form only (no torch, no CUDA here); whether the device exists is checked when the run starts
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.cache_device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.cache_device)):
+            raise ValueError(f"cache_device must be cpu, cuda or cuda:N, got {self.cache_device!r}")
         scopes = [method_for_config(step).scope for step in self.steps]
         for index, scope in enumerate(scopes):
             if scope == "compensate" and (index == 0 or scopes[index - 1] != "linear"):
@@ -110,12 +117,17 @@ def recipe_from_dict(raw: dict) -> Recipe:
         raise ValueError(f"a recipe is a mapping (model:, steps:, ...), got {type(raw).__name__}")
     _check_keys("recipe", raw, Recipe)
     values = dict(raw)
+    _check_types("", values, Recipe)
     for key, cls in _SECTIONS.items():
         if values.get(key) is not None:
             if not isinstance(values[key], dict):
                 raise ValueError(f"{key} must be a mapping, got {values[key]!r}")
             _check_keys(key, values[key], cls)
-            values[key] = cls(**values[key])
+            section = dict(values[key])
+            _check_types(f"{key}.", section, cls)
+            if key == "export" and "path" not in section:
+                raise ValueError("export needs a path, the output folder: export: {path: out/pruned-model}")
+            values[key] = cls(**section)
     steps = values.get("steps") or []
     if not isinstance(steps, list):
         raise ValueError("steps must be a list of {method: ..., ...} mappings")
@@ -127,8 +139,12 @@ def step_from_dict(raw: dict, where: str = "step"):
     if not isinstance(raw, dict) or "method" not in raw:
         raise ValueError(f"{where} must be a mapping with a 'method' key, got {raw!r}")
     values = dict(raw)
-    method = get_method(values.pop("method"))
+    name = values.pop("method")
+    if not isinstance(name, str):
+        raise ValueError(f"{where}.method must be a method name such as wanda (see `prunekit list`), got {name!r}")
+    method = get_method(name)
     _check_keys(where, values, method.config_cls)
+    _check_types(f"{where}.", values, method.config_cls)
     for key in ("nm", "targets", "ignore"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
@@ -151,8 +167,12 @@ def _check_nm_agrees(where: str, sparsity, nm) -> None:
 def load_recipe(path_or_text: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe from a YAML file (or YAML text), apply `a.b.c=value` overrides, validate."""
     is_file = _is_file(path_or_text)
-    text = Path(path_or_text).read_text() if is_file else str(path_or_text)
-    raw = _safe_yaml(text, f"recipe {path_or_text}" if is_file else "recipe")
+    try:
+        text = Path(path_or_text).read_text(encoding="utf-8") if is_file else str(path_or_text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe {path_or_text} is not UTF-8 text (byte {err.start}: {err.reason}); a recipe is a "
+                         "YAML file") from None
+    raw = safe_yaml(text, f"recipe {path_or_text}" if is_file else "recipe")
     for override in overrides:
         apply_override(raw, override)
     return recipe_from_dict(raw)
@@ -168,24 +188,42 @@ def apply_override(raw: dict, override: str) -> None:
     for depth, key in enumerate(keys[:-1]):
         node = _child(node, key, ".".join(keys[:depth + 1]), create=True)
     last = keys[-1]
-    parsed = _safe_yaml(value, f"--set {override}")
+    parsed = safe_yaml(value, f"--set {override}")
     if isinstance(node, list):
         node[_index(node, last, path)] = parsed
-    else:
+    elif isinstance(node, dict):
         node[last] = parsed
+    else:
+        raise ValueError(f"--set {path}: {path.rsplit('.', 1)[0]} is {node!r}, not a mapping with keys")
 
 
-def _safe_yaml(text: str, where: str):
-    """Plain YAML data only. `yaml.safe_load` never constructs Python objects, so a tag such as
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping: PyYAML would silently keep the last
+    one, so a recipe with two `steps:` sections would run only the second."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key.value!r} is given twice in one mapping (YAML would keep only "
+                        "the last one); remove one of them", key.start_mark)
+                seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep)
+
+
+def safe_yaml(text: str, where: str):
+    """Plain YAML data only. The safe loader never constructs Python objects, so a tag such as
     `!!python/object/apply:os.system` cannot run anything; it is refused here with a message
-    instead of a parser traceback."""
+    instead of a parser traceback. A key given twice is refused too (`_UniqueKeyLoader`)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)      # a SafeLoader: plain data only
     except yaml.YAMLError as err:
         if "python/" in str(err):
             raise ValueError(f"{where}: refused a YAML tag that would construct a Python object ({_first_line(err)}); "
                              "recipes are plain data (mappings, lists, numbers, strings) and are read with "
-                             "yaml.safe_load, so nothing was executed. Remove the tag") from None
+                             "YAML's safe loader, so nothing was executed. Remove the tag") from None
         raise ValueError(f"{where} is not valid YAML: {err}") from None
 
 
@@ -242,6 +280,61 @@ def _check_keys(where: str, raw: dict, cls) -> None:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown key {key!r} in {where}{hint} (valid: {', '.join(valid)})")
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "tuple[int, int]": "a pair of integers such as [2, 4]",
+               "tuple[str, ...]": "a string or a list of strings", "dict": "a mapping such as {'o_proj': 0.3}"}
+
+
+def _check_types(prefix: str, values: dict, cls) -> None:
+    """Every value has the type its field declares (`prefix` + name in the message): a real bool (YAML true/false)
+    where a field says bool, a string where it says str, a number where it says float. The configs' own checks
+    then compare values; without this a value of the wrong type failed deep inside the run in Python's words
+    ("'<' not supported between 'int' and 'str'"), or was silently truthy (`trust_remote_code: 'no'`).
+    Paths (os.PathLike) given from Python for a str field become strings."""
+    declared = {f.name: str(f.type) for f in fields(cls)}
+    for name, value in values.items():
+        kind = declared.get(name, "")
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if value is None and optional or kind not in _TYPE_WORDS:
+            continue
+        if kind == "str" and isinstance(value, os.PathLike):
+            values[name] = os.fspath(value)
+        elif not _has_type(value, kind):
+            hint = ""
+            if isinstance(value, str) and kind in ("int", "float") and _is_number(value):
+                hint = " (write the number without quotes; YAML reads 1e-4 as text, 1.0e-4 as a number)"
+            elif isinstance(value, str) and kind == "bool":
+                hint = " (write true or false, without quotes)"
+            raise ValueError(f"{prefix}{name} must be {_TYPE_WORDS[kind]}{' or null' if optional else ''}, "
+                             f"got {value!r}{hint}")
+
+
+def _has_type(value, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "tuple[int, int]":
+        return isinstance(value, (list, tuple)) and all(_has_type(v, "int") for v in value)
+    if kind == "dict":
+        return isinstance(value, dict)
+    # tuple[str, ...]: one pattern, or a list of them
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _child(node, key: str, where: str, create: bool):

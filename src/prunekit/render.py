@@ -20,6 +20,11 @@ file that opens anywhere, offline; each figure is ``<figure id="fig-NAME">`` wit
 text and a caption, and a small inline script records how many images decoded
 (``document.body.dataset.figuresLoaded``) so a headless browser can check the page. Matplotlib
 (Agg backend) is imported only here, lazily. No paper: a reporting convenience.
+
+The folder's records are data someone else may have written: every string from them (model names, paths,
+point ids, method names, protocol lines, warnings, the recipe) is escaped, in the HTML with `html.escape`
+and in the Markdown with the model card's helpers (`card.md_text`, `md_block`), so a `<script>` shows as
+text and a `|` or a newline cannot break a table.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import io
 import json
 from pathlib import Path
 
+from .card import md_block, md_text
 from .io.atomic import write_atomic
 from .sweep import METRICS, RESULTS_JSONL, folder_name, read_rows
 
@@ -78,7 +84,7 @@ def _sweep_sections(folder: Path) -> list[tuple]:
     rows = read_rows(folder)
     if not rows:
         raise ValueError(f"{folder / RESULTS_JSONL} has no finished point yet; run the sweep first")
-    sections: list[tuple] = [("text", f"{len(rows)} points from `{folder / RESULTS_JSONL}`.")]
+    sections: list[tuple] = [("text", f"{len(rows)} points from {folder / RESULTS_JSONL}.")]
     for name, columns, ylabel, caption in CURVES:
         if any(row["metrics"].get(c) is not None for row in rows for c in columns):
             sections.append(("figure", name, _curve_png(rows, columns, ylabel), caption))
@@ -261,22 +267,22 @@ def _fmt(value, pattern: str = "{:.4g}") -> str:
 
 
 def _markdown(title: str, sections) -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {md_text(title)}", ""]
     for block in sections:
         kind = block[0]
         if kind == "text":
-            lines += [block[1], ""]
+            lines += [md_text(block[1]), ""]
         elif kind == "heading":
-            lines += [f"## {block[1]}", ""]
+            lines += [f"## {md_text(block[1])}", ""]
         elif kind == "figure":
-            lines += [f"![{block[3]}](figures/{block[1]}.png)", "", f"*{block[3]}*", ""]
+            lines += [f"![{md_text(block[3])}](figures/{block[1]}.png)", "", f"*{md_text(block[3])}*", ""]
         elif kind == "table":
-            cells = lambda row: "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"   # noqa: E731
+            cells = lambda row: "| " + " | ".join(md_text(c, cell=True) for c in row) + " |"   # noqa: E731
             lines += [cells(block[1]), "|" + "---|" * len(block[1])] + [cells(r) for r in block[2]] + [""]
         elif kind == "list":
-            lines += [f"- {item}" for item in block[1]] + [""]
+            lines += [f"- {md_text(item)}" for item in block[1]] + [""]
         elif kind == "code":
-            lines += ["```", block[1].rstrip(), "```", ""]
+            lines += [*md_block(block[1].rstrip()), ""]
     return "\n".join(lines)
 
 

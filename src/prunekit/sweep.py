@@ -37,8 +37,6 @@ import re
 import time
 from pathlib import Path
 
-import yaml
-
 from .io.atomic import write_atomic
 
 SWEEP_FILE = "sweep.json"
@@ -85,7 +83,8 @@ def parse_axis(text: str) -> tuple[str, list]:
     key = key.strip()
     if not key:
         raise ValueError(f"--grid {text!r}: empty key")
-    return key, [yaml.safe_load(v) for v in split_values(values)]
+    from .recipe import safe_yaml
+    return key, [safe_yaml(v, f"--grid {key}={v}") for v in split_values(values)]
 
 
 def expand_grid(grids: list[list[str]]) -> list[tuple[tuple[str, object], ...]]:
@@ -118,8 +117,10 @@ def point_id(point) -> str:
 
 
 def folder_name(pid: str) -> str:
-    """A file-system-safe folder name for a point id."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", pid.replace(" ", "__")).strip("_") or "point"
+    """A file-system-safe folder name for a point id: no separator, and never "." or ".." (DIR/models/.. is
+    the sweep folder itself)."""
+    name = re.sub(r"[^A-Za-z0-9._=-]+", "_", pid.replace(" ", "__")).strip("_")
+    return name if name.strip(".") else "point"
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -158,6 +159,7 @@ def eval_protocol(base, settings: list[str] = ()):
     """The suites' protocol: the recipe's eval section (data, seqlen, stride, max_tokens), then
     `--protocol key=value` settings."""
     from .eval.suites import EvalProtocol
+    from .recipe import safe_yaml
     values = {}
     if base.eval is not None:
         values = {"data": base.eval.data, "seqlen": base.eval.seqlen, "stride": base.eval.stride,
@@ -166,7 +168,7 @@ def eval_protocol(base, settings: list[str] = ()):
         if "=" not in setting:
             raise ValueError(f"--protocol expects key=value (e.g. fidelity_tokens=1024), got {setting!r}")
         key, value = setting.split("=", 1)
-        values[key.strip()] = yaml.safe_load(value)
+        values[key.strip()] = safe_yaml(value, f"--protocol {setting}")
     return EvalProtocol.from_dict(values)
 
 
@@ -236,12 +238,12 @@ def run_sweep(recipe, grids: list[list[str]], out, *, suites=("perplexity",), ov
     from .eval.suites import parse_suites
     from .io.export import to_jsonable
     from .io.loading import describe_source, load, resolve_device
-    from .recipe import apply_override, recipe_to_dict
+    from .recipe import apply_override, recipe_to_dict, safe_yaml
 
     if str(recipe).endswith((".yaml", ".yml")) and not Path(str(recipe)).is_file():
         raise FileNotFoundError(f"recipe file not found: {recipe}")
     text = Path(recipe).read_text() if Path(str(recipe)).is_file() else str(recipe)
-    raw = yaml.safe_load(text)
+    raw = safe_yaml(text, f"recipe {recipe}")      # plain data only: a Python tag is refused, nothing runs
     if not isinstance(raw, dict):
         raise ValueError(f"{recipe}: a recipe is a mapping (model:, steps:, ...)")
     for override in overrides:

@@ -25,7 +25,12 @@ def _import_lm_eval():
 
 
 def check_include_trusted(include, trust_remote_code: bool) -> None:
-    """Refuse a local lm-eval task directory without consent: its YAML can run Python from it."""
+    """Refuse a local lm-eval task directory without consent: its YAML can run Python from it. A directory that
+    does not exist is refused first (lm-eval would ignore it and fall back to the Hub's tasks)."""
+    from pathlib import Path
+    if include and not Path(include).expanduser().is_dir():
+        raise FileNotFoundError(f"--lm-eval-include {include}: no such directory; point it at a folder of lm-eval "
+                                "task configs (*.yaml)")
     if include and not trust_remote_code:
         raise ValueError(f"--lm-eval-include {include}: lm-eval task configs can run Python from their directory "
                          "(`!function` entries), so a task directory is code; pass --trust-remote-code to allow it "

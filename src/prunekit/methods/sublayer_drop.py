@@ -45,6 +45,10 @@ class SublayerDropConfig(DepthConfig):
     def candidates(self, num_blocks: int) -> int:
         return num_blocks * len(KINDS[self.sublayers])
 
+    def unit(self) -> str:
+        return {"attention": "attention sublayers", "mlp": "FFN sublayers",
+                "both": "sublayers (attention and FFN)"}[self.sublayers]
+
 
 @register("sublayer-drop", SublayerDropConfig, scope="depth", calibrated=True)
 def sublayer_drop(model, calib: Tensor, cfg: SublayerDropConfig, *, device=None, batch_size: int = 8,
