@@ -227,15 +227,32 @@ def _parser() -> argparse.ArgumentParser:
     _nproc(run)
     run.set_defaults(handler=_run)
 
-    export = sub.add_parser("export", help="write a saved (pruned) model as GGUF for llama.cpp")
+    export = sub.add_parser("export", help="write a saved (pruned) model as GGUF for llama.cpp, or as compressed "
+                                           "sparse storage")
     export.add_argument("model", help="a prunekit export folder, a local checkpoint, a .gguf file or \"default\"")
-    export.add_argument("--format", required=True, choices=["gguf"], help="gguf: one file for llama.cpp")
-    export.add_argument("--out", required=True, help="the output file (FILE.gguf)")
+    export.add_argument("--format", required=True, choices=["gguf", "sparse"],
+                        help="gguf: one file for llama.cpp; sparse: a folder whose sparse weights are stored as a "
+                             "bitmap of nonzeros plus the nonzero values (loads with prunekit.load)")
+    export.add_argument("--out", required=True, help="the output file (FILE.gguf) or folder (sparse)")
     export.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                         help="weight type of 2-D tensors (norms and biases stay f32); default f16")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.add_argument("--trust-remote-code", action="store_true")
     export.set_defaults(handler=_export)
+
+    generate = sub.add_parser("generate", help="greedy generation with a (pruned) model, timed")
+    generate.add_argument("model", help="hub id, local directory, .gguf file, or \"default\"")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", type=Path, help="a UTF-8 file holding the prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--offload", action="store_true",
+                          help="a sparse export (prunekit export --format sparse): keep its compressed weights in "
+                               "host memory and decompress one block at a time on --device (Endor)")
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    generate.add_argument("--trust-remote-code", action="store_true")
+    generate.set_defaults(handler=_generate)
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)
@@ -346,8 +363,55 @@ def _run(args) -> int:
     return _execute(load_recipe(args.recipe, overrides), args)
 
 
+def _generate(args) -> int:
+    """`prunekit generate MODEL --prompt TEXT`: greedy continuation, printed with its speed and protocol."""
+    import time
+
+    import torch
+
+    from .io.loading import load, resolve_device
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8")
+    device = resolve_device(args.device)
+    if args.offload:
+        from .io.sparse import is_sparse_export, offloaded_sparse_model
+        if not is_sparse_export(args.model):
+            raise ValueError(f"--offload decompresses a sparse export block by block; {args.model} is not one "
+                             "(write it with `prunekit export DIR --format sparse --out DIR2`)")
+        model, tokenizer = offloaded_sparse_model(args.model, device=device, dtype=args.dtype,
+                                                  trust_remote_code=args.trust_remote_code)
+    else:
+        model, tokenizer = load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        model.to(device)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer to turn the prompt into tokens")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - started
+    new = out[0, ids.shape[1]:]
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    print(f"[{len(new)} new tokens in {seconds:.2f} s, {len(new) / seconds:.2f} tokens/s including the prompt's "
+          f"{ids.shape[1]} tokens; greedy, batch 1, {args.dtype} on {device}"
+          f"{', compressed blocks decompressed one at a time' if args.offload else ''}]", file=sys.stderr)
+    return 0
+
+
 def _export(args) -> int:
-    """`prunekit export DIR --format gguf --out FILE.gguf`: the saved model as one llama.cpp file."""
+    """`prunekit export DIR --format gguf --out FILE.gguf`: the saved model as one llama.cpp file;
+    `--format sparse --out DIR2`: its sparse weights as bitmap + nonzeros (io/sparse.py)."""
+    if args.format == "sparse":
+        from .io.sparse import export_sparse
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--format sparse compresses a saved model folder; {args.model} is not one")
+        stats = export_sparse(args.model, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}: {stats['tensors_compressed']} weights compressed, tensor data "
+              f"{stats['bytes_compressed'] / 2**20:.1f} MiB instead of {stats['bytes_dense'] / 2**20:.1f} MiB "
+              f"({stats['ratio']:.3f}x); loads with prunekit.load({str(args.out)!r})")
+        return 0
     from .io.gguf_writer import export_gguf
     result = export_gguf(args.model, args.out, outtype=args.outtype, overwrite=args.overwrite,
                          trust_remote_code=args.trust_remote_code)

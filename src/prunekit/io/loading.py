@@ -335,6 +335,9 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
 def _from_pretrained(location: str, dtype, trust_remote_code: bool, allow_pickle: bool):
     from transformers import AutoModelForCausalLM
 
+    from .sparse import is_sparse_export, load_sparse
+    if is_sparse_export(location):              # bitmap + nonzeros (`prunekit export --format sparse`)
+        return load_sparse(location, dtype, trust_remote_code)
     if recorded_widths(location) is not None:
         return load_pruned(location, dtype, trust_remote_code)
     import pickle
