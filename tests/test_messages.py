@@ -74,3 +74,22 @@ def test_allow_pickle_with_a_pickle_the_safe_loader_refuses_is_one_line(tmp_path
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
     assert line.startswith("prunekit: error:") and "holds more than tensors" in line and "Traceback" not in err
+
+
+def test_a_full_disk_reported_by_safetensors_is_a_disk_full_error(tmp_path, monkeypatch):
+    # safetensors 0.8 raises its own SafetensorError ("... (os error 28)"), not an OSError, on a full disk
+    import prunekit.io.export as export
+
+    class SafetensorError(Exception):
+        pass
+
+    def full(model, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(export, "_save_model", full)
+    try:
+        export.save_pretrained_atomic(tiny_model("llama"), None, tmp_path / "out")
+    except export.DiskFullError as err:
+        assert "disk full" in str(err) and "nothing was written" in str(err)
+    else:
+        raise AssertionError("no DiskFullError")
+    assert list(tmp_path.iterdir()) == []

@@ -172,6 +172,12 @@ def is_prunekit_export(folder: Path) -> bool:
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in _DISK_FULL
+    return any(f"(os error {code})" in str(err) for code in _DISK_FULL)
+
+
 class DiskFullError(OSError):
     """The disk (or quota) filled up while exporting; the message says what was left as it was."""
 
@@ -191,7 +197,8 @@ def _disk_full(err: OSError, out: Path, existed: bool, model) -> DiskFullError:
     except Exception:
         need = ""
     kept = f"the previous export in {out} is unchanged" if existed else f"{out} was not created"
-    return DiskFullError(f"disk full while writing the export to {out} ({err.strerror or err}); nothing was "
+    return DiskFullError(f"disk full while writing the export to {out} ({getattr(err, 'strerror', None) or err}); "
+                         "nothing was "
                          f"written: {kept} and the temporary folder was removed. Free space in {out.parent} "
                          f"({free}{need}) or choose another --out, then run again")
 
@@ -275,8 +282,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, metadat
 
         check_output_dir(out, overwrite=overwrite, protect=protect)  # the world may have moved meanwhile
         swap_into_place(tmp, out)
-    except OSError as err:
-        if err.errno not in _DISK_FULL:
+    except Exception as err:        # safetensors reports a full disk as its own error, not an OSError
+        if not _is_disk_full(err):
             raise
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)      # frees the space before the message is read

@@ -309,6 +309,9 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
     from ..surgery import resize_to_
 
     path = Path(path)
+    from .sparse import is_sparse_export, load_sparse
+    if is_sparse_export(path):                 # bitmap + values storage (io/sparse.py); may record widths too
+        return load_sparse(path, dtype, trust_remote_code)
     widths = recorded_widths(path)
     if widths is None:
         return _from_pretrained(str(path), resolve_dtype(dtype), trust_remote_code, allow_pickle=False)
