@@ -47,6 +47,11 @@ Protocol and why:
 * Times are only as good as the host is quiet: the protocol records the host's load average
   before and after. Pin ``--threads`` to at most the idle cores; with more threads than free
   cores, OpenMP threads wait on each other and times balloon.
+
+``--runtime llama.cpp`` measures the GGUF form of both models in llama.cpp instead (prompt
+processing and decode tok/s at batch 1, converting non-GGUF inputs with ``--outtype``); its
+protocol is in `prunekit.bench_llama_cpp`. torch is imported only where it is used, so that
+``prunekit --help`` and the llama.cpp workers do not load it.
 """
 from __future__ import annotations
 
@@ -57,7 +62,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,11 +69,13 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
+from .bench_llama_cpp import cpu_model, load_average, peak_rss, reset_peak_rss
 from .io.atomic import write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("prunekit")
 
@@ -99,6 +105,8 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
     Raises ValueError for bad arguments (naming the CLI flag), CUDA asked for but unavailable,
     or a prompt longer than a model's position limit; FileNotFoundError for a missing model path.
     """
+    import torch
+
     from prunekit.io.loading import describe_source, resolve_dtype
 
     batches = _check_batches(batches)
@@ -118,7 +126,7 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
             "device": str(dev), "dtype": dtype, "repeats": repeats, "warmup": warmup,
             "threads": threads, "seed": PROMPT_SEED}
     # Other processes on the machine distort every time measured here; the protocol records how busy it was.
-    load_before = _load_average()
+    load_before = load_average()
     measured = {}
     for role, name in models.items():
         log.info("bench: %s %s, batch %s", role, name, ",".join(map(str, batches)))
@@ -139,7 +147,7 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
         "device_name": _device_name(dev),
         "torch_threads": any_worker["torch_threads"],
         "cpu_count": os.cpu_count(),
-        "load_average_1min": {"before": load_before, "after": _load_average()},
+        "load_average_1min": {"before": load_before, "after": load_average()},
         "dtype": dtype,
         "batches": list(batches),
         "prompt_len": prompt_len,
@@ -167,6 +175,8 @@ def measure(lm: torch.nn.Module, *, batches: Sequence[int] = (1,), prompt_len: i
     """Measure a model already in memory (on `device`), in this process: the same rows as
     `benchmark`, without speedups. For scripts that build or prune models in place (a 7B model
     is not worth a save/load round trip just to be timed)."""
+    import torch
+
     dev = _check_device(device)
     memory_method = _reset_peak_memory(dev)
     info = _model_info(lm)
@@ -266,16 +276,36 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the benchmark")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the benchmark (llama.cpp: its threads, default all cores)")
+    parser.add_argument("--runtime", default="transformers", choices=["transformers", "llama.cpp"],
+                        help="transformers (default), or llama.cpp: the GGUF form of both models, batch 1 on the CPU, "
+                             "prompt processing and decode tok/s (needs pip install 'prunekit[llama]')")
+    parser.add_argument("--outtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                        help="llama.cpp: weight type when a model is not a .gguf file and is converted first "
+                             "(default f16)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed arguments describe, print the table, write --json. Returns 0."""
-    result = benchmark(args.model, baseline=args.baseline, batches=parse_batches(args.batch),
-                       prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
-                       dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
-    print(format_table(result))
+    runtime = getattr(args, "runtime", "transformers")
+    if runtime == "llama.cpp":
+        from . import bench_llama_cpp
+
+        _check_llama_cpp_flags(args)
+        result = bench_llama_cpp.benchmark(args.model, baseline=args.baseline, prompt_len=args.prompt_len,
+                                           new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                                           threads=args.threads, outtype=args.outtype or "f16")
+        print(bench_llama_cpp.format_table(result))
+    else:
+        if getattr(args, "outtype", None) is not None:
+            raise ValueError("--outtype applies to --runtime llama.cpp (the GGUF weight type); transformers "
+                             "measures the checkpoint in --dtype")
+        result = benchmark(args.model, baseline=args.baseline, batches=parse_batches(args.batch),
+                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
+                           dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+        print(format_table(result))
     if args.json:
         write_json_atomic(args.json, result)
         print(f"\nwrote {args.json}")
@@ -294,12 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return run_bench_cli(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"prunekit bench: error: {err}", file=sys.stderr)
         return 2
 
 
 # --------------------------------------------------------------------------- validation
+
+def _check_llama_cpp_flags(args: argparse.Namespace) -> None:
+    """Flags of the transformers runtime that llama.cpp cannot honour are refused, not ignored."""
+    if parse_batches(args.batch) != (1,):
+        raise ValueError(f"--runtime llama.cpp measures batch 1 (one sequence, as llama.cpp serves it); "
+                         f"--batch {args.batch} applies to --runtime transformers")
+    if args.device != "cpu":
+        raise ValueError(f"--runtime llama.cpp runs on the CPU (llama-cpp-python's CPU build); --device "
+                         f"{args.device} applies to --runtime transformers")
+    if args.dtype != "float32":
+        raise ValueError(f"--runtime llama.cpp takes the GGUF file's weight types (--outtype when it converts); "
+                         f"--dtype {args.dtype} applies to --runtime transformers")
+
 
 def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
     values = tuple(batches)
@@ -354,6 +397,8 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
                    repeats: int, warmup: int, threads: int | None, seed: int) -> dict[str, Any]:
     """Load one model and measure every batch size; ``{"info", "measurements", "torch_threads",
     "memory_method"}``."""
+    import torch
+
     from prunekit.io.loading import load
 
     if threads is not None:
@@ -374,6 +419,8 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
 
 def _model_info(lm: torch.nn.Module) -> dict[str, Any]:
     """What the loaded model is: sizes come from the model itself, not from any shared config."""
+    import torch
+
     params = list(lm.parameters())  # tied weights appear once
     return {
         "params": sum(p.numel() for p in params),
@@ -389,6 +436,8 @@ def _model_info(lm: torch.nn.Module) -> dict[str, Any]:
 def _measure_batch(lm, batch: int, prompt_len: int, new_tokens: int, dev: torch.device,
                    repeats: int, warmup: int, seed: int) -> dict[str, Any]:
     """`warmup` untimed runs, then `repeats` timed ones; times in seconds, peak memory in bytes."""
+    import torch
+
     vocab = lm.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(dev)  # (batch, prompt_len)
@@ -408,51 +457,46 @@ def _measure_batch(lm, batch: int, prompt_len: int, new_tokens: int, dev: torch.
             "prefill_logits_to_keep": prefill_kwargs.get("logits_to_keep")}
 
 
-@torch.inference_mode()
 def _prefill_and_decode(lm, prompt: torch.Tensor, new_tokens: int, prefill_kwargs: dict,
                         dev: torch.device) -> tuple[float, float]:
     """One prefill over `prompt` (batch, prompt_len), then `new_tokens` greedy one-token steps
     with the KV cache. Returns (prefill seconds, decode seconds for all steps)."""
+    import torch
+
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = lm(input_ids=prompt, use_cache=True, **prefill_kwargs)
-    token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
-    sync()
-    prefilled = time.perf_counter()
-    cache = out.past_key_values
-    for _ in range(new_tokens):
-        out = lm(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+    with torch.inference_mode():
+        sync()
+        start = time.perf_counter()
+        out = lm(input_ids=prompt, use_cache=True, **prefill_kwargs)
         token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
-    sync()
+        sync()
+        prefilled = time.perf_counter()
+        cache = out.past_key_values
+        for _ in range(new_tokens):
+            out = lm(input_ids=token, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
+        sync()
     return prefilled - start, time.perf_counter() - prefilled
 
 
 def _reset_peak_memory(dev: torch.device) -> str:
     """Start a new peak-memory window; return what the peak will mean (for the protocol)."""
     if dev.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(dev)
         return "torch.cuda.max_memory_allocated, reset before each repeat (weights included)"
-    try:  # Linux >= 4.0: "5" resets this process's VmHWM (peak RSS) to its current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-        return "peak RSS (VmHWM) of a per-model process, reset before each repeat (weights included)"
-    except OSError:
-        return "peak RSS (ru_maxrss) of a per-model process since it started, loading included"
+    return reset_peak_rss()
 
 
 def _peak_memory(dev: torch.device) -> int:
     """Peak bytes since the last `_reset_peak_memory`, see its description."""
     if dev.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(dev)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
+    return peak_rss()
 
 
 # --------------------------------------------------------------------------- results
@@ -493,22 +537,10 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
 def _device_name(dev: torch.device) -> str:
     """The CUDA device name, or the CPU model (/proc/cpuinfo, else platform)."""
     if dev.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(dev)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _load_average() -> float | None:
-    """The host's 1-minute load average (None where the OS has none, e.g. Windows)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+    return cpu_model()
 
 
 def _transformers_version() -> str:
