@@ -93,3 +93,12 @@ def test_a_full_disk_reported_by_safetensors_is_a_disk_full_error(tmp_path, monk
     else:
         raise AssertionError("no DiskFullError")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_has_the_trust_remote_code_flag(monkeypatch):
+    import prunekit.bench as bench
+    seen = {}
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: seen.update(k) or {"rows": []})
+    monkeypatch.setattr(bench, "format_table", lambda result: "")
+    assert main(["bench", "some-model", "--trust-remote-code"]) == 0
+    assert seen["trust_remote_code"] is True

@@ -91,7 +91,7 @@ _USER_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, ImportErr
 def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | None = None,
               batches: Sequence[int] = (1,), prompt_len: int = 512, new_tokens: int = 128,
               device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Benchmark `model_or_dir` (and `baseline` first, when given); return JSON-able data.
 
     Returns ``{"protocol": {...}, "rows": [...]}`` with one row per (model, batch), baseline
@@ -124,7 +124,7 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
 
     spec = {"batches": list(batches), "prompt_len": prompt_len, "new_tokens": new_tokens,
             "device": str(dev), "dtype": dtype, "repeats": repeats, "warmup": warmup,
-            "threads": threads, "seed": PROMPT_SEED}
+            "threads": threads, "seed": PROMPT_SEED, "trust_remote_code": trust_remote_code}
     # Other processes on the machine distort every time measured here; the protocol records how busy it was.
     load_before = load_average()
     measured = {}
@@ -276,6 +276,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="transformers runtime: run the checkpoint's own modeling code (only if you trust it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the benchmark (llama.cpp: its threads, default all cores)")
     parser.add_argument("--runtime", default="transformers", choices=["transformers", "llama.cpp"],
@@ -304,7 +306,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                              "measures the checkpoint in --dtype")
         result = benchmark(args.model, baseline=args.baseline, batches=parse_batches(args.batch),
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
-                           dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+                           dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                           trust_remote_code=args.trust_remote_code)
         print(format_table(result))
     if args.json:
         write_json_atomic(args.json, result)
@@ -394,7 +397,8 @@ def _worker_main(spec_json: str, out_path: str) -> int:
 
 
 def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: int, device: str, dtype: str,
-                   repeats: int, warmup: int, threads: int | None, seed: int) -> dict[str, Any]:
+                   repeats: int, warmup: int, threads: int | None, seed: int,
+                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Load one model and measure every batch size; ``{"info", "measurements", "torch_threads",
     "memory_method"}``."""
     import torch
@@ -404,7 +408,7 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    lm, _ = load(model, dtype=dtype, device=device, place=True)
+    lm, _ = load(model, dtype=dtype, device=device, place=True, trust_remote_code=trust_remote_code)
     info = _model_info(lm)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and prompt_len + new_tokens > limit:
