@@ -267,8 +267,23 @@ def markdown(result: dict) -> str:
                              f"{run['rss_end_mb']:.0f} | {run['peak_mb']:.0f} | {run['decode_tok_s']:.2f} | {extra} | "
                              f"{o['check']['logits_equal']} | {o['same_tokens']} |")
     lines += ["", "Bytes per weight of a compressed tensor: 1/8 (the bitmap) + density x dtype bytes (the values). "
-              "The folder ratio includes the dense embeddings, norms, tokenizer and config.", ""]
-    return "\n".join(lines)
+              "The folder ratio includes the dense embeddings, norms, tokenizer and config."]
+    for row in result["rows"]:
+        if row["setting"] == "wanda-50":
+            lines += ["", f"Target ({result['target']}): measured {row['ratio_folder']:.3f}x (folder), "
+                      f"{row['ratio_weights']:.3f}x (weights file); the compressed block weights alone are "
+                      f"{row['bytes_per_weight_compressed'] / 4:.3f}x. What stays dense (the tied 49152 x 576 "
+                      "embedding, 21 % of the weights, never pruned, and the norms) keeps the file above 0.6x; "
+                      "float32 or bfloat16 does not change that share."]
+    seen = [*result["load_average"]["before"][:1], *result["load_average"]["after"][:1],
+            *(run.get("load_average_1min", 0) for row in offload for run in (row["offload"]["dense"],
+                                                                              row["offload"]["offloaded"]))]
+    if max(seen) > result["cores"]:
+        lines += ["", f"**Timing caveat**: other processes shared this machine during the run (1-minute load average "
+                  f"up to {max(seen):.1f} on {result['cores']} cores), so the export, load and decode times above are "
+                  "not reliable (2 threads on oversubscribed cores stall); sizes, ratios, bytes per weight, "
+                  "bit-exactness, equal logits and RSS do not depend on it."]
+    return "\n".join(lines + [""])
 
 
 def main(argv=None) -> int:
