@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import llama_config
 
 from prunekit.bench import add_parser
-from prunekit.bench_llama_cpp import _add_speedups, benchmark, cpu_model, format_table
+from prunekit import bench_llama_cpp
+from prunekit.bench_llama_cpp import OtherCpu, _add_speedups, benchmark, cpu_model, format_table
 from prunekit.io.gguf_writer import write_gguf
 
 
@@ -149,13 +150,15 @@ def test_protocol_records_the_setup(result, models):
     assert proto["kv_cache"].startswith("f16") and proto["flash_attn"].startswith("off")
     assert proto["device_name"] == cpu_model() and proto["cpu_count"] == os.cpu_count()
     assert set(proto["load_average_1min"]) == {"before", "after"}
+    assert proto["other_cpu_cores"] >= 0                                   # Linux: /proc/stat
     assert proto["outtype"] == "f16" and "export_gguf" in proto["conversion"]
     assert proto["models"]["baseline"] == {"name": str(models[0]), "kind": "local"}
     assert proto["models"]["model"]["kind"] == "gguf"
     assert "no torch" in proto["isolation"] and "AVX" in proto["llama_cpp_system_info"]
     for needle in (f"llama-cpp-python {proto['llama_cpp_python']}", "threads 1", "pp: 16 random token ids",
                    "last-position logits only", "tg: 4 single-token steps", "pseudo-random", "KV cache f16",
-                   "1 warm-up discarded, 1 repeats", "median [min-max]", "converted to f16 GGUF", "load average"):
+                   "1 warm-up discarded, 1 repeats", "median [min-max]", "converted to f16 GGUF", "load average",
+                   "other processes kept"):
         assert needle in proto["text"], needle
 
 
@@ -176,10 +179,27 @@ def test_format_table_without_baseline(result):
     assert [c.strip() for c in header.strip("|").split("|")] == ["batch", "metric", "model"]
 
 
-@pytest.mark.parametrize("load, warned", [(0.1, False), (3.0, True)])
-def test_format_table_warns_on_a_busy_host(result, load, warned):
-    proto = result["protocol"] | {"cpu_count": 2, "threads": 2, "load_average_1min": {"before": load, "after": 0.0}}
+@pytest.mark.parametrize("load, others, warned", [(0.1, None, False), (3.0, None, True),   # load average alone
+                                                  (3.0, 0.05, False), (0.1, 1.0, True)])  # others' cores decide
+def test_format_table_warns_on_a_busy_host(result, load, others, warned):
+    proto = result["protocol"] | {"cpu_count": 2, "threads": 2, "load_average_1min": {"before": load, "after": 0.0},
+                                  "other_cpu_cores": others}
     assert ("WARNING: the host was busy" in format_table({"protocol": proto, "rows": result["rows"]})) is warned
+
+
+def test_other_cpu_is_host_busy_time_minus_our_own_over_wall_time(monkeypatch):
+    readings = iter([(0.0, 100.0, 10.0), (2.0, 103.0, 11.0)])      # (wall, host busy, own CPU) seconds
+    current = {}
+
+    def clock():
+        current["now"] = next(readings)
+        return current["now"][0]
+    monkeypatch.setattr(bench_llama_cpp.time, "perf_counter", clock)
+    monkeypatch.setattr(bench_llama_cpp, "_host_busy_seconds", lambda: current["now"][1])
+    monkeypatch.setattr(bench_llama_cpp, "_own_cpu_seconds", lambda: current["now"][2])
+    with OtherCpu() as others:
+        pass
+    assert others.cores == 1.0                     # (3 - 1) CPU seconds of others over 2 s of wall time
 
 
 def test_missing_file_is_a_clear_error(tmp_path, models):

@@ -298,7 +298,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         _check_llama_cpp_flags(args)
         result = bench_llama_cpp.benchmark(args.model, baseline=args.baseline, prompt_len=args.prompt_len,
                                            new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                                           threads=args.threads, outtype=args.outtype or "f16")
+                                           threads=args.threads, outtype=args.outtype or "f16",
+                                           trust_remote_code=getattr(args, "trust_remote_code", False))
         print(bench_llama_cpp.format_table(result))
     else:
         if getattr(args, "outtype", None) is not None:

@@ -37,9 +37,12 @@ Protocol and why:
   folder, with ``outtype`` (default f16) for its 2-D weights; the protocol says which, and the row
   holds the conversion time (loading included). The files are removed afterwards.
 * Times are only as good as the host is quiet: the protocol records the 1-minute load average before
-  and after, and the CPU model from ``/proc/cpuinfo``.
+  and after, the CPU model from ``/proc/cpuinfo``, and (Linux) how many cores *other* processes kept
+  busy on average while the workers ran: the host's busy time from ``/proc/stat`` (steal included)
+  minus this process's and its workers' CPU time, over the wall time. The load average alone cannot
+  tell: a benchmark with ``threads`` = all cores raises it to about the core count by itself.
 
-The host helpers here (`cpu_model`, `load_average`, `reset_peak_rss`, `peak_rss`) need no torch;
+The host helpers here (`cpu_model`, `load_average`, `reset_peak_rss`, `peak_rss`, `OtherCpu`) need no torch;
 `prunekit.bench` uses them for its CPU path too.
 """
 from __future__ import annotations
@@ -68,6 +71,7 @@ log = logging.getLogger("prunekit")
 PROMPT_SEED = 0
 ROLES = ("baseline", "model")
 N_UBATCH = 512                      # llama.cpp's default micro-batch
+OTHERS_BUSY = 0.25                  # cores other processes may keep busy before the table warns
 INSTALL_HINT = "pip install 'prunekit[llama]' (scripts/setup.sh builds llama-cpp-python from source)"
 # Errors the worker reports that are re-raised as the same type (the input was wrong); anything else
 # becomes a RuntimeError carrying the worker's message.
@@ -78,7 +82,7 @@ _USER_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, ImportErr
 
 def benchmark(model: str | os.PathLike, *, baseline: str | os.PathLike | None = None, prompt_len: int = 512,
               new_tokens: int = 128, repeats: int = 5, warmup: int = 1, threads: int | None = None,
-              outtype: str = "f16") -> dict[str, Any]:
+              outtype: str = "f16", trust_remote_code: bool = False) -> dict[str, Any]:
     """Benchmark `model` (and `baseline` first, when given) in llama.cpp; return JSON-able data.
 
     Returns ``{"protocol": {...}, "rows": [...]}``, one row per model, baseline first. A row holds
@@ -89,6 +93,8 @@ def benchmark(model: str | os.PathLike, *, baseline: str | os.PathLike | None = 
     ``pp_tok_s`` and ``tg_tok_s`` (``{"median", "min", "max", "samples"}``), ``pp_ms`` and
     ``tg_ms_per_token`` (the same from the times), ``peak_rss_bytes``, and ``speedup_pp`` /
     ``speedup_tg`` (model / baseline of the median tok/s; None on the baseline and without one).
+
+    trust_remote_code: lets the conversion of a checkpoint run its own modeling code (as `prunekit export`).
 
     Raises ImportError (naming ``pip install 'prunekit[llama]'``) without llama-cpp-python,
     FileNotFoundError for a missing path, ValueError for bad arguments, a file that is not GGUF, or a
@@ -124,12 +130,13 @@ def benchmark(model: str | os.PathLike, *, baseline: str | os.PathLike | None = 
                 paths[role] = Path(name)
             else:
                 paths[role] = Path(tmp) / f"{role}.gguf"
-                converted[role] = _convert(name, paths[role], outtype)
+                converted[role] = _convert(name, paths[role], outtype, trust_remote_code)
         # The load average is read after converting: converting is not part of what is timed.
         load_before = load_average()
-        for role, name in models.items():
-            log.info("bench (llama.cpp): %s %s", role, name)
-            measured[role] = _measure_in_subprocess({"path": str(paths[role]), **spec})
+        with OtherCpu() as others:
+            for role, name in models.items():
+                log.info("bench (llama.cpp): %s %s", role, name)
+                measured[role] = _measure_in_subprocess({"path": str(paths[role]), **spec})
         load_after = load_average()
 
     rows = [_row(role, os.fspath(models[role]), None if role in converted else str(paths[role]),
@@ -170,6 +177,7 @@ def benchmark(model: str | os.PathLike, *, baseline: str | os.PathLike | None = 
                        if converted else "none: every input was a .gguf file"),
         "outtype": outtype if converted else None,
         "load_average_1min": {"before": load_before, "after": load_after},
+        "other_cpu_cores": others.cores,
         "models": {role: {"name": os.fspath(name), "kind": kinds[role]} for role, name in models.items()},
         "python": platform.python_version(),
     }
@@ -200,7 +208,8 @@ def protocol_text(proto: dict[str, Any]) -> str:
             f"{proto['flash_attn'].split()[0]}; {proto['warmup']} warm-up discarded, {proto['repeats']} repeats, "
             f"median [min-max]; one process per model; "
             + (f"non-GGUF inputs converted to {proto['outtype']} GGUF; " if proto.get("outtype") else "")
-            + f"1-min load average {_load(load['before'])} before, {_load(load['after'])} after")
+            + f"1-min load average {_load(load['before'])} before, {_load(load['after'])} after; "
+            + f"other processes kept {_load(proto.get('other_cpu_cores'))} cores busy meanwhile")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -216,7 +225,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"runtime: llama.cpp via llama-cpp-python {proto['llama_cpp_python']}, threads {proto['threads']} "
         f"(pp and tg), batch 1; KV cache {proto['kv_cache']}, flash attention {proto['flash_attn']}",
         f"host: {proto['device_name']}, {proto['cpu_count']} CPUs; 1-min load average {_load(load['before'])} before "
-        f"the benchmark, {_load(load['after'])} after",
+        f"the benchmark, {_load(load['after'])} after; other processes kept {_load(proto.get('other_cpu_cores'))} "
+        "cores busy on average while it ran",
         f"workload: pp {proto['prompt_len']} tokens (random ids) from an empty KV cache, last-position logits only; "
         f"tg {proto['new_tokens']} single-token steps through the KV cache, fed seeded pseudo-random ids",
         f"timing: {proto['warmup']} warm-up discarded, {proto['repeats']} repeats; median [min-max]",
@@ -227,10 +237,10 @@ def format_table(result: dict[str, Any]) -> str:
         row = by_role[role]
         source = row["gguf"] or f"converted to a temporary {row['converted']['outtype']} GGUF"
         lines.append(f"{role}: {row['model']} ({source}; {row['description']})")
-    threads, cpus = proto["threads"], proto["cpu_count"]
-    if load["before"] is not None and cpus and load["before"] + threads > cpus + 0.5:
-        lines.append(f"WARNING: the host was busy (load {load['before']:.2f} on {cpus} CPUs, {threads} threads): "
-                     "threads wait on each other and times inflate; rerun on a quiet host or with fewer --threads")
+    if _busy(proto):
+        lines.append(f"WARNING: the host was busy ({_busy(proto)}, {proto['threads']} threads on "
+                     f"{proto['cpu_count']} CPUs): threads wait on each other and times inflate; rerun on a quiet "
+                     "host or with fewer --threads")
     lines.append("")
     header = ["batch", "metric", *roles] + (["speedup"] if compare else [])
     table = [header, ["---:", "---", *("---:" for _ in roles)] + (["---:"] if compare else [])]
@@ -252,6 +262,18 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _busy(proto: dict[str, Any]) -> str:
+    """Why the host counts as busy ("" if it does not): other processes' cores while measuring where
+    known, else the load average before (which a previous benchmark may have raised by itself)."""
+    others, cpus, threads = proto.get("other_cpu_cores"), proto["cpu_count"], proto["threads"]
+    if others is not None:
+        return f"other processes kept {others:.2f} cores busy" if others > OTHERS_BUSY else ""
+    before = proto["load_average_1min"]["before"]
+    if before is not None and cpus and before + threads > cpus + 0.5:
+        return f"load {before:.2f} before"
+    return ""
+
+
 # --------------------------------------------------------------------------- host facts (no torch)
 
 def cpu_model() -> str:
@@ -271,6 +293,41 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+class OtherCpu:
+    """``with OtherCpu() as others: ...`` then ``others.cores``: the mean number of cores that processes
+    other than this one and its (finished, waited-for) children kept busy during the block; None
+    where ``/proc/stat`` is missing. Busy = user + nice + system + irq + softirq + steal (a VM's stolen
+    time is CPU this host could not have)."""
+
+    def __enter__(self) -> OtherCpu:
+        self.cores = None
+        self._start = (time.perf_counter(), _host_busy_seconds(), _own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, host, own = (time.perf_counter(), _host_busy_seconds(), _own_cpu_seconds())
+        if host is not None and self._start[1] is not None and wall > self._start[0]:
+            others = (host - self._start[1]) - (own - self._start[2])
+            self.cores = round(max(others, 0.0) / (wall - self._start[0]), 3)
+
+
+def _host_busy_seconds() -> float | None:
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if fields[:1] != ["cpu"] or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def reset_peak_rss() -> str:
@@ -302,7 +359,7 @@ def _check_gguf_magic(path: Path) -> None:
             raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
 
 
-def _convert(name: str | os.PathLike, out: Path, outtype: str) -> dict[str, Any]:
+def _convert(name: str | os.PathLike, out: Path, outtype: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """Write `name` as the GGUF file `out`; what and how long, loading the checkpoint included."""
     import gc
 
@@ -310,7 +367,7 @@ def _convert(name: str | os.PathLike, out: Path, outtype: str) -> dict[str, Any]
 
     log.info("bench (llama.cpp): converting %s to %s GGUF", name, outtype)
     started = time.perf_counter()
-    result = export_gguf(name, out, outtype=outtype)
+    result = export_gguf(name, out, outtype=outtype, trust_remote_code=trust_remote_code)
     seconds = time.perf_counter() - started
     gc.collect()  # the loaded checkpoint is garbage now; give its memory back before anything is timed
     return {"outtype": outtype, "seconds": round(seconds, 2), "write_seconds": round(result.seconds, 2),
