@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import llama_config
 
 from prunekit.bench import add_parser
-from prunekit import bench_llama_cpp
 from prunekit.bench_llama_cpp import OtherCpu, _add_speedups, benchmark, cpu_model, format_table
 from prunekit.io.gguf_writer import write_gguf
 
@@ -194,9 +193,10 @@ def test_other_cpu_is_host_busy_time_minus_our_own_over_wall_time(monkeypatch):
     def clock():
         current["now"] = next(readings)
         return current["now"][0]
-    monkeypatch.setattr(bench_llama_cpp.time, "perf_counter", clock)
-    monkeypatch.setattr(bench_llama_cpp, "_host_busy_seconds", lambda: current["now"][1])
-    monkeypatch.setattr(bench_llama_cpp, "_own_cpu_seconds", lambda: current["now"][2])
+    from prunekit import bench_host
+    monkeypatch.setattr(bench_host.time, "perf_counter", clock)
+    monkeypatch.setattr(bench_host, "_host_busy_seconds", lambda: current["now"][1])
+    monkeypatch.setattr(bench_host, "_own_cpu_seconds", lambda: current["now"][2])
     with OtherCpu() as others:
         pass
     assert others.cores == 1.0                     # (3 - 1) CPU seconds of others over 2 s of wall time

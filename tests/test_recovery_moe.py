@@ -97,8 +97,10 @@ def test_registered_for_recovery_with_recipe_steps():
     step = step_from_dict({"method": "router-kd", "steps": 50, "temperature": 2.0})
     assert step == RouterKDConfig(steps=50, temperature=2.0)
     assert step_from_dict(step_to_dict(step)) == step
-    step = step_from_dict({"method": "expert-kd", "steps": 50, "expert_weight": "1e3"})   # YAML: a string
+    step = step_from_dict({"method": "expert-kd", "steps": 50, "expert_weight": 1000.0})
     assert step == ExpertKDConfig(steps=50, expert_weight=1000.0)
+    with pytest.raises(ValueError, match="expert_weight must be a number.*without quotes"):
+        step_from_dict({"method": "expert-kd", "expert_weight": "1e3"})   # what YAML makes of 1e3: text
     with pytest.raises(ValueError, match="unknown key 'rank' in step"):
         step_from_dict({"method": "router-kd", "rank": 8})              # router-kd has no adapters
     with pytest.raises(ValueError, match="expert_weight"):

@@ -58,20 +58,20 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import logging
 import os
 import platform
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .bench_llama_cpp import cpu_model, load_average, peak_rss, reset_peak_rss
+from .bench_host import cpu_model, load_average, peak_rss, reset_peak_rss, run_worker, worker_main
+from .bench_host import fmt_bytes as _bytes
+from .bench_host import fmt_load as _load
+from .bench_host import fmt_ratio as _ratio
+from .bench_host import summary as _summary
 from .io.atomic import write_json_atomic
 
 if TYPE_CHECKING:
@@ -369,32 +369,12 @@ def _check_device(device: str) -> torch.device:
 
 def _measure_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     """Run `_measure_model(**spec)` in a fresh interpreter; return its result or raise its error."""
-    src = str(Path(__file__).resolve().parents[1])  # importable even from an uninstalled checkout
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    with tempfile.TemporaryDirectory(prefix="prunekit-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        proc = subprocess.run([sys.executable, "-m", "prunekit.bench", "--worker", json.dumps(spec), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if not out.is_file():  # killed (out of memory?) or crashed before it could report
-            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise RuntimeError(f"benchmark worker for {spec['model']} exited with code {proc.returncode}:\n{tail}")
-        result = json.loads(out.read_text())
-    if "error" in result:
-        kind, message = result["error"]["type"], result["error"]["message"]
-        if kind in _USER_ERRORS:
-            raise _USER_ERRORS[kind](message)
-        raise RuntimeError(f"benchmark of {spec['model']} failed: {kind}: {message}")
-    return result
+    return run_worker("prunekit.bench", spec, "benchmark", spec["model"], _USER_ERRORS)
 
 
 def _worker_main(spec_json: str, out_path: str) -> int:
     """Worker process: measure one model, write the result (or the error) as JSON to `out_path`."""
-    try:
-        result = _measure_model(**json.loads(spec_json))
-    except Exception as err:  # reported to the parent, which re-raises it
-        result = {"error": {"type": type(err).__name__, "message": str(err)}}
-    write_json_atomic(out_path, result)
-    return 1 if "error" in result else 0
+    return worker_main(_measure_model, spec_json, out_path)
 
 
 def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: int, device: str, dtype: str,
@@ -525,10 +505,6 @@ def _row(role: str, name: str, info: dict[str, Any], m: dict[str, Any]) -> dict[
     }
 
 
-def _summary(samples: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
-
-
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
     """Model rows get baseline / model of the median prefill time and decode step time."""
     base = {row["batch"]: row for row in rows if row["role"] == "baseline"}
@@ -562,10 +538,6 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def _num(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
@@ -573,14 +545,6 @@ def _num(x: float) -> str:
 def _spread(stat: dict[str, float]) -> str:
     """median [min-max]"""
     return f"{_num(stat['median'])} [{_num(stat['min'])}-{_num(stat['max'])}]"
-
-
-def _load(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
-def _ratio(x: float | None) -> str:
-    return "" if x is None else f"{x:.2f}x"
 
 
 if __name__ == "__main__":

@@ -42,21 +42,17 @@ Protocol and why:
   minus this process's and its workers' CPU time, over the wall time. The load average alone cannot
   tell: a benchmark with ``threads`` = all cores raises it to about the core count by itself.
 
-The host helpers here (`cpu_model`, `load_average`, `reset_peak_rss`, `peak_rss`, `OtherCpu`) need no torch;
-`prunekit.bench` uses them for its CPU path too.
+The host helpers (`cpu_model`, `load_average`, `reset_peak_rss`, `peak_rss`, `OtherCpu`) and the worker
+plumbing live in `bench_host`, which `prunekit.bench` shares; none of them imports torch.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import platform
 import random
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +60,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .io.atomic import write_json_atomic
+from .bench_host import OtherCpu, cpu_model, load_average, peak_rss, reset_peak_rss, run_worker, worker_main
+from .bench_host import fmt_bytes as _bytes
+from .bench_host import fmt_load as _load
+from .bench_host import fmt_ratio as _ratio
+from .bench_host import summary as _summary
 
 log = logging.getLogger("prunekit")
 
@@ -274,83 +274,6 @@ def _busy(proto: dict[str, Any]) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------- host facts (no torch)
-
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def load_average() -> float | None:
-    """The host's 1-minute load average (None where the OS has none, e.g. Windows)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-class OtherCpu:
-    """``with OtherCpu() as others: ...`` then ``others.cores``: the mean number of cores that processes
-    other than this one and its (finished, waited-for) children kept busy during the block; None
-    where ``/proc/stat`` is missing. Busy = user + nice + system + irq + softirq + steal (a VM's stolen
-    time is CPU this host could not have)."""
-
-    def __enter__(self) -> OtherCpu:
-        self.cores = None
-        self._start = (time.perf_counter(), _host_busy_seconds(), _own_cpu_seconds())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall, host, own = (time.perf_counter(), _host_busy_seconds(), _own_cpu_seconds())
-        if host is not None and self._start[1] is not None and wall > self._start[0]:
-            others = (host - self._start[1]) - (own - self._start[2])
-            self.cores = round(max(others, 0.0) / (wall - self._start[0]), 3)
-
-
-def _host_busy_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    if fields[:1] != ["cpu"] or len(fields) < 9:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and of its children that have been waited for."""
-    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-
-def reset_peak_rss() -> str:
-    """Start a new peak-RSS window for this process; return what `peak_rss` will then mean."""
-    try:  # Linux >= 4.0: "5" resets this process's VmHWM (peak RSS) to its current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-        return "peak RSS (VmHWM) of a per-model process, reset before each repeat (weights included)"
-    except OSError:
-        return "peak RSS (ru_maxrss) of a per-model process since it started, loading included"
-
-
-def peak_rss() -> int:
-    """Peak resident bytes of this process since the last `reset_peak_rss` (see its description)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
-
-
 # --------------------------------------------------------------------------- inputs
 
 def _check_gguf_magic(path: Path) -> None:
@@ -377,34 +300,13 @@ def _convert(name: str | os.PathLike, out: Path, outtype: str, trust_remote_code
 # --------------------------------------------------------------------------- measurement (worker)
 
 def _measure_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run `_measure(**spec)` in a fresh interpreter; return its result or raise its error."""
-    src = str(Path(__file__).resolve().parents[1])  # importable even from an uninstalled checkout
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    with tempfile.TemporaryDirectory(prefix="prunekit-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        proc = subprocess.run([sys.executable, "-m", "prunekit.bench_llama_cpp", "--worker", json.dumps(spec),
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if not out.is_file():  # killed (out of memory?) or crashed before it could report
-            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise RuntimeError(f"llama.cpp benchmark worker for {spec['path']} exited with code "
-                               f"{proc.returncode}:\n{tail}")
-        result = json.loads(out.read_text())
-    if "error" in result:
-        kind, message = result["error"]["type"], result["error"]["message"]
-        if kind in _USER_ERRORS:
-            raise _USER_ERRORS[kind](message)
-        raise RuntimeError(f"llama.cpp benchmark of {spec['path']} failed: {kind}: {message}")
-    return result
+    """`_measure(**spec)` in a fresh interpreter that imports llama_cpp only (`bench_host.run_worker`)."""
+    return run_worker("prunekit.bench_llama_cpp", spec, "llama.cpp benchmark", spec["path"], _USER_ERRORS)
 
 
 def _worker_main(spec_json: str, out_path: str) -> int:
     """Worker process: measure one GGUF file, write the result (or the error) as JSON to `out_path`."""
-    try:
-        result = _measure(**json.loads(spec_json))
-    except Exception as err:  # reported to the parent, which re-raises it
-        result = {"error": {"type": type(err).__name__, "message": str(err)}}
-    write_json_atomic(out_path, result)
-    return 1 if "error" in result else 0
+    return worker_main(_measure, spec_json, out_path)
 
 
 def _measure(path: str, threads: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int,
@@ -490,10 +392,6 @@ def _row(role: str, name: str, gguf: str | None, converted: dict | None, out: di
     }
 
 
-def _summary(samples: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
-
-
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
     """The model row gets model / baseline of the median tok/s, for pp and for tg."""
     base = next((row for row in rows if row["role"] == "baseline"), None)
@@ -509,21 +407,9 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else str(n)
 
 
-def _bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def _spread(stat: dict[str, float]) -> str:
     """median [min-max], tok/s to one decimal"""
     return f"{stat['median']:.1f} [{stat['min']:.1f}-{stat['max']:.1f}]"
-
-
-def _ratio(x: float | None) -> str:
-    return "" if x is None else f"{x:.2f}x"
-
-
-def _load(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
