@@ -172,14 +172,17 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
             continue
         following = steps[index + 1] if index + 1 < len(steps) else None
         compensate = following if following is not None and method_for_config(following).scope == "compensate" else None
-        residency = None
-        if run is not None:
+        residency, state_dir = None, None
+        if run is not None and scope == "search":
+            state_dir = run.path / f"search-step{index}"      # the search resumes from its own state
+        elif run is not None:
             from .core.residency import InMemory
             residency = run.recorder(index, InMemory())
         report = prune_(model, step, calib, device=device, sequential=recipe.sequential,
                         batch_size=recipe.calibration.batch_size,
                         cache_device=cache_device if cache_device is not None else recipe.cache_device,
-                        progress=progress, compensate=compensate, residency=residency)
+                        progress=progress, compensate=compensate, residency=residency, state_dir=state_dir,
+                        resume=state_dir is not None and (state_dir / "search-state.json").is_file())
         if run is not None:
             report.layers = run.layer_records(index)     # with the blocks finished before a resumption
         if compensate is not None and not compensate.merge:
@@ -189,12 +192,16 @@ def apply_steps(model, tokenizer, recipe: Recipe, calib, *, device, progress: bo
             echo(f"step {index}: {a['kind']} allocation, block sparsity {min(a['block_sparsity']):.2%}.."
                  f"{max(a['block_sparsity']):.2%} around {a['target']:.2%} (planned total {a['planned']:.4%})")
         echo(describe_step(index, report))
+        if scope == "search":
+            echo(search_lines(report.search))
         if compensate is not None:
             from .eora import adapter_parameters
             echo(f"step {index + 1}: eora -> {len(report.adapters)} low-rank residuals, "
                  f"{adapter_parameters(report.adapters) / 1e6:.2f}M parameters"
                  + (" (merged: the model is dense again)" if compensate.merge else " (PEFT adapter)"))
         reports.append(report.to_dict())
+        if scope == "search":
+            reports[-1]["search"] = report.search          # written as search.json next to the model
         _save_step(run, index + (compensate is not None), model, tokenizer, recipe, [*earlier, *reports])
     return reports, adapters
 
@@ -216,7 +223,25 @@ def _save_step(run, index: int, model, tokenizer, recipe: Recipe, reports: list[
 
 
 def _without_blocks(report: dict) -> dict:
-    return {k: v for k, v in report.items() if k != "blocks"}
+    return {k: v for k, v in report.items() if k not in ("blocks", "search")}
+
+
+def search_lines(body: dict) -> str:
+    """What a structure search found, against the dense model, with its protocol."""
+    best, dense = body["best"], body["dense"]
+    lines = [f"search: best KL to the dense model {best['fitness_kl']:.5f} after {body['generation']} generations "
+             f"({len(body['candidates'])} candidates evaluated)",
+             f"  parameters {dense['params'] / 1e6:.2f}M -> {best['params'] / 1e6:.2f}M; memory "
+             f"{dense['memory_bytes'] / 1e6:.1f} -> {best['memory_bytes'] / 1e6:.1f} MB"]
+    if best.get("latency_s") is not None:
+        line = (f"  decode latency (cost table) {dense['latency_s'] * 1e3:.2f} -> {best['latency_s'] * 1e3:.2f} "
+                f"ms/token ({best['latency_s'] / dense['latency_s']:.3f}x)")
+        if best.get("latency_measured_ratio") is not None:
+            line += (f"; measured {best['latency_measured_s'] * 1e3:.2f} ms/token, "
+                     f"{best['latency_measured_ratio']:.3f}x the dense model's")
+        lines.append(line)
+    lines.append(f"  protocol: {body['protocol']}")
+    return "\n".join(lines)
 
 
 def describe_step(index: int, report, where: str = "") -> str:
@@ -452,6 +477,9 @@ def export_model(model, tokenizer, recipe: Recipe, record: dict, adapters: dict,
             from .eora import save_peft_adapter
             save_peft_adapter(staging / adapter_dir, adapters, model)
         (staging / "README.md").write_text(card)
+        searches = [step["search"] for step in record.get("steps", []) if step.get("search")]
+        if searches:               # every candidate the structure search evaluated, with costs and fitness
+            (staging / SEARCH_FILE).write_text(json.dumps(searches[-1], indent=1) + "\n")
         if recipe.export is not None and recipe.export.format == "gguf":
             from .io.gguf_writer import write_gguf
             written = write_gguf(model, tokenizer, staging / GGUF_FILE, outtype=recipe.export.outtype,
@@ -462,6 +490,7 @@ def export_model(model, tokenizer, recipe: Recipe, record: dict, adapters: dict,
 
 
 GGUF_FILE = "model.gguf"
+SEARCH_FILE = "search.json"
 
 
 def _gguf_preflight(model, tokenizer, recipe: Recipe, source: dict) -> None:
@@ -499,7 +528,7 @@ def _perplexity(perplexity, model, eval_text, recipe: Recipe, device):
 def export_metadata(result: dict) -> dict:
     """What goes into prunekit.json: everything but the per-block timing noise."""
     keep = dict(result)
-    keep["steps"] = [{k: v for k, v in step.items() if k != "blocks"} for step in result["steps"]]
+    keep["steps"] = [_without_blocks(step) for step in result["steps"]]
     return keep
 
 

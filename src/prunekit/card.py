@@ -37,6 +37,9 @@ EXPECTED_SPEEDUP = {
     "experts": "expert pruning: removes {amount} routed experts of every MoE block; memory and checkpoint size fall "
                "with the experts removed, but every token still runs its top-k experts, so active compute and decode "
                "speed barely change (less memory traffic can help a little where weights do not fit in fast memory)",
+    "search": "structure search ({target}): a physically smaller dense model whose widths, sublayers and blocks "
+              "were chosen to meet the target with the least KL to the dense model; a latency target is met on the "
+              "cost table measured on this machine, and the result is measured again at the end",
     "compensate": "EoRA: low-rank residuals ({rank}) add parameters and a little time per token; they ship as a PEFT "
                   "adapter next to the sparse model ({merge})",
     "recover": "recovery fine-tuning: same size and speed; every pruned weight stays exactly zero",
@@ -53,6 +56,8 @@ def expected_speedup(step) -> str:
     if scope == "experts":
         amount = f"all but {step.experts}" if step.experts is not None else f"{step.sparsity:.0%} of the"
         return EXPECTED_SPEEDUP["experts"].format(amount=amount)
+    if scope == "search":
+        return EXPECTED_SPEEDUP["search"].format(target=step.target)
     if scope == "compensate":
         rank = f"rank {step.rank}" if step.rank else f"{step.budget:.1%} of each layer's parameters"
         merge = "merge: true folds them in and the model is dense again" if step.merge else "not merged"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import eora  # noqa: F401  (compensate: eora)
+from . import eora, search  # noqa: F401  (compensate: eora; search)
 from .methods import angular, block_influence, laco, last_k, sleb, sublayer_drop  # noqa: F401  (depth)
 from .methods import flap, magnitude_sp, taylor, wanda_sp  # noqa: F401  (width)
 from .methods import easy_ep, expert_frequency, expert_loo, expert_merge, expert_output, expert_random, naee, reap  # noqa: F401  (experts)

@@ -175,6 +175,34 @@ def _parser() -> argparse.ArgumentParser:
     _common(prune)
     prune.set_defaults(handler=_prune)
 
+    search = sub.add_parser("search", help="search the widths, sublayers and blocks that best meet a parameter, "
+                                           "memory or latency target (KL to the dense model as fitness)")
+    search.add_argument("model", help='hub id, local directory, .gguf file, or "default" (embedded SmolLM2-135M)')
+    search.add_argument("--target", required=True,
+                        help="params=0.75 (the decoder blocks keep 75%% of their parameters), params=100M (whole "
+                             "model), memory=300MB (weights + KV cache at --context tokens), latency=0.8 (0.8x the "
+                             "dense decode-step latency measured on this machine)")
+    search.add_argument("--space", default="width,depth,sublayer",
+                        help="what may change: width (heads, FFN channels), depth (whole blocks), sublayer (one "
+                             "attention or FFN of a block; llama, mistral, qwen2, qwen3, phi3); default all three")
+    search.add_argument("--budget-minutes", type=float, default=10.0, help="time for the evolution (default 10)")
+    search.add_argument("--generations", type=int, default=None, help="stop after N generations instead")
+    search.add_argument("--score", default="flap", help="width score that orders heads and channels (default flap)")
+    search.add_argument("--context", type=int, default=1024,
+                        help="KV-cache length for the memory and latency costs (default 1024)")
+    search.add_argument("--fitness-windows", type=int, default=None,
+                        help="windows of the whole-model fitness (default: all --samples)")
+    search.add_argument("--select-windows", type=int, default=2, help="windows of the first selection stage")
+    search.add_argument("--calib", default="default", help="calibration text (as for prune)")
+    search.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+    search.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--no-eval", action="store_true", help="skip the dense and searched perplexity")
+    search.add_argument("--eval-data", default=None, help="evaluation text (default: the held-out split of --calib)")
+    search.add_argument("--out", required=True, help="output directory: the model, prunekit.json and search.json")
+    _common(search)
+    search.set_defaults(handler=_search)
+
     evaluate = sub.add_parser("eval", help="perplexity, fidelity to the dense model, knowledge, zero-shot tasks")
     evaluate.add_argument("model")
     evaluate.add_argument("--baseline", metavar="DENSE", help="the dense model to compare against (needed by fidelity; "
@@ -348,6 +376,28 @@ def _prune(args) -> int:
         raise ValueError("give --sparsity (e.g. 0.5), --nm (e.g. 2:4), for depth methods --layers N, or for expert "
                          "methods --experts N")
     raw = prune_args_to_dict(args)
+    for override in args.set:
+        apply_override(raw, override)
+    return _execute(recipe_from_dict(raw), args)
+
+
+def _search(args) -> int:
+    """`prunekit search`: a one-step recipe with the `search` step, on `prunekit run`'s path (load,
+    calibration, perplexity before and after, atomic export with search.json)."""
+    from .recipe import apply_override, recipe_from_dict
+    step = {"method": "search", "target": args.target, "space": [s.strip() for s in args.space.split(",")],
+            "budget_minutes": args.budget_minutes, "generations": args.generations, "score": args.score,
+            "context": args.context, "windows": args.fitness_windows, "select_windows": args.select_windows,
+            "seed": args.seed}
+    raw = {
+        "model": args.model, "dtype": args.dtype, "device": args.device, "sequential": args.sequential,
+        "cache_device": args.cache_device, "trust_remote_code": args.trust_remote_code, "offload": args.offload,
+        "allow_pickle": args.allow_pickle,
+        "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed},
+        "steps": [step], "export": {"path": args.out, "overwrite": args.overwrite},
+    }
+    if not args.no_eval:
+        raw["eval"] = {"data": args.eval_data or args.calib, "seqlen": args.seqlen}
     for override in args.set:
         apply_override(raw, override)
     return _execute(recipe_from_dict(raw), args)
@@ -641,7 +691,7 @@ def _list(args) -> int:
     from .models import supported_model_types
     from .catalog import available_methods, get_method
     kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth", "experts": "MoE experts",
-             "compensate": "compensation", "recover": "recovery"}
+             "search": "structure search", "compensate": "compensation", "recover": "recovery"}
     for scope, label in kinds.items():
         names = [name for name in available_methods() if get_method(name).scope == scope]
         print(f"{label + ':':<18}" + ", ".join(names))

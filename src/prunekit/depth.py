@@ -311,14 +311,19 @@ class BlockCache:
     """
 
     def __init__(self, model: nn.Module, calib: Tensor, *, device=None, batch_size: int = 8, cache_device=None,
-                 progress: bool = True, desc: str = "cache"):
+                 progress: bool = True, desc: str = "cache", observe=None):
+        """`observe(step)`, if given, runs each block instead of `step.forward()` (it must call it), so a
+        caller can watch the dense pass (the structure search records its width statistics there)."""
         from .core.stream import block_stream
 
         self.model = model
         self.steps = []
         for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                                  progress=progress, desc=desc):
-            step.forward()
+            if observe is None:
+                step.forward()
+            else:
+                observe(step)
             self.steps.append(step)
         self.inputs: list[list[Tensor] | None] = [step.inputs for step in self.steps]
         self.output: list[Tensor] = self.steps[-1].outputs

@@ -3,6 +3,7 @@
     width   remove heads and channels (`structured.prune_width_`)
     depth   remove whole blocks (`depth.prune_depth_`)
     experts remove (or merge) routed experts of MoE blocks (`experts.prune_experts_`)
+    search  the best widths / removed sublayers / removed blocks under a measured budget (`search.search_`)
     linear  unstructured / N:M: run the pre-passes the config asks for, then the linear engine
             (`engine.py`) with what they produced:
               allocation   per-layer sparsities under the global budget (OWL, sensitivity; `allocation.py`)
@@ -30,6 +31,7 @@ from .core.stream import model_device
 from .depth import prune_depth_
 from .eora import check_rank_fits, merge_adapters_
 from .experts import prune_experts_
+from .search import search_
 from .models.spec import weight_view
 from .registry import method_for_config
 from .report import PruneReport
@@ -41,7 +43,7 @@ log = logging.getLogger("prunekit")
 
 def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str | torch.device | None = None,
            sequential: str = "true", batch_size: int = 8, cache_device: str | torch.device | None = None,
-           progress: bool = True, compensate=None, residency=None):
+           progress: bool = True, compensate=None, residency=None, state_dir=None, resume: bool = False):
     """Prune `model` in place with `config` (e.g. `WandaConfig(sparsity=0.5)`).
 
     calib: (samples, seqlen) token ids from `calibration_data`; may be None only for data-free
@@ -50,7 +52,8 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     `PruneReport` (per-layer achieved sparsity, reconstruction error, time and memory per block),
     or a `StructureReport` for width and depth methods. Raises if any layer does not hold the
     requested pattern. residency: where blocks live between their turns (`InMemory` by default;
-    `OnDisk` streams them from a checkpoint).
+    `OnDisk` streams them from a checkpoint). state_dir / resume: a structure search keeps its state
+    there and continues it (`search.py`).
 
     Distributed calibration: inside a torch.distributed process group of N > 1 processes
     (`distributed.init_from_env`, or your own `init_process_group`), give every process the same
@@ -63,7 +66,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     if compensate is not None and method.scope != "linear":
         raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
                          "units, which changes the layers' shapes (put eora after a wanda/sparsegpt/... step)")
-    if method.scope not in ("linear", "width", "depth", "experts"):
+    if method.scope not in ("linear", "width", "depth", "experts", "search"):
         raise ValueError(f"{method.name} is a {method.scope} step, not a pruning method: run it in a recipe")
     windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
     if distributed.is_distributed():
@@ -76,6 +79,11 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
         if method.scope == "experts":
             return prune_experts_(model, config, calib, device=device, batch_size=batch_size,
                                   cache_device=cache_device, progress=progress)
+        if method.scope == "search":
+            if distributed.is_distributed():
+                distributed.refuse("a structure search")
+            return search_(model, config, calib, device=device, batch_size=batch_size, cache_device=cache_device,
+                           progress=progress, state_dir=state_dir, resume=resume)
         if method.scope == "depth":
             return prune_depth_(model, config, calib, device=device, batch_size=batch_size,
                                 cache_device=cache_device, progress=progress)

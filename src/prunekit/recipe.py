@@ -103,6 +103,9 @@ class Recipe:
             raise ValueError(f"cache_device must be cpu, cuda or cuda:N, got {self.cache_device!r}")
         scopes = [method_for_config(step).scope for step in self.steps]
         for index, scope in enumerate(scopes):
+            if scope == "search" and self.offload == "disk":
+                raise ValueError(f"steps.{index}: the structure search keeps the model in memory (it evaluates many "
+                                 "candidates); offload: disk is not supported for it (use offload: cpu or none)")
             if scope == "compensate" and (index == 0 or scopes[index - 1] != "linear"):
                 raise ValueError(f"steps.{index}: {method_for_config(self.steps[index]).name} compensates the "
                                  "unstructured/N:M step right before it (e.g. [{method: sparsegpt, sparsity: 0.6}, "

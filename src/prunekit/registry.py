@@ -12,6 +12,8 @@ Each method has a scope, and each scope its own function signature:
     "depth"   fn(model, calib, cfg, ...) -> blocks to remove (see `depth.py`)
     "experts" fn(routed, cfg, keep) -> one score per routed expert of an MoE block, higher kept
               (see `experts.py`); a merging method also registers `apply`
+    "search"  fn(model, cfg, calib, ...) -> StructureReport: a budgeted search over widths, sublayers and
+              blocks that cuts the best structure out of the model (see `search.py`)
     "compensate"  a step that follows a linear pruning step and is computed in the same pass,
               from the same statistics (EoRA's low-rank residuals, see `eora.py`)
     "recover" fine-tuning that keeps the sparsity (masked LoRA, PERP, distillation; `recovery/`)
@@ -53,7 +55,7 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-SCOPES = ("linear", "width", "depth", "experts", "compensate", "recover")
+SCOPES = ("linear", "width", "depth", "experts", "search", "compensate", "recover")
 
 
 def register(name: str, config_cls: type, stats: type | None = None, scope: str = "linear",

@@ -141,6 +141,9 @@ def _run_sections(folder: Path) -> list[tuple]:
     if structured and widths:
         sections.append(("figure", "widths", _widths_png(widths),
                          "Kept width per decoder block after structured pruning: FFN channels and attention heads."))
+    search = folder / "search.json"
+    if search.exists():
+        sections += _search_sections(json.loads(search.read_text()))
     rows = []
     for label, key in (("dense perplexity", "dense_perplexity"), ("pruned perplexity", "pruned_perplexity")):
         if record.get(key):
@@ -174,7 +177,52 @@ def _run_sections(folder: Path) -> list[tuple]:
     return sections
 
 
+def _search_sections(body: dict) -> list[tuple]:
+    """A structure search (search.json): every candidate's cost against its fitness, the best after each
+    generation, and the numbers of the result against the dense model."""
+    target = body["target"]
+    measure = {"block_params": "decoder-block parameters", "params": "parameters", "memory": "memory bytes",
+               "latency": "decode s/token (cost table)"}[target["measure"]]
+    points = [(c["cost"], c["fitness"] if c["fitness"] is not None else c["fitness_select"], c["role"])
+              for c in body["candidates"]]
+    best, dense = body["best"], body["dense"]
+    rows = [["best KL to the dense model", _fmt(best["fitness_kl"]), body["protocol"]],
+            ["generations / candidates", f"{body['generation']} / {len(body['candidates'])}", ""],
+            ["parameters", f"{dense['params']:,} -> {best['params']:,}", ""],
+            ["memory bytes", f"{dense['memory_bytes']:,} -> {best['memory_bytes']:,}", ""]]
+    if best.get("latency_s") is not None:
+        rows.append(["decode latency (cost table)", f"{best['latency_s'] / dense['latency_s']:.3f}x", ""])
+    if best.get("latency_measured_ratio") is not None:
+        rows.append(["decode latency (measured)", f"{best['latency_measured_ratio']:.3f}x", ""])
+    return [("heading", "Structure search"),
+            ("figure", "search", _search_png(points, body["history"], target["budget"], measure),
+             f"Left: every candidate the search evaluated, its cost ({measure}) against its KL to the dense model "
+             "(first-stage candidates on the selection windows, the others on all fitness windows), the budget "
+             "dashed. Right: the best candidate's KL after each generation (it never rises)."),
+            ("table", ["search", "value", "protocol"], rows)]
+
+
 # ---------------------------------------------------------------------------------------------- plots
+
+def _search_png(points, history, budget, measure) -> bytes:
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for index, role in enumerate(("child", "survivor", "greedy")):
+        mine = [(cost, value) for cost, value, r in points if r == role and value is not None]
+        if mine:
+            left.scatter(*zip(*mine), s=10 if role == "child" else 25, color=f"C{index}", label=role)
+    left.axvline(budget, color="black", linestyle="--", label="budget")
+    left.set_xlabel(measure)
+    left.set_ylabel("KL(dense || candidate)")
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    right.plot(range(len(history)), history, marker="o", color="C3")
+    right.set_xlabel("generation")
+    right.set_ylabel("best KL so far")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
 
 def _pyplot():
     import matplotlib

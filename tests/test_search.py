@@ -1,0 +1,207 @@
+"""The structure search (search.py): budgets honoured exactly, fitness never rising, a case whose best
+answer is known, the cost table against the pruned model, resumption, reload, the CLI."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conftest import llama, tiny_model
+from prunekit.cli import main
+from prunekit.io.export import save_pretrained_atomic
+from prunekit.io.loading import load_pruned
+from prunekit.models import spec_for
+from prunekit.models.spec import get_module
+from prunekit.report import parameter_counts
+from prunekit.search import SearchConfig, decode_latency, parse_target, search_
+from prunekit.surgery import structure_record
+
+FOUR_BLOCKS = dict(num_hidden_layers=4, intermediate_size=128)
+
+
+def windows(model, count=6, length=24, seed=0):
+    return torch.randint(0, model.config.vocab_size, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def kl_to(dense, model, calib) -> float:
+    """Mean per-token KL(dense || model) over `calib`, from the two models' own forward passes."""
+    with torch.no_grad():
+        p = F.log_softmax(dense(calib).logits.float(), -1)
+        q = F.log_softmax(model(calib).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def run(model, calib, **cfg):
+    cfg = {"generations": 3, "select_windows": 2, "offspring": 4, **cfg}
+    return search_(model, SearchConfig(**cfg), calib, batch_size=2, progress=False)
+
+
+def test_targets_parse_and_bad_ones_say_what_is_expected():
+    assert parse_target("params=0.75") == ("params", 0.75, True)
+    assert parse_target("params=100M") == ("params", 1e8, False)
+    assert parse_target("memory=300MB") == ("memory", 3e8, False)
+    assert parse_target("memory=1.5GiB") == ("memory", 1.5 * 2**30, False)
+    assert parse_target("latency=0.8") == ("latency", 0.8, True)
+    for bad, words in (("speed=2", "target must be"), ("params=1.5", "fraction"), ("memory=300", "unit"),
+                       ("latency=5ms", "without a unit"), ("params=abc", "not a number")):
+        with pytest.raises(ValueError, match=words):
+            parse_target(bad)
+    with pytest.raises(ValueError, match="experts and sparsity are not searched yet"):
+        SearchConfig(space=("width", "experts"))
+
+
+@pytest.mark.parametrize("target", ["params=0.6", "params=0.3", "memory=0.16MB"])
+def test_budget_is_honoured_and_the_cost_table_predicts_the_pruned_model(target):
+    model = llama(**FOUR_BLOCKS)
+    calib = windows(model)
+    report = run(model, calib, target=target)
+    best, costs = report.search["best"], report.search["target"]
+    spent = best["block_params"] if costs["measure"] == "block_params" else best[costs["measure"].replace(
+        "memory", "memory_bytes")]
+    assert spent <= costs["budget"]
+    assert best["params"] == parameter_counts(model)[1] == report.model_params_after      # exact
+    # memory = weights x 4 bytes + the KV cache at `context` tokens: count the cache a real prefill makes
+    with torch.no_grad():
+        cache = model(windows(model, 1, 64), use_cache=True).past_key_values
+    kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers if layer.keys is not None)
+    assert best["memory_bytes"] == best["params"] * 4 + kv * 4 * 1024 // 64
+
+
+def test_fitness_never_rises_and_every_candidate_is_inside_the_budget():
+    model = llama(**FOUR_BLOCKS)
+    report = run(model, windows(model), target="params=0.5", generations=6)
+    history = report.search["history"]
+    assert len(history) == 7 and all(b <= a for a, b in zip(history, history[1:]))
+    budget = report.search["target"]["budget"]
+    assert all(c["cost"] <= budget for c in report.search["candidates"])
+    assert {c["role"] for c in report.search["candidates"]} == {"greedy", "child", "survivor"}
+
+
+def test_the_fitness_of_the_masked_candidate_is_the_pruned_models_kl():
+    dense = llama(**FOUR_BLOCKS)
+    model = llama(**FOUR_BLOCKS)
+    calib = windows(model)
+    report = run(model, calib, target="params=0.55")
+    # the reference distribution is kept in float16: equal to the float32 KL within a few per cent of it
+    assert report.search["best"]["fitness_kl"] == pytest.approx(kl_to(dense, model, calib), rel=3e-2)
+
+
+def test_a_dead_sublayer_and_a_dead_block_are_what_the_search_removes():
+    """Block 1's FFN and block 3 add nothing (zero output weights): removing exactly them costs no KL, and a
+    budget of exactly their parameters leaves nothing else to remove."""
+    model = llama(**FOUR_BLOCKS)
+    blocks = get_module(model, spec_for(model).blocks)
+    with torch.no_grad():
+        blocks[1].mlp.down_proj.weight.zero_()
+        blocks[3].mlp.down_proj.weight.zero_()
+        blocks[3].self_attn.o_proj.weight.zero_()
+    block_params = parameter_counts(model)[0]
+    ffn = sum(p.numel() for p in blocks[1].mlp.parameters()) + blocks[1].post_attention_layernorm.weight.numel()
+    dead = ffn + sum(p.numel() for p in blocks[3].parameters())
+    report = run(model, windows(model), target=f"params={(block_params - dead) / block_params + 1e-9}",
+                 space=("depth", "sublayer"))
+    assert report.search["best"]["fitness_kl"] < 1e-6            # the float16 reference's rounding
+    assert min(c["fitness"] for c in report.search["candidates"] if c["fitness"] is not None
+               and c["levels"] != report.search["best"]["levels"]) > 1e-4
+    assert report.removed_blocks == [3]
+    assert [w["channels"] for w in report.widths] == [128, 0, 128]
+
+
+def test_width_only_is_stock_and_generates_with_the_cache(tmp_path):
+    model = llama(**FOUR_BLOCKS)
+    report = run(model, windows(model), target="params=0.6", space=("width",))
+    assert len(report.widths) == 4 and all(w["heads"] > 0 and w["channels"] > 0 for w in report.widths)
+    prompt = windows(model, 1, 5)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    save_pretrained_atomic(model, None, tmp_path / "m", metadata={"structure": structure_record(model)})
+    if structure_record(model)["stock"]:
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    else:
+        reloaded, _ = load_pruned(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(prompt).logits, model(prompt).logits, atol=1e-5)
+
+
+def test_latency_costs_are_additive_per_sublayer():
+    """With a fake timer whose time is a known sum (0.5 ms outside the blocks, 1 ms per query head, 0.01 ms per
+    FFN channel), the table reproduces that sum for every level, and the search meets the budget on it."""
+    def timer(model, context):
+        widths = [(b.self_attn.o_proj.in_features // 16 if hasattr(b.self_attn, "o_proj") else 0,
+                   b.mlp.down_proj.in_features if hasattr(b.mlp, "down_proj") else 0)
+                  for b in model.model.layers]
+        return 5e-4 + sum(h * 1e-3 + c * 1e-5 for h, c in widths)
+
+    from prunekit.depth import decoder_blocks
+    from prunekit.search import Ladder, ladders, measure_latency_table
+    from prunekit.structured import WidthConfig, coupled_groups
+    model = llama(**FOUR_BLOCKS)
+    groups = [coupled_groups(model, i, b, WidthConfig(sparsity=0.0)) for i, b in enumerate(decoder_blocks(model))]
+    ladder = [ladders(g, SearchConfig(), True) for g in groups]
+    assert isinstance(ladder[0], Ladder) and ladder[0].heads == [4, 2, 0]
+    table, outside, dense = measure_latency_table(model, groups, ladder, 16, timer=timer)
+    assert outside == pytest.approx(5e-4) and dense == pytest.approx(5e-4 + 4 * (4e-3 + 128e-5))
+    for row, lad in zip(table, ladder):
+        for (a, f), seconds in row.items():
+            heads, channels = lad.heads[a], lad.channels[f]
+            assert seconds == pytest.approx(heads * 1e-3 + channels * 1e-5, abs=1e-12)
+    calib = windows(model)
+    report = search_(model, SearchConfig(target="latency=0.7", generations=2, offspring=4), calib, batch_size=2,
+                     progress=False, latency_timer=timer)
+    best = report.search["best"]
+    assert best["latency_s"] <= 0.7 * (5e-4 + 4 * (4e-3 + 128e-5)) + 1e-12
+    assert best["latency_measured_ratio"] > 0          # the pruned model measured with the real timer
+
+
+def test_decode_latency_runs_on_a_real_cache():
+    model = llama()
+    assert decode_latency(model, 32, steps=2, repeats=1) > 0
+
+
+def test_a_resumed_search_ends_where_an_uninterrupted_one_does(tmp_path):
+    calib = windows(llama(**FOUR_BLOCKS))
+    straight = run(llama(**FOUR_BLOCKS), calib, target="params=0.5", generations=4)
+    run(llama(**FOUR_BLOCKS), calib, target="params=0.5", generations=2)   # no state kept: nothing to resume
+    first = search_(llama(**FOUR_BLOCKS), SearchConfig(target="params=0.5", generations=2, offspring=4), calib,
+                    batch_size=2, progress=False, state_dir=tmp_path)
+    assert first.search["generation"] == 2
+    resumed = search_(llama(**FOUR_BLOCKS), SearchConfig(target="params=0.5", generations=4, offspring=4), calib,
+                      batch_size=2, progress=False, state_dir=tmp_path, resume=True)
+    assert resumed.search["history"] == straight.search["history"]
+    assert resumed.search["best"]["levels"] == straight.search["best"]["levels"]
+    with pytest.raises(ValueError, match="other settings"):
+        search_(llama(**FOUR_BLOCKS), SearchConfig(target="params=0.6", generations=4, offspring=4), calib,
+                batch_size=2, progress=False, state_dir=tmp_path, resume=True)
+
+
+def test_an_unreachable_target_is_refused_with_the_smallest_model_the_space_holds():
+    model = llama(**FOUR_BLOCKS)
+    with pytest.raises(ValueError, match="cannot be met in the space width: the smallest model"):
+        run(model, windows(model), target="params=0.05", space=("width",))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_other_families(family):
+    model = tiny_model(family)
+    report = run(model, windows(model), target="params=0.6")
+    assert report.search["best"]["params"] == parameter_counts(model)[1]
+    with torch.no_grad():
+        assert torch.isfinite(model(windows(model, 1, 8)).logits).all()
+
+
+def test_cli_search_writes_the_model_and_search_json(tiny_model_dir, tmp_path):
+    out = tmp_path / "searched"
+    assert main(["search", str(tiny_model_dir), "--target", "params=0.6", "--generations", "2", "--samples", "4",
+                 "--seqlen", "16", "--out", str(out)]) == 0
+    body = json.loads((out / "search.json").read_text())
+    record = json.loads((out / "prunekit.json").read_text())
+    assert "search" not in record["steps"][0] and record["steps"][0]["method"] == "search"
+    assert body["best"]["params"] == record["parameters_after"] and len(body["candidates"]) > 1
+    model, _ = load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) == body["best"]["params"]
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "Structure search" in report and (out / "figures" / "search.png").is_file()
