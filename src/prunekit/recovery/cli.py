@@ -1,4 +1,4 @@
-"""`prunekit recover DIR --data SOURCE --method {lora,perp,kd,router-kd,expert-kd} --steps N --out DIR2`.
+"""`prunekit recover DIR --data SOURCE --method {lora,perp,kd,router-kd,expert-kd,distill} --steps N --out DIR2`.
 
 Loads a pruned checkpoint, draws training windows from --data (the same sources as calibration:
 "default", a .txt/.jsonl file or folder, a `datasets` name), fine-tunes with a mask-preserving
@@ -6,10 +6,15 @@ method (`train.py`) and exports a stock checkpoint with the same zeros. DIR is n
 output folder and the checkpoint folder are checked against it before any work. The output's
 prunekit.json keeps DIR's record (source, pruning steps, structure) and adds a `recovery` section.
 
-kd, router-kd and expert-kd need the model before pruning as their teacher: --teacher, else the
-`source` DIR's prunekit.json records (a local path, a hub id, a .gguf file or "default").
+kd, router-kd, expert-kd and distill need the model before pruning as their teacher: --teacher,
+else the `source` DIR's prunekit.json records (a local path, a hub id, a .gguf file or "default").
 router-kd (Router KD, arXiv 2603.02217) and expert-kd (MoE-Pruner's expert-wise distillation,
-arXiv 2410.12013) apply to Mixture-of-Experts models only.
+arXiv 2410.12013) apply to Mixture-of-Experts models only. distill (Minitron, arXiv 2407.14679)
+trains every parameter of a width- or depth-pruned model on the teacher's logits; its budget may
+be given in tokens (--tokens N instead of --steps), its memory floor is printed before training
+(and a run that cannot fit is refused), --hidden-weight adds a hidden-state loss (after depth
+pruning the block pairs come from the removed_blocks DIR/prunekit.json records) and
+--gradient-checkpointing trades compute for activation memory.
 
 Checkpoints go to --run-dir (default: OUT.checkpoints next to OUT) every --checkpoint-every
 steps; --resume continues from there. After a successful export the checkpoint is deleted unless
@@ -26,7 +31,7 @@ METADATA_FILE = "prunekit.json"
 # flag dest -> config field; a flag left out keeps the config's default (one source of truth)
 CONFIG_FLAGS = ("steps", "lr", "batch_size", "samples", "seqlen", "seed", "weight_decay", "max_grad_norm",
                 "checkpoint_every", "rank", "alpha", "rslora", "dropout", "temperature", "kd_weight",
-                "expert_weight")
+                "expert_weight", "tokens", "hidden_weight", "gradient_checkpointing")
 TEACHER_HINT = ("pass --teacher MODEL: the dense model DIR was pruned from (a local directory, a hub id, "
                 "a .gguf file or 'default')")
 
@@ -38,7 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Recovery fine-tuning that keeps the sparsity: masked LoRA (lora), norms and biases "
                     "only (perp), masked LoRA distilled from the dense model (kd); for Mixture-of-Experts "
                     "models the routers distilled from the unpruned model (router-kd) or the experts "
-                    "distilled expert by expert (expert-kd).")
+                    "distilled expert by expert (expert-kd); for width- and depth-pruned models every "
+                    "parameter distilled from the dense model's logits (distill, Minitron).")
     _add_arguments(parser)
     parser.set_defaults(handler=run_recover_cli)
     return parser
@@ -48,12 +54,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="DIR", help="the pruned checkpoint directory (e.g. the --out of prunekit prune)")
     p.add_argument("--data", default="default",
                    help="training text: default (offline), a .txt/.jsonl file or dir, wikitext2, c4, ptb")
-    p.add_argument("--method", required=True, metavar="{lora,perp,kd,router-kd,expert-kd}",
+    p.add_argument("--method", required=True, metavar="{lora,perp,kd,router-kd,expert-kd,distill}",
                    help="lora: masked LoRA; perp: norms and biases only; kd: masked LoRA distilled from --teacher; "
                         "router-kd: only the MoE routers, distilled from --teacher (arXiv 2603.02217); "
                         "expert-kd: the MoE experts (zeros kept), cross-entropy + per-expert MSE to --teacher's "
-                        "experts (MoE-Pruner, arXiv 2410.12013)")
+                        "experts (MoE-Pruner, arXiv 2410.12013); distill: every parameter of a width- or "
+                        "depth-pruned model, distilled from --teacher's logits (Minitron, arXiv 2407.14679)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--tokens", type=int, metavar="N",
+                   help="distill: the training budget in tokens instead of --steps: ceil(N / (batch size x seqlen)) "
+                        "steps; the summary says how many tokens were used")
     p.add_argument("--out", required=True, help="output directory (safetensors + tokenizer + prunekit.json)")
     lora = p.add_argument_group("LoRA (lora, kd)")
     lora.add_argument("--rank", type=int, help="adapter rank (default 16)")
@@ -61,22 +71,30 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--rslora", action="store_const", const=True, default=None,
                       help="rank-stabilised scale alpha/sqrt(rank) instead of alpha/rank")
     lora.add_argument("--dropout", type=float, help="dropout on the adapters' input (default 0)")
-    kd = p.add_argument_group("distillation (kd, router-kd, expert-kd)")
+    kd = p.add_argument_group("distillation (kd, router-kd, expert-kd, distill)")
     kd.add_argument("--teacher", help="the model before pruning (default: the source recorded in DIR/prunekit.json)")
-    kd.add_argument("--temperature", type=float, help="kd, router-kd: softmax temperature (default 1)")
+    kd.add_argument("--temperature", type=float, help="kd, router-kd, distill: softmax temperature (default 1)")
     kd.add_argument("--kd-weight", type=float,
-                    help="kd, router-kd: weight of the KL term; the rest is next-token loss (default 1)")
+                    help="kd, router-kd, distill: weight of the KL term; the rest is next-token loss (default 1)")
+    kd.add_argument("--hidden-weight", type=float,
+                    help="distill: weight of a normalised MSE between the student's and the teacher's block "
+                         "outputs (same hidden size; after depth pruning the pairs come from DIR/prunekit.json); "
+                         "default 0, logits only")
     kd.add_argument("--expert-weight", type=float,
                     help="expert-kd: lambda, the weight of the summed per-expert MSE (default: cross-entropy / "
                          "expert MSE before training, as MoE-Pruner initialises it)")
     train = p.add_argument_group("training")
-    train.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; perp 1e-3; expert-kd 2e-5)")
+    train.add_argument("--lr", type=float,
+                       help="AdamW learning rate (default 1e-4; perp 1e-3; expert-kd and distill 2e-5)")
     train.add_argument("--batch-size", type=int, help="windows per step (default 4)")
     train.add_argument("--seqlen", type=int, help="tokens per window (default 512, capped by the model's context)")
     train.add_argument("--samples", type=int, help="windows drawn from --data (default steps x batch size)")
     train.add_argument("--seed", type=int, help="window order and LoRA initialisation (default 0)")
     train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     train.add_argument("--max-grad-norm", type=float, help="gradient clipping; 0 disables (default 1)")
+    train.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None,
+                       help="distill: recompute each decoder block's activations in the backward pass (less "
+                            "memory, about a third more compute); a resume may turn it on or off")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints; 0: none (default 50)")
     train.add_argument("--run-dir", type=Path, help="checkpoint folder (default: OUT.checkpoints)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in the run folder")
@@ -106,6 +124,9 @@ def config_from_args(args):
         close = difflib.get_close_matches(args.method, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown recovery method {args.method!r}.{hint} Use one of: {', '.join(names)}")
+    if args.steps is not None and getattr(args, "tokens", None) is not None:
+        raise ValueError("--steps and --tokens both set the training budget: give one of them (--tokens N trains "
+                         "ceil(N / (batch size x seqlen)) steps)")
     config_cls = get_method(args.method).config_cls
     fields = {f.name for f in dataclasses.fields(config_cls)}
     values = {}
@@ -182,6 +203,8 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     if teacher_name is not None:
         teacher, _ = load(teacher_name, dtype=args.dtype, allow_pickle=args.allow_pickle,
                           trust_remote_code=args.trust_remote_code)
+    if cfg.objective == "distill":
+        cfg = _distill_setup(cfg, model_dir, model, teacher, int(windows.shape[1]), device)
 
     report = recover_(model, cfg, windows, teacher=teacher, run_dir=run_dir, resume=args.resume, device=device,
                       progress=not args.no_progress)
@@ -206,6 +229,22 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, report)
     return 0
+
+
+def _distill_setup(cfg, model_dir: Path, model, teacher, seqlen: int, device):
+    """distill: the block pairs of a hidden-state loss from DIR/prunekit.json's removed_blocks, and the
+    memory floor printed (and checked) before training."""
+    import dataclasses
+
+    from .distill import check_memory, decoder_blocks, teacher_blocks_from_record
+
+    if cfg.hidden_weight and cfg.teacher_blocks is None and (model_dir / METADATA_FILE).is_file():
+        record = json.loads((model_dir / METADATA_FILE).read_text())
+        blocks = teacher_blocks_from_record(record, len(decoder_blocks(teacher)), len(decoder_blocks(model)))
+        if blocks is not None:
+            cfg = dataclasses.replace(cfg, teacher_blocks=blocks)
+    print(check_memory(model, teacher, cfg, seqlen, device).line(device))
+    return cfg
 
 
 def _run_dir(args, cfg, out: Path, model_dir: Path) -> Path | None:

@@ -1,6 +1,6 @@
 """Recovery fine-tuning that keeps the sparsity: configs, the training loop, checkpoint/resume.
 
-Five registered methods (scope "recover") share one function, `recover_`; each config class
+Six registered methods (scope "recover") share one function, `recover_`; each config class
 says what it trains (`trains`) and what it minimises (`objective`):
 
     lora  masked LoRA on every linear layer of the decoder blocks, next-token loss
@@ -19,6 +19,9 @@ says what it trains (`trains`) and what it minimises (`objective`):
           loss = next-token cross-entropy + lambda * sum over MoE blocks and experts of the MSE
           between the teacher's and the student's expert outputs (expert-wise knowledge
           distillation of MoE-Pruner, Xie et al., arXiv 2410.12013, Eq. 10; see `moe.py`)
+    distill  every parameter (zeros held), loss = kd's T^2 * KL(teacher || student) plus an optional
+          hidden-state term: the Minitron practice for width- and depth-pruned models (arXiv
+          2407.14679, 2408.11796); `distill.py` holds its config, loss and memory check
 
 The loop: AdamW over the trainable tensors, exactly `steps` optimizer steps, each on
 `batch_size` windows taken in order from a seeded permutation of the windows (a new permutation
@@ -31,13 +34,17 @@ function we merge; only LoRA's own `dropout` is active.
 Checkpoints (`run_dir/recover-checkpoint.pt`, every `checkpoint_every` steps and at the end) hold
 the trainable tensors, the optimizer state, the step, the RNG states and the loss history, written
 to a temp file and renamed into place; they are read with `torch.load(weights_only=True)` only.
-A resume checks that the method, its settings, the windows and the model's zeros are the same.
+A resume checks that the method, its settings, the windows and the model's zeros are the same
+(settings a config lists in `run_only`, such as `steps`, may change).
 
 After training, the zeros of every linear weight in the decoder blocks, and of every fused 3-D
 expert weight of an MoE model, are compared with those recorded before: a weight that was zero
 and is not raises RuntimeError. A trained tensor that this check covers (expert-kd's expert
-weights, PhiMoE's linear router under router-kd) has its gradient masked and its zeros written
-again after every optimizer step. A failed or interrupted run leaves the model as it was given
+weights, PhiMoE's linear router under router-kd, every block linear under distill) has its
+gradient masked and its zeros written again after every optimizer step, if it has any zeros.
+Every exact zero counts, whether pruning made it or chance did: the check cannot tell them apart
+(masked LoRA holds every zero the same way), and holding the few chance zeros of a dense model
+costs nothing measurable. A failed or interrupted run leaves the model as it was given
 (adapters discarded, trained tensors restored).
 """
 from __future__ import annotations
@@ -104,8 +111,11 @@ class RecoverConfig:
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
     checkpoint_every: int = 50        # steps between checkpoints (with a run_dir); 0: none
 
-    trains: ClassVar[str] = ""        # "lora", "norms_biases", "routers" or "experts"
-    objective: ClassVar[str] = "lm"   # "lm" (next-token cross-entropy), "kd" (KL to the teacher) or "expert-kd"
+    trains: ClassVar[str] = ""        # "lora", "norms_biases", "routers", "experts" or "all"
+    objective: ClassVar[str] = "lm"   # "lm" (next-token cross-entropy), "kd" (KL to the teacher), "expert-kd",
+    #                                   or "distill" (KL, plus hidden states, computed by the config's session)
+    # settings that change how far or how a run goes, not what it computes: a resume may change them
+    run_only: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every")
 
     def __post_init__(self):
         _integer("steps", self.steps, 1)
@@ -129,6 +139,18 @@ class RecoverConfig:
     @property
     def windows_needed(self) -> int:
         return self.samples if self.samples is not None else self.steps * self.batch_size
+
+    def resolved(self, seqlen: int) -> RecoverConfig:
+        """The config that trains on windows of `seqlen` tokens: itself, unless it gives its budget in
+        tokens (`DistillConfig.tokens`), which becomes a whole number of optimizer steps here."""
+        return self
+
+    def session(self, model: nn.Module, teacher: nn.Module | None, windows: Tensor, device: torch.device,
+                name: str):
+        """What a method sets up around its training, or None: a context manager that `recover_` builds
+        before the model moves to `device` (so it can refuse a run that does not fit there), enters
+        around the probes and the steps, and hands to `objective` (distill: `distill.DistillSession`)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -338,7 +360,10 @@ def objective(model: nn.Module, ids: Tensor, cfg: RecoverConfig, teacher: nn.Mod
               distiller=None) -> Tensor:
     """The loss one batch of windows contributes (the thing the optimizer minimises).
 
-    distiller: expert-kd's `moe.ExpertDistillation` (its hooks installed, `weight` = lambda)."""
+    distiller: expert-kd's `moe.ExpertDistillation` (its hooks installed, `weight` = lambda); for
+    objective "distill", the config's session (`distill.DistillSession`), which computes the loss."""
+    if cfg.objective == "distill":
+        return distiller.objective(model, ids, cfg, teacher)
     if cfg.objective == "expert-kd":
         ce, expert = expert_kd_terms(model, ids, distiller)
         return ce + distiller.weight * expert
@@ -407,7 +432,7 @@ def balanced_expert_weight(model: nn.Module, windows: Tensor, cfg: RecoverConfig
 def _identity(cfg: RecoverConfig, windows: Tensor, masks: dict[str, Tensor], params: dict[str, Tensor]) -> dict:
     """What must match for a checkpoint to continue this run (steps may grow; the rest may not)."""
     from ..registry import method_for_config
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "checkpoint_every")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in cfg.run_only}
     return {
         "method": method_for_config(cfg).name,
         "settings": settings,
@@ -470,8 +495,8 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
              progress: bool = True) -> dict:
     """Fine-tune `model` in place on `windows` (n, seqlen) token ids without moving any of its zeros.
 
-    teacher: the model before pruning for kd, router-kd and expert-kd (frozen; never modified;
-    expert-kd calls only its experts modules). run_dir: where checkpoints go
+    teacher: the model before pruning for kd, router-kd, expert-kd and distill (frozen; never
+    modified; expert-kd calls only its experts modules). run_dir: where checkpoints go
     (None: no checkpoints). resume: continue from run_dir's checkpoint (a fresh start if there is
     none). Returns a report: losses before/after on fixed windows and per step, tokens, seconds,
     trainable parameters, sparsity before/after. Raises RuntimeError if a zero became nonzero.
@@ -485,6 +510,8 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
 
     name = method_for_config(cfg).name
     windows = _check_windows(windows, cfg, model.config)
+    token_budget = getattr(cfg, "tokens", None)
+    cfg = cfg.resolved(int(windows.shape[1]))        # a budget in tokens becomes steps
     if cfg.trains != "lora":
         trainable_tensors(model, cfg, name)          # a dense model given to router-kd/expert-kd fails here
     if cfg.needs_teacher and teacher is None:
@@ -497,6 +524,8 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
         raise FileExistsError(f"{checkpoint} exists from an earlier run: resume it (resume=True, CLI --resume) "
                               "or remove it / choose another run directory")
 
+    session = cfg.session(model, teacher, windows, device, name)   # distill: refuses a run that cannot fit
+
     started = time.perf_counter()
     home = next(model.parameters()).device
     teacher_home = next(teacher.parameters()).device if teacher is not None else None
@@ -508,15 +537,16 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
             if teacher is not None:
                 teacher.to(device).eval()
             targets = block_linears(model)
-            masks = zero_masks(targets)                                        # LoRA's masks, before any training
+            masks = zero_masks(targets) if cfg.trains == "lora" else {}         # LoRA's masks, before any training
             zeros = nonzero_masks(pruned_tensors(model))                       # linears + fused experts: the check
             sparsity_before = _zero_fraction(zeros)
-            distiller = ExpertDistillation(model, teacher, name) if cfg.objective == "expert-kd" else None
+            distiller = ExpertDistillation(model, teacher, name) if cfg.objective == "expert-kd" else session
             with distiller if distiller is not None else nullcontext():
-                if distiller is not None:
+                if cfg.objective == "expert-kd":
                     distiller.weight = (cfg.expert_weight if cfg.expert_weight is not None
                                         else balanced_expert_weight(model, windows, cfg, distiller, device))
                 loss_before = probe_loss(model, windows, cfg, teacher, device, distiller)
+                terms_before = distiller.take_probe() if session is not None else None
                 params, losses, resumed_from = _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint,
                                                     resume, device, name, progress, distiller)
                 violated = zeros_violated(pruned_tensors(model), zeros)
@@ -525,6 +555,7 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
                                        f"({', '.join(f'{k}: {v}' for k, v in list(violated.items())[:5])}); "
                                        "this is a bug")
                 loss_after = probe_loss(model, windows, cfg, teacher, device, distiller)
+                terms_after = distiller.take_probe() if session is not None else None
         sparsity_after = _zero_fraction(nonzero_masks(pruned_tensors(model)))
     finally:
         model.to(home)
@@ -558,7 +589,11 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
     }
     if cfg.trains == "lora":
         report["lora"] = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "rslora": cfg.rslora, "scaling": cfg.scaling}
-    if distiller is not None:
+    if token_budget is not None:
+        report["token_budget"] = token_budget
+    if session is not None:
+        report[name], report["notes"] = session.report(terms_before, terms_after)
+    if cfg.objective == "expert-kd":
         report["expert_kd"] = {"expert_weight": distiller.weight, "blocks": len(distiller.pairs),
                                "expert_weight_from": "given" if cfg.expert_weight is not None
                                else "L_CE / L_expert on the probe windows before training"}
@@ -578,6 +613,8 @@ def trainable_tensors(model: nn.Module, cfg: RecoverConfig, name: str) -> dict[s
         return router_parameters(model, name)
     if cfg.trains == "experts":
         return expert_parameters(model, name)
+    if cfg.trains == "all":
+        return dict(model.named_parameters())        # tied tensors once, under their first name
     raise ValueError(f"{name}: unknown trainable set {cfg.trains!r}")
 
 
@@ -615,7 +652,9 @@ def _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint, resume
             if cfg.trains == "norms_biases" and any(id(p) in pruned for p in params.values()):
                 raise RuntimeError("perp would train a pruned weight matrix")   # impossible by construction
             # a trained tensor that pruning may have zeroed keeps its zeros: gradient masked, zeros rewritten
-            param_masks = {key: p.detach() != 0 for key, p in params.items() if id(p) in pruned}
+            # (a tensor without a zero needs no mask: distill trains every block linear of a dense model)
+            param_masks = {key: mask for key, p in params.items() if id(p) in pruned
+                           for mask in [p.detach() != 0] if not bool(mask.all())}
             # on the CPU: expert-kd's tensors are most of an MoE model
             backup = {key: p.detach().to("cpu", copy=True) for key, p in params.items()}
         for p in params.values():
@@ -632,7 +671,7 @@ def _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint, resume
                     p.copy_(state["trainable"][key])
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(state["rng"], device)
-            if distiller is not None and "expert_weight" in state:
+            if cfg.objective == "expert-kd" and "expert_weight" in state:
                 distiller.weight = float(state["expert_weight"])     # lambda stays the one training began with
             start, losses = state["step"], list(state["losses"])
             log.info("resuming %s from step %d of %d (%s)", name, start, cfg.steps, checkpoint)
@@ -658,6 +697,8 @@ def _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint, resume
 
 
 def _objective_name(cfg: RecoverConfig, distiller=None) -> str:
+    if cfg.objective == "distill":
+        return distiller.describe(cfg)
     if cfg.objective == "expert-kd":
         weight = distiller.weight if distiller is not None else cfg.expert_weight
         return (f"next-token cross-entropy + {weight:g} x sum over MoE blocks and experts of "
@@ -724,7 +765,7 @@ def _train(model, cfg, windows, teacher, params, optimizer, device, start, losse
                 state = {"format": CHECKPOINT_FORMAT, "step": done, "identity": identity,
                          "trainable": {key: p.detach().cpu() for key, p in params.items()},
                          "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "losses": list(losses)}
-                if distiller is not None:
+                if cfg.objective == "expert-kd":
                     state["expert_weight"] = distiller.weight
                 save_checkpoint(checkpoint, state)
                 log.info("checkpoint at step %d: %s", done, checkpoint)
@@ -739,18 +780,23 @@ def _train(model, cfg, windows, teacher, params, optimizer, device, start, losse
 def recovery_windows(tokenizer, cfg: RecoverConfig, source: str | os.PathLike, *, seqlen: int, seed: int) -> Tensor:
     """The (windows_needed, cfg.seqlen or `seqlen`) token windows a recovery step trains on."""
     from ..data import calibration_data
-    return calibration_data(tokenizer, source, samples=cfg.windows_needed,
-                            seqlen=cfg.seqlen if cfg.seqlen is not None else seqlen, seed=seed)
+    seqlen = cfg.seqlen if cfg.seqlen is not None else seqlen
+    return calibration_data(tokenizer, source, samples=cfg.resolved(seqlen).windows_needed, seqlen=seqlen,
+                            seed=seed)
 
 
 def format_summary(report: dict) -> str:
     """Three lines for a terminal: what ran, the loss before/after, the sparsity before/after."""
     resumed = f", resumed at step {report['resumed_from']}" if report["resumed_from"] else ""
+    budget = report.get("token_budget")
+    budget = (f" used of a budget of {budget:,}: whole steps of {report['batch_size'] * report['seqlen']:,}"
+              if budget is not None else "")
     lines = [
         f"recovery: {report['method']}, {report['steps']} steps x {report['batch_size']} windows x "
-        f"{report['seqlen']} tokens ({report['tokens']:,} tokens), {report['trainable_parameters']:,} trainable "
-        f"parameters, {report['seconds']:.1f} s{resumed}",
+        f"{report['seqlen']} tokens ({report['tokens']:,} tokens{budget}), "
+        f"{report['trainable_parameters']:,} trainable parameters, {report['seconds']:.1f} s{resumed}",
         f"loss: {report['loss_before']:.4f} -> {report['loss_after']:.4f} ({report['loss_protocol']})",
         f"sparsity after merge: {report['sparsity_after']:.2%} (before {report['sparsity_before']:.2%})",
     ]
+    lines += report.get("notes", [])
     return "\n".join(lines)
