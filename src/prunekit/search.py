@@ -610,7 +610,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
             echo=None, latency_timer=decode_latency) -> StructureReport:
     """Search the structure that meets `cfg.target` with the lowest KL to the dense model, and cut it out of
     `model` in place. Returns a StructureReport whose `search` entry is search.json's body."""
-    echo = echo or (lambda *a, **k: None)
+    echo = echo or log.info
     started = time.perf_counter()
     spec = spec_for(model)
     if spec.heads is None or spec.channels is None:
@@ -626,6 +626,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     if windows.shape[0] < cfg.select_windows:
         raise ValueError(f"select_windows={cfg.select_windows} needs at least that many calibration windows, "
                          f"got {windows.shape[0]}")
+    batch_size = min(batch_size, cfg.select_windows)      # the selection stage runs whole chunks
     full_chunks = math.ceil(windows.shape[0] / batch_size)
     select_chunks = math.ceil(cfg.select_windows / batch_size)
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
@@ -685,9 +686,11 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
         raise ValueError(f"target {cfg.target} cannot be met in the space {','.join(cfg.space)}: the smallest model "
                          f"it holds costs {_fmt(measure, search.cost(cheapest), costs)} against a budget of "
                          f"{_fmt(measure, budget, costs)}; widen the space or relax the target")
+    notes = []
     if kind == "latency":
-        echo(f"latency cost table: dense predicted {costs.total('latency', dense) * 1e3:.2f} ms/token, measured "
-             f"{costs.dense_latency_measured * 1e3:.2f} ms/token; budget {budget * 1e3:.2f} ms/token")
+        notes.append(f"latency cost table: dense predicted {costs.total('latency', dense) * 1e3:.2f} ms/token, "
+                     f"measured {costs.dense_latency_measured * 1e3:.2f} ms/token; budget {budget * 1e3:.2f} ms/token")
+        echo(notes[-1])
 
     # 3. seed scores and the first candidate
     if state is None:
@@ -775,7 +778,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
                              seconds=time.perf_counter() - started, widths=block_widths(model))
     removed = [i for i, lv in enumerate(parent) if fitness.kept(i, lv) == (0, 0)]
     report.removed_blocks = removed
-    report.notes.append(_summary(search, parent, parent_fitness, state, removed))
+    report.notes += [_summary(search, parent, parent_fitness, state, removed), *notes]
     report.search = body
     return report
 
