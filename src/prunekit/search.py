@@ -21,8 +21,9 @@ same kind of space coarse-to-fine. Steps:
                additively per block. The table and its prediction of the dense model beside the
                dense model's measured latency go into search.json.
   3. seed      each sublayer level alone in an otherwise dense model: KL to the dense model on the
-               first `select_windows` windows. A greedy descent on these scores (cheapest loss per
-               unit of cost saved) gives the first candidate inside the budget.
+               first `seed_windows` windows (one by default; 12 variants per SmolLM2 block). A greedy
+               descent on these scores (cheapest loss per unit of cost saved) gives the first
+               candidate inside the budget.
   4. evolve    per generation `offspring` children of the current best, each with a few level
                switches (one block one level down, another one up) repaired back inside the budget
                and filled up to it; all are scored on the first `select_windows` windows, the best
@@ -88,6 +89,7 @@ class SearchConfig:
     context: int = 1024                    # KV-cache length for memory and latency costs (batch 1)
     windows: int | None = None             # fitness windows: the first N calibration windows (None: all)
     select_windows: int = 2                # first-stage selection on the first N windows
+    seed_windows: int = 1                  # seed scores (one KL per sublayer level) on the first N windows
     offspring: int = 8
     survivors: int = 2
     max_switches: int = 3                  # level switches per child: 1..max_switches
@@ -102,8 +104,8 @@ class SearchConfig:
             raise ValueError(f"space holds {', '.join(SPACES)} (comma-separated); got {','.join(space) or 'nothing'}"
                              + (" (experts and sparsity are not searched yet)" if
                                 set(unknown) & {"experts", "sparsity"} else ""))
-        for name in ("ffn_levels", "round_to", "context", "select_windows", "offspring", "survivors",
-                     "max_switches"):
+        for name in ("ffn_levels", "round_to", "context", "select_windows", "seed_windows", "offspring",
+                     "survivors", "max_switches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.windows is not None and self.windows < self.select_windows:
@@ -623,14 +625,15 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     score_method = _score_method(cfg.score)
     width_cfg = WidthConfig(sparsity=0.0, round_to=cfg.round_to)
     windows = calib if cfg.windows is None else calib[:cfg.windows]
-    if windows.shape[0] < cfg.select_windows:
-        raise ValueError(f"select_windows={cfg.select_windows} needs at least that many calibration windows, "
-                         f"got {windows.shape[0]}")
-    batch_size = min(batch_size, cfg.select_windows)      # the selection stage runs whole chunks
+    if windows.shape[0] < max(cfg.select_windows, cfg.seed_windows):
+        raise ValueError(f"select_windows={cfg.select_windows} and seed_windows={cfg.seed_windows} need at least "
+                         f"that many calibration windows, got {windows.shape[0]}")
+    batch_size = math.gcd(batch_size, cfg.select_windows, cfg.seed_windows)   # the stages run whole chunks
     full_chunks = math.ceil(windows.shape[0] / batch_size)
-    select_chunks = math.ceil(cfg.select_windows / batch_size)
+    select_chunks = cfg.select_windows // batch_size
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     block_before, model_before = parameter_counts(model)
+    _check_memory(model, windows, echo)
 
     # 1. the dense pass: block boundaries + the score statistics
     blocks = decoder_blocks(model)
@@ -698,7 +701,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
                             library=_library(ladder, orders), costs=costs.to_dict(),
                             target={"kind": kind, "value": value, "relative": relative, "measure": measure,
                                     "budget": budget})
-        state.seed_scores = _seed_scores(fitness, search, select_chunks, progress)
+        state.seed_scores = _seed_scores(fitness, search, cfg.seed_windows // batch_size, progress)
         _save_state(state_path, state)
     seed_scores = [{_parse_key(k): v for k, v in row.items()} for row in state.seed_scores]
     if state.parent is None:
@@ -814,6 +817,22 @@ def keep_units_(model: nn.Module, spec, group: Coupled, keep: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _check_memory(model: nn.Module, windows: Tensor, echo) -> None:
+    """The search holds the dense next-token distributions (float16) and two sets of hidden states at every
+    block boundary (the dense model's and the best candidate's, float32): say how much, refuse what cannot fit."""
+    import psutil
+    tokens = windows.numel()
+    blocks = len(decoder_blocks(model))
+    need = tokens * model.config.vocab_size * 2 + 2 * (blocks + 1) * tokens * model.config.hidden_size * 4
+    echo(f"search: {need / 2**30:.2f} GiB for the dense distributions and hidden states ({windows.shape[0]} "
+         f"windows x {windows.shape[1]} tokens), besides the model")
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
+        raise MemoryError(f"the search needs about {need / 2**30:.1f} GiB for its {windows.shape[0]} x "
+                          f"{windows.shape[1]}-token fitness windows ({available / 2**30:.1f} GiB available); use "
+                          "fewer windows (--fitness-windows, --samples) or shorter ones (--seqlen)")
+
 
 def _score_method(name: str):
     method = registered().get(name)
