@@ -593,6 +593,35 @@ class Search:
         return child if child != tuple(parent) else None
 
 
+    def generation(self, parent: tuple, parent_fitness: float, boundaries: list, state: SearchState):
+        """One generation: `offspring` distinct children of `parent`, all scored on the selection windows,
+        the best `survivors` on every fitness window; the best of those replaces the parent only if it is
+        better. Every evaluation is recorded in `state.candidates`. Returns the (new) parent, its fitness and
+        its block boundaries."""
+        number = state.generation + 1
+        rng = random.Random(f"{self.cfg.seed}:{state.generation}")     # its own generator: resumable
+        children = []
+        for _ in range(4 * self.cfg.offspring):
+            child = self.mutate(parent, rng)
+            if child is not None and child not in children:
+                children.append(child)
+            if len(children) == self.cfg.offspring:
+                break
+        select_base = [b[:self.select_chunks] if b is not None else None for b in boundaries]
+        scored = []
+        for child in children:
+            value, _ = self.fitness.run(child, self.select_chunks, parent, select_base)
+            scored.append((value, child))
+            state.candidates.append(_candidate(self, child, value, None, "child", number))
+        scored.sort(key=lambda item: item[0])
+        for value, child in scored[:self.cfg.survivors]:
+            full, child_boundaries = self.fitness.run(child, self.full_chunks, parent, boundaries)
+            state.candidates.append(_candidate(self, child, value, full, "survivor", number))
+            if full < parent_fitness:
+                parent, parent_fitness, boundaries = child, full, child_boundaries
+        return parent, parent_fitness, boundaries
+
+
 def _fingerprint(model: nn.Module, calib: Tensor) -> str:
     digest = hashlib.sha256()
     digest.update(str(parameter_counts(model)).encode())
@@ -723,29 +752,9 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     evolve_started = time.perf_counter() - state.seconds
     while (cfg.generations is None or state.generation < cfg.generations) and \
             (time.perf_counter() - evolve_started < limit):
-        generation = state.generation
-        rng = random.Random(f"{cfg.seed}:{generation}")
-        children = []
-        for _ in range(4 * cfg.offspring):
-            child = search.mutate(parent, rng)
-            if child is not None and child not in children:
-                children.append(child)
-            if len(children) == cfg.offspring:
-                break
-        select_base = [b[:select_chunks] if b is not None else None for b in boundaries]
-        scored = []
-        for child in children:
-            value_s, _ = fitness.run(child, select_chunks, parent, select_base)
-            scored.append((value_s, child))
-            state.candidates.append(_candidate(search, child, value_s, None, "child", generation + 1))
-        scored.sort(key=lambda item: item[0])
-        for value_s, child in scored[:cfg.survivors]:
-            value_f, child_boundaries = fitness.run(child, full_chunks, parent, boundaries)
-            state.candidates.append(_candidate(search, child, value_s, value_f, "survivor", generation + 1))
-            if value_f < parent_fitness:
-                parent, parent_fitness, boundaries = child, value_f, child_boundaries
+        parent, parent_fitness, boundaries = search.generation(parent, parent_fitness, boundaries, state)
         state.parent, state.parent_fitness = [list(x) for x in parent], parent_fitness
-        state.generation = generation + 1
+        state.generation += 1
         state.history.append(parent_fitness)
         state.seconds = time.perf_counter() - evolve_started
         _save_state(state_path, state)
