@@ -205,3 +205,19 @@ def test_cli_search_writes_the_model_and_search_json(tiny_model_dir, tmp_path):
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "Structure search" in report and (out / "figures" / "search.png").is_file()
+
+
+def test_the_benchmark_runs_tiny(tiny_model_dir, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "search_smollm2.py"
+    spec = importlib.util.spec_from_file_location("search_smollm2", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "table.md"
+    assert bench.main(["--model", str(tiny_model_dir), "--samples", "4", "--seqlen", "16", "--budget-minutes",
+                       "0.01", "--max-eval-tokens", "256", "--eval-seqlen", "32", "--context", "32", "--only",
+                       "params-25", "--only", "latency-75", "--work", str(tmp_path / "work"), "--reference",
+                       str(tmp_path / "none.json"), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| params-25 | params=0.75 |" in table and "| latency-75 | latency=0.75 |" in table
