@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", required=True,
                        help="unstructured/N:M: magnitude, wanda, sparsegpt, ria, gblm, pruner-zero; "
                             "width: magnitude-sp, wanda-sp, flap, taylor; "
-                            "depth: block-influence, angular, sleb, last-k, laco, sublayer-drop; "
+                            "depth: block-influence, angular, sleb, last-k, laco, sublayer-drop, reverse-order, mka, "
+                            "streamline; "
                             "MoE experts: reap, expert-frequency, expert-output, expert-loo, easy-ep, naee, "
                             "expert-merge, expert-random (see `prunekit list`)")
     prune.add_argument("--sparsity", type=float,

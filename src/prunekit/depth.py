@@ -13,8 +13,10 @@
     output_layers   per-family knowledge: the modules between the last block and the LM head
 
 The methods live in `methods/`, one file each: block-influence (ShortGPT, arXiv 2403.03853),
-angular (Gromov et al., arXiv 2403.17887), sleb (arXiv 2402.09025), laco (arXiv 2402.11187) and
-the data-free baseline last-k.
+angular (Gromov et al., arXiv 2403.17887), sleb (arXiv 2402.09025), laco (arXiv 2402.11187),
+sublayer-drop (arXiv 2406.15786), the second generation reverse-order (arXiv 2411.15558), mka
+(merging by manifold alignment, arXiv 2406.16330) and streamline (a run of blocks replaced by one
+trained block, arXiv 2403.19135), and the data-free baseline last-k.
 
 Method functions
 ----------------

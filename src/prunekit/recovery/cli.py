@@ -1,4 +1,4 @@
-"""`prunekit recover DIR --data SOURCE --method {lora,perp,kd,router-kd,expert-kd,distill} --steps N --out DIR2`.
+"""`prunekit recover DIR --data SOURCE --method {lora,perp,kd,...,distill,partial} --steps N --out DIR2`.
 
 Loads a pruned checkpoint, draws training windows from --data (the same sources as calibration:
 "default", a .txt/.jsonl file or folder, a `datasets` name), fine-tunes with a mask-preserving
@@ -31,7 +31,7 @@ METADATA_FILE = "prunekit.json"
 # flag dest -> config field; a flag left out keeps the config's default (one source of truth)
 CONFIG_FLAGS = ("steps", "lr", "batch_size", "samples", "seqlen", "seed", "weight_decay", "max_grad_norm",
                 "checkpoint_every", "rank", "alpha", "rslora", "dropout", "temperature", "kd_weight",
-                "expert_weight", "tokens", "hidden_weight", "gradient_checkpointing")
+                "expert_weight", "tokens", "hidden_weight", "gradient_checkpointing", "blocks", "head")
 TEACHER_HINT = ("pass --teacher MODEL: the dense model DIR was pruned from (a local directory, a hub id, "
                 "a .gguf file or 'default')")
 
@@ -54,12 +54,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="DIR", help="the pruned checkpoint directory (e.g. the --out of prunekit prune)")
     p.add_argument("--data", default="default",
                    help="training text: default (offline), a .txt/.jsonl file or dir, wikitext2, c4, ptb")
-    p.add_argument("--method", required=True, metavar="{lora,perp,kd,router-kd,expert-kd,distill}",
+    p.add_argument("--method", required=True, metavar="{lora,perp,kd,router-kd,expert-kd,distill,partial}",
                    help="lora: masked LoRA; perp: norms and biases only; kd: masked LoRA distilled from --teacher; "
                         "router-kd: only the MoE routers, distilled from --teacher (arXiv 2603.02217); "
                         "expert-kd: the MoE experts (zeros kept), cross-entropy + per-expert MSE to --teacher's "
                         "experts (MoE-Pruner, arXiv 2410.12013); distill: every parameter of a width- or "
-                        "depth-pruned model, distilled from --teacher's logits (Minitron, arXiv 2407.14679)")
+                        "depth-pruned model, distilled from --teacher's logits (Minitron, arXiv 2407.14679); "
+                        "partial: only the last --blocks decoder blocks, the final norm and the LM head "
+                        "(arXiv 2411.15558; after depth pruning)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     p.add_argument("--tokens", type=int, metavar="N",
                    help="distill: the training budget in tokens instead of --steps: ceil(N / (batch size x seqlen)) "
@@ -83,9 +85,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     kd.add_argument("--expert-weight", type=float,
                     help="expert-kd: lambda, the weight of the summed per-expert MSE (default: cross-entropy / "
                          "expert MSE before training, as MoE-Pruner initialises it)")
+    partial = p.add_argument_group("partial-layer fine-tuning (partial)")
+    partial.add_argument("--blocks", type=int, help="partial: train the last N decoder blocks (default 3)")
+    partial.add_argument("--no-head", dest="head", action="store_const", const=False, default=None,
+                         help="partial: keep the LM head frozen (a tied head is the input embedding)")
     train = p.add_argument_group("training")
     train.add_argument("--lr", type=float,
-                       help="AdamW learning rate (default 1e-4; perp 1e-3; expert-kd and distill 2e-5)")
+                       help="AdamW learning rate (default 1e-4; perp 1e-3; expert-kd and distill 2e-5; partial 1e-5)")
     train.add_argument("--batch-size", type=int, help="windows per step (default 4)")
     train.add_argument("--seqlen", type=int, help="tokens per window (default 512, capped by the model's context)")
     train.add_argument("--samples", type=int, help="windows drawn from --data (default steps x batch size)")
@@ -167,7 +173,8 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     from ..io.atomic import write_json_atomic
     from ..io.export import check_output_dir, save_pretrained_atomic
     from ..io.loading import load, load_pruned, recorded_widths, resolve_device
-    from .train import CHECKPOINT, format_summary, recover_, recovery_windows
+    from ..catalog import get_method
+    from .train import CHECKPOINT, format_summary, recovery_windows
 
     cfg = config_from_args(args)
     model_dir = Path(args.model).expanduser()
@@ -183,7 +190,6 @@ def run_recover_cli(args: argparse.Namespace) -> int:
         if Path(teacher_name).exists() and Path(teacher_name).resolve() == model_dir:
             raise ValueError(f"the teacher is {model_dir} itself; {TEACHER_HINT}")
     elif args.teacher:
-        from ..catalog import get_method
         distilling = [n for n in recover_methods() if get_method(n).config_cls.objective != "lm"]
         raise ValueError(f"--teacher applies to the distillation methods ({', '.join(distilling)}) only, "
                          f"not {args.method}")
@@ -206,8 +212,8 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     if cfg.objective == "distill":
         cfg = _distill_setup(cfg, model_dir, model, teacher, int(windows.shape[1]), device)
 
-    report = recover_(model, cfg, windows, teacher=teacher, run_dir=run_dir, resume=args.resume, device=device,
-                      progress=not args.no_progress)
+    report = get_method(args.method).fn(model, cfg, windows, teacher=teacher, run_dir=run_dir, resume=args.resume,
+                                        device=device, progress=not args.no_progress)
     report["data"] = {"source": str(args.data), "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                       "seed": cfg.seed}
     report["teacher"] = teacher_name

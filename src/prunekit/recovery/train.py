@@ -615,6 +615,9 @@ def trainable_tensors(model: nn.Module, cfg: RecoverConfig, name: str) -> dict[s
         return expert_parameters(model, name)
     if cfg.trains == "all":
         return dict(model.named_parameters())        # tied tensors once, under their first name
+    select = getattr(cfg, "trainable", None)
+    if callable(select):                             # a config that names its own set (partial.py)
+        return select(model)
     raise ValueError(f"{name}: unknown trainable set {cfg.trains!r}")
 
 
