@@ -109,7 +109,7 @@ def test_get_method_suggests_the_nearest_name():
         catalog.get_method("sparsgpt")
     with pytest.raises(ValueError) as err:
         catalog.get_method("zzzzzzzz")
-    assert "Did you mean" not in str(err.value) and "Available: angular, " in str(err.value)
+    assert "Did you mean" not in str(err.value) and "Available: amp, angular, " in str(err.value)
 
 
 def test_needs_calibration_of_a_data_free_method():

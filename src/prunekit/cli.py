@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("model", help='hub id, local directory, .gguf file, or "default" (embedded SmolLM2-135M)')
     prune.add_argument("--method", required=True,
                        help="unstructured/N:M: magnitude, wanda, sparsegpt, ria, gblm, pruner-zero; "
-                            "width: magnitude-sp, wanda-sp, flap, taylor; "
+                            "width: magnitude-sp, wanda-sp, flap, taylor, amp, bonsai; "
                             "depth: block-influence, angular, sleb, last-k, laco, sublayer-drop, reverse-order, mka, "
                             "streamline; "
                             "MoE experts: reap, expert-frequency, expert-output, expert-loo, easy-ep, naee, "
@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="unstructured/N:M: per-block sparsity under the global budget (default uniform)")
     prune.add_argument("--update", choices=["none", "obs", "admm"],
                        help="unstructured/N:M: re-fit the kept weights to the mask (sparsegpt: obs built in)")
+    prune.add_argument("--compensate", choices=["none", "bias", "liar"],
+                       help="width: after removing heads/channels, fold the removed inputs' mean into the bias "
+                            "(bias, FLAP's default) or re-fit the kept columns by least squares (liar)")
     prune.add_argument("--eora-rank", type=int, metavar="R",
                        help="add EoRA low-rank compensation of rank R, exported as a PEFT adapter next to the model")
     prune.add_argument("--per", choices=["row", "layer"], help="comparison group for unstructured sparsity")
@@ -336,7 +339,8 @@ def prune_args_to_dict(args) -> dict:
         step["nm"] = _parse_nm(args.nm)
     if args.per:
         step["per"] = args.per
-    for key in ("layers", "sublayers", "experts", "round_to", "uniform", "heads", "allocation", "update"):
+    for key in ("layers", "sublayers", "experts", "round_to", "uniform", "heads", "allocation", "update",
+                "compensate"):
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)
     if args.ignore:

@@ -8,7 +8,10 @@ Each method has a scope, and each scope its own function signature:
     "linear"  fn(W, stats, cfg) -> W_pruned: `W` a float32 (out, in) weight, `stats` the observer
               the method declared (or None), `cfg` its config with this layer's sparsity
               (unstructured and N:M methods; the engine in `engine.py` drives them)
-    "width"   scores for the heads and channels of one block (see `structured.py`)
+    "width"   scores for the heads and channels of one block (see `structured.py`); a method
+              that scores every block from whole-model passes also registers
+              `prescore(model, calib, cfg, *, device, batch_size, cache_device, progress)
+              -> {block: [scores per coupled group]}`, and fn then receives those scores
     "depth"   fn(model, calib, cfg, ...) -> blocks to remove (see `depth.py`)
     "experts" fn(routed, cfg, keep) -> one score per routed expert of an MoE block, higher kept
               (see `experts.py`); a merging method also registers `apply`
@@ -38,6 +41,7 @@ class Method:
     score: Callable | None = None    # linear methods: score(W, stats, cfg) -> (out, in), lower is pruned first
     updates_weights: bool = False    # linear methods: fn already re-fits kept weights (OBS), `update: obs` adds nothing
     apply: Callable | None = None    # experts methods: apply(block, moe, routed, kept, cfg) merges instead of dropping
+    prescore: Callable | None = None  # width methods: every block's scores from whole-model passes (Bonsai)
 
     @property
     def needs_calibration(self) -> bool:
@@ -48,6 +52,8 @@ class Method:
         around it (a non-uniform allocation, a weight update, gradients)."""
         if self.needs_calibration:
             return True
+        if self.scope == "width":          # compensation (bias, liar) reads the consumers' inputs
+            return getattr(cfg, "compensation", "none") != "none"
         return self.scope == "linear" and (cfg.allocation != "uniform" or cfg.update != "none"
                                            or getattr(cfg, "uses_gradient", False))
 
@@ -60,14 +66,15 @@ SCOPES = ("linear", "width", "depth", "experts", "search", "compensate", "recove
 
 def register(name: str, config_cls: type, stats: type | None = None, scope: str = "linear",
              calibrated: bool | None = None, score: Callable | None = None, updates_weights: bool = False,
-             apply: Callable | None = None):
+             apply: Callable | None = None, prescore: Callable | None = None):
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
-        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated, score, updates_weights, apply)
+        _METHODS[name] = Method(name, config_cls, fn, stats, scope, calibrated, score, updates_weights, apply,
+                                prescore)
         return fn
     return decorate
 

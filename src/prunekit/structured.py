@@ -22,9 +22,27 @@ channel.
               search, scores standardized per block and group, then one global ranking in which
               each unit counts with its parameter cost. Kept channels are rounded to a multiple of
               `round_to` (GEMM-friendly); query heads stay a multiple of the KV heads.
-  3. remove   slice rows and columns, update the attention modules' head counts, optionally fold
-              the mean contribution of the removed inputs into the consumer's bias (FLAP), and
-              rewrite the config when every block has the same widths (a stock checkpoint).
+  3. remove   slice rows and columns, update the attention modules' head counts, optionally
+              compensate the consumer for its removed inputs (`compensate`, below), and rewrite
+              the config when every block has the same widths (a stock checkpoint).
+
+Compensation (`WidthConfig.compensate`, any width method; the statistic it needs is observed on
+the consumer's input in the same calibration pass as the method's own):
+
+    bias   FLAP (arXiv 2312.11983): the removed inputs' mean contribution W[:, R] @ mean(X_R) goes
+           into the consumer's output bias (added to the config when the family has a flag)
+    liar   LIAR (arXiv 2407.13331): the kept columns are re-fitted by least squares so that X_K
+           reproduces the removed inputs' contribution, B = (X_K^T X_K + lambda I)^-1 X_K^T X_R W_R^T
+           and W_K += B^T, from the consumer input's second moment X^T X (`liar_update`)
+    auto   the default: "bias" for a config with `bias: true` (FLAP's own switch), else "none"
+
+In non-uniform mode every block's compensation statistics wait for the global selection (for
+liar, X^T X of o_proj's and down_proj's inputs per block: 12 bytes x columns^2 each).
+
+A method may also score every block at once from whole-model passes before the block loop (Bonsai):
+it registers `prescore(model, calib, cfg, *, device, batch_size, cache_device, progress) ->
+{block index: [scores per coupled group]}`, and its `fn(group, scores, cfg)` receives that group's
+scores where other methods receive their observer.
 
 Uniform mode prunes each block as soon as it is scored and propagates the pruned outputs (later
 blocks see what they will see at inference). Non-uniform mode needs every score before it can
@@ -45,6 +63,7 @@ from .core.stream import NonFiniteError, block_stream, model_device, progress_ba
 from .models import spec_for
 from .models.spec import get_module, weight_view
 from .registry import method_for_config
+from .stats import Hessian, MeanVar
 from .surgery import block_widths, enable_bias, head_counts, keep_columns_, keep_rows_, \
     set_head_counts, write_config
 from .report import StructureReport, parameter_counts
@@ -54,7 +73,7 @@ log = logging.getLogger("prunekit")
 
 @dataclass(frozen=True)
 class WidthConfig:
-    """Shared fields of the width-pruning methods (magnitude-sp, wanda-sp, flap, taylor)."""
+    """Shared fields of the width-pruning methods (magnitude-sp, wanda-sp, flap, taylor, amp, bonsai)."""
     sparsity: float = 0.25        # fraction of the decoder blocks' parameters to remove
     uniform: bool = True          # same share in every block; False: global (adaptive) allocation
     round_to: int = 8             # kept FFN channels are a multiple of this (64/128 for big GEMMs)
@@ -62,6 +81,8 @@ class WidthConfig:
     round_heads: bool = True      # round removed query heads to whole multiples of the KV heads
     attention: bool = True        # prune attention heads
     mlp: bool = True              # prune FFN channels
+    compensate: str = "auto"      # "none", "bias" (FLAP), "liar" (least squares); auto: bias iff `bias: true`
+    liar_damp: float = 0.01       # compensate=liar: ridge lambda on X_K^T X_K, times its mean diagonal
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
@@ -73,6 +94,22 @@ class WidthConfig:
             raise ValueError(f"heads must be 'auto', 'query' or 'kv', got {self.heads!r}")
         if not (self.attention or self.mlp):
             raise ValueError("attention=false and mlp=false leave nothing to prune")
+        if self.compensate not in COMPENSATIONS:
+            raise ValueError(f"compensate must be one of {', '.join(COMPENSATIONS)}, got {self.compensate!r}")
+        if self.compensate == "bias" and getattr(self, "bias", True) is False:
+            raise ValueError("compensate=bias contradicts bias=false; give one of them")
+        if isinstance(self.liar_damp, bool) or not isinstance(self.liar_damp, (int, float)) or self.liar_damp < 0:
+            raise ValueError(f"liar_damp must be a number >= 0 (e.g. 0.01), got {self.liar_damp!r}")
+
+    @property
+    def compensation(self) -> str:
+        """What the driver does after removing units: "none", "bias" or "liar" ("auto" resolved)."""
+        if self.compensate != "auto":
+            return self.compensate
+        return "bias" if getattr(self, "bias", False) else "none"
+
+
+COMPENSATIONS = ("auto", "none", "bias", "liar")
 
 
 @dataclass
@@ -183,22 +220,31 @@ def prune_width_(model: nn.Module, config: WidthConfig, calib: Tensor | None = N
     device = torch.device(device) if device is not None else model_device(model)
     report = StructureReport(method.name, config, block_before, 0, model_before, 0)
     budget = _Budget(config, [_block_params(b) for b in blocks])
-    pending = []      # non-uniform: every block's scores and statistics until all are scored
+    pending = []      # non-uniform: every block's scores and compensation statistics until all are scored
+    compensation = config.compensation
+    if compensation != "none" and calib is None:
+        raise ValueError(f"compensate={compensation} needs calibration data: pass calib=calibration_data(...)")
+    extra = _compensation_observer(method, compensation)
+    prescores = None
+    if method.prescore is not None:          # whole-model passes score every block first (Bonsai)
+        prescores = method.prescore(model, calib, config, device=device, batch_size=batch_size,
+                                    cache_device=cache_device, progress=progress)
 
     def visit(index: int, block: nn.Module, step=None) -> bool:
         """Score one block; in uniform mode also prune it. True if the block changed."""
         groups = coupled_groups(model, index, block, config)
-        stats = _observe(step, groups, method) if step is not None else [None] * len(groups)
-        scores = [_unit_scores(g, method.fn(g, s, config), standardize=not config.uniform)
-                  for g, s in zip(groups, stats)]
+        stats, observed = _observe(step, groups, method, extra) if step is not None else ([None] * len(groups),) * 2
+        inputs = prescores[index] if prescores is not None else stats
+        scores = [_unit_scores(g, method.fn(g, x, config), standardize=not config.uniform)
+                  for g, x in zip(groups, inputs)]
         if not config.uniform:
-            pending.append((index, groups, scores, stats))
+            pending.append((index, groups, scores, observed))
             return False
-        _remove(model, groups, scores, budget.uniform(index, groups), stats, config, report)
+        _remove(model, groups, scores, budget.uniform(index, groups), observed, config, report)
         return True
 
     residency = current()            # blocks move to `device` and back, or stream from disk (core/residency.py)
-    if method.needs_calibration:
+    if (method.needs_calibration and prescores is None) or compensation != "none":
         for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                                  progress=progress, desc=f"score {method.name}"):
             if visit(step.index, step.block, step):
@@ -230,28 +276,56 @@ def _block_params(block: nn.Module) -> int:
     return sum(p.numel() for p in block.parameters())
 
 
-def _observe(step, groups: list[Coupled], method) -> list:
-    """Run the calibration chunks through the block once; return one observer per group."""
-    if method.stats is None:
-        step.forward()
-        return [None] * len(groups)
+def _compensation_observer(method, compensation: str) -> type | None:
+    """The observer that compensation needs beside the method's own, or None if the method's
+    observer already holds it (FLAP's MeanVar has the mean; a Hessian method has X^T X)."""
+    if compensation == "bias" and not hasattr(method.stats, "mean"):
+        return MeanVar
+    if compensation == "liar" and not (isinstance(method.stats, type) and issubclass(method.stats, Hessian)):
+        return Hessian
+    return None
+
+
+def _observe(step, groups: list[Coupled], method, extra: type | None = None) -> tuple[list, list]:
+    """Run the calibration chunks through the block once (one forward pass, every hook in it).
+
+    Returns (the method's observer per group, the observer compensation reads per group): the
+    latter is the `extra` observer when one is needed, else the method's own."""
     from .distributed import reduce_stats_
-    if getattr(method.stats, "needs_grad", False):
-        stats = _observe_gradients(step, groups, method.stats)
-    else:
-        stats = _observe_inputs(step, groups, method.stats)
-    for observer in stats:      # distributed calibration: sum the processes' statistics before scoring
-        reduce_stats_(observer)
-    return stats
+    own = [None] * len(groups)
+    needs_grad = getattr(method.stats, "needs_grad", False)
+    if needs_grad:
+        own = _observe_gradients(step, groups, method.stats)
+    classes = [c for c in ((None if needs_grad else method.stats), extra) if c is not None]
+    observed = _observe_inputs(step, groups, classes)       # the forward pass that feeds the next block
+    if method.stats is not None and not needs_grad:
+        own = [per_group[0] for per_group in observed]
+    added = [per_group[-1] for per_group in observed] if extra is not None else own
+    for observer in {id(o): o for o in [*own, *added] if o is not None}.values():
+        reduce_stats_(observer)     # distributed calibration: sum the processes' statistics before scoring
+    return own, added
 
 
-def _observe_inputs(step, groups: list[Coupled], stats_cls) -> list:
-    """One observer of the consumer's input per group, over every calibration chunk."""
-    stats = [stats_cls(weight_view(g.consumer).shape[1], step.device) for g in groups]
-    by_module = {g.consumer: s for g, s in zip(groups, stats)}
+def _new_observer(stats_cls, group: Coupled, device):
+    """An observer of the group's consumer input; one that needs the group's geometry or weights
+    (AMP's projections) is built by its `for_group(group, device)`."""
+    if hasattr(stats_cls, "for_group"):
+        return stats_cls.for_group(group, device)
+    return stats_cls(weight_view(group.consumer).shape[1], device)
+
+
+def _observe_inputs(step, groups: list[Coupled], classes: list[type]) -> list[list]:
+    """Observers of each group's consumer input (one per class in `classes`), fed by one forward
+    pass over every calibration chunk; with no classes, just that forward pass."""
+    stats = [[_new_observer(cls, g, step.device) for cls in classes] for g in groups]
+    if not classes:
+        step.forward()
+        return stats
+    by_module = {g.consumer: observers for g, observers in zip(groups, stats)}
 
     def hook(module, args):
-        by_module[module].update(args[0])
+        for observer in by_module[module]:
+            observer.update(args[0])
 
     handles = [g.consumer.register_forward_pre_hook(hook) for g in groups]
     try:
@@ -281,8 +355,7 @@ def _observe_gradients(step, groups: list[Coupled], stats_cls) -> list:
     finally:
         for p, flag in zip(params, was):
             p.requires_grad_(flag)
-    step.forward()
-    return stats
+    return stats          # the caller runs the forward pass that feeds the next block (`_observe_inputs`)
 
 
 def _unit_scores(group: Coupled, scores: Tensor, standardize: bool) -> Tensor:
@@ -425,7 +498,9 @@ def choose_units(group: Coupled, scores: Tensor, n_keep: int) -> Tensor:
 
 def _remove(model, groups: list[Coupled], scores: list[Tensor], n_keep: list[int], stats: list,
             cfg: WidthConfig, report: StructureReport) -> None:
+    """Remove each group's lowest-scored units; `stats` are the observers compensation reads."""
     spec = spec_for(model)
+    compensation = cfg.compensation
     for group, score, keep_count, stat in zip(groups, scores, n_keep, stats):
         if keep_count >= group.units:
             continue
@@ -433,8 +508,10 @@ def _remove(model, groups: list[Coupled], scores: list[Tensor], n_keep: list[int
         mask = torch.zeros(group.units, dtype=torch.bool)
         mask[keep] = True
         columns = mask[group.column_units]                                     # (columns,) kept columns
-        if getattr(cfg, "bias", False) and stat is not None and hasattr(stat, "mean"):
+        if compensation == "bias" and stat is not None and hasattr(stat, "mean"):
             _compensate(model, spec, group, ~columns, stat.mean, report)
+        elif compensation == "liar" and stat is not None and hasattr(stat, "H64"):
+            _reconstruct(group, columns, stat.H64, cfg.liar_damp)
         for module, rows in group.producers:
             keep_rows = (rows < 0) | mask[rows.clamp_min(0)]
             keep_rows_(module, keep_rows.nonzero().squeeze(1))
@@ -459,6 +536,39 @@ def _compensate(model, spec, group: Coupled, removed: Tensor, mean: Tensor, repo
     W = weight_view(consumer).detach().float()                                 # (out, columns)
     delta = W[:, removed.to(W.device)] @ mean.to(W.device)[removed.to(W.device)]   # (out,)
     consumer.bias.data += delta.to(consumer.bias.dtype)
+
+
+def liar_update(W: Tensor, H: Tensor, kept: Tensor, damp: float = 0.01) -> Tensor:
+    """LIAR's reconstruction (arXiv 2407.13331): the change of the kept columns that best
+    reproduces, on the calibration inputs, what the removed columns contributed.
+
+    With X the consumer's input (tokens, columns), K the kept and R the removed columns, B minimises
+    ||X_R W_R^T - X_K B||^2 + lambda ||B||^2, whose normal equations need only H = X^T X:
+
+        B = (H_KK + lambda I)^-1 H_KR W_R^T,   lambda = damp * mean(diag H_KK)
+
+    W: (out, columns) the consumer's weight; H: (columns, columns); kept: (columns,) bool.
+    Returns B^T, (out, kept columns), to be added to W[:, kept]. Solved in float64; inputs that
+    were always zero get a unit diagonal (their B rows are then zero), so damp=0 is allowed.
+    """
+    kept = kept.to(H.device)
+    removed = ~kept
+    rows = H[kept].double()                                                    # (K, columns), a copy
+    H_KK, H_KR = rows[:, kept], rows[:, removed]                               # (K, K), (K, R)
+    del rows
+    dead = H_KK.diagonal() == 0
+    H_KK[dead, dead] = 1.0
+    H_KK.diagonal().add_(damp * H_KK.diagonal().mean())
+    W_R = W.to(H_KK.device).double()[:, removed]                               # (out, R)
+    B = torch.linalg.solve(H_KK, H_KR @ W_R.T)                                 # (K, out)
+    return B.T                                                                 # (out, K)
+
+
+def _reconstruct(group: Coupled, kept: Tensor, H: Tensor, damp: float) -> None:
+    """Fold LIAR's least-squares fit of the removed columns into the kept ones, before slicing."""
+    W = weight_view(group.consumer).data                                       # (out, columns), a view
+    delta = liar_update(W.float(), H, kept, damp)                              # (out, kept)
+    W[:, kept.to(W.device)] += delta.to(device=W.device, dtype=W.dtype)
 
 
 # ----------------------------------------------------------------------------- config and reload
