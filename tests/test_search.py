@@ -82,7 +82,7 @@ def test_the_fitness_of_the_masked_candidate_is_the_pruned_models_kl():
     dense = llama(**FOUR_BLOCKS)
     model = llama(**FOUR_BLOCKS)
     calib = windows(model)
-    report = run(model, calib, target="params=0.55")
+    report = run(model, calib, target="params=0.55", compensate="none")
     # the reference distribution is kept in float16: equal to the float32 KL within a few per cent of it
     assert report.search["best"]["fitness_kl"] == pytest.approx(kl_to(dense, model, calib), rel=3e-2)
 
@@ -221,3 +221,13 @@ def test_the_benchmark_runs_tiny(tiny_model_dir, tmp_path):
                        str(tmp_path / "none.json"), "--out", str(out)]) == 0
     table = out.read_text()
     assert "| params-25 | params=0.75 |" in table and "| latency-75 | latency=0.75 |" in table
+
+
+def test_liar_after_the_search_lowers_the_kl_of_the_same_structure():
+    dense = llama(**FOUR_BLOCKS)
+    calib = windows(dense)
+    plain, compensated = llama(**FOUR_BLOCKS), llama(**FOUR_BLOCKS)
+    first = run(plain, calib, target="params=0.5", space=("width",), compensate="none")
+    second = run(compensated, calib, target="params=0.5", space=("width",))          # compensate: liar
+    assert first.search["best"]["levels"] == second.search["best"]["levels"]
+    assert kl_to(dense, compensated, calib) < 0.9 * kl_to(dense, plain, calib)

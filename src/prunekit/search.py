@@ -30,8 +30,14 @@ same kind of space coarse-to-fine. Steps:
                `survivors` on all `windows`, and the best replaces the parent only if its fitness
                is lower, so the fitness never rises. Children are evaluated from the parent's
                cached hidden states at the first block where they differ.
-  5. apply     the best candidate is cut out of the model (`surgery`); uniform widths give a stock
-               checkpoint, anything else loads with `prunekit.load_pruned`.
+  5. apply     the best candidate is cut out of the model (`surgery`), block by block through the
+               calibration windows: with `compensate: liar` (the default) each narrowed consumer's
+               kept columns are first re-fitted by least squares to what the removed ones
+               contributed (LIAR, arXiv 2407.13331, `structured.liar_update`), on the inputs the
+               pruned blocks before it produce. The fitness of the search is measured without it
+               (a variant is a slice), so the reported KL is an upper bound of the compensated
+               model's. Uniform widths give a stock checkpoint, anything else loads with
+               `prunekit.load_pruned`.
 
 Resumable: with `state_dir` the library, the cost table and every generation are written there
 (`search-state.json`, atomically); a resumed search continues at the next generation and ends
@@ -93,6 +99,8 @@ class SearchConfig:
     offspring: int = 8
     survivors: int = 2
     max_switches: int = 3                  # level switches per child: 1..max_switches
+    compensate: str = "liar"               # after the search: "liar" re-fits the kept columns (arXiv 2407.13331)
+    liar_damp: float = 0.01
     seed: int = 0
 
     def __post_init__(self):
@@ -112,6 +120,8 @@ class SearchConfig:
             raise ValueError(f"windows ({self.windows}) must be at least select_windows ({self.select_windows})")
         if self.generations is not None and self.generations < 0:
             raise ValueError(f"generations must be >= 0, got {self.generations}")
+        if self.compensate not in ("none", "liar"):
+            raise ValueError(f"compensate must be none or liar, got {self.compensate!r}")
         if not self.budget_minutes > 0:
             raise ValueError(f"budget_minutes must be positive, got {self.budget_minutes}")
         if self.survivors > self.offspring:
@@ -763,7 +773,12 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     bar.close()
 
     # 5. apply
-    apply_levels_(model, groups, orders, ladder, parent)
+    del fitness.dense_probs, fitness.dense_boundaries, cache, boundaries     # the search's memory, before the pass
+    if cfg.compensate == "liar":
+        compensated_apply_(model, groups, orders, ladder, parent, windows, cfg.liar_damp, device=device,
+                           batch_size=batch_size, cache_device=cache_device, progress=progress)
+    else:
+        apply_levels_(model, groups, orders, ladder, parent)
     write_config(model)
     block_after, model_after = parameter_counts(model)
     predicted = costs.total("params", parent)
@@ -811,6 +826,51 @@ def apply_levels_(model: nn.Module, groups: list[list[Coupled]], orders: list[li
                 drop_sublayer_(model, index, kind)
             elif keep < group.units:
                 keep_units_(model, spec, group, choose_units(group, order, keep))
+    remove_blocks(model, removed)
+
+
+def compensated_apply_(model: nn.Module, groups: list[list[Coupled]], orders: list[list[Tensor]],
+                       ladder: list[Ladder], genome: tuple, calib: Tensor, damp: float, *, device=None,
+                       batch_size: int = 8, cache_device=None, progress: bool = True) -> None:
+    """`apply_levels_` one block at a time through the calibration windows, with LIAR: before a block's
+    heads or channels are cut, X^T X of each narrowed consumer's input is observed on the outputs of the
+    (already pruned) blocks before it, and the kept columns absorb the removed ones' contribution."""
+    from .core.stream import block_stream
+    from .stats import Hessian
+    from .structured import liar_update
+    spec = spec_for(model)
+    removed = []
+    for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
+                             progress=progress, desc="search: apply + liar"):
+        index = step.index
+        kept = (ladder[index].heads[genome[index][0]], ladder[index].channels[genome[index][1]])
+        if kept == (0, 0):
+            removed.append(index)
+            step.outputs = list(step.inputs)              # the block goes: its input flows on
+            continue
+        narrowed = [(g, o, k) for g, o, k in zip(groups[index], orders[index], kept) if 0 < k < g.units]
+        if narrowed:
+            observers = [Hessian(weight_view(g.consumer).shape[1], step.device) for g, _, _ in narrowed]
+            by_module = {g.consumer: obs for (g, _, _), obs in zip(narrowed, observers)}
+            handles = [g.consumer.register_forward_pre_hook(lambda m, args, seen=by_module: seen[m].update(args[0]))
+                       for g, _, _ in narrowed]
+            try:
+                step.forward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for (group, order, keep), observer in zip(narrowed, observers):
+                units = torch.zeros(group.units, dtype=torch.bool)
+                units[choose_units(group, order, keep)] = True
+                columns = units[group.column_units]
+                W = weight_view(group.consumer).data                               # (out, columns), a view
+                W[:, columns.to(W.device)] += liar_update(W.float(), observer.H64, columns, damp).to(W.dtype)
+        for group, order, keep, kind in zip(groups[index], orders[index], kept, ("attention", "mlp")):
+            if keep == 0:
+                drop_sublayer_(model, index, kind)
+            elif keep < group.units:
+                keep_units_(model, spec, group, choose_units(group, order, keep))
+        step.outputs, step.changed = None, True           # run again: the next block sees the pruned outputs
     remove_blocks(model, removed)
 
 
