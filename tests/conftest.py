@@ -167,3 +167,32 @@ def tiny_moe_dir(tmp_path_factory):
     tiny_moe("mixtral").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# families whose configs derive head_dim from hidden_size: their heads stay for a stock reload
+NO_STOCK_HEADS = ("gpt2", "opt")
+
+
+def _model_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _greedy(model, ids, use_cache: bool):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                              use_cache=use_cache)
+
+
+def check_stock_reload_and_cache(model, calib, tmp_path):
+    """The pruned model saves, reloads with stock transformers to the same logits, and greedy
+    generation with the KV cache equals generation without it."""
+    from prunekit.io.export import save_pretrained_atomic
+    from prunekit.surgery import stock_widths
+    assert stock_widths(model) is not None
+    before = _model_logits(model, calib[:2])
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pretrained_atomic(model, None, tmp_path / "out",
+                                                                           metadata={})).eval()
+    torch.testing.assert_close(_model_logits(reloaded, calib[:2]), before, atol=1e-5, rtol=1e-4)
+    prompt = calib[:1, :5]
+    assert torch.equal(_greedy(reloaded, prompt, True), _greedy(reloaded, prompt, False))

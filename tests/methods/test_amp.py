@@ -1,18 +1,14 @@
 """AMP (arXiv 2504.21174): exact scores on hand-built tensors, and the tiny-model family matrix."""
 import pytest
 import torch
-from conftest import TINY_CONFIGS, tiny_model
+from conftest import NO_STOCK_HEADS, TINY_CONFIGS, check_stock_reload_and_cache, tiny_model
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from prunekit import prune_
-from prunekit.io.export import save_pretrained_atomic
 from prunekit.methods.amp import AMPConfig, AMPStats, amp, head_projection_l1
 from prunekit.structured import Coupled
-from prunekit.surgery import stock_widths
 
 FAMILIES = sorted(TINY_CONFIGS)
-NO_STOCK_HEADS = ("gpt2", "opt")     # their configs derive head_dim from hidden_size: heads stay for a stock reload
 
 
 def _group(kind: str, W: torch.Tensor, column_units: list[int]) -> Coupled:
@@ -69,29 +65,6 @@ def test_channel_score_is_the_mean_absolute_activation():
     torch.testing.assert_close(amp(group, stats, AMPConfig()), expected, rtol=0, atol=1e-12)
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _generate(model, ids, use_cache: bool):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-                              use_cache=use_cache)
-
-
-def check_stock_reload_and_cache(model, calib, tmp_path):
-    """The pruned model saves, reloads with stock transformers to the same logits, and greedy
-    generation with the KV cache equals generation without it."""
-    assert stock_widths(model) is not None
-    before = _logits(model, calib[:2])
-    reloaded = AutoModelForCausalLM.from_pretrained(save_pretrained_atomic(model, None, tmp_path / "out",
-                                                                           metadata={})).eval()
-    torch.testing.assert_close(_logits(reloaded, calib[:2]), before, atol=1e-5, rtol=1e-4)
-    prompt = calib[:1, :5]
-    assert torch.equal(_generate(reloaded, prompt, True), _generate(reloaded, prompt, False))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_amp_on_every_family(family, calib, tmp_path):
     model = tiny_model(family)
@@ -104,4 +77,4 @@ def test_amp_non_uniform_runs(calib):
     model = tiny_model("llama")
     report = prune_(model, AMPConfig(sparsity=0.3, uniform=False), calib, progress=False)
     assert 0.15 < report.removed_fraction < 0.45
-    assert torch.isfinite(_logits(model, calib[:2])).all()
+    assert torch.isfinite(model(calib[:2]).logits).all()

@@ -3,7 +3,7 @@ whole-model pre-pass through the driver's `prescore` hook, and the tiny-model fa
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
-from test_amp import NO_STOCK_HEADS, check_stock_reload_and_cache
+from conftest import NO_STOCK_HEADS, check_stock_reload_and_cache
 
 from prunekit import prune_
 from prunekit.depth import BlockCache

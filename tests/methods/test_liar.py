@@ -4,7 +4,7 @@ the tiny-model family matrix."""
 import pytest
 import torch
 from conftest import TINY_CONFIGS, VOCAB, tiny_model
-from test_amp import NO_STOCK_HEADS, check_stock_reload_and_cache
+from conftest import NO_STOCK_HEADS, check_stock_reload_and_cache
 
 from prunekit import prune_
 from prunekit.methods.amp import AMPConfig
