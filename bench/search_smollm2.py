@@ -39,14 +39,17 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--only", action="append", help=f"run only these ({', '.join(RUNS)})")
     parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-bench-search"))
-    parser.add_argument("--reference", type=Path, default=Path("bench/results/cpu_structured.json"))
+    parser.add_argument("--reference", type=Path, action="append",
+                        help="bench/cpu_structured.py results with the FLAP rows (default: its 20/35% and 25% files)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/search_smollm2.md"))
     args = parser.parse_args(argv)
     names = args.only or list(RUNS)
     args.work.mkdir(parents=True, exist_ok=True)
     reference = {}
-    if args.reference.is_file():
-        reference = {row["name"]: row for row in json.loads(args.reference.read_text())["rows"]}
+    for path in args.reference or [Path("bench/results/cpu_structured.json"),
+                                   Path("bench/results/cpu_structured_25.json")]:
+        if path.is_file():
+            reference.update({row["name"]: row for row in json.loads(path.read_text())["rows"]})
 
     rows = []
     for name in names:
