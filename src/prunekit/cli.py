@@ -189,7 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--space", default="width,depth,sublayer",
                         help="what may change: width (heads, FFN channels), depth (whole blocks), sublayer (one "
                              "attention or FFN of a block; llama, mistral, qwen2, qwen3, phi3); default all three")
-    search.add_argument("--budget-minutes", type=float, default=10.0, help="time for the evolution (default 10)")
+    search.add_argument("--budget-minutes", type=float, default=10.0,
+                        help="wall time of the whole search, library and seed scores included; the evolution "
+                             "runs while time is left (default 10)")
     search.add_argument("--generations", type=int, default=None, help="stop after N generations instead")
     search.add_argument("--score", default="flap", help="width score that orders heads and channels (default flap)")
     search.add_argument("--context", type=int, default=1024,

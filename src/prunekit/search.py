@@ -42,7 +42,9 @@ same kind of space coarse-to-fine. Steps:
 Resumable: with `state_dir` the library, the cost table and every generation are written there
 (`search-state.json`, atomically); a resumed search continues at the next generation and ends
 exactly where an uninterrupted one would (every generation draws from its own seeded generator).
-The time budget (`budget_minutes`) is checked between generations and counts the resumed time.
+The time budget (`budget_minutes`) covers the whole search: the library, costs and seed scores first,
+then generations while time is left (checked between generations; a resumed search counts the time
+spent before). A budget spent before the first generation leaves the greedy candidate.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class SearchConfig:
     model's decode-step latency on this machine, from the measured cost table)."""
     target: str = "params=0.75"
     space: tuple[str, ...] = ("width", "depth", "sublayer")
-    budget_minutes: float = 10.0           # wall time of the evolution (the library and costs come first)
+    budget_minutes: float = 10.0           # wall time of the whole search; the evolution gets what is left
     generations: int | None = None         # stop after this many generations (None: the time budget decides)
     score: str = "flap"                    # width method whose scores order each block's heads and channels
     ffn_levels: int = 8                    # FFN ladder: 1, 7/8, ..., 1/8 of the channels (rounded), then 0
@@ -501,7 +503,8 @@ class SearchState:
     parent: list | None = None
     parent_fitness: float | None = None
     generation: int = 0
-    seconds: float = 0.0
+    setup_seconds: float = 0.0          # the dense pass, cost table and seed scores of the first session
+    seconds: float = 0.0                # the evolution, over every session
     candidates: list = field(default_factory=list)    # every candidate evaluated
     history: list = field(default_factory=list)       # best fitness after each generation
 
@@ -741,6 +744,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
                             target={"kind": kind, "value": value, "relative": relative, "measure": measure,
                                     "budget": budget})
         state.seed_scores = _seed_scores(fitness, search, cfg.seed_windows // batch_size, progress)
+        state.setup_seconds = time.perf_counter() - started
         _save_state(state_path, state)
     seed_scores = [{_parse_key(k): v for k, v in row.items()} for row in state.seed_scores]
     if state.parent is None:
@@ -761,7 +765,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     bar = _bar(cfg, progress)
     evolve_started = time.perf_counter() - state.seconds
     while (cfg.generations is None or state.generation < cfg.generations) and \
-            (time.perf_counter() - evolve_started < limit):
+            (state.setup_seconds + time.perf_counter() - evolve_started < limit):
         parent, parent_fitness, boundaries = search.generation(parent, parent_fitness, boundaries, state)
         state.parent, state.parent_fitness = [list(x) for x in parent], parent_fitness
         state.generation += 1
