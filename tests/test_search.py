@@ -231,3 +231,17 @@ def test_liar_after_the_search_lowers_the_kl_of_the_same_structure():
     second = run(compensated, calib, target="params=0.5", space=("width",))          # compensate: liar
     assert first.search["best"]["levels"] == second.search["best"]["levels"]
     assert kl_to(dense, compensated, calib) < 0.9 * kl_to(dense, plain, calib)
+
+
+def test_a_noisy_latency_table_still_reaches_the_budget():
+    """A timer that makes narrower FFNs look slower (noise) must not trap the greedy start: the table is made
+    non-increasing along each ladder, and a move may jump past a neighbour that is not cheaper."""
+    def timer(model, context):
+        widths = [(b.self_attn.o_proj.in_features // 16 if hasattr(b.self_attn, "o_proj") else 0,
+                   b.mlp.down_proj.in_features if hasattr(b.mlp, "down_proj") else 0) for b in model.model.layers]
+        return 5e-4 + sum(h * 1e-3 + (2e-3 if 0 < c < 128 else c * 1e-5) for h, c in widths)
+
+    model = llama(**FOUR_BLOCKS)
+    report = search_(model, SearchConfig(target="latency=0.2", generations=1, offspring=2, survivors=1),
+                     windows(model), batch_size=2, progress=False, latency_timer=timer)
+    assert report.search["best"]["latency_s"] <= report.search["target"]["budget"]
