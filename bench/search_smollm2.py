@@ -8,8 +8,8 @@ latency target met on this machine.
 
 Protocol: float32 on CPU. Each search: `prunekit search` on `samples` windows of `seqlen` tokens of the
 offline default corpus (seed 0; the fitness is the KL to the dense model on them, selection on the first 2),
-space width,depth,sublayer, width score flap, `budget-minutes` of evolution after the library, the seed
-scores and the cost table. Perplexity on the held-out split of the default corpus, `eval-seqlen`-token
+space width,depth,sublayer, width score flap, `budget-minutes` for the whole search (library, seed scores and
+cost table included), LIAR after it. Perplexity on the held-out split of the default corpus, `eval-seqlen`-token
 non-overlapping windows, the first `max-eval-tokens` tokens: the protocol of bench/cpu_structured.py, whose
 FLAP rows (non-uniform, bias compensation, 32 x 512 calibration windows) are the comparison when the
 protocol strings match (else FLAP is run here with the same settings). Each run is its own process.
@@ -89,7 +89,7 @@ def _write(args, rows) -> None:
              f"- command: `python bench/search_smollm2.py {' '.join(sys.argv[1:])}`",
              f"- machine: {cpu}; Python {platform.python_version()}",
              f"- search: {args.samples} windows x {args.seqlen} tokens (fitness: KL to dense), "
-             f"{args.budget_minutes} min of evolution, KV context {args.context}",
+             f"{args.budget_minutes} min for the whole search (setup included), KV context {args.context}",
              f"- perplexity protocol: {rows[0]['protocol'] if rows else '-'}", "",
              "| run | target | removed (block params) | parameters | ppl searched | ppl FLAP (same params) | "
              "searched / FLAP | KL | generations / candidates | latency x (table / measured) | seconds |",
