@@ -67,6 +67,33 @@ def tiny_model(family: str, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads; on a shared 2-core host OpenMP threads waiting on each other
+    make such tests up to 10x slower. A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def recover_cli(argv):
+    """`prunekit recover ...` through a parser that has only that subcommand, with main()'s error handling."""
+    import argparse
+    import sys
+
+    from prunekit.recovery import cli as recovery_cli
+    parser = argparse.ArgumentParser(prog="prunekit")
+    recovery_cli.add_parser(parser.add_subparsers(required=True))
+    args = parser.parse_args(["recover", *argv])
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, TypeError,
+            RuntimeError) as err:
+        print(f"prunekit: error: {err}", file=sys.stderr)
+        return 2
+
+
 @pytest.fixture
 def calib():
     return torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(1))

@@ -12,13 +12,7 @@ from prunekit.registry import method_for_config
 WINDOWS = torch.randint(0, 16, (16, 16), generator=torch.Generator().manual_seed(0))   # 16 of 128 tokens: learnable
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices gain nothing from threads; on a shared 2-core host waiting threads only slow them down
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest: tiny matrices, one thread
 
 
 def depth_pruned(**overrides):

@@ -1,32 +1,22 @@
 """Recovery fine-tuning keeps the zeros: masked LoRA (+ rsLoRA), PERP, distillation, resume, CLI."""
-import argparse
 import hashlib
 import json
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
+from conftest import recover_cli, tiny_model
 from prunekit.models.spec import weight_view
 from prunekit.recovery import (KDConfig, LoraRecoverConfig, PerpConfig, attach_masked_lora, block_linears,
                                recover_)
-from prunekit.recovery import cli as recovery_cli
 from prunekit.recovery import train
 from prunekit.recovery.masked_lora import _MaskedDelta, masked_delta
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 64-wide matrices gain nothing from threads, and on a shared 2-core host OpenMP threads
-    # waiting on each other make these tests 10x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest: tiny matrices, one thread
 
 
 def prune_by_hand(model, sparsity=0.5):
@@ -265,18 +255,6 @@ def test_more_steps_continue_a_finished_run_and_mismatches_are_refused(tmp_path)
 
 
 # ----------------------------------------------------------------------------- command line
-
-def recover_cli(argv):
-    """`prunekit recover ...` through a parser that has only our subcommand, with main()'s error handling."""
-    parser = argparse.ArgumentParser(prog="prunekit")
-    recovery_cli.add_parser(parser.add_subparsers(required=True))
-    args = parser.parse_args(["recover", *argv])
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, TypeError,
-            RuntimeError) as err:
-        print(f"prunekit: error: {err}", file=sys.stderr)
-        return 2
 
 
 def tree_digest(folder):

@@ -1,15 +1,13 @@
 """distill: full-parameter distillation of width- and depth-pruned models from the dense teacher
 (Minitron, arXiv 2407.14679 / 2408.11796): the KL falls on held-out windows, the hidden-state loss,
 the token budget, exact resume, gradient checkpointing, kept zeros, the memory refusal, the CLI."""
-import argparse
 import copy
 import json
 import math
-import sys
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import recover_cli, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import prunekit.catalog  # noqa: F401  (registers the methods)
@@ -18,7 +16,6 @@ from prunekit.depth import remove_blocks
 from prunekit.methods.wanda_sp import WandaSPConfig
 from prunekit.models.spec import weight_view
 from prunekit.recovery import DistillConfig, block_linears, format_summary, recover_
-from prunekit.recovery import cli as recovery_cli
 from prunekit.recovery import distill
 from prunekit.recovery.train import CHECKPOINT, distillation_loss
 
@@ -26,12 +23,7 @@ WINDOWS = torch.randint(0, 16, (32, 16), generator=torch.Generator().manual_seed
 HELD_OUT = torch.randint(0, 16, (16, 16), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()     # tiny matrices: threads only wait on each other on a shared host
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest: tiny matrices, one thread
 
 
 def confident_teacher():
@@ -239,18 +231,6 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_moves(pair, monkeypatc
 
 
 # ----------------------------------------------------------------------------- command line
-
-def recover_cli(argv):
-    """`prunekit recover ...` through a parser that has only our subcommand, with main()'s error handling."""
-    parser = argparse.ArgumentParser(prog="prunekit")
-    recovery_cli.add_parser(parser.add_subparsers(required=True))
-    args = parser.parse_args(["recover", *argv])
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, TypeError,
-            RuntimeError) as err:
-        print(f"prunekit: error: {err}", file=sys.stderr)
-        return 2
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from prunekit.surgery import keep_experts_
 WINDOWS = torch.randint(0, 16, (16, 16), generator=torch.Generator().manual_seed(0))   # 16 of 128 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()     # tiny matrices: threads only wait on each other on a shared host
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest: tiny matrices, one thread
 
 
 def moe_blocks(model):

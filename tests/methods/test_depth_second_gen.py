@@ -21,13 +21,7 @@ from prunekit.methods.streamline import StreamlineConfig, best_run, fit, mean_sq
 from prunekit.prune import prune_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices gain nothing from threads; on a shared 2-core host waiting threads only slow them down
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest: tiny matrices, one thread
 
 
 def test_registered_as_depth_methods():
