@@ -81,8 +81,8 @@ def main(argv=None) -> int:
 
 
 def _write(args, rows) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    from prunekit.bench_host import cpu_model
+    cpu = cpu_model()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = ["# Structure search on SmolLM2-135M", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; commit {commit}",

@@ -30,6 +30,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from prunekit.bench_host import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PRUNEKIT = Path(sys.executable).with_name("prunekit")
@@ -155,16 +157,6 @@ def bit_exact(dense: Path, sparse: Path) -> dict:
         torch.equal(restored[k], v) and restored[k].dtype == v.dtype for k, v in original.items())
     negative = sum(int(((v == 0) & torch.signbit(v)).sum()) for v in original.values() if v.is_floating_point())
     return {"bit_exact": same, "tensors": len(original), "negative_zeros_in_source": negative}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(name: str, args, work: Path) -> dict:
