@@ -70,9 +70,8 @@ from .models.spec import get_module, weight_view
 from .methods import flap, magnitude_sp, wanda_sp  # noqa: F401  (registered: the scores that order the units)
 from .registry import register, registered
 from .report import StructureReport, parameter_counts
-from .structured import Coupled, WidthConfig, choose_units, coupled_groups
-from .surgery import SUBLAYER_FAMILIES, SUBLAYER_NORMS, block_widths, drop_sublayer_, keep_columns_, keep_rows_, \
-    resize_to_, set_head_counts, write_config
+from .structured import Coupled, WidthConfig, choose_units, coupled_groups, keep_units_, kept_columns, reconstruct_
+from .surgery import SUBLAYER_FAMILIES, SUBLAYER_NORMS, block_widths, drop_sublayer_, resize_to_, write_config
 
 log = logging.getLogger("prunekit")
 
@@ -227,9 +226,7 @@ def variant(block: nn.Module, groups: list[Coupled], orders: list[Tensor], kept:
             if keep == 0:
                 handles.append(group.consumer.register_forward_hook(lambda m, args, out: torch.zeros_like(out)))
                 continue
-            units = torch.zeros(group.units, dtype=torch.bool)
-            units[choose_units(group, order, keep)] = True
-            mask = units[group.column_units]
+            mask = kept_columns(group, choose_units(group, order, keep))
 
             def hook(module, args, mask=mask):
                 x = args[0]
@@ -850,7 +847,6 @@ def compensated_apply_(model: nn.Module, groups: list[list[Coupled]], orders: li
     (already pruned) blocks before it, and the kept columns absorb the removed ones' contribution."""
     from .core.stream import block_stream
     from .stats import Hessian
-    from .structured import liar_update
     spec = spec_for(model)
     removed = []
     for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
@@ -873,11 +869,7 @@ def compensated_apply_(model: nn.Module, groups: list[list[Coupled]], orders: li
                 for handle in handles:
                     handle.remove()
             for (group, order, keep), observer in zip(narrowed, observers):
-                units = torch.zeros(group.units, dtype=torch.bool)
-                units[choose_units(group, order, keep)] = True
-                columns = units[group.column_units]
-                W = weight_view(group.consumer).data                               # (out, columns), a view
-                W[:, columns.to(W.device)] += liar_update(W.float(), observer.H64, columns, damp).to(W.dtype)
+                reconstruct_(group, kept_columns(group, choose_units(group, order, keep)), observer.H64, damp)
         for group, order, keep, kind in zip(groups[index], orders[index], kept, ("attention", "mlp")):
             if keep == 0:
                 drop_sublayer_(model, index, kind)
@@ -885,17 +877,6 @@ def compensated_apply_(model: nn.Module, groups: list[list[Coupled]], orders: li
                 keep_units_(model, spec, group, choose_units(group, order, keep))
         step.outputs, step.changed = None, True           # run again: the next block sees the pruned outputs
     remove_blocks(model, removed)
-
-
-def keep_units_(model: nn.Module, spec, group: Coupled, keep: Tensor) -> None:
-    """Slice one coupled group to the units `keep` (sorted): producer rows and consumer columns."""
-    mask = torch.zeros(group.units, dtype=torch.bool)
-    mask[keep] = True
-    for module, rows in group.producers:
-        keep_rows_(module, ((rows < 0) | mask[rows.clamp_min(0)]).nonzero().squeeze(1))
-    keep_columns_(group.consumer, mask[group.column_units].nonzero().squeeze(1))
-    if group.kind == "heads":
-        set_head_counts(model, spec, group.block)
 
 
 # ----------------------------------------------------------------------------- helpers

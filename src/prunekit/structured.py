@@ -505,20 +505,32 @@ def _remove(model, groups: list[Coupled], scores: list[Tensor], n_keep: list[int
         if keep_count >= group.units:
             continue
         keep = choose_units(group, score, keep_count)
-        mask = torch.zeros(group.units, dtype=torch.bool)
-        mask[keep] = True
-        columns = mask[group.column_units]                                     # (columns,) kept columns
+        columns = kept_columns(group, keep)                                    # (columns,) kept columns
         if compensation == "bias" and stat is not None and hasattr(stat, "mean"):
             _compensate(model, spec, group, ~columns, stat.mean, report)
         elif compensation == "liar" and stat is not None and hasattr(stat, "H64"):
-            _reconstruct(group, columns, stat.H64, cfg.liar_damp)
-        for module, rows in group.producers:
-            keep_rows = (rows < 0) | mask[rows.clamp_min(0)]
-            keep_rows_(module, keep_rows.nonzero().squeeze(1))
-        keep_columns_(group.consumer, columns.nonzero().squeeze(1))
-        if group.kind == "heads":
-            set_head_counts(model, spec, group.block, report)
+            reconstruct_(group, columns, stat.H64, cfg.liar_damp)
+        keep_units_(model, spec, group, keep, report)
         report.scores.setdefault(group.kind, {})[group.block] = [round(float(v), 6) for v in score]
+
+
+def kept_columns(group: Coupled, keep: Tensor) -> Tensor:
+    """(columns,) bool: the consumer's input columns of the units `keep`."""
+    units = torch.zeros(group.units, dtype=torch.bool)
+    units[keep] = True
+    return units[group.column_units]
+
+
+def keep_units_(model: nn.Module, spec, group: Coupled, keep: Tensor, report=None) -> None:
+    """Slice one coupled group to the units `keep` (sorted): producer rows and consumer columns, and the
+    attention module's head counts."""
+    mask = torch.zeros(group.units, dtype=torch.bool)
+    mask[keep] = True
+    for module, rows in group.producers:
+        keep_rows_(module, ((rows < 0) | mask[rows.clamp_min(0)]).nonzero().squeeze(1))
+    keep_columns_(group.consumer, mask[group.column_units].nonzero().squeeze(1))
+    if group.kind == "heads":
+        set_head_counts(model, spec, group.block, report)
 
 
 def _compensate(model, spec, group: Coupled, removed: Tensor, mean: Tensor, report: StructureReport) -> None:
@@ -564,7 +576,7 @@ def liar_update(W: Tensor, H: Tensor, kept: Tensor, damp: float = 0.01) -> Tenso
     return B.T                                                                 # (out, K)
 
 
-def _reconstruct(group: Coupled, kept: Tensor, H: Tensor, damp: float) -> None:
+def reconstruct_(group: Coupled, kept: Tensor, H: Tensor, damp: float) -> None:
     """Fold LIAR's least-squares fit of the removed columns into the kept ones, before slicing."""
     W = weight_view(group.consumer).data                                       # (out, columns), a view
     delta = liar_update(W.float(), H, kept, damp)                              # (out, kept)
