@@ -14,7 +14,8 @@ from prunekit.io.loading import load_pruned
 from prunekit.models import spec_for
 from prunekit.models.spec import get_module
 from prunekit.report import parameter_counts
-from prunekit.search import SearchConfig, decode_latency, parse_target, search_
+from prunekit.latency import decode_latency
+from prunekit.search import SearchConfig, parse_target, search_
 from prunekit.surgery import structure_record
 
 FOUR_BLOCKS = dict(num_hidden_layers=4, intermediate_size=128)
@@ -136,7 +137,8 @@ def test_latency_costs_are_additive_per_sublayer():
         return 5e-4 + sum(h * 1e-3 + c * 1e-5 for h, c in widths)
 
     from prunekit.depth import decoder_blocks
-    from prunekit.search import Ladder, ladders, measure_latency_table
+    from prunekit.latency import measure_latency_table
+    from prunekit.search import Ladder, ladders
     from prunekit.structured import WidthConfig, coupled_groups
     model = llama(**FOUR_BLOCKS)
     groups = [coupled_groups(model, i, b, WidthConfig(sparsity=0.0)) for i, b in enumerate(decoder_blocks(model))]
