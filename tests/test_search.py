@@ -48,8 +48,10 @@ def test_targets_parse_and_bad_ones_say_what_is_expected():
                        ("latency=5ms", "without a unit"), ("params=abc", "not a number")):
         with pytest.raises(ValueError, match=words):
             parse_target(bad)
-    with pytest.raises(ValueError, match="experts and sparsity are not searched yet"):
-        SearchConfig(space=("width", "experts"))
+    with pytest.raises(ValueError, match="space holds"):
+        SearchConfig(space=("width", "heads"))
+    with pytest.raises(ValueError, match="not both"):
+        SearchConfig(space=("width", "sparsity"))
 
 
 @pytest.mark.parametrize("target", ["params=0.6", "params=0.3", "memory=0.16MB"])

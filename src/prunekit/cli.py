@@ -188,12 +188,16 @@ def _parser() -> argparse.ArgumentParser:
                              "dense decode-step latency measured on this machine)")
     search.add_argument("--space", default="width,depth,sublayer",
                         help="what may change: width (heads, FFN channels), depth (whole blocks), sublayer (one "
-                             "attention or FFN of a block; llama, mistral, qwen2, qwen3, phi3); default all three")
+                             "attention or FFN of a block; llama, mistral, qwen2, qwen3, phi3), experts (routed "
+                             "experts per MoE block), sparsity (unstructured density per sublayer, Wanda masks; "
+                             "params targets, not with width); default width,depth,sublayer")
     search.add_argument("--budget-minutes", type=float, default=10.0,
                         help="wall time of the whole search, library and seed scores included; the evolution "
                              "runs while time is left (default 10)")
     search.add_argument("--generations", type=int, default=None, help="stop after N generations instead")
     search.add_argument("--score", default="flap", help="width score that orders heads and channels (default flap)")
+    search.add_argument("--expert-score", default="reap",
+                        help="experts space: the expert score that orders each block's experts (default reap)")
     search.add_argument("--context", type=int, default=1024,
                         help="KV-cache length for the memory and latency costs (default 1024)")
     search.add_argument("--fitness-windows", type=int, default=None,
@@ -394,6 +398,7 @@ def _search(args) -> int:
     from .recipe import apply_override, recipe_from_dict
     step = {"method": "search", "target": args.target, "space": [s.strip() for s in args.space.split(",")],
             "budget_minutes": args.budget_minutes, "generations": args.generations, "score": args.score,
+            "expert_score": args.expert_score,
             "context": args.context, "windows": args.fitness_windows, "select_windows": args.select_windows,
             "seed": args.seed}
     raw = {

@@ -1,5 +1,6 @@
 """Structure search under a measured budget: the best mix of widths, removed sublayers and removed
-blocks that fits a parameter count, a memory size or a decode latency on this machine.
+blocks (or routed-expert counts, or unstructured densities) that fits a parameter count, a memory size
+or a decode latency on this machine.
 
 The approach is EvoPress's (Sieberling et al., arXiv 2410.14649): a per-block library of levels, a
 whole-model fitness (KL divergence to the dense model on calibration tokens) and an evolutionary
@@ -14,6 +15,13 @@ same kind of space coarse-to-fine. Steps:
                order, so a variant is a slice of the dense weights: the library on disk is the orders
                and ladders (`library` in search.json), not weight copies, and evaluating a variant
                masks the consumer's input columns (exactly what slicing computes).
+               Other spaces put other units on the same two ladders (`block_groups`): `experts` (MoE
+               families) keeps the attention whole and ladders the routed experts of each MoE block,
+               ordered by an expert score (REAP), at most 8 counts from all down to the router's top-k,
+               equal per routing group; a variant routes among the kept experts only (`models.moe.route`,
+               what the smaller router computes). `sparsity` ladders each sublayer's unstructured density
+               in 1/8 steps: a level keeps the highest |W| x ||x|| of every row (Wanda's mask), its cost
+               is the nonzeros, its variant runs masked weights.
   2. cost      exact, per block and level: parameters; memory = parameters x bytes + the KV cache
                at `context` tokens (batch 1); decode latency from a micro-benchmark on this machine
                (`measure_latency_table`: probe models of a few blocks at each attention level and
@@ -64,18 +72,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .depth import BlockCache, decoder_blocks, onloaded, remove_blocks
+from .experts import check_keep, choose
+from .experts import observe as observe_experts
 from .latency import decode_latency, measure_latency_table
 from .models import spec_for
+from .models.moe import expert_count, groups_of, is_moe_block, route, top_k
 from .models.spec import get_module, weight_view
-from .methods import flap, magnitude_sp, wanda_sp  # noqa: F401  (registered: the scores that order the units)
+from .methods import flap, magnitude_sp, reap, wanda_sp  # noqa: F401  (registered: the scores that order the units)
 from .registry import register, registered
 from .report import StructureReport, parameter_counts
+from .stats import InputNorm
 from .structured import Coupled, WidthConfig, choose_units, coupled_groups, keep_units_, kept_columns, reconstruct_
-from .surgery import SUBLAYER_FAMILIES, SUBLAYER_NORMS, block_widths, drop_sublayer_, write_config
+from .surgery import SUBLAYER_FAMILIES, SUBLAYER_NORMS, block_widths, drop_sublayer_, keep_experts_, write_config
 
 log = logging.getLogger("prunekit")
 
-SPACES = ("width", "depth", "sublayer")
+SPACES = ("width", "depth", "sublayer", "experts", "sparsity")
 TARGETS = ("params", "memory", "latency")
 STATE_FILE = "search-state.json"
 
@@ -91,6 +103,8 @@ class SearchConfig:
     budget_minutes: float = 10.0           # wall time of the whole search; the evolution gets what is left
     generations: int | None = None         # stop after this many generations (None: the time budget decides)
     score: str = "flap"                    # width method whose scores order each block's heads and channels
+    expert_score: str = "reap"             # experts space: the expert score that orders each block's experts
+    sparsity_levels: int = 8               # sparsity space: density levels k/8 of each sublayer's weights
     ffn_levels: int = 8                    # FFN ladder: 1, 7/8, ..., 1/8 of the channels (rounded), then 0
     round_to: int = 8                      # kept FFN channels are a multiple of this
     context: int = 1024                    # KV-cache length for memory and latency costs (batch 1)
@@ -110,11 +124,12 @@ class SearchConfig:
         object.__setattr__(self, "space", space)
         unknown = [s for s in space if s not in SPACES]
         if unknown or not space:
-            raise ValueError(f"space holds {', '.join(SPACES)} (comma-separated); got {','.join(space) or 'nothing'}"
-                             + (" (experts and sparsity are not searched yet)" if
-                                set(unknown) & {"experts", "sparsity"} else ""))
-        for name in ("ffn_levels", "round_to", "context", "select_windows", "seed_windows", "offspring",
-                     "survivors", "max_switches"):
+            raise ValueError(f"space holds {', '.join(SPACES)} (comma-separated); got {','.join(space) or 'nothing'}")
+        if "sparsity" in space and "width" in space:
+            raise ValueError("space: a block's levels are either widths or unstructured densities; search width or "
+                             "sparsity (each with depth and sublayer), not both")
+        for name in ("ffn_levels", "sparsity_levels", "round_to", "context", "select_windows", "seed_windows",
+                     "offspring", "survivors", "max_switches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.windows is not None and self.windows < self.select_windows:
@@ -163,28 +178,158 @@ def parse_target(text: str) -> tuple[str, float, bool]:
 # ----------------------------------------------------------------------------- the library
 
 @dataclass
+class ExpertsGroup:
+    """A block's routed experts as one ladder: the units are experts, ordered by an expert score (REAP by
+    default), and a level keeps the best `kept` (the same number from each routing group). `cost` is the
+    parameters one expert takes with it: its slices of every experts/router parameter that has the expert
+    on dimension 0 (what `surgery.keep_experts_` cuts; buffers such as `e_score_correction_bias` are not
+    parameters)."""
+    block: nn.Module
+    moe: object                      # models.spec.Experts
+    units: int
+    cost: int
+    top_k: int
+    routing_groups: int
+    consumer: nn.Module              # the MoE module (its output is zeroed if the sublayer were removed)
+    kind: str = "experts"
+
+    def removed(self, kept: int) -> int:
+        return (self.units - kept) * self.cost
+
+    def valid(self, kept: int) -> bool:
+        try:
+            check_keep(self.block, self.moe, kept, 0)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass
+class DensityGroup:
+    """A sublayer's linear weights under unstructured sparsity (the `sparsity` space): level k of `units`
+    keeps round(in x k / units) weights of every output row, the highest |W_ij| x ||x_j|| (Wanda's score,
+    per row), zeros stored densely. No weight update: the search compares masks; the parameters are the
+    nonzeros."""
+    linears: list[nn.Module]
+    consumer: nn.Module              # the sublayer's output linear (its output is zeroed when removed)
+    units: int
+    kind: str = "density"
+
+    def keep_per_row(self, linear: nn.Module, kept: int) -> int:
+        return round(weight_view(linear).shape[1] * kept / self.units)
+
+    def removed(self, kept: int) -> int:
+        return sum(weight_view(m).shape[0] * (weight_view(m).shape[1] - self.keep_per_row(m, kept))
+                   for m in self.linears)
+
+    def mask(self, linear: nn.Module, norm: Tensor, kept: int) -> Tensor:
+        """(out, in) bool: the weights level `kept` keeps in `linear`, given its input norms."""
+        W = weight_view(linear).detach()
+        score = W.float().abs() * norm.to(W.device).float()
+        keep = self.keep_per_row(linear, kept)
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(keep, dim=1).indices, True)
+
+
+@dataclass
+class FixedGroup:
+    """A sublayer the space does not narrow (an MoE family's attention, a dense block of an MoE model):
+    kept whole, or removed with its block."""
+    consumer: nn.Module
+    cost: int
+    units: int = 1
+    kind: str = "fixed"
+
+    def removed(self, kept: int) -> int:
+        return 0 if kept else self.cost
+
+
+def _removed(group, kept: int) -> int:
+    """Parameters a level removes from its sublayer (kept > 0)."""
+    if isinstance(group, Coupled):
+        return (group.units - kept) * group.cost
+    return group.removed(kept)
+
+
+def _sublayer_names(spec) -> tuple[str, str]:
+    """The block's attention and MLP module names."""
+    attention = spec.heads.module if spec.heads is not None else "self_attn"
+    if spec.channels is not None:
+        return attention, spec.channels.module
+    return attention, spec.experts.module if spec.experts is not None else "mlp"
+
+
+def block_groups(model: nn.Module, index: int, block: nn.Module, cfg: SearchConfig) -> list:
+    """The two ladders' groups of one block, (attention, MLP): coupled heads and FFN channels (width),
+    density groups (sparsity), or for Mixture-of-Experts families the attention kept whole and the routed
+    experts (experts)."""
+    spec = spec_for(model)
+    attention_name, mlp_name = _sublayer_names(spec)
+    if spec.experts is not None:
+        attention = get_module(block, attention_name)
+        groups = [FixedGroup(attention, _module_params(attention))]
+        moe = spec.experts
+        if is_moe_block(block, moe):
+            experts, router = get_module(block, moe.experts), get_module(block, moe.router)
+            count = expert_count(block, moe)
+            per_expert = sum(t.numel() // count for m in (experts, router) for t in m.parameters(recurse=False)
+                             if t.shape[0] == count)
+            groups.append(ExpertsGroup(block, moe, count, per_expert, top_k(block, moe), groups_of(router),
+                                       get_module(block, moe.module)))
+        else:
+            mlp = get_module(block, mlp_name)
+            groups.append(FixedGroup(mlp, _module_params(mlp)))
+        return groups
+    if spec.heads is None or spec.channels is None:
+        raise ValueError(f"search needs the heads and FFN channels of {model.config.model_type} in its spec")
+    heads, channels = coupled_groups(model, index, block, WidthConfig(sparsity=0.0, round_to=cfg.round_to))
+    if "sparsity" not in cfg.space:
+        return [heads, channels]
+    names = [name for group in spec.groups for name in group]
+    return [DensityGroup([get_module(block, n) for n in names if n.startswith(prefix + ".")], group.consumer,
+                         cfg.sparsity_levels)
+            for prefix, group in ((attention_name, heads), (mlp_name, channels))]
+
+
+@dataclass
 class Ladder:
-    """The levels of one block: kept attention units and FFN channels, from full to 0."""
-    heads: list[int]                 # kept units (query heads, or KV groups in "kv" mode), descending, last 0
-    channels: list[int]              # kept FFN channels, descending, last 0
+    """The levels of one block: kept attention units and MLP units (FFN channels, routed experts, or
+    density steps), from full to 0 (the sublayer removed)."""
+    heads: list[int]                 # kept attention units, descending, last 0
+    channels: list[int]              # kept MLP units, descending, last 0
     allowed: list[tuple[int, int]]   # (head level, channel level) pairs the space allows
 
 
-def ladders(groups: list[Coupled], cfg: SearchConfig, sublayer_ok: bool) -> Ladder:
-    """The levels of a block with these coupled groups (heads first, then channels)."""
-    heads, channels = groups
-    kv = heads.units // heads.per_group if heads.per_group > 1 else 1
-    step = kv if heads.per_group > 1 else 1                        # equal query heads in every KV group
-    head_levels = list(range(heads.units, 0, -step))
-    if len(head_levels) > 8:                                       # at most 8 partial levels, evenly spaced
-        head_levels = sorted({head_levels[round(i * (len(head_levels) - 1) / 7)] for i in range(8)}, reverse=True)
-    n = channels.units
-    channel_levels = sorted({min(n, max(cfg.round_to, round(n * k / cfg.ffn_levels / cfg.round_to) * cfg.round_to))
-                             for k in range(1, cfg.ffn_levels + 1)} | {n}, reverse=True)
-    if "width" not in cfg.space:
-        head_levels, channel_levels = head_levels[:1], channel_levels[:1]
-    head_levels.append(0)
-    channel_levels.append(0)
+def _levels(group, cfg: SearchConfig, attention: bool) -> list[int]:
+    """A group's kept-unit levels before 0, full first."""
+    if isinstance(group, Coupled):
+        if "width" not in cfg.space:
+            return [group.units]
+        if attention:
+            kv = group.units // group.per_group if group.per_group > 1 else 1
+            step = kv if group.per_group > 1 else 1                  # equal query heads in every KV group
+            levels = list(range(group.units, 0, -step))
+            if len(levels) > 8:                                      # at most 8 partial levels, evenly spaced
+                levels = sorted({levels[round(i * (len(levels) - 1) / 7)] for i in range(8)}, reverse=True)
+            return levels
+        n = group.units
+        return sorted({min(n, max(cfg.round_to, round(n * k / cfg.ffn_levels / cfg.round_to) * cfg.round_to))
+                       for k in range(1, cfg.ffn_levels + 1)} | {n}, reverse=True)
+    if isinstance(group, ExpertsGroup):
+        if "experts" not in cfg.space:
+            return [group.units]
+        valid = [k for k in range(group.units, 0, -1) if k == group.units or group.valid(k)]
+        if len(valid) > 8:                                           # at most 8 levels, evenly spaced
+            valid = sorted({valid[round(i * (len(valid) - 1) / 7)] for i in range(8)}, reverse=True)
+        return valid
+    if isinstance(group, DensityGroup):
+        return list(range(group.units, 0, -1))
+    return [group.units]
+
+
+def ladders(groups: list, cfg: SearchConfig, sublayer_ok: bool) -> Ladder:
+    """The levels of a block with these groups (attention first, then the MLP)."""
+    head_levels = _levels(groups[0], cfg, attention=True) + [0]
+    channel_levels = _levels(groups[1], cfg, attention=False) + [0]
     last_a, last_f = len(head_levels) - 1, len(channel_levels) - 1
     allowed = []
     for a in range(len(head_levels)):
@@ -203,39 +348,82 @@ def _unit_scores(group: Coupled, scores: Tensor) -> Tensor:
     return group.unit_sum(scores) / group.unit_sum(torch.ones_like(scores))
 
 
-def _observe_inputs(block: nn.Module, groups: list[Coupled], stats_cls, device):
-    """Forward pre-hooks that feed each group's consumer input to an observer of `stats_cls`."""
-    observers = [stats_cls(weight_view(g.consumer).shape[1], device) for g in groups]
-    by_module = {g.consumer: o for g, o in zip(groups, observers)}
-    handles = [g.consumer.register_forward_pre_hook(lambda m, args: by_module[m].update(args[0])) for g in groups]
+def _observe_inputs(modules: list[nn.Module], stats_cls, device):
+    """Forward pre-hooks that feed each module's input to an observer of `stats_cls`."""
+    observers = [stats_cls(weight_view(m).shape[1], device) for m in modules]
+    by_module = dict(zip(modules, observers))
+    handles = [m.register_forward_pre_hook(lambda m, args: by_module[m].update(args[0])) for m in modules]
     return observers, handles
 
 
 # ----------------------------------------------------------------------------- evaluating a variant
 
+def _zero_output(module, args, out):
+    if isinstance(out, tuple):                   # an attention module: (output, weights)
+        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+    return torch.zeros_like(out)
+
+
 @contextmanager
-def variant(block: nn.Module, groups: list[Coupled], orders: list[Tensor], kept: tuple[int, int]):
-    """Run `block` as if only the first kept[g] units of orders[g] remained (0: the sublayer removed):
-    the consumer's removed input columns are zeroed, a removed sublayer's consumer returns zeros (its
-    bias included, as dropping the sublayer does). Equal to slicing the weights, without copying them."""
+def variant(block: nn.Module, groups: list, orders: list, kept: tuple[int, int]):
+    """Run `block` as if only level `kept` of each group remained, without copying weights:
+    width: the consumer's removed input columns are zeroed (equal to slicing); experts: the router
+    chooses among the kept experts only (`models.moe.route`, what the router of the smaller model
+    computes); density: each linear runs on its masked weight; 0: the sublayer's output is zero (its
+    bias included, as dropping the sublayer does)."""
     handles = []
     try:
         for group, order, keep in zip(groups, orders, kept):
             if keep >= group.units:
                 continue
             if keep == 0:
-                handles.append(group.consumer.register_forward_hook(lambda m, args, out: torch.zeros_like(out)))
-                continue
-            mask = kept_columns(group, choose_units(group, order, keep))
+                handles.append(group.consumer.register_forward_hook(_zero_output))
+            elif isinstance(group, Coupled):
+                mask = kept_columns(group, choose_units(group, order, keep))
 
-            def hook(module, args, mask=mask):
-                x = args[0]
-                return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
-            handles.append(group.consumer.register_forward_pre_hook(hook))
+                def hook(module, args, mask=mask):
+                    x = args[0]
+                    return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+                handles.append(group.consumer.register_forward_pre_hook(hook))
+            elif isinstance(group, ExpertsGroup):
+                handles.append(_exclude_experts(group, order, keep))
+            else:
+                handles += _masked_weights(group, order, keep)
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _exclude_experts(group: ExpertsGroup, scores: Tensor, keep: int):
+    """A router forward hook: route among the `keep` best experts only."""
+    excluded = torch.ones(group.units, dtype=torch.bool)
+    excluded[choose(scores, keep, group.routing_groups)] = False
+    router = get_module(group.block, group.moe.router)
+
+    def hook(module, args, out):
+        logits = out[0]
+        weights, chosen = route(group.moe, router, logits.reshape(-1, logits.shape[-1]), excluded)
+        return (logits, weights.to(out[1].dtype).reshape(out[1].shape), chosen.reshape(out[2].shape)) + tuple(out[3:])
+    return router.register_forward_hook(hook)
+
+
+def _masked_weights(group: DensityGroup, norms: list[Tensor], keep: int) -> list:
+    """Hooks that run each linear of `group` on its level-`keep` weights and put the dense ones back."""
+    masks, saved, handles = {}, {}, []
+
+    def before(module, args):
+        if module not in masks:
+            masks[module] = group.mask(module, norms[group.linears.index(module)], keep)
+        saved[module] = module.weight.data
+        module.weight.data = module.weight.data.clone()
+        weight_view(module).data.mul_(masks[module].to(module.weight.device))
+
+    def after(module, args, out):
+        module.weight.data = saved.pop(module)
+    for linear in group.linears:
+        handles += [linear.register_forward_pre_hook(before), linear.register_forward_hook(after)]
+    return handles
 
 
 class Fitness:
@@ -342,15 +530,16 @@ def _module_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def parameter_table(model: nn.Module, groups: list[list[Coupled]], ladder: list[Ladder]) -> list[dict]:
-    """Exact parameters of every allowed level of every block. A removed sublayer takes its norm with it
-    (`surgery.drop_sublayer_`); a removed block takes everything."""
+def parameter_table(model: nn.Module, groups: list[list], ladder: list[Ladder]) -> list[dict]:
+    """Exact parameters of every allowed level of every block (nonzeros, for density levels). A removed
+    sublayer takes its norm with it (`surgery.drop_sublayer_`); a removed block takes everything."""
     spec = spec_for(model)
     sublayer = model.config.model_type in SUBLAYER_FAMILIES
+    attention_name, mlp_name = _sublayer_names(spec)
     rows = []
     for block, (heads, channels), lad in zip(decoder_blocks(model), groups, ladder):
-        attention = _module_params(get_module(block, spec.heads.module))
-        mlp = _module_params(get_module(block, spec.channels.module))
+        attention = _module_params(get_module(block, attention_name))
+        mlp = _module_params(get_module(block, mlp_name))
         if sublayer:
             attention += _module_params(get_module(block, SUBLAYER_NORMS["attention"]))
             mlp += _module_params(get_module(block, SUBLAYER_NORMS["mlp"]))
@@ -361,33 +550,50 @@ def parameter_table(model: nn.Module, groups: list[list[Coupled]], ladder: list[
             if kept_heads == 0 and kept_channels == 0:
                 row[(a, f)] = 0
                 continue
-            row[(a, f)] = (other + (attention - (heads.units - kept_heads) * heads.cost if kept_heads else 0)
-                           + (mlp - (channels.units - kept_channels) * channels.cost if kept_channels else 0))
+            row[(a, f)] = (other + (attention - _removed(heads, kept_heads) if kept_heads else 0)
+                           + (mlp - _removed(channels, kept_channels) if kept_channels else 0))
         rows.append(row)
     return rows
 
 
-def kv_table(model: nn.Module, groups: list[list[Coupled]], ladder: list[Ladder], context: int,
+def kv_table(model: nn.Module, groups: list[list], ladder: list[Ladder], context: int,
              element_size: int) -> list[dict]:
     """KV-cache bytes per block and level at `context` tokens, batch 1 (sliding-window layers hold at most
-    their window). Query-head levels keep every KV head; KV-group levels keep `kept` of them."""
+    their window). Query-head levels keep every KV head; KV-group levels keep `kept` of them; an attention
+    kept whole (density, fixed) keeps the cache of the dense model's layer (`_kv_per_token`)."""
     config = model.config
     types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     rows = []
     for index, ((heads, _), lad) in enumerate(zip(groups, ladder)):
-        # per_group > 1: the units are query heads and every KV head stays; else the units are KV groups
-        n_kv = heads.units // heads.per_group
         tokens = context
         if types is not None and window and types[index] == "sliding_attention":
             tokens = min(context, window)
         row = {}
         for a, f in lad.allowed:
             kept = lad.heads[a]
-            kv_heads = 0 if kept == 0 else (n_kv if heads.per_group > 1 else kept)
-            row[(a, f)] = 2 * kv_heads * heads.head_dim * tokens * element_size
+            if kept == 0:
+                per_token = 0
+            elif isinstance(heads, Coupled):
+                # per_group > 1: the units are query heads and every KV head stays; else the units are KV groups
+                kv_heads = heads.units // heads.per_group if heads.per_group > 1 else kept
+                per_token = 2 * kv_heads * heads.head_dim
+            else:
+                per_token = _kv_per_token(config)
+            row[(a, f)] = per_token * tokens * element_size
         rows.append(row)
     return rows
+
+
+def _kv_per_token(config) -> int:
+    """Cached key and value elements per token of one full attention layer: 2 x KV heads x head size, or
+    for multi-head latent attention (DeepSeek-V3), which transformers caches compressed, the latent
+    (`kv_lora_rank`) plus the shared rotary key (`qk_rope_head_dim`)."""
+    heads = config.num_attention_heads
+    if getattr(config, "kv_lora_rank", None):
+        return config.kv_lora_rank + config.qk_rope_head_dim
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_dim
 
 
 # ----------------------------------------------------------------------------- the search
@@ -560,14 +766,14 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     echo = echo or log.info
     started = time.perf_counter()
     spec = spec_for(model)
-    if spec.heads is None or spec.channels is None:
-        raise ValueError(f"search needs the heads and FFN channels of {model.config.model_type} in its spec")
     kind, value, relative = parse_target(cfg.target)
+    _check_space(model, cfg, kind)
     sublayer_ok = "sublayer" in cfg.space and model.config.model_type in SUBLAYER_FAMILIES
     if "sublayer" in cfg.space and not sublayer_ok:
         echo(f"note: {model.config.model_type} cannot lose a single sublayer (supported: "
              f"{', '.join(SUBLAYER_FAMILIES)}); the space keeps width and whole blocks")
     score_method = _score_method(cfg.score)
+    expert_method = _expert_method(cfg.expert_score) if "experts" in cfg.space else None
     width_cfg = WidthConfig(sparsity=0.0, round_to=cfg.round_to)
     windows = calib if cfg.windows is None else calib[:cfg.windows]
     if windows.shape[0] < max(cfg.select_windows, cfg.seed_windows):
@@ -580,16 +786,26 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     block_before, model_before = parameter_counts(model)
     _check_memory(model, windows, echo)
 
-    # 1. the dense pass: block boundaries + the score statistics
+    # 1. the dense pass: block boundaries + what orders each group's units
     blocks = decoder_blocks(model)
-    groups = [coupled_groups(model, i, b, width_cfg) for i, b in enumerate(blocks)]
+    groups = [block_groups(model, i, b, cfg) for i, b in enumerate(blocks)]
     observed: dict[int, list] = {}
 
     def observe(step):
-        if score_method.stats is None:
+        here = groups[step.index]
+        if expert_method is not None and isinstance(here[1], ExpertsGroup):
+            routed = observe_experts(step, spec.experts)
+            with torch.no_grad():
+                observed[step.index] = expert_method.fn(routed, expert_method.config_cls(sparsity=0.5), None)
+            return
+        if isinstance(here[0], DensityGroup):
+            modules, stats_cls = [m for g in here for m in g.linears], InputNorm
+        elif isinstance(here[0], Coupled) and score_method.stats is not None:
+            modules, stats_cls = [g.consumer for g in here], score_method.stats
+        else:
             step.forward()
             return
-        observers, handles = _observe_inputs(step.block, groups[step.index], score_method.stats, step.device)
+        observers, handles = _observe_inputs(modules, stats_cls, step.device)
         try:
             step.forward()
         finally:
@@ -599,10 +815,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
 
     cache = BlockCache(model, windows, device=device, batch_size=batch_size, cache_device=cache_device,
                        progress=progress, desc="search: dense pass", observe=observe)
-    orders = []
-    for index, block_groups in enumerate(groups):
-        stats = observed.get(index, [None] * len(block_groups))
-        orders.append([_unit_scores(g, score_method.fn(g, s, width_cfg)) for g, s in zip(block_groups, stats)])
+    orders = [_orders(g, observed.get(i), score_method, width_cfg) for i, g in enumerate(groups)]
     ladder = [ladders(g, cfg, sublayer_ok) for g in groups]
     fitness = Fitness(cache, groups, orders, ladder)
 
@@ -643,7 +856,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     # 3. seed scores and the first candidate
     if state is None:
         state = SearchState(config=_config_dict(cfg), fingerprint=_fingerprint(model, windows),
-                            library=_library(ladder, orders), costs=costs.to_dict(),
+                            library=_library(ladder, groups, orders), costs=costs.to_dict(),
                             target={"kind": kind, "value": value, "relative": relative, "measure": measure,
                                     "budget": budget})
         state.seed_scores = _seed_scores(fitness, search, cfg.seed_windows // batch_size, progress)
@@ -682,20 +895,24 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     # 5. apply
     del fitness.dense_probs, fitness.dense_boundaries, cache, boundaries     # the search's memory, before the pass
     if cfg.compensate == "liar":
-        compensated_apply_(model, groups, orders, ladder, parent, windows, cfg.liar_damp, device=device,
-                           batch_size=batch_size, cache_device=cache_device, progress=progress)
+        zeroed = compensated_apply_(model, groups, orders, ladder, parent, windows, cfg.liar_damp, device=device,
+                                    batch_size=batch_size, cache_device=cache_device, progress=progress)
     else:
-        apply_levels_(model, groups, orders, ladder, parent)
+        zeroed = apply_levels_(model, groups, orders, ladder, parent)
     write_config(model)
-    block_after, model_after = parameter_counts(model)
+    block_stored, model_stored = parameter_counts(model)
+    block_after, model_after = block_stored - zeroed, model_stored - zeroed       # nonzeros (zeros stored densely)
     predicted = costs.total("params", parent)
     if predicted != model_after:
         raise RuntimeError(f"the cost table predicted {predicted} parameters, the pruned model has {model_after}")
+    if zeroed:
+        notes.append(f"density levels zeroed {zeroed:,} weights (stored densely: the checkpoint holds "
+                     f"{model_stored:,} parameters, {model_after:,} of them nonzero)")
     body = asdict(state)
     body["best"] = {"levels": [list(x) for x in parent], "kept": [list(fitness.kept(i, lv)) for i, lv in
                                                                 enumerate(parent)],
                     "fitness_kl": parent_fitness, "params": model_after, "block_params": block_after,
-                    "memory_bytes": costs.total("memory", parent),
+                    "memory_bytes": costs.total("memory", parent) + zeroed * element,
                     "latency_s": costs.total("latency", parent) if costs.latency else None}
     body["dense"] = {"params": model_before, "block_params": block_before,
                      "memory_bytes": costs.total("memory", dense),
@@ -717,35 +934,57 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     return report
 
 
-def apply_levels_(model: nn.Module, groups: list[list[Coupled]], orders: list[list[Tensor]], ladder: list[Ladder],
-                  genome: tuple) -> None:
-    """Cut `genome` out of `model` in place: slice heads and channels to their kept units, drop removed
-    sublayers, remove blocks that keep nothing."""
+def _cut_(model: nn.Module, spec, index: int, group, order, keep: int, kind: str) -> int:
+    """Cut one group of block `index` down to level `keep` in place; returns the weights it zeroed
+    (density) so the caller can check them against the cost table."""
+    if keep == 0:
+        drop_sublayer_(model, index, kind)
+    elif keep >= group.units:
+        return 0
+    elif isinstance(group, Coupled):
+        keep_units_(model, spec, group, choose_units(group, order, keep))
+    elif isinstance(group, ExpertsGroup):
+        keep_experts_(group.block, group.moe, choose(order, keep, group.routing_groups))
+    elif isinstance(group, DensityGroup):
+        zeroed = 0
+        for linear, norm in zip(group.linears, order):
+            mask = group.mask(linear, norm, keep)
+            with torch.no_grad():
+                weight_view(linear).mul_(mask.to(linear.weight.dtype))
+            zeroed += int(mask.numel() - mask.sum())
+        return zeroed
+    return 0
+
+
+def apply_levels_(model: nn.Module, groups: list[list], orders: list[list], ladder: list[Ladder],
+                  genome: tuple) -> int:
+    """Cut `genome` out of `model` in place: slice heads and channels to their kept units, keep the chosen
+    experts, mask density levels, drop removed sublayers, remove blocks that keep nothing. Returns the
+    weights zeroed by density levels."""
     spec = spec_for(model)
-    removed = []
+    removed, zeroed = [], 0
     for index, (level, block_groups, block_orders, lad) in enumerate(zip(genome, groups, orders, ladder)):
         kept = (lad.heads[level[0]], lad.channels[level[1]])
         if kept == (0, 0):
             removed.append(index)
             continue
         for group, order, keep, kind in zip(block_groups, block_orders, kept, ("attention", "mlp")):
-            if keep == 0:
-                drop_sublayer_(model, index, kind)
-            elif keep < group.units:
-                keep_units_(model, spec, group, choose_units(group, order, keep))
+            zeroed += _cut_(model, spec, index, group, order, keep, kind)
     remove_blocks(model, removed)
+    return zeroed
 
 
-def compensated_apply_(model: nn.Module, groups: list[list[Coupled]], orders: list[list[Tensor]],
-                       ladder: list[Ladder], genome: tuple, calib: Tensor, damp: float, *, device=None,
-                       batch_size: int = 8, cache_device=None, progress: bool = True) -> None:
+def compensated_apply_(model: nn.Module, groups: list[list], orders: list[list], ladder: list[Ladder],
+                       genome: tuple, calib: Tensor, damp: float, *, device=None, batch_size: int = 8,
+                       cache_device=None, progress: bool = True) -> int:
     """`apply_levels_` one block at a time through the calibration windows, with LIAR: before a block's
     heads or channels are cut, X^T X of each narrowed consumer's input is observed on the outputs of the
-    (already pruned) blocks before it, and the kept columns absorb the removed ones' contribution."""
+    (already pruned) blocks before it, and the kept columns absorb the removed ones' contribution.
+    Experts and density levels are cut as they are (no reconstruction)."""
     from .core.stream import block_stream
     from .stats import Hessian
     spec = spec_for(model)
-    removed = []
+    removed, zeroed = [], 0
     for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                              progress=progress, desc="search: apply + liar"):
         index = step.index
@@ -754,12 +993,10 @@ def compensated_apply_(model: nn.Module, groups: list[list[Coupled]], orders: li
             removed.append(index)
             step.outputs = list(step.inputs)              # the block goes: its input flows on
             continue
-        narrowed = [(g, o, k) for g, o, k in zip(groups[index], orders[index], kept) if 0 < k < g.units]
+        narrowed = [(g, o, k) for g, o, k in zip(groups[index], orders[index], kept)
+                    if isinstance(g, Coupled) and 0 < k < g.units]
         if narrowed:
-            observers = [Hessian(weight_view(g.consumer).shape[1], step.device) for g, _, _ in narrowed]
-            by_module = {g.consumer: obs for (g, _, _), obs in zip(narrowed, observers)}
-            handles = [g.consumer.register_forward_pre_hook(lambda m, args, seen=by_module: seen[m].update(args[0]))
-                       for g, _, _ in narrowed]
+            observers, handles = _observe_inputs([g.consumer for g, _, _ in narrowed], Hessian, step.device)
             try:
                 step.forward()
             finally:
@@ -768,12 +1005,10 @@ def compensated_apply_(model: nn.Module, groups: list[list[Coupled]], orders: li
             for (group, order, keep), observer in zip(narrowed, observers):
                 reconstruct_(group, kept_columns(group, choose_units(group, order, keep)), observer.H64, damp)
         for group, order, keep, kind in zip(groups[index], orders[index], kept, ("attention", "mlp")):
-            if keep == 0:
-                drop_sublayer_(model, index, kind)
-            elif keep < group.units:
-                keep_units_(model, spec, group, choose_units(group, order, keep))
+            zeroed += _cut_(model, spec, index, group, order, keep, kind)
         step.outputs, step.changed = None, True           # run again: the next block sees the pruned outputs
     remove_blocks(model, removed)
+    return zeroed
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -792,6 +1027,53 @@ def _check_memory(model: nn.Module, windows: Tensor, echo) -> None:
         raise MemoryError(f"the search needs about {need / 2**30:.1f} GiB for its {windows.shape[0]} x "
                           f"{windows.shape[1]}-token fitness windows ({available / 2**30:.1f} GiB available); use "
                           "fewer windows (--fitness-windows, --samples) or shorter ones (--seqlen)")
+
+
+def _check_space(model: nn.Module, cfg: SearchConfig, kind: str) -> None:
+    """Refuse spaces this model or target cannot use, with the reason."""
+    spec = spec_for(model)
+    family = model.config.model_type
+    if "experts" in cfg.space and spec.experts is None:
+        raise ValueError(f"space 'experts' searches the routed-expert counts of a Mixture-of-Experts model; {family} "
+                         "has no experts (drop it from --space)")
+    if spec.experts is not None and "width" in cfg.space and "experts" not in cfg.space:
+        raise ValueError(f"{family} is a Mixture-of-Experts model: its MLP narrows by routed experts, not channels; "
+                         "search --space experts,depth")
+    if "sparsity" in cfg.space:
+        if spec.experts is not None:
+            raise ValueError(f"space 'sparsity' is not offered for the Mixture-of-Experts family {family}; search "
+                             "--space experts,depth")
+        if kind != "params":
+            raise ValueError(f"space 'sparsity' needs a params target (nonzero parameters): unstructured zeros are "
+                             f"stored densely by the default export and run no faster in transformers or llama.cpp, "
+                             f"so a {kind} target cannot be met by them")
+    if kind == "latency" and "experts" in cfg.space:
+        raise ValueError("a latency target is not offered with space 'experts': fewer experts take memory away, "
+                         "not compute (every token still runs its top-k); use a params or memory target")
+
+
+def _expert_method(name: str):
+    method = registered().get(name)
+    if method is None or method.scope != "experts" or method.apply is not None or name == "naee":
+        usable = sorted(n for n, m in registered().items()
+                        if m.scope == "experts" and m.apply is None and n != "naee")
+        raise ValueError(f"expert_score must be an expert score that ranks every expert on its own "
+                         f"({', '.join(usable)}), got {name!r}")
+    return method
+
+
+def _orders(groups: list, observed, score_method, width_cfg: WidthConfig) -> list:
+    """What ranks each group's units, from the dense pass: width scores (per head or channel, higher kept),
+    expert scores, or for density groups the input norms ||x_j|| of each linear."""
+    if isinstance(groups[0], DensityGroup):
+        norms = [o.sq_norm.sqrt().cpu() for o in observed]
+        return [norms[:len(groups[0].linears)], norms[len(groups[0].linears):]]
+    if isinstance(groups[1], ExpertsGroup):
+        return [None, observed.double().cpu() if observed is not None else torch.zeros(groups[1].units)]
+    if isinstance(groups[0], Coupled):
+        stats = observed or [None, None]
+        return [_unit_scores(g, score_method.fn(g, st, width_cfg)) for g, st in zip(groups, stats)]
+    return [None, None]
 
 
 def _score_method(name: str):
@@ -833,12 +1115,22 @@ def _candidate(search: Search, genome, select: float | None, full: float | None,
             "cost": search.cost(genome), "fitness_select": select, "fitness": full}
 
 
-def _library(ladder: list[Ladder], orders: list[list[Tensor]]) -> dict:
-    return {"blocks": [{"heads": lad.heads, "channels": lad.channels, "allowed": [list(x) for x in lad.allowed],
-                        "head_order": o[0].argsort(descending=True).tolist(),
-                        "channel_order": o[1].argsort(descending=True).tolist(),
-                        "head_scores": [round(float(v), 6) for v in o[0]]}
-                       for lad, o in zip(ladder, orders)]}
+def _library(ladder: list[Ladder], groups: list[list], orders: list[list]) -> dict:
+    """The library as search.json keeps it: per block the ladders and the unit orders (best first) that
+    make every variant; density levels are rebuilt from the model and the input norms of the dense pass."""
+    blocks = []
+    for lad, (attention, mlp), (a_order, m_order) in zip(ladder, groups, orders):
+        row = {"kinds": [attention.kind, mlp.kind], "heads": lad.heads, "channels": lad.channels,
+               "allowed": [list(x) for x in lad.allowed]}
+        if isinstance(attention, Coupled):
+            row["head_order"] = a_order.argsort(descending=True).tolist()
+            row["head_scores"] = [round(float(v), 6) for v in a_order]
+        if isinstance(mlp, (Coupled, ExpertsGroup)):
+            row["channel_order"] = m_order.argsort(descending=True).tolist()
+        if isinstance(mlp, ExpertsGroup):
+            row["expert_scores"] = [round(float(v), 6) for v in m_order]
+        blocks.append(row)
+    return {"blocks": blocks}
 
 
 def _config_dict(cfg: SearchConfig) -> dict:
