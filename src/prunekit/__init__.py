@@ -63,6 +63,13 @@ _PUBLIC = {
     "KDConfig": ".recovery",
     "RouterKDConfig": ".recovery",
     "ExpertKDConfig": ".recovery",
+    # inference-time pruning: tokens in prefill, KV entries at decode, prompts
+    "generate": ".inference.generate",
+    "pruning": ".inference.generate",
+    "LazyLLMConfig": ".inference.configs",
+    "TwilightConfig": ".inference.configs",
+    "StreamingConfig": ".inference.configs",
+    "PromptPruningConfig": ".inference.configs",
 }
 __all__ = sorted(_PUBLIC)
 

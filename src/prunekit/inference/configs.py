@@ -1,0 +1,91 @@
+"""What inference-time pruning to do, as frozen dataclasses (one per mechanism), checked on creation.
+
+    LazyLLMConfig        token pruning in prefill (LazyLLM, arXiv 2407.14057): at a few layers the prompt
+                         tokens the last token attends to least stop being computed; a pruned token's
+                         hidden state waits in an auxiliary cache and is revived if a later step needs it
+    TwilightConfig       KV selection at decode (Twilight, arXiv 2502.02770): per head, the smallest set
+                         of cached entries whose attention mass reaches `top_p`, among a selector's
+                         candidates
+    StreamingConfig      streaming heads (LServe, arXiv 2502.14866): a fraction of the KV heads, chosen by
+                         a calibration pass, keep only `sink` first and `window` last entries
+    PromptPruningConfig  fit a prompt into `budget` tokens before generation: drop whole few-shot examples
+                         or low-information tokens, scored by the model's own surprisal
+
+A config that keeps everything (keep=1, top_p=1, heads=0, a budget the prompt fits) leaves generation
+exactly as stock `generate` computes it; the tests hold every mechanism to that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _fraction(name: str, value, low_open: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1 if low_open
+                                                                              else 0 <= value <= 1):
+        raise ValueError(f"{name} must be a fraction in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LazyLLMConfig:
+    """Keep `keep` of the prompt tokens by the last layer; pruning happens at `stages` evenly spaced layers,
+    each keeping a geometric share, so the kept fraction falls progressively (1 -> keep)."""
+    keep: float = 0.5
+    stages: int = 3                    # pruning layers, evenly spaced after the first quarter of the model
+    protect_last: int = 1              # the last prompt tokens are never pruned (the query position)
+
+    def __post_init__(self):
+        _fraction("keep", self.keep)
+        if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 1:
+            raise ValueError(f"stages must be a positive number of pruning layers, got {self.stages!r}")
+        if not isinstance(self.protect_last, int) or self.protect_last < 1:
+            raise ValueError(f"protect_last must be at least 1 (the last token), got {self.protect_last!r}")
+
+
+@dataclass(frozen=True)
+class TwilightConfig:
+    """At each decode step, per head, attend only to the smallest set of cached entries whose softmax mass
+    reaches `top_p`; the first `sink` and the last `window` entries are always kept."""
+    top_p: float = 0.95
+    sink: int = 4
+    window: int = 64
+
+    def __post_init__(self):
+        _fraction("top_p", self.top_p)
+        for name in ("sink", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number of cache entries >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """`heads` of the KV heads (those a calibration pass finds least dependent on distant tokens) keep only
+    the first `sink` and the last `window` cache entries; the others keep everything."""
+    sink: int = 4
+    window: int = 256
+    heads: float = 0.5
+
+    def __post_init__(self):
+        _fraction("heads", self.heads, low_open=False)
+        for name, low in (("sink", 0), ("window", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PromptPruningConfig:
+    """Fit the prompt into `budget` tokens: mode "examples" drops whole few-shot examples (blocks separated
+    by `separator`; the last block, the question, always stays), mode "tokens" drops the least surprising
+    tokens of the examples part; the question is never touched."""
+    mode: str = "examples"
+    budget: int = 2048
+    separator: str = "\n\n"
+
+    def __post_init__(self):
+        if self.mode not in ("examples", "tokens"):
+            raise ValueError(f"prompt pruning mode must be examples or tokens, got {self.mode!r}")
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
+            raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}")
+        if not self.separator:
+            raise ValueError("separator must not be empty")

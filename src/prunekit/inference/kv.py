@@ -1,0 +1,220 @@
+"""KV pruning at decode: Twilight's top-p selection per head, and LServe's streaming heads.
+
+Twilight (Lin et al., arXiv 2502.02770). A fixed top-k of cached entries is too many for a head whose
+attention is concentrated and too few for a flat one; Twilight keeps, per head and per step, the smallest
+set of entries whose softmax mass reaches `top_p`, and attends over that set only (the softmax
+renormalised over it). It runs on top of any selector's candidates; the selector here is every cached
+entry with its exact score (the paper estimates scores from 4-bit keys on a GPU kernel), so on this path
+the selection saves no arithmetic: it bounds what the step attends to, and `KVPruning.kept_fraction`
+reports how much of the cache that was. The first `sink` and the last `window` entries are always kept.
+
+Streaming heads (LServe, Yang et al., arXiv 2502.14866, after DuoAttention). Some heads attend to the
+first few tokens (sinks) and to the recent ones only, whatever the context; they can keep a constant
+cache of `sink` + `window` entries. A calibration pass (`calibrate_streaming`) runs the model once on a
+long calibration window and measures, for every full-attention KV head, how much its output changes when
+it is restricted to sink + window (relative squared error, averaged over the queries that the restriction
+affects and over the query heads of the group); the `heads` fraction with the smallest change, over all
+layers, becomes streaming. Prefill is exact (every head sees the whole prompt); after it, a streaming
+head's cache holds only its sink and window entries (`StreamingLayer`, the memory saved is real), and
+its decode steps attend over them. Sliding-window layers (Gemma 3) are already bounded and stay as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicLayer
+
+from .configs import StreamingConfig, TwilightConfig
+
+
+def top_p_mask(probs: Tensor, top_p: float, sink: int = 0, window: int = 0) -> Tensor:
+    """Per row of `probs` (..., T): the smallest set of entries whose mass reaches `top_p` (an entry is kept
+    when the mass of the entries ranked before it is still below top_p), plus the first `sink` and the
+    last `window` entries. Returns a bool mask of the same shape."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(dim=-1) - ordered
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < top_p)
+    if sink:
+        keep[..., :sink] = True
+    if window:
+        keep[..., -window:] = True
+    return keep
+
+
+def _grouped_probs(query: Tensor, key: Tensor, scaling: float) -> Tensor:
+    """Softmax attention of query (B, Hkv, g, Q, D) over key (B, Hkv, T, D): (B, Hkv, g, Q, T), float32."""
+    scores = torch.matmul(query.float(), key.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    return torch.softmax(scores, dim=-1)
+
+
+class StreamingLayer(DynamicLayer):
+    """The cache of one full-attention layer whose `stream` KV heads keep only their first `sink` and last
+    `window` entries; the other heads keep everything. `get_seq_length` counts every token seen, so
+    positions and masks stay those of the whole sequence."""
+
+    def __init__(self, stream: Tensor, sink: int, window: int):
+        super().__init__()
+        self.stream, self.sink, self.window = stream.bool(), sink, window
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        stream = self.stream.to(key_states.device)
+        self.full_index, self.stream_index = (~stream).nonzero().flatten(), stream.nonzero().flatten()
+        full, stream = self.full_index, self.stream_index
+        self.keys, self.values = key_states[:, full, :0], value_states[:, full, :0]
+        self.stream_keys, self.stream_values = key_states[:, stream, :0], value_states[:, stream, :0]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.seen and key_states.shape[-2] > 1:
+            raise ValueError("streaming heads take the prompt in one prefill; chunked prefill or assisted decoding "
+                             "would need the entries they already dropped")
+        first = self.seen == 0
+        self.seen += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states[:, self.full_index]], dim=-2)
+        self.values = torch.cat([self.values, value_states[:, self.full_index]], dim=-2)
+        keys = torch.cat([self.stream_keys, key_states[:, self.stream_index]], dim=-2)
+        values = torch.cat([self.stream_values, value_states[:, self.stream_index]], dim=-2)
+        if keys.shape[-2] > self.sink + self.window:
+            keys = torch.cat([keys[:, :, :self.sink], keys[:, :, -self.window:]], dim=-2)
+            values = torch.cat([values[:, :, :self.sink], values[:, :, -self.window:]], dim=-2)
+        self.stream_keys, self.stream_values = keys, values
+        if first:                                   # the prefill attends over the whole prompt, every head
+            return key_states, value_states
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def cached_entries(self) -> int:
+        """Key and value vectors held (both heads kinds), for memory accounting."""
+        if not self.is_initialized:
+            return 0
+        return 2 * (self.keys.shape[1] * self.keys.shape[2] + self.stream_keys.shape[1] * self.stream_keys.shape[2])
+
+
+class KVPruning:
+    """The decode-time KV mechanism of `pruning(...)`: Twilight top-p selection, streaming heads, or both
+    (streaming heads keep their window; Twilight selects within the other heads)."""
+
+    def __init__(self, configs: list, calibration: Tensor | None = None):
+        self.twilight = next((c for c in configs if isinstance(c, TwilightConfig)), None)
+        self.streaming = next((c for c in configs if isinstance(c, StreamingConfig)), None)
+        self.owns_cache = self.streaming is not None and self.streaming.heads > 0
+        self.calibration = calibration
+        self.heads: dict[int, Tensor] = {}         # layer -> streaming KV heads (bool)
+        self.layers: dict[int, StreamingLayer] = {}
+        self.kept, self.seen = 0, 0                # Twilight: entries attended / entries cached, summed
+
+    @property
+    def kept_fraction(self) -> float | None:
+        return self.kept / self.seen if self.seen else None
+
+    def enter(self, model: nn.Module) -> None:
+        if self.owns_cache and not self.heads and self.streaming.heads == 1:
+            kv = model.config.num_key_value_heads or model.config.num_attention_heads
+            self.heads = {i: torch.ones(kv, dtype=torch.bool) for i in full_attention_layers(model.config)}
+        elif self.owns_cache and not self.heads:
+            if self.calibration is None:
+                raise ValueError("streaming heads are chosen by a calibration pass: pass calibration ids (or a "
+                                 "tokenizer to `generate`, which takes them from the default corpus)")
+            self.heads = calibrate_streaming(model, self.calibration, self.streaming)
+
+    def exit(self, model: nn.Module) -> None:
+        self.layers = {}
+
+    def prepare_cache(self, cache) -> None:
+        self.layers = {}
+        for index, stream in self.heads.items():
+            if bool(stream.any()) and not cache.layers[index].is_sliding:
+                cache.layers[index] = self.layers[index] = StreamingLayer(stream, self.streaming.sink,
+                                                                          self.streaming.window)
+
+    def attention(self, module, query, key, value, mask, scaling, stock, **kwargs):
+        if query.shape[2] != 1 or kwargs.get("sliding_window"):
+            return None                             # prefill, or a layer that is bounded already: stock
+        batch, heads, _, dim = query.shape
+        layer = self.layers.get(module.layer_idx)
+        kv_heads = key.shape[1] if layer is None else layer.stream.numel()
+        grouped = query.view(batch, kv_heads, heads // kv_heads, 1, dim)
+        if layer is None:
+            if self.twilight is None:
+                return None
+            out = self._select(grouped, key, value, scaling)
+        else:
+            out = torch.empty_like(grouped, dtype=torch.float32)
+            full, stream = layer.full_index, layer.stream_index
+            out[:, full] = self._select(grouped[:, full], layer.keys, layer.values, scaling) if self.twilight \
+                else self._dense(grouped[:, full], layer.keys, layer.values, scaling)
+            out[:, stream] = self._dense(grouped[:, stream], layer.stream_keys, layer.stream_values, scaling)
+        return out.reshape(batch, heads, 1, dim).to(query.dtype).transpose(1, 2).contiguous(), None
+
+    @staticmethod
+    def _dense(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
+        return torch.matmul(_grouped_probs(query, key, scaling), value.float().unsqueeze(2))
+
+    def _select(self, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
+        probs = _grouped_probs(query, key, scaling)
+        cfg = self.twilight
+        keep = top_p_mask(probs, cfg.top_p, cfg.sink, cfg.window)
+        self.kept += int(keep.sum())
+        self.seen += keep.numel()
+        weights = probs * keep
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return torch.matmul(weights, value.float().unsqueeze(2))
+
+
+def full_attention_layers(config) -> list[int]:
+    """The layers whose cache transformers does not bound by a sliding window."""
+    from transformers import DynamicCache
+    return [i for i, layer in enumerate(DynamicCache(config=config).layers) if not layer.is_sliding]
+
+
+def calibrate_streaming(model: nn.Module, ids: Tensor, cfg: StreamingConfig) -> dict[int, Tensor]:
+    """Which KV heads become streaming: one forward pass over `ids` (1, T) with T > sink + window, measuring
+    per full-attention layer and KV head the relative squared change of the head's output on the queries
+    that sink + window cannot see all of; the `cfg.heads` fraction with the least change, over all layers."""
+    from .runtime import activate, attend
+    ids = ids.reshape(1, -1)
+    if ids.shape[1] <= cfg.sink + cfg.window:
+        raise ValueError(f"streaming-head calibration needs more than sink + window = {cfg.sink + cfg.window} "
+                         f"tokens to see what the window loses; got {ids.shape[1]}")
+    errors: dict[int, Tensor] = {}
+
+    class Probe:
+        owns_cache = False
+
+        def enter(self, model):
+            pass
+
+        def exit(self, model):
+            pass
+
+        def prepare_cache(self, cache):
+            pass
+
+        def attention(self, module, query, key, value, mask, scaling, stock, **kwargs):
+            if query.shape[2] > 1 and not kwargs.get("sliding_window"):
+                length = query.shape[2]
+                i = torch.arange(length).unsqueeze(1)
+                j = torch.arange(length).unsqueeze(0)
+                causal = j <= i
+                streaming = causal & ((j < cfg.sink) | (i - j < cfg.window))
+                rows = slice(cfg.sink + cfg.window, None)           # the queries the restriction changes
+                full = attend(query[:, :, rows], key, value, scaling, causal[rows].to(query.device))
+                short = attend(query[:, :, rows], key, value, scaling, streaming[rows].to(query.device))
+                kv = key.shape[1]
+                change = ((full - short).float().square().sum(-1) / full.float().square().sum(-1).clamp(min=1e-30))
+                errors[module.layer_idx] = change.mean(dim=(0, 1)).view(kv, -1).mean(-1).cpu()   # (Hkv,)
+            return None
+
+    with activate(model, [Probe()]), torch.inference_mode():
+        model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    pairs = sorted((float(e), layer, head) for layer, row in errors.items() for head, e in enumerate(row))
+    chosen = pairs[:round(cfg.heads * len(pairs))]
+    heads = {layer: torch.zeros(row.numel(), dtype=torch.bool) for layer, row in errors.items()}
+    for _, layer, head in chosen:
+        heads[layer][head] = True
+    return heads

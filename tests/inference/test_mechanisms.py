@@ -1,0 +1,190 @@
+"""Inference-time pruning mechanisms (prunekit.inference): exactness when they keep everything, for every
+supported family; Twilight's selection and streaming heads' cache on hand-built cases; LazyLLM's prefill
+against a stock forward with the same tokens removed per layer, and its revival; refusals."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_CONFIGS, llama, tiny_model
+from prunekit.inference import LazyLLMConfig, StreamingConfig, TwilightConfig
+from prunekit.inference.generate import pruning
+from prunekit.inference.kv import StreamingLayer, calibrate_streaming, top_p_mask
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def four_blocks(family: str):
+    config = TINY_CONFIGS[family]()
+    config.num_hidden_layers = 4
+    if getattr(config, "layer_types", None):
+        config.layer_types = (["sliding_attention", "full_attention"] * 2 if family == "gemma3_text"
+                              else ["full_attention"] * 4)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def prompt(length=40, seed=0):
+    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, new=10):
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+KEEP_ALL = {
+    "lazyllm keep=1": dict(token_pruning=LazyLLMConfig(keep=1.0)),
+    "twilight top_p=1": dict(kv_pruning=TwilightConfig(top_p=1.0)),
+    "streaming heads=0": dict(kv_pruning=StreamingConfig(heads=0.0)),
+    "all heads streaming, window > context": dict(kv_pruning=StreamingConfig(sink=4, window=512, heads=1.0)),
+    "twilight + streaming": dict(kv_pruning=[TwilightConfig(top_p=1.0), StreamingConfig(sink=2, window=512,
+                                                                                        heads=1.0)]),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(KEEP_ALL))
+def test_keeping_everything_generates_what_stock_generates(family, case):
+    model = four_blocks(family)
+    ids = prompt()
+    expected = greedy(model, ids)
+    with pruning(model, **KEEP_ALL[case]):
+        assert torch.equal(greedy(model, ids), expected)
+    assert model.config._attn_implementation == "sdpa" and "generate" not in model.__dict__   # restored
+
+
+def test_top_p_mask_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05]])
+    assert top_p_mask(probs, 0.5).tolist() == [[False, True, False, False, False]]
+    assert top_p_mask(probs, 0.8).tolist() == [[False, True, False, True, False]]      # 0.5 + 0.3 reaches 0.8
+    assert top_p_mask(probs, 0.81).tolist() == [[False, True, True, True, False]]
+    assert top_p_mask(probs, 0.5, sink=1, window=1).tolist() == [[True, True, False, False, True]]
+    assert top_p_mask(probs, 1.0).all()
+
+
+def test_twilight_attends_to_fewer_entries_and_reports_how_many():
+    model = llama(num_hidden_layers=2)
+    with pruning(model, kv_pruning=TwilightConfig(top_p=0.5, sink=0, window=0)) as state:
+        greedy(model, prompt(), new=4)
+    assert 0 < state.mechanisms[0].kept_fraction < 0.9
+
+
+def test_a_streaming_layer_keeps_sink_and_window_and_counts_every_token():
+    layer = StreamingLayer(torch.tensor([True, False]), sink=2, window=3)
+    keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 1).contiguous()
+    returned, _ = layer.update(keys, keys)
+    assert returned.shape[2] == 10                                       # the prefill sees the whole prompt
+    step = torch.full((1, 2, 1, 1), 10.0)
+    full, _ = layer.update(step, step)
+    assert layer.stream_keys.flatten().tolist() == [0, 1, 8, 9, 10]      # sink 2 + window 3
+    assert full.flatten().tolist() == list(range(11)) and layer.get_seq_length() == 11
+    assert layer.cached_entries() == 2 * (11 + 5)
+    with pytest.raises(ValueError, match="one prefill"):
+        layer.update(keys, keys)
+
+
+def test_streaming_heads_are_the_ones_the_window_changes_least():
+    """KV head 1 of block 1 has zero values: its output is zero with or without the window, so it is the
+    one head a 1-in-4 budget makes streaming."""
+    model = llama(num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[16:].zero_()
+    heads = calibrate_streaming(model, prompt(200), StreamingConfig(sink=2, window=8, heads=0.25))
+    assert [h.tolist() for h in heads.values()] == [[False, False], [False, True]]
+
+
+def test_streaming_heads_shrink_the_cache():
+    model = llama(num_hidden_layers=2)
+    with pruning(model, kv_pruning=StreamingConfig(sink=2, window=8, heads=1.0)) as state:
+        cache = state.new_cache()
+        with torch.inference_mode():
+            model(prompt(40), cache=cache, use_cache=True)
+    assert all(layer.cached_entries() == 2 * 2 * 10 for layer in cache.layers)   # 2 KV heads x (2 + 8), K and V
+
+
+def _reference_last_logits(model, ids, pruned_at: dict[int, int]):
+    """Stock forward in which token p's key/value is hidden from every layer >= pruned_at[p]."""
+    length = ids.shape[1]
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        allowed = torch.ones(length, length).tril().bool()
+        for position, stage in pruned_at.items():
+            if index >= stage:
+                allowed[:, position] = False
+        mask = torch.zeros(1, 1, length, length).masked_fill(~allowed, float("-inf"))
+
+        def hook(module, args, kwargs, mask=mask):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+        handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            return model(ids).logits[0, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_lazyllm_prefill_equals_stock_with_the_same_tokens_removed_per_layer(family):
+    model = four_blocks(family)
+    ids = prompt(32)
+    with pruning(model, token_pruning=LazyLLMConfig(keep=0.3, stages=3)) as state:
+        with torch.inference_mode():
+            logits = model(ids, cache=state.new_cache(), use_cache=True).logits[0, -1]
+        lazy = state.mechanisms[0]
+        pruned_at = {position: stage for position, (stage, _) in lazy.waiting.items()}
+        assert len(pruned_at) == 32 - 10 and lazy.note().startswith("LazyLLM: prefill computed")
+    assert torch.allclose(logits, _reference_last_logits(model, ids, pruned_at), atol=1e-4)
+
+
+def test_lazyllm_revives_tokens_pruned_in_prefill_at_decode():
+    model = four_blocks("llama")
+    ids = prompt(40)
+    with pruning(model, token_pruning=LazyLLMConfig(keep=0.3, stages=3)) as state:
+        greedy(model, ids, new=1)
+        lazy = state.mechanisms[0]
+        waiting_after_prefill = len(lazy.waiting)
+        greedy(model, ids, new=8)
+        assert len(lazy.waiting) < waiting_after_prefill                # some were computed again, from the aux cache
+        for index in lazy.stages:                                       # and joined their stage layer's cache
+            positions = lazy.layers[index].positions
+            assert positions.unique().numel() == positions.numel()      # each token computed once per layer
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="llama-family"):
+        with pruning(tiny_model("gpt2"), kv_pruning=TwilightConfig()):
+            pass
+    model = llama(num_hidden_layers=2)
+    with pytest.raises(ValueError, match="batch 1"):
+        with pruning(model, kv_pruning=TwilightConfig()):
+            greedy(model, torch.cat([prompt(8), prompt(8, 1)]))
+    with pytest.raises(ValueError, match="without past_key_values"):
+        from transformers import DynamicCache
+        with pruning(model, token_pruning=LazyLLMConfig()):
+            model.generate(prompt(8), max_new_tokens=2, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="not combined"):
+        with pruning(model, token_pruning=LazyLLMConfig(), kv_pruning=TwilightConfig()):
+            pass
+    with pytest.raises(ValueError, match="calibration"):
+        with pruning(model, kv_pruning=StreamingConfig(heads=0.5)):
+            pass
+    for bad in (dict(keep=0), dict(keep=1.5), dict(stages=0)):
+        with pytest.raises(ValueError):
+            LazyLLMConfig(**bad)
+    with pytest.raises(ValueError, match="top_p"):
+        TwilightConfig(top_p=0)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_generate_prunes_the_prompt_then_generates_under_pruning(tiny_model_dir):
+    from prunekit import PromptPruningConfig, generate
+    from prunekit.io.loading import load
+    model, tokenizer = load(str(tiny_model_dir))
+    text = "\n\n".join(["the cat sat on the mat"] * 6 + ["the dog"])
+    plain = generate(model, tokenizer, text, max_new_tokens=5)
+    pruned = generate(model, tokenizer, text, max_new_tokens=5, prompt_pruning=PromptPruningConfig(budget=20),
+                      kv_pruning=StreamingConfig(sink=2, window=4, heads=0.5))
+    assert len(pruned.prompt_ids) <= 20 < len(plain.prompt_ids) and "prompt pruning" in pruned.prompt_account
+    assert len(pruned.new_ids) == 5 and pruned.first_token_seconds > 0 and plain.prompt_account is None
