@@ -249,3 +249,16 @@ def test_a_noisy_latency_table_still_reaches_the_budget():
     report = search_(model, SearchConfig(target="latency=0.2", generations=1, offspring=2, survivors=1),
                      windows(model), batch_size=2, progress=False, latency_timer=timer)
     assert report.search["best"]["latency_s"] <= report.search["target"]["budget"]
+
+
+def test_a_latency_target_in_llama_cpp_is_timed_there():
+    pytest.importorskip("llama_cpp")
+    model = llama(**FOUR_BLOCKS)
+    report = search_(model, SearchConfig(target="latency=0.8", space=("width",), runtime="llama.cpp", ffn_levels=2,
+                                         generations=1, offspring=2, survivors=1, context=32, compensate="none"),
+                     windows(model), batch_size=2, progress=False)
+    best = report.search["best"]
+    assert best["latency_s"] <= report.search["target"]["budget"] * (1 + 1e-9)
+    assert best["latency_measured_s"] > 0 and "in llama.cpp" in report.search["protocol"]
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        SearchConfig(runtime="onnx")

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from .depth import BlockCache, decoder_blocks, onloaded, remove_blocks
 from .experts import check_keep, choose
 from .experts import observe as observe_experts
-from .latency import decode_latency, measure_latency_table
+from .latency import RUNTIMES, measure_latency_table, timer_for
 from .models import spec_for
 from .models.moe import expert_count, groups_of, is_moe_block, route, top_k
 from .models.spec import get_module, weight_view
@@ -108,6 +108,7 @@ class SearchConfig:
     ffn_levels: int = 8                    # FFN ladder: 1, 7/8, ..., 1/8 of the channels (rounded), then 0
     round_to: int = 8                      # kept FFN channels are a multiple of this
     context: int = 1024                    # KV-cache length for memory and latency costs (batch 1)
+    runtime: str = "transformers"          # latency targets: where decode steps are timed (latency.RUNTIMES)
     windows: int | None = None             # fitness windows: the first N calibration windows (None: all)
     select_windows: int = 2                # first-stage selection on the first N windows
     seed_windows: int = 1                  # seed scores (one KL per sublayer level) on the first N windows
@@ -136,6 +137,8 @@ class SearchConfig:
             raise ValueError(f"windows ({self.windows}) must be at least select_windows ({self.select_windows})")
         if self.generations is not None and self.generations < 0:
             raise ValueError(f"generations must be >= 0, got {self.generations}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.compensate not in ("none", "liar"):
             raise ValueError(f"compensate must be none or liar, got {self.compensate!r}")
         if not self.budget_minutes > 0:
@@ -760,9 +763,10 @@ def _levels_key(level) -> str:
 
 def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, batch_size: int = 8,
             cache_device=None, progress: bool = True, state_dir=None, resume: bool = False,
-            echo=None, latency_timer=decode_latency) -> StructureReport:
+            echo=None, latency_timer=None) -> StructureReport:
     """Search the structure that meets `cfg.target` with the lowest KL to the dense model, and cut it out of
-    `model` in place. Returns a StructureReport whose `search` entry is search.json's body."""
+    `model` in place. Returns a StructureReport whose `search` entry is search.json's body. `latency_timer`
+    replaces the runtime's timer (`latency.timer_for(cfg.runtime)`, torch's thread count) in tests."""
     echo = echo or log.info
     started = time.perf_counter()
     spec = spec_for(model)
@@ -825,15 +829,19 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     costs = CostTable(params, kv_table(model, groups, ladder, cfg.context, element), None,
                       model_before - block_before, element)
     state = _load_state(state_path, resume, cfg, _fingerprint(model, windows))
+    timer = None
     if kind == "latency":
+        timer = latency_timer or timer_for(cfg.runtime, **({"threads": torch.get_num_threads()}
+                                                           if cfg.runtime == "llama.cpp" else {}))
         if state is not None and state.costs.get("latency_s"):
             costs.latency = [{_parse_key(k): v for k, v in row.items()} for row in state.costs["latency_s"]]
             costs.outside_latency = state.costs["outside_latency_s"]
             costs.dense_latency_measured = state.costs["dense_latency_measured_s"]
         else:
-            echo(f"measuring decode latency per block width on this machine ({cfg.context}-token KV cache)")
+            echo(f"measuring decode latency per block width in {cfg.runtime} on this machine ({cfg.context}-token "
+                 "KV cache)")
             costs.latency, costs.outside_latency, costs.dense_latency_measured = measure_latency_table(
-                model, groups, ladder, cfg.context, timer=latency_timer, echo=echo)
+                model, groups, ladder, cfg.context, timer=timer, echo=echo)
     dense = fitness.dense_genome()
     if relative:
         base = costs.total("block_params" if kind == "params" else kind, dense)
@@ -918,13 +926,14 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
                      "memory_bytes": costs.total("memory", dense),
                      "latency_s": costs.total("latency", dense) if costs.latency else None}
     if kind == "latency":
-        measured = decode_latency(model, cfg.context)
+        measured = timer(model, cfg.context)
         body["best"]["latency_measured_s"] = measured
         body["best"]["latency_measured_ratio"] = measured / costs.dense_latency_measured
     body["protocol"] = (f"fitness: mean KL(dense || candidate) per token on {windows.shape[0]} calibration windows "
                         f"of {windows.shape[1]} tokens (selection on the first {cfg.select_windows}); memory: "
                         f"weights x {element} bytes + KV cache at {cfg.context} tokens, batch 1; latency: decode "
-                        f"step with {cfg.context} tokens cached, batch 1, torch threads {torch.get_num_threads()}")
+                        f"step in {cfg.runtime} with {cfg.context} tokens cached, batch 1, threads "
+                        f"{torch.get_num_threads()}" + (", f16 GGUF" if cfg.runtime == "llama.cpp" else ""))
     report = StructureReport("search", cfg, block_before, block_after, model_before, model_after,
                              seconds=time.perf_counter() - started, widths=block_widths(model))
     removed = [i for i, lv in enumerate(parent) if fitness.kept(i, lv) == (0, 0)]
