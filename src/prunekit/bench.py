@@ -91,8 +91,12 @@ _USER_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, ImportErr
 def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | None = None,
               batches: Sequence[int] = (1,), prompt_len: int = 512, new_tokens: int = 128,
               device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
-              threads: int | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+              threads: int | None = None, trust_remote_code: bool = False,
+              pruning: dict | None = None) -> dict[str, Any]:
     """Benchmark `model_or_dir` (and `baseline` first, when given); return JSON-able data.
+
+    `pruning` (`prunekit.inference.cli.to_spec`: token and KV pruning at inference) runs the model under
+    `prunekit.inference.pruning`; without a `baseline` the baseline is then the same model, stock.
 
     Returns ``{"protocol": {...}, "rows": [...]}`` with one row per (model, batch), baseline
     rows first. A row holds ``role`` ("baseline"/"model"), ``model``, ``batch``, the model's
@@ -118,6 +122,8 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
         raise ValueError(f"--threads must be a positive integer, got {threads!r}")
     dev = _check_device(device)
     resolve_dtype(dtype)  # ValueError for an unknown dtype, before any model is loaded
+    if pruning and baseline is None:
+        baseline = model_or_dir                   # inference-time pruning: the same model, stock, is the baseline
     models = {"baseline": baseline, "model": model_or_dir} if baseline is not None else {"model": model_or_dir}
     # Fails fast on a missing path (load's own FileNotFoundError), before minutes of benchmarking.
     sources = {role: describe_source(name) for role, name in models.items()}
@@ -130,10 +136,11 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
     measured = {}
     for role, name in models.items():
         log.info("bench: %s %s, batch %s", role, name, ",".join(map(str, batches)))
+        role_spec = {**spec, "pruning": pruning if role == "model" else None}
         if dev.type == "cpu":
-            measured[role] = _measure_in_subprocess({"model": os.fspath(name), **spec})
+            measured[role] = _measure_in_subprocess({"model": os.fspath(name), **role_spec})
         else:
-            measured[role] = _measure_model(model=os.fspath(name), **spec)
+            measured[role] = _measure_model(model=os.fspath(name), **role_spec)
             gc.collect()  # free this model's memory before the next one is loaded
             torch.cuda.empty_cache()
 
@@ -158,6 +165,8 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
         "prefill": "one forward over prompt_len tokens, use_cache=True; logits of the last position only "
                    "where the model accepts logits_to_keep (row field prefill_logits_to_keep)",
         "decode": "new_tokens greedy steps of 1 token with the model's default KV cache; a plain loop, no generate()",
+        "inference_pruning": _pruning_text(pruning),
+        "kv_cache": "bytes of the key/value tensors the cache holds after prefill and decode (row kv_cache_bytes)",
         "statistic": "median over repeats; spread = min-max",
         "memory": any_worker["memory_method"],
         "isolation": "one subprocess per model" if dev.type == "cpu" else "models run one after the other in-process",
@@ -213,6 +222,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"software: torch {proto['torch']}, transformers {proto['transformers']}, python {proto['python']}; "
         f"attention {'/'.join(attn)}",
         *(f"{role}: {proto['models'][role]['name']}" for role in roles),
+        *([f"inference-time pruning of the model row: {proto['inference_pruning']}"]
+          if proto.get("inference_pruning", "none (stock)") != "none (stock)" else []),
     ]
     load_before, threads, cpus = proto["load_average_1min"]["before"], proto["torch_threads"], proto["cpu_count"]
     if proto["device"] == "cpu" and load_before is not None and cpus and load_before + threads > cpus + 0.5:
@@ -240,6 +251,8 @@ def format_table(result: dict[str, Any]) -> str:
             _ratio(model_row["speedup_decode"]))
         add(b, "decode tok/s, whole batch", [_spread(row[r]["decode_tok_s_total"]) for r in roles])
         add(b, memory_label, [_bytes(row[r]["peak_memory_bytes"]) for r in roles])
+        if all(row[r].get("kv_cache_bytes") is not None for r in roles):
+            add(b, "KV cache at the end", [_bytes(row[r]["kv_cache_bytes"]) for r in roles])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines += ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in table]
     return "\n".join(lines)
@@ -287,11 +300,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp: weight type when a model is not a .gguf file and is converted first "
                              "(default f16)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    from .inference.cli import add_arguments
+    add_arguments(parser, prompt=False)
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed arguments describe, print the table, write --json. Returns 0."""
     runtime = getattr(args, "runtime", "transformers")
+    from .inference.cli import configs_from_args, to_spec
+    token, kv, _ = configs_from_args(args)
+    pruning = to_spec(token, kv)
+    if runtime == "llama.cpp" and pruning:
+        raise ValueError("--token-pruning/--kv-pruning run in transformers; drop --runtime llama.cpp")
     if runtime == "llama.cpp":
         from . import bench_llama_cpp
 
@@ -308,7 +328,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         result = benchmark(args.model, baseline=args.baseline, batches=parse_batches(args.batch),
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
                            dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, pruning=pruning)
         print(format_table(result))
     if args.json:
         write_json_atomic(args.json, result)
@@ -379,9 +399,9 @@ def _worker_main(spec_json: str, out_path: str) -> int:
 
 def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: int, device: str, dtype: str,
                    repeats: int, warmup: int, threads: int | None, seed: int,
-                   trust_remote_code: bool = False) -> dict[str, Any]:
+                   trust_remote_code: bool = False, pruning: dict | None = None) -> dict[str, Any]:
     """Load one model and measure every batch size; ``{"info", "measurements", "torch_threads",
-    "memory_method"}``."""
+    "memory_method"}``. With `pruning`, every run is under `prunekit.inference.pruning` with its own cache."""
     import torch
 
     from prunekit.io.loading import load
@@ -389,14 +409,30 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    lm, _ = load(model, dtype=dtype, device=device, place=True, trust_remote_code=trust_remote_code)
+    lm, tokenizer = load(model, dtype=dtype, device=device, place=True, trust_remote_code=trust_remote_code)
+    if pruning:
+        from contextlib import ExitStack
+
+        from prunekit.inference.cli import from_spec
+        from prunekit.inference.generate import pruning as inference_pruning
+        token, kv = from_spec(pruning)
+        with ExitStack() as stack:
+            state = stack.enter_context(inference_pruning(lm, token, kv, tokenizer=tokenizer))
+            return _measure_loaded(lm, model, batches, prompt_len, new_tokens, dev, repeats, warmup, seed,
+                                   state.new_cache)
+    return _measure_loaded(lm, model, batches, prompt_len, new_tokens, dev, repeats, warmup, seed, None)
+
+
+def _measure_loaded(lm, model: str, batches, prompt_len: int, new_tokens: int, dev, repeats: int, warmup: int,
+                    seed: int, new_cache) -> dict[str, Any]:
+    import torch
     info = _model_info(lm)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and prompt_len + new_tokens > limit:
         raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the "
                          f"{limit} positions of {model}")
     memory_method = _reset_peak_memory(dev)
-    measurements = [_measure_batch(lm, batch, prompt_len, new_tokens, dev, repeats, warmup, seed)
+    measurements = [_measure_batch(lm, batch, prompt_len, new_tokens, dev, repeats, warmup, seed, new_cache)
                     for batch in batches]
     return {"info": info, "measurements": measurements, "torch_threads": torch.get_num_threads(),
             "memory_method": memory_method}
@@ -419,7 +455,7 @@ def _model_info(lm: torch.nn.Module) -> dict[str, Any]:
 
 
 def _measure_batch(lm, batch: int, prompt_len: int, new_tokens: int, dev: torch.device,
-                   repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+                   repeats: int, warmup: int, seed: int, new_cache=None) -> dict[str, Any]:
     """`warmup` untimed runs, then `repeats` timed ones; times in seconds, peak memory in bytes."""
     import torch
 
@@ -429,30 +465,34 @@ def _measure_batch(lm, batch: int, prompt_len: int, new_tokens: int, dev: torch.
     # Prefill only needs the last position's logits to pick the first new token.
     prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
     for _ in range(warmup):
-        _prefill_and_decode(lm, prompt, new_tokens, prefill_kwargs, dev)
+        _prefill_and_decode(lm, prompt, new_tokens, prefill_kwargs, dev, new_cache)
     prefill_s, decode_s, peaks = [], [], []
     for _ in range(repeats):
         _reset_peak_memory(dev)
-        p, d = _prefill_and_decode(lm, prompt, new_tokens, prefill_kwargs, dev)
+        p, d, kv_bytes = _prefill_and_decode(lm, prompt, new_tokens, prefill_kwargs, dev, new_cache)
         peaks.append(_peak_memory(dev))
         prefill_s.append(p)
         decode_s.append(d)
     return {"batch": batch, "new_tokens": new_tokens, "prefill_s": prefill_s, "decode_s": decode_s,
-            "peak_memory_bytes": max(peaks),
+            "peak_memory_bytes": max(peaks), "kv_cache_bytes": kv_bytes,
             "prefill_logits_to_keep": prefill_kwargs.get("logits_to_keep")}
 
 
 def _prefill_and_decode(lm, prompt: torch.Tensor, new_tokens: int, prefill_kwargs: dict,
-                        dev: torch.device) -> tuple[float, float]:
+                        dev: torch.device, new_cache=None) -> tuple[float, float, int]:
     """One prefill over `prompt` (batch, prompt_len), then `new_tokens` greedy one-token steps
-    with the KV cache. Returns (prefill seconds, decode seconds for all steps)."""
+    with the KV cache (a fresh one from `new_cache` when given). Returns (prefill seconds, decode seconds
+    for all steps, bytes the cache holds at the end)."""
     import torch
 
+    from prunekit.inference.runtime import cache_bytes
+
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    extra = {"cache": new_cache()} if new_cache is not None else {}
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
-        out = lm(input_ids=prompt, use_cache=True, **prefill_kwargs)
+        out = lm(input_ids=prompt, use_cache=True, **prefill_kwargs, **extra)
         token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
         sync()
         prefilled = time.perf_counter()
@@ -462,7 +502,7 @@ def _prefill_and_decode(lm, prompt: torch.Tensor, new_tokens: int, prefill_kwarg
             cache = out.past_key_values
             token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
         sync()
-    return prefilled - start, time.perf_counter() - prefilled
+    return prefilled - start, time.perf_counter() - prefilled, cache_bytes(cache)
 
 
 def _reset_peak_memory(dev: torch.device) -> str:
@@ -499,6 +539,7 @@ def _row(role: str, name: str, info: dict[str, Any], m: dict[str, Any]) -> dict[
         "decode_tok_s_per_seq": per_seq,
         "decode_tok_s_total": {k: v * batch for k, v in per_seq.items()},
         "peak_memory_bytes": m["peak_memory_bytes"],
+        "kv_cache_bytes": m.get("kv_cache_bytes"),
         "prefill_logits_to_keep": m["prefill_logits_to_keep"],
         "speedup_prefill": None,
         "speedup_decode": None,
@@ -513,6 +554,13 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
             ref = base[row["batch"]]
             row["speedup_prefill"] = ref["prefill_ms"]["median"] / row["prefill_ms"]["median"]
             row["speedup_decode"] = ref["decode_ms_per_token"]["median"] / row["decode_ms_per_token"]["median"]
+
+
+def _pruning_text(pruning: dict | None) -> str:
+    if not pruning:
+        return "none (stock)"
+    from prunekit.inference.cli import describe, from_spec
+    return describe(*from_spec(pruning))
 
 
 def _device_name(dev: torch.device) -> str:

@@ -188,3 +188,31 @@ def test_generate_prunes_the_prompt_then_generates_under_pruning(tiny_model_dir)
                       kv_pruning=StreamingConfig(sink=2, window=4, heads=0.5))
     assert len(pruned.prompt_ids) <= 20 < len(plain.prompt_ids) and "prompt pruning" in pruned.prompt_account
     assert len(pruned.new_ids) == 5 and pruned.first_token_seconds > 0 and plain.prompt_account is None
+
+
+def test_bench_times_the_pruned_model_beside_itself_stock(tiny_model_dir):
+    from prunekit.bench import benchmark, format_table
+    from prunekit.inference.cli import to_spec
+    result = benchmark(str(tiny_model_dir), prompt_len=24, new_tokens=3, repeats=1, warmup=0, threads=1,
+                       pruning=to_spec(None, StreamingConfig(sink=2, window=4, heads=1.0)))
+    rows = {row["role"]: row for row in result["rows"]}
+    assert rows["baseline"]["model"] == rows["model"]["model"]
+    assert rows["model"]["kv_cache_bytes"] < rows["baseline"]["kv_cache_bytes"]
+    assert "StreamingConfig" in format_table(result)
+
+
+def test_cli_flags_make_the_configs_and_refuse_strays():
+    import argparse
+
+    from prunekit.inference.cli import add_arguments, configs_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    token, kv, prompt = configs_from_args(parser.parse_args(["--token-pruning", "lazyllm", "--keep", "0.3"]))
+    assert token == LazyLLMConfig(keep=0.3) and kv is None and prompt is None
+    _, kv, _ = configs_from_args(parser.parse_args(["--kv-pruning", "twilight,streaming", "--top-p", "0.9",
+                                                    "--heads", "0.25"]))
+    assert kv == [TwilightConfig(top_p=0.9), StreamingConfig(heads=0.25)]
+    for stray in (["--keep", "0.5"], ["--top-p", "0.9"], ["--heads", "0.5"], ["--budget", "100"],
+                  ["--kv-pruning", "quest"]):
+        with pytest.raises(ValueError):
+            configs_from_args(parser.parse_args(stray))

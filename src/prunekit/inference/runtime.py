@@ -74,6 +74,17 @@ def attend(query: Tensor, key: Tensor, value: Tensor, scaling: float, mask: Tens
     return torch.matmul(weights, v).to(query.dtype).transpose(1, 2).contiguous()
 
 
+def cache_bytes(cache) -> int:
+    """Bytes of the key/value tensors a cache holds (every layer kind here and transformers' own)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values", "stream_keys", "stream_values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 class Pruning:
     """The active inference-time pruning of one model (what `pruning(...)` yields)."""
 
