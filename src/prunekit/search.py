@@ -24,9 +24,10 @@ same kind of space coarse-to-fine. Steps:
                is the nonzeros, its variant runs masked weights.
   2. cost      exact, per block and level: parameters; memory = parameters x bytes + the KV cache
                at `context` tokens (batch 1); decode latency from a micro-benchmark on this machine
-               (`measure_latency_table`: probe models of a few blocks at each attention level and
-               each FFN level, random weights, real KV cache of `context` tokens), combined
-               additively per block. The table and its prediction of the dense model beside the
+               in the chosen `runtime` (`latency.measure_latency_table`: probe models of a few blocks
+               at each attention level and each FFN level, random weights, real KV cache of `context`
+               tokens; in llama.cpp the probes are written as f16 GGUF files and timed there),
+               combined additively per block. The table and its prediction of the dense model beside the
                dense model's measured latency go into search.json.
   3. seed      each sublayer level alone in an otherwise dense model: KL to the dense model on the
                first `seed_windows` windows (one by default; 12 variants per SmolLM2 block). A greedy
