@@ -198,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--score", default="flap", help="width score that orders heads and channels (default flap)")
     search.add_argument("--expert-score", default="reap",
                         help="experts space: the expert score that orders each block's experts (default reap)")
+    search.add_argument("--runtime", default="transformers", choices=["transformers", "llama.cpp"],
+                        help="latency targets: time decode steps in transformers or in llama.cpp (probe models "
+                             "written as f16 GGUF files); default transformers")
     search.add_argument("--context", type=int, default=1024,
                         help="KV-cache length for the memory and latency costs (default 1024)")
     search.add_argument("--fitness-windows", type=int, default=None,
@@ -213,13 +216,15 @@ def _parser() -> argparse.ArgumentParser:
     _common(search)
     search.set_defaults(handler=_search)
 
-    evaluate = sub.add_parser("eval", help="perplexity, fidelity to the dense model, knowledge, zero-shot tasks")
+    evaluate = sub.add_parser("eval", help="perplexity, fidelity to the dense model, knowledge, zero-shot tasks, "
+                                           "long-context retrieval")
     evaluate.add_argument("model")
     evaluate.add_argument("--baseline", metavar="DENSE", help="the dense model to compare against (needed by fidelity; "
                           "adds dense numbers and retention to the other suites)")
     evaluate.add_argument("--suite", default="perplexity",
-                          help="comma-separated: perplexity, fidelity, knowledge, lm-eval; all = "
-                               "perplexity,fidelity,knowledge (lm-eval needs the network, ask for it by name)")
+                          help="comma-separated: perplexity, fidelity, knowledge, lm-eval, long-context; all = "
+                               "perplexity,fidelity,knowledge (lm-eval needs the network and long-context takes "
+                               "long: ask for them by name)")
     evaluate.add_argument("--data", default=None,
                           help="evaluation text source, its held-out split: default (= prose, stdlib docs), code "
                                "(stdlib source), a .txt/.jsonl file or dir, wikitext2, c4, ptb (default: default)")
@@ -240,6 +245,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lm-eval-limit", type=int, default=None, help="lm-eval: at most N examples per task")
     evaluate.add_argument("--lm-eval-include", default=None, metavar="DIR",
                           help="lm-eval: directory of local task configs")
+    evaluate.add_argument("--context", default=None, metavar="N[,N...]",
+                          help="long-context: prompt lengths in tokens, each at most the model's limit "
+                               "(default 2048,4096,8192)")
+    evaluate.add_argument("--long-context-samples", type=int, default=None, metavar="N",
+                          help="long-context: prompts per task and context; depths 10,30,50,70,90%% cycle "
+                               "(default 10)")
     evaluate.add_argument("--batch-size", type=int, default=8,
                           help="sequences per forward in fidelity/knowledge/lm-eval")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
@@ -247,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--allow-pickle", action="store_true")
     evaluate.add_argument("--trust-remote-code", action="store_true")
     evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
+    from .inference.cli import add_arguments as add_inference_pruning
+    add_inference_pruning(evaluate, prompt=False)                     # the long-context suite's generations
     evaluate.set_defaults(handler=_eval)
 
     run = sub.add_parser("run", help="run a YAML recipe")
@@ -290,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     generate.add_argument("--trust-remote-code", action="store_true")
+    from .inference.cli import add_arguments as add_inference_pruning
+    add_inference_pruning(generate)
     generate.set_defaults(handler=_generate)
 
     from .bench import add_parser as add_bench_parser
@@ -398,7 +413,7 @@ def _search(args) -> int:
     from .recipe import apply_override, recipe_from_dict
     step = {"method": "search", "target": args.target, "space": [s.strip() for s in args.space.split(",")],
             "budget_minutes": args.budget_minutes, "generations": args.generations, "score": args.score,
-            "expert_score": args.expert_score,
+            "expert_score": args.expert_score, "runtime": args.runtime,
             "context": args.context, "windows": args.fitness_windows, "select_windows": args.select_windows,
             "seed": args.seed}
     raw = {
@@ -448,6 +463,24 @@ def _generate(args) -> int:
         model.to(device)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer to turn the prompt into tokens")
+    from .inference.cli import configs_from_args, describe
+    token, kv, prompt_pruning = configs_from_args(args)
+    if token is not None or kv is not None or prompt_pruning is not None:
+        if args.offload:
+            raise ValueError("inference-time pruning runs on a loaded model; drop --offload")
+        from .inference import generate
+        out = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, token_pruning=token,
+                       kv_pruning=kv, prompt_pruning=prompt_pruning)
+        if out.prompt_account:
+            print(out.prompt_account, file=sys.stderr)
+        print(out.text)
+        new = len(out.new_ids)
+        print(f"[{new} new tokens in {out.seconds:.2f} s, {new / out.seconds:.2f} tokens/s including the prompt's "
+              f"{len(out.prompt_ids)} tokens; first token {out.first_token_seconds:.2f} s (a separate prefill + "
+              f"1 step); greedy, batch 1, {args.dtype} on {device}; inference-time pruning: "
+              f"{describe(token, kv, prompt_pruning)}]" + "".join(f"\n[{note}]" for note in out.notes),
+              file=sys.stderr)
+        return 0
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -507,6 +540,14 @@ def _eval(args) -> int:
     With --domains the perplexity is measured on each offline domain (code, prose) instead of --data."""
     from .eval.suites import parse_suites
     suites = parse_suites(args.suite)
+    if (args.context is not None or args.long_context_samples is not None) and "long-context" not in suites:
+        raise ValueError("--context and --long-context-samples set up the long-context suite: add --suite "
+                         "long-context")
+    from .inference.cli import configs_from_args
+    token, kv, _ = configs_from_args(args)
+    if (token is not None or kv is not None) and "long-context" not in suites:
+        raise ValueError("--token-pruning/--kv-pruning prune the generations of the long-context suite: add --suite "
+                         "long-context")
     domains = _eval_domains(args, suites)
     if suites != ("perplexity",) or args.baseline:
         return _eval_suites(args, suites, domains)
@@ -629,6 +670,9 @@ def suite_lines(out: dict) -> list[str]:
                 shown = ", ".join(f"{m} {v:.4f}" for m, v in metrics.items() if not m.endswith("stderr"))
                 lines.append(f"lm-eval {name}: {shown}")
         lines.append(f"lm-eval protocol: {z['protocol']}")
+    if "long-context" in results:
+        from .eval.long_context import summary_lines
+        lines.extend(summary_lines(results["long-context"]))
     return lines
 
 
@@ -653,6 +697,10 @@ def _eval_suites(args, suites, domains: tuple[str, ...] = ()) -> int:
               "lm_eval_include": args.lm_eval_include}
     if args.lm_eval_tasks:
         values["lm_eval_tasks"] = args.lm_eval_tasks
+    if args.context is not None:
+        values["contexts"] = args.context
+    if args.long_context_samples is not None:
+        values["long_context_samples"] = args.long_context_samples
     protocol = EvalProtocol(**values)
     per_domain = {name: dataclasses.replace(protocol, data=name) for name in domains}
     others = tuple(s for s in suites if s != "perplexity") if domains else suites
@@ -671,8 +719,10 @@ def _eval_suites(args, suites, domains: tuple[str, ...] = ()) -> int:
         del dense
     recorded = _recorded_dense_perplexity(args.model)
     if others:
+        from .inference.cli import configs_from_args
+        token, kv, _ = configs_from_args(args)
         out = evaluate(model, tokenizer, others, protocol, reference=ref, device=device, recorded=recorded,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, token_pruning=token, kv_pruning=kv)
     else:
         out = {"suites": {}, "warnings": [], "protocol": protocol.to_dict()}
     if domains:

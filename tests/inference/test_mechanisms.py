@@ -176,6 +176,10 @@ def test_refusals():
     with pytest.raises(ValueError, match="top_p"):
         TwilightConfig(top_p=0)
     assert model.config._attn_implementation == "sdpa"
+    no_cache = llama(num_hidden_layers=2, use_cache=False)
+    with pytest.raises(ValueError, match="without a KV cache"):
+        with pruning(no_cache, kv_pruning=TwilightConfig()):
+            pass
 
 
 def test_generate_prunes_the_prompt_then_generates_under_pruning(tiny_model_dir):
@@ -216,3 +220,45 @@ def test_cli_flags_make_the_configs_and_refuse_strays():
                   ["--kv-pruning", "quest"]):
         with pytest.raises(ValueError):
             configs_from_args(parser.parse_args(stray))
+
+
+def test_the_benchmark_runs_tiny(tiny_model_dir, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "bench" / "inference_smollm2.py"
+    spec = importlib.util.spec_from_file_location("inference_smollm2", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "inference.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--contexts", "96", "--new-tokens", "4", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--accuracy-contexts", "96", "--accuracy-samples", "1",
+                       "--window", "16", "--only", "stock", "--only", "lazyllm-50", "--only", "streaming-50",
+                       "--out", str(out)]) == 0
+    body = json.loads(out.read_text())
+    assert {row["config"] for row in body["speed"]} == {"lazyllm-50", "streaming-50"}
+    assert [row["config"] for row in body["accuracy"]] == ["stock", "lazyllm-50", "streaming-50"]
+    assert "TTFT speedup" in out.with_suffix(".md").read_text()
+
+
+def test_cli_generate_with_pruning_prints_the_account(tiny_model_dir, tmp_path, capsys):
+    from prunekit.cli import main
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("\n\n".join(["the cat sat on the mat"] * 6 + ["the dog"]))
+    assert main(["generate", str(tiny_model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "3",
+                 "--token-pruning", "lazyllm", "--keep", "0.5", "--prompt-pruning", "examples", "--budget",
+                 "20"]) == 0
+    err = capsys.readouterr().err
+    assert "prompt pruning (examples)" in err and "LazyLLMConfig(keep=0.5" in err
+    assert "LazyLLM: prefill computed" in err
+    assert main(["generate", str(tiny_model_dir), "--prompt", "x", "--keep", "0.5"]) != 0
+    assert "add --token-pruning lazyllm" in capsys.readouterr().err
+
+
+def test_cli_eval_long_context_under_pruning(tiny_model_dir, capsys):
+    from prunekit.cli import main
+    assert main(["eval", str(tiny_model_dir), "--suite", "long-context", "--context", "128",
+                 "--long-context-samples", "1", "--kv-pruning", "twilight", "--top-p", "0.9"]) == 0
+    assert "kv_pruning TwilightConfig(top_p=0.9" in capsys.readouterr().out
+    assert main(["eval", str(tiny_model_dir), "--kv-pruning", "twilight"]) != 0
+    assert "add --suite long-context" in capsys.readouterr().err

@@ -7,7 +7,12 @@ Suites:
   against the dense model on the same text (`prunekit.eval.fidelity`); needs a dense reference;
 * ``knowledge``: factual questions in the spirit of LLM-KICK (arXiv 2310.01382), exact match and
   multiple-choice rank, with retention relative to the dense model (`prunekit.eval.knowledge`);
-* ``lm-eval``: zero-shot tasks through upstream lm-evaluation-harness (`prunekit.eval.zeroshot`).
+* ``lm-eval``: zero-shot tasks through upstream lm-evaluation-harness (`prunekit.eval.zeroshot`);
+* ``long-context``: needle, key-value and document-QA retrieval at depths 10-90% of prompts of
+  ``protocol.contexts`` tokens built from the held-out split of ``protocol.data``, exact match
+  (`prunekit.eval.long_context`); the suite that inference-time pruning (`prunekit.inference`,
+  ``evaluate(..., token_pruning=..., kv_pruning=...)``) is judged by. Slow (prompts of thousands of
+  tokens), so not part of ``all``.
 
 The dense model's side of every comparison is a `Reference`, computed once by `reference(...)`
 and reused for any number of pruned models (a sweep evaluates many models against one dense
@@ -36,8 +41,9 @@ import torch
 from ..io.atomic import clean_stale_staging, staging_dir
 from ..io.export import swap_into_place
 
-SUITES = ("perplexity", "fidelity", "knowledge", "lm-eval")
-ALL_OFFLINE = ("perplexity", "fidelity", "knowledge")       # `--suite all`: lm-eval needs the network
+SUITES = ("perplexity", "fidelity", "knowledge", "lm-eval", "long-context")
+ALL_OFFLINE = ("perplexity", "fidelity", "knowledge")       # `--suite all`: lm-eval needs the network,
+                                                             # long-context takes long
 DRIFT_TOLERANCE = 1e-3                                       # relative; perplexity is deterministic
 REFERENCE_JSON = "reference.json"
 REFERENCE_TENSORS = "reference.safetensors"
@@ -70,6 +76,8 @@ class EvalProtocol:
     batch_size: int = 8
     knowledge_data: str | None = None  # a knowledge .jsonl; None = the bundled question set
     lm_eval_include: str | None = None  # a directory of local lm-eval task configs
+    contexts: tuple[int, ...] = (2048, 4096, 8192)   # long-context: prompt budgets in tokens
+    long_context_samples: int = 10     # long-context: prompts per task and context (depths cycle every 5)
 
     def __post_init__(self):
         if not isinstance(self.data, str) or not self.data:
@@ -97,6 +105,9 @@ class EvalProtocol:
             raise ValueError(f"lm_eval_tasks must be task names such as ('arc_easy', 'piqa'), "
                              f"got {self.lm_eval_tasks!r}")
         object.__setattr__(self, "lm_eval_tasks", tuple(tasks))
+        from .long_context import parse_contexts
+        object.__setattr__(self, "contexts", parse_contexts(self.contexts))
+        _positive("long_context_samples", self.long_context_samples)
         for name in ("knowledge_data", "lm_eval_include"):
             value = getattr(self, name)
             if value is not None:
@@ -105,6 +116,7 @@ class EvalProtocol:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["lm_eval_tasks"] = list(self.lm_eval_tasks)
+        out["contexts"] = list(self.contexts)
         return out
 
     @classmethod
@@ -116,6 +128,8 @@ class EvalProtocol:
         values = dict(data)
         if "lm_eval_tasks" in values:
             values["lm_eval_tasks"] = tuple(values["lm_eval_tasks"])
+        if "contexts" in values:
+            values["contexts"] = tuple(values["contexts"])
         return cls(**values)
 
 
@@ -393,9 +407,17 @@ def drift_warnings(baseline: dict | None, recorded: dict | None) -> list[str]:
 
 def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), *,
              reference: Reference | None = None, device="cpu", recorded: dict | None = None,
-             trust_remote_code: bool = False) -> dict:
-    """Run `suites` on `model`; JSON-ready dict of every number with its protocol (see the module docstring)."""
+             trust_remote_code: bool = False, token_pruning=None, kv_pruning=None) -> dict:
+    """Run `suites` on `model`; JSON-ready dict of every number with its protocol (see the module docstring).
+
+    `token_pruning` / `kv_pruning` (`prunekit.inference.configs`) wrap the generations of the
+    long-context suite in `prunekit.inference.generate.pruning`; the other suites score the model
+    as it is, so asking for pruning without the long-context suite is an error, not a no-op.
+    """
     suites = parse_suites(suites)
+    if (token_pruning is not None or kv_pruning is not None) and "long-context" not in suites:
+        raise ValueError("token and KV pruning act on generation, which the long-context suite measures; "
+                         "add long-context to the suites")
     ref = reference
     if "fidelity" in suites and ref is None:
         raise ValueError("the fidelity suite compares against the dense model: pass --baseline DENSE "
@@ -447,4 +469,10 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
             if ref is not None and ref.lm_eval is not None:
                 result["baseline"] = ref.lm_eval
             out["suites"]["lm-eval"] = result
+        if "long-context" in suites:
+            from .long_context import long_context_suite
+            with _timed("long-context"):
+                out["suites"]["long-context"] = long_context_suite(
+                    model, tokenizer, protocol.contexts, samples=protocol.long_context_samples, source=protocol.data,
+                    token_pruning=token_pruning, kv_pruning=kv_pruning, device=run_on)
     return out

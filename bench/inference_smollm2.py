@@ -1,0 +1,143 @@
+"""Inference-time pruning on SmolLM2-135M (issue 18): time to first token, decode speed, KV-cache memory and
+long-context accuracy of stock generation against LazyLLM, Twilight and streaming heads.
+
+    python bench/inference_smollm2.py                                  # contexts 2048,4096,8192, every config
+    python bench/inference_smollm2.py --contexts 8192 --only lazyllm-50 --accuracy-contexts none
+    python bench/inference_smollm2.py --model DIR --contexts 96 --new-tokens 4 --repeats 1 --warmup 0 \\
+        --accuracy-contexts 96 --accuracy-samples 1 --window 16      # tiny (tests)
+
+Protocol. Speed: `prunekit.bench.benchmark` with the config as `pruning` (so every row has its own stock
+baseline, measured in the same call right before it: the ratio compares two runs minutes apart at most),
+batch 1, a prompt of context - new_tokens random token ids, `new_tokens` greedy decode steps, `warmup`
+discarded runs then the median of `repeats`, each model in its own process, torch threads as given.
+TTFT = the prefill's wall time (one forward over the prompt, logits of the last position only); the
+decode speed is over the steps after it; the KV cache is the bytes its tensors hold at the end.
+Accuracy: `prunekit.eval.long_context.long_context_suite` (needle, kv-retrieval, doc-qa; depths 10-90%;
+`accuracy-samples` prompts per task and context, greedy, exact match), with the same config.
+Streaming heads are chosen by a calibration pass over the first 2,048 tokens of the default corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def configs(window: int) -> dict:
+    from prunekit.inference import LazyLLMConfig, StreamingConfig, TwilightConfig
+    return {
+        "stock": (None, None),
+        "lazyllm-50": (LazyLLMConfig(keep=0.5), None),
+        "lazyllm-30": (LazyLLMConfig(keep=0.3), None),
+        "twilight-90": (None, TwilightConfig(top_p=0.9)),
+        "twilight-95": (None, TwilightConfig(top_p=0.95)),
+        "streaming-50": (None, StreamingConfig(sink=4, window=window, heads=0.5)),
+    }
+
+
+def _ints(text: str) -> list[int]:
+    return [] if text == "none" else [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--contexts", default="2048,4096,8192", help="speed: prompt + new tokens")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--window", type=int, default=256, help="streaming heads: recent entries kept")
+    parser.add_argument("--accuracy-contexts", default="2048,4096", help="long-context accuracy ('none': skip)")
+    parser.add_argument("--accuracy-samples", type=int, default=5)
+    parser.add_argument("--only", action="append", help="run only these configs (stock is always the baseline)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/inference_smollm2.json"))
+    args = parser.parse_args(argv)
+
+    from prunekit.bench import benchmark
+    from prunekit.bench_host import cpu_model
+    from prunekit.eval.long_context import long_context_suite
+    from prunekit.inference.cli import describe, to_spec
+    from prunekit.io.loading import load
+
+    table = configs(args.window)
+    names = args.only or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {', '.join(table)}")
+    speed, accuracy = [], []
+    for context in _ints(args.contexts):
+        for name in names:
+            if name == "stock":
+                continue
+            token, kv = table[name]
+            result = benchmark(args.model, prompt_len=context - args.new_tokens, new_tokens=args.new_tokens,
+                               repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                               pruning=to_spec(token, kv))
+            rows = {row["role"]: row for row in result["rows"]}
+            base, model = rows["baseline"], rows["model"]
+            speed.append({"config": name, "context": context, "pruning": describe(token, kv),
+                          "ttft_ms": {"stock": base["prefill_ms"]["median"], "pruned": model["prefill_ms"]["median"]},
+                          "decode_tok_s": {"stock": base["decode_tok_s_per_seq"]["median"],
+                                           "pruned": model["decode_tok_s_per_seq"]["median"]},
+                          "kv_bytes": {"stock": base["kv_cache_bytes"], "pruned": model["kv_cache_bytes"]},
+                          "speedup_ttft": model["speedup_prefill"], "speedup_decode": model["speedup_decode"],
+                          "load_average": result["protocol"]["load_average_1min"]})
+            print(f"{context:>6} {name:<14} TTFT {model['speedup_prefill']:.2f}x  decode {model['speedup_decode']:.2f}x"
+                  f"  KV {model['kv_cache_bytes'] / 2**20:.1f} / {base['kv_cache_bytes'] / 2**20:.1f} MiB", flush=True)
+    contexts = _ints(args.accuracy_contexts)
+    if contexts:
+        lm, tokenizer = load(args.model)
+        for name in names:
+            token, kv = table[name]
+            result = long_context_suite(lm, tokenizer, contexts, samples=args.accuracy_samples, token_pruning=token,
+                                        kv_pruning=kv)
+            result.pop("records")
+            accuracy.append({"config": name, "result": result})
+            print(f"accuracy {name}: {json.dumps(_accuracy_cells(result))}", flush=True)
+    out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "commit": _commit(), "machine": f"{cpu_model()}, python {platform.python_version()}",
+           "args": {k: str(v) for k, v in vars(args).items()}, "speed": speed, "accuracy": accuracy}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(out))
+    print(markdown(out))
+    return 0
+
+
+def _accuracy_cells(result: dict) -> dict:
+    """{context: exact match over every task's prompts} from a long_context_suite result."""
+    return {context: round(cell["accuracy"], 4) for context, cell in result["per_context"].items()}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(out: dict) -> str:
+    lines = [f"Inference-time pruning, {out['date']}, commit {out['commit']}, {out['machine']}", "",
+             "| context | config | TTFT ms stock -> pruned | TTFT speedup | decode tok/s stock -> pruned "
+             "| decode speedup | KV MiB stock -> pruned | load avg |", "|---:|---|---|---:|---|---:|---|---|"]
+    for row in out["speed"]:
+        lines.append(f"| {row['context']} | {row['config']} | {row['ttft_ms']['stock']:.0f} -> "
+                     f"{row['ttft_ms']['pruned']:.0f} | {row['speedup_ttft']:.2f}x | {row['decode_tok_s']['stock']:.2f}"
+                     f" -> {row['decode_tok_s']['pruned']:.2f} | {row['speedup_decode']:.2f}x | "
+                     f"{row['kv_bytes']['stock'] / 2**20:.1f} -> {row['kv_bytes']['pruned'] / 2**20:.1f} | "
+                     f"{row['load_average']['before']:.1f} / {row['load_average']['after']:.1f} |")
+    if out["accuracy"]:
+        lines += ["", "| config | long-context exact match |", "|---|---|"]
+        for row in out["accuracy"]:
+            lines.append(f"| {row['config']} | {json.dumps(_accuracy_cells(row['result']))} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
