@@ -15,6 +15,7 @@ How it runs on a stock model, without a copied modeling file:
 * stage layers: `stages` layers evenly spaced over the depth (layer n*i/(stages+1), i = 1..stages); at
   stage i the kept share of the prompt is keep**(i/stages), so it falls progressively from 1 to `keep`;
   the last `protect_last` prompt tokens are always kept (the first new token is read from the last).
+  A stage ranks by the last full-attention layer before it (Gemma 3's sliding layers see a window only).
 * a forward pre-hook on every decoder layer replaces the rows it computes (the hidden states, their
   rotary position embeddings, their position ids and, in prefill, their rows and columns of the causal
   mask) by the rows the stage before it kept; the model's own loop never knows.
@@ -78,9 +79,15 @@ class TokenPruning:
         count = self.cfg.stages
         stages = sorted({max(1, min(n - 1, round(n * i / (count + 1)))) for i in range(1, count + 1)})
         self.stages = {layer: self.cfg.keep ** ((k + 1) / len(stages)) for k, layer in enumerate(stages)}
-        self.before_stage = {layer - 1 for layer in self.stages}
         types = getattr(model.config, "layer_types", None)
         self.layer_types = list(types) if types else ["full_attention"] * n
+        # a stage ranks by the attention of the last full-attention layer before it (a sliding-window
+        # layer sees only its window, Gemma 3); by the layer just before it where no such layer exists
+        self.ranked_by = {}
+        for layer in self.stages:
+            full = [i for i in range(layer) if self.layer_types[i] != "sliding_attention"]
+            self.ranked_by[layer] = full[-1] if full else layer - 1
+        self.before_stage = set(self.ranked_by.values())
         for index, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(
                 lambda module, args, kwargs, index=index: self._before_layer(index, args, kwargs), with_kwargs=True))
@@ -149,9 +156,10 @@ class TokenPruning:
         return tuple(out)
 
     def _stage(self, index: int, hidden: Tensor) -> Tensor:
-        """Choose the rows of stage layer `index` by the last row's attention in layer index-1: keep (or
-        revive) the best-ranked prompt tokens, send the others to wait."""
-        positions, scores = self.importance[index - 1]
+        """Choose the rows of stage layer `index` by the last row's attention in the layer that ranks it
+        (`ranked_by`: the last full-attention layer before it): keep (or revive) the best-ranked prompt
+        tokens present there, send the others to wait."""
+        positions, scores = self.importance[self.ranked_by[index]]
         prompt = positions < self.prompt_length
         positions, scores = positions[prompt], scores[prompt]
         keep = max(self.cfg.protect_last, math.ceil(self.stages[index] * self.prompt_length))
