@@ -309,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from .selection.cli import add_parser as add_data_parser
+    add_data_parser(sub)
     from .recovery.cli import add_parser as add_recover_parser
     add_recover_parser(sub)
     from .sweep import add_parser as add_sweep_parser

@@ -1,0 +1,170 @@
+"""Data selection (prunekit.selection): budgets, the streamed pool and its held-out side, the random and
+perplexity selectors on hand-built cases, exact budgets, determinism, resumable scoring, bad input, and
+memory that does not grow with the text of a large pool."""
+import json
+import math
+
+import pytest
+
+from conftest import llama, word_tokenizer
+from prunekit.selection import perplexity, random as random_selector
+from prunekit.selection.pool import Budget, Pool, parse_budget
+from prunekit.selection.select import fill, report_path, select
+
+
+def write_pool(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_budgets_parse_and_bad_ones_are_refused():
+    assert parse_budget("0.2") == Budget("fraction", 0.2)
+    assert parse_budget("500 samples") == Budget("samples", 500)
+    assert parse_budget("20k tokens") == Budget("tokens", 20000) == parse_budget("20000t")
+    for bad in ("0", "1.5", "0 samples", "2.5 tokens", "abc", "-3"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+
+
+def test_the_pool_streams_the_calibration_side(tmp_path):
+    pool = Pool(write_pool(tmp_path / "p.jsonl", [f"s{i}" for i in range(1, 31)] + ["", "  "]))
+    assert list(pool) == [f"s{i}" for i in range(1, 31) if i % 10]          # s10, s20, s30 held out; blanks skipped
+    txt = tmp_path / "d" / "a.txt"
+    txt.parent.mkdir()
+    txt.write_text("one\ntwo\n\nthree\n\n\nfour")
+    assert list(Pool(tmp_path / "d")) == ["one\ntwo", "three", "four"]
+    with pytest.raises(ValueError, match="'body' field"):
+        list(Pool(tmp_path / "p.jsonl", text_field="body"))
+    default = Pool("default")
+    held_out = set()
+    from prunekit import data
+    docs, _ = data._default_documents()
+    unique = list(dict.fromkeys(d for d in docs if d.strip()))
+    held_out = {d for i, d in enumerate(unique) if i % 10 == 9}
+    assert not held_out & set(default)
+
+
+def test_random_selection_is_exact_and_seeded(tmp_path):
+    source = write_pool(tmp_path / "p.jsonl", [f"sample {i} " + "word " * (i % 7) for i in range(200)])
+    first = select(source, "random", "0.25", tmp_path / "a.jsonl", seed=1, progress=False)
+    assert first["samples"] == {"pool": 180, "kept": 45, "dropped": 135}
+    again = select(source, "random", "0.25", tmp_path / "b.jsonl", seed=1, progress=False)
+    other = select(source, "random", "0.25", tmp_path / "c.jsonl", seed=2, progress=False)
+    assert read(tmp_path / "a.jsonl") == read(tmp_path / "b.jsonl") != read(tmp_path / "c.jsonl")
+    assert first["samples"] == again["samples"] == other["samples"]
+    kept = select(source, "random", "30 samples", tmp_path / "d.jsonl", progress=False)
+    assert kept["samples"]["kept"] == 30 and report_path(tmp_path / "d.jsonl").is_file()
+
+
+def test_a_token_budget_is_never_exceeded_and_nearly_filled():
+    lengths = [5, 9, 3, 7, 2, 8]
+    kept = fill([1, 0, 3, 5, 2, 4], lengths, Budget("tokens", 20))
+    assert kept == [1, 0, 2, 4] and sum(lengths[i] for i in kept) == 19       # 7 and 8 skipped: they overflow
+    with pytest.raises(ValueError, match="larger than the pool"):
+        fill([0], [5], Budget("tokens", 6))
+    with pytest.raises(ValueError, match="larger than the pool"):
+        fill([0], [5], Budget("samples", 2))
+
+
+def test_perplexity_bands_on_known_scores():
+    scores = [3.0, 1.0, math.inf, 5.0, 2.0, 4.0]
+    assert perplexity.order(scores, [1] * 6, {"band": "low"}) == [1, 4, 0, 5, 3, 2]
+    assert perplexity.order(scores, [1] * 6, {"band": "high"}) == [3, 5, 0, 4, 1, 2]
+    assert perplexity.order(scores, [1] * 6, {"band": "middle"})[:3] == [0, 4, 5]   # the median, then its neighbours
+    assert perplexity.order(scores, [1] * 6, {"band": "middle"})[-1] == 2        # nothing to score: last
+    with pytest.raises(ValueError, match="band"):
+        perplexity.order(scores, [1] * 6, {"band": "top"})
+    assert random_selector.order([0] * 4, [1] * 4, {"seed": 0}) == random_selector.order([0] * 4, [1] * 4, {"seed": 0})
+
+
+def test_perplexity_scores_are_the_models_nll_and_gibberish_goes(tmp_path):
+    """A model that has learned one sentence: its perplexity selector keeps that sentence and drops noise
+    and one-token samples first (band low)."""
+    import torch
+    sentence = "the cat sat on the mat and the dog sat on the log"
+    tokenizer = word_tokenizer([sentence, "zq xv kj wp mm qq"])
+    model = llama()
+    ids = torch.tensor([tokenizer.encode(sentence)] * 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    scores = perplexity.score_batch([sentence, "zq xv kj wp mm qq", "cat"], model, tokenizer, {})
+    with torch.no_grad():
+        expected = float(model(input_ids=ids[:1], labels=ids[:1]).loss)
+    assert scores[0] == pytest.approx(expected, rel=1e-3) and scores[1] > scores[0] and scores[2] == math.inf
+    texts = [sentence] * 4 + ["zq xv kj wp mm qq", "cat", sentence, "mm qq zq", sentence, "kj"]
+    source = write_pool(tmp_path / "p.jsonl", texts)
+    select(source, "perplexity", "5 samples", tmp_path / "s.jsonl", model=model, tokenizer=tokenizer,
+           options={"band": "low"}, progress=False)
+    assert {r["text"] for r in read(tmp_path / "s.jsonl")} == {sentence}
+
+
+def test_scoring_resumes_from_the_run_dir(tmp_path, monkeypatch):
+    source = write_pool(tmp_path / "p.jsonl", [f"text number {i}" for i in range(40)])
+    run = tmp_path / "run"
+    calls = []
+    real = perplexity.score_batch
+    monkeypatch.setattr(perplexity, "score_batch", lambda texts, *a: calls.append(len(texts)) or [1.0] * len(texts))
+    select(source, "perplexity", "0.5", tmp_path / "a.jsonl", model=object(), run_dir=run, progress=False)
+    assert sum(calls) == 36
+    lines = (run / "scores.jsonl").read_text().splitlines()
+    (run / "scores.jsonl").write_text("\n".join(lines[:20]) + "\n" + lines[20][:5])     # interrupted mid-line
+    calls.clear()
+    select(source, "perplexity", "0.5", tmp_path / "b.jsonl", model=object(), run_dir=run, progress=False)
+    assert sum(calls) == 16 and read(tmp_path / "a.jsonl") == read(tmp_path / "b.jsonl")
+    monkeypatch.setattr(perplexity, "score_batch", real)
+
+
+def test_bad_input_is_refused_and_the_source_is_never_overwritten(tmp_path):
+    source = write_pool(tmp_path / "p.jsonl", ["a b c"] * 5)
+    before = source.read_text()
+    with pytest.raises(ValueError, match="overwrite"):
+        select(source, "random", "0.5", source, progress=False)
+    with pytest.raises(ValueError, match="larger than the pool"):
+        select(source, "random", "10 samples", tmp_path / "o.jsonl", progress=False)
+    with pytest.raises(ValueError, match="pass --model"):
+        select(source, "perplexity", "0.5", tmp_path / "o.jsonl", progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        select(source, "random", "3 tokens", tmp_path / "o.jsonl", progress=False)
+    with pytest.raises(ValueError, match="unknown selection method"):
+        select(source, "oracle", "0.5", tmp_path / "o.jsonl", progress=False)
+    with pytest.raises(ValueError, match=r"\.jsonl"):
+        select(source, "random", "0.5", tmp_path / "o.txt", progress=False)
+    with pytest.raises(FileNotFoundError):
+        select(tmp_path / "missing.jsonl", "random", "0.5", tmp_path / "o.jsonl", progress=False)
+    assert source.read_text() == before and not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_million_samples_stream_in_flat_memory(tmp_path):
+    """1M samples of ~100 characters (about 100 MB of text): the selection holds a few numbers per sample,
+    not the text; Python's peak allocation stays far below the text's size."""
+    import tracemalloc
+    source = tmp_path / "big.jsonl"
+    with source.open("w") as handle:
+        for i in range(1_000_000):
+            handle.write('{"text": "sample %07d %s"}\n' % (i, "lorem ipsum dolor sit amet " * 3))
+    tracemalloc.start()
+    report = select(source, "random", "1000 samples", tmp_path / "s.jsonl", progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert report["samples"]["pool"] == 900_000 and report["samples"]["kept"] == 1000
+    assert peak < 0.5 * source.stat().st_size, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_cli_select_and_report(tmp_path, capsys):
+    from prunekit.cli import main
+    source = write_pool(tmp_path / "p.jsonl", [f"sample {i}" for i in range(30)])
+    assert main(["data", "select", str(source), "--method", "random", "--budget", "10 samples", "--out",
+                 str(tmp_path / "s.jsonl")]) == 0
+    assert main(["data", "report", str(tmp_path / "s.jsonl")]) == 0
+    assert "kept 10 of 27 samples" in capsys.readouterr().out
+    assert main(["data", "select", str(source), "--method", "random", "--budget", "2", "--out",
+                 str(tmp_path / "t.jsonl")]) != 0
