@@ -33,6 +33,7 @@ def configs(window: int) -> dict:
         "stock": (None, None),
         "lazyllm-50": (LazyLLMConfig(keep=0.5), None),
         "lazyllm-30": (LazyLLMConfig(keep=0.3), None),
+        "lazyllm-50-norevive": (LazyLLMConfig(keep=0.5, revive=False), None),
         "twilight-90": (None, TwilightConfig(top_p=0.9)),
         "twilight-95": (None, TwilightConfig(top_p=0.95)),
         "streaming-50": (None, StreamingConfig(sink=4, window=window, heads=0.5)),

@@ -262,3 +262,12 @@ def test_cli_eval_long_context_under_pruning(tiny_model_dir, capsys):
     assert "kv_pruning TwilightConfig(top_p=0.9" in capsys.readouterr().out
     assert main(["eval", str(tiny_model_dir), "--kv-pruning", "twilight"]) != 0
     assert "add --suite long-context" in capsys.readouterr().err
+
+
+def test_lazyllm_without_revival_leaves_pruned_tokens_waiting():
+    model = four_blocks("llama")
+    with pruning(model, token_pruning=LazyLLMConfig(keep=0.3, revive=False)) as state:
+        greedy(model, prompt(40), new=1)
+        waiting = dict(state.mechanisms[0].waiting)
+        greedy(model, prompt(40), new=6)
+        assert state.mechanisms[0].waiting.keys() == waiting.keys()

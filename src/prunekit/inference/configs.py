@@ -28,10 +28,13 @@ def _fraction(name: str, value, low_open: bool = True) -> None:
 @dataclass(frozen=True)
 class LazyLLMConfig:
     """Keep `keep` of the prompt tokens by the last layer; pruning happens at `stages` evenly spaced layers,
-    each keeping a geometric share, so the kept fraction falls progressively (1 -> keep)."""
+    each keeping a geometric share, so the kept fraction falls progressively (1 -> keep). `revive=False`
+    leaves pruned tokens pruned at decode: steps cost less, but a token pruned in prefill is never seen
+    again by the layers that dropped it (the paper's LazyLLM revives)."""
     keep: float = 0.5
-    stages: int = 3                    # pruning layers, evenly spaced after the first quarter of the model
+    stages: int = 3                    # pruning layers, evenly spaced over the depth
     protect_last: int = 1              # the last prompt tokens are never pruned (the query position)
+    revive: bool = True                # decode may compute waiting tokens again (LazyLLM's auxiliary cache)
 
     def __post_init__(self):
         _fraction("keep", self.keep)
@@ -39,6 +42,8 @@ class LazyLLMConfig:
             raise ValueError(f"stages must be a positive number of pruning layers, got {self.stages!r}")
         if not isinstance(self.protect_last, int) or self.protect_last < 1:
             raise ValueError(f"protect_last must be at least 1 (the last token), got {self.protect_last!r}")
+        if not isinstance(self.revive, bool):
+            raise ValueError(f"revive must be true or false, got {self.revive!r}")
 
 
 @dataclass(frozen=True)

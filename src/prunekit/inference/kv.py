@@ -21,6 +21,7 @@ its decode steps attend over them. Sliding-window layers (Gemma 3) are already b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
@@ -42,8 +43,9 @@ def top_p_mask(probs: Tensor, top_p: float, sink: int = 0, window: int = 0) -> T
 
 
 def _grouped_probs(query: Tensor, key: Tensor, scaling: float) -> Tensor:
-    """Softmax attention of query (B, Hkv, g, Q, D) over key (B, Hkv, T, D): (B, Hkv, g, Q, T), float32."""
-    scores = torch.matmul(query.float(), key.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    """Softmax attention of query rows (B, Hkv, g, D) (a KV group's query heads as rows) over key
+    (B, Hkv, T, D): (B, Hkv, g, T), float32, without repeating the keys per query head."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
     return torch.softmax(scores, dim=-1)
 
 
@@ -138,22 +140,22 @@ class KVPruning:
         batch, heads, _, dim = query.shape
         layer = self.layers.get(module.layer_idx)
         kv_heads = key.shape[1] if layer is None else layer.stream.numel()
-        grouped = query.view(batch, kv_heads, heads // kv_heads, 1, dim)
+        grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)     # a group's query heads as rows
         if layer is None:
             if self.twilight is None:
                 return None
             out = self._select(grouped, key, value, scaling)
         else:
-            out = torch.empty_like(grouped, dtype=torch.float32)
+            out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
             full, stream = layer.full_index, layer.stream_index
             out[:, full] = self._select(grouped[:, full], layer.keys, layer.values, scaling) if self.twilight \
                 else self._dense(grouped[:, full], layer.keys, layer.values, scaling)
             out[:, stream] = self._dense(grouped[:, stream], layer.stream_keys, layer.stream_values, scaling)
-        return out.reshape(batch, heads, 1, dim).to(query.dtype).transpose(1, 2).contiguous(), None
+        return out.reshape(batch, 1, heads, dim), None
 
     @staticmethod
     def _dense(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
-        return torch.matmul(_grouped_probs(query, key, scaling), value.float().unsqueeze(2))
+        return F.scaled_dot_product_attention(query, key, value, scale=scaling)
 
     def _select(self, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
         probs = _grouped_probs(query, key, scaling)
@@ -163,7 +165,7 @@ class KVPruning:
         self.seen += keep.numel()
         weights = probs * keep
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        return torch.matmul(weights, value.float().unsqueeze(2))
+        return torch.matmul(weights, value.float()).to(query.dtype)
 
 
 def full_attention_layers(config) -> list[int]:

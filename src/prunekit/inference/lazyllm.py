@@ -128,7 +128,7 @@ class TokenPruning:
                 self.computed = self.possible = 0
         if self.prefill and kind not in self.rope:
             self.rope[kind] = given_rope
-        if index in self.stages:
+        if index in self.stages and (self.prefill or self.cfg.revive):
             hidden = self._stage(index, hidden)
         if self.prefill:
             self.computed += int((self.rows < self.prompt_length).sum())
@@ -199,10 +199,8 @@ class TokenPruning:
             from .runtime import attend
             out = (attend(query, key, value, scaling, allowed), None)
         if index in self.before_stage:
-            last = query[:, :, -1:]
-            groups = query.shape[1] // key.shape[1]
-            keys = key.repeat_interleave(groups, dim=1).float()
-            scores = torch.matmul(last.float(), keys.transpose(-1, -2)) * scaling
+            last = query[:, :, -1].reshape(query.shape[0], key.shape[1], -1, query.shape[-1])   # (B, Hkv, g, D)
+            scores = torch.matmul(last.float(), key.float().transpose(-1, -2)) * scaling            # (B, Hkv, g, T)
             visible = positions <= rows[-1]
             if window is not None:
                 visible &= rows[-1] - positions < window

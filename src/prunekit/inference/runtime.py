@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ATTENTION_PREFIX = "prunekit_"
@@ -58,20 +58,18 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     return stock()
 
 
-def attend(query: Tensor, key: Tensor, value: Tensor, scaling: float, mask: Tensor | None = None,
-           weights: Tensor | None = None) -> Tensor:
-    """Plain attention of `query` (B, Hq, Q, D) over `key`/`value` (B, Hkv, T, D), grouped-query heads
-    expanded, in float32: `mask` (broadcast to (B, Hq, Q, T), True = may attend) or explicit `weights`
-    (the softmax, already masked and renormalised). Returns (B, Q, Hq, D) as transformers' functions do."""
-    groups = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(groups, dim=1).float()
-    v = value.repeat_interleave(groups, dim=1).float()
-    if weights is None:
-        scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-    return torch.matmul(weights, v).to(query.dtype).transpose(1, 2).contiguous()
+def attend(query: Tensor, key: Tensor, value: Tensor, scaling: float, mask: Tensor | None = None) -> Tensor:
+    """Attention of `query` (B, Hq, Q, D) over `key`/`value` (B, Hkv, T, D) with an optional boolean `mask`
+    (Q, T), True = may attend. The query heads of each KV group are folded into rows (B, Hkv, g*Q, D), so
+    keys and values are never repeated per query head. Returns (B, Q, Hq, D) as transformers' functions do."""
+    batch, heads, rows, dim = query.shape
+    groups = heads // key.shape[1]
+    folded = query.reshape(batch, key.shape[1], groups * rows, dim)
+    if mask is not None:
+        mask = mask.to(query.device).repeat(groups, 1)
+    out = F.scaled_dot_product_attention(folded, key.to(query.dtype), value.to(query.dtype), attn_mask=mask,
+                                         scale=scaling)
+    return out.reshape(batch, heads, rows, dim).transpose(1, 2).contiguous()
 
 
 def cache_bytes(cache) -> int:
