@@ -64,8 +64,8 @@ _PUBLIC = {
     "RouterKDConfig": ".recovery",
     "ExpertKDConfig": ".recovery",
     # inference-time pruning: tokens in prefill, KV entries at decode, prompts
-    "generate": ".inference.generate",
-    "pruning": ".inference.generate",
+    "generate": ".inference.generation",
+    "pruning": ".inference.generation",
     "LazyLLMConfig": ".inference.configs",
     "TwilightConfig": ".inference.configs",
     "StreamingConfig": ".inference.configs",

@@ -414,7 +414,7 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
         from contextlib import ExitStack
 
         from prunekit.inference.cli import from_spec
-        from prunekit.inference.generate import pruning as inference_pruning
+        from prunekit.inference.generation import pruning as inference_pruning
         token, kv = from_spec(pruning)
         with ExitStack() as stack:
             state = stack.enter_context(inference_pruning(lm, token, kv, tokenizer=tokenizer))

@@ -168,7 +168,7 @@ def test_pruning_configs_are_passed_through(bpe, monkeypatch):
     import contextlib
     import importlib
 
-    generate = importlib.import_module("prunekit.inference.generate")       # the module, not the function
+    generate = importlib.import_module("prunekit.inference.generation")
     seen = []
 
     @contextlib.contextmanager

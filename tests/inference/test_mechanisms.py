@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import TINY_CONFIGS, llama, tiny_model
 from prunekit.inference import LazyLLMConfig, StreamingConfig, TwilightConfig
-from prunekit.inference.generate import pruning
+from prunekit.inference.generation import pruning
 from prunekit.inference.kv import StreamingLayer, calibrate_streaming, top_p_mask
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")

@@ -42,7 +42,7 @@ random sentence of the split; where its sentences are too long for a small conte
 drawn (up to `DRAWS` times) before the context is called too small.
 
 Scoring: greedy generation (``do_sample=False``, batch 1, `MAX_NEW_TOKENS` new tokens, inside
-``prunekit.inference.generate.pruning(model, token_pruning, kv_pruning)``); the decoded new text
+``prunekit.inference.generation.pruning(model, token_pruning, kv_pruning)``); the decoded new text
 is right when its `knowledge.normalize`d form (NFKC, lowercase, punctuation and newlines as
 spaces, whitespace collapsed, a leading article dropped) equals the normalised answer or starts
 with it followed by a space: "48213." and "48213 is the number" count for 48213, "482139" does
@@ -468,7 +468,7 @@ def _device_of(model) -> torch.device:
 def answer(model, tokenizer, ids, *, max_new_tokens: int = MAX_NEW_TOKENS, device=None, token_pruning=None,
            kv_pruning=None) -> str:
     """The model's greedy continuation of the prompt `ids` (batch 1), decoded without special tokens."""
-    from ..inference.generate import pruning
+    from ..inference.generation import pruning
     device = _device_of(model) if device is None else torch.device(device)
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
     pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
@@ -510,7 +510,7 @@ def long_context_suite(model, tokenizer, contexts=DEFAULT_CONTEXTS, *, samples: 
     (accuracy over the tasks, wall ``seconds`` spent building and answering -- a record, not a
     benchmark -- and the prompt token range), ``records`` (every prompt: depth reached, tokens,
     answer, generation, correct) and ``protocol``. `token_pruning` / `kv_pruning` are passed as
-    they are to `prunekit.inference.generate.pruning`, entered once around every generation.
+    they are to `prunekit.inference.generation.pruning`, entered once around every generation.
     """
     contexts = check_contexts(contexts, model.config)
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
@@ -522,7 +522,7 @@ def long_context_suite(model, tokenizer, contexts=DEFAULT_CONTEXTS, *, samples: 
     training = getattr(model, "training", False)
     if training:
         model.eval()
-    from ..inference.generate import pruning
+    from ..inference.generation import pruning
     try:
         # one pruning set-up for the whole suite (streaming heads calibrate once, on the default corpus)
         with pruning(model, token_pruning, kv_pruning, tokenizer=tokenizer), torch.inference_mode():

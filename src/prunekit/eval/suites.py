@@ -411,7 +411,7 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
     """Run `suites` on `model`; JSON-ready dict of every number with its protocol (see the module docstring).
 
     `token_pruning` / `kv_pruning` (`prunekit.inference.configs`) wrap the generations of the
-    long-context suite in `prunekit.inference.generate.pruning`; the other suites score the model
+    long-context suite in `prunekit.inference.generation.pruning`; the other suites score the model
     as it is, so asking for pruning without the long-context suite is an error, not a no-op.
     """
     suites = parse_suites(suites)

@@ -6,10 +6,10 @@
     lazyllm.py    token pruning in prefill with revival at decode (per-layer caches with positions)
     kv.py         Twilight top-p selection and streaming heads (per-head caches) at decode
     prompt.py     fitting a prompt into a token budget by the model's own surprisal
-    generate.py   `pruning(model, ...)` (a context manager around any generation loop) and `generate(...)`
+    generation.py `pruning(model, ...)` (a context manager around any generation loop) and `generate(...)`
 """
 from .configs import LazyLLMConfig, PromptPruningConfig, StreamingConfig, TwilightConfig
-from .generate import Generation, generate, pruning
+from .generation import Generation, generate, pruning
 
 __all__ = ["Generation", "LazyLLMConfig", "PromptPruningConfig", "StreamingConfig", "TwilightConfig", "generate",
            "pruning"]
