@@ -4,5 +4,8 @@
     select.py      score (streamed, resumable), order, fill the budget, write + report
     random.py      the seeded baseline
     perplexity.py  a band of a reference model's perplexity (arXiv 2309.04564)
+    embed.py       per-sample embeddings from the model's own hidden states, projected and stored compactly
+    clusters.py    k-means concept clusters, quotas by cluster complexity, duplicates last (arXiv 2401.04578)
+    entropy.py     a greedy minimum set cover of embedding neighbourhoods (after arXiv 2511.10561)
     cli.py         `prunekit data select` / `prunekit data report`
 """

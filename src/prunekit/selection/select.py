@@ -11,8 +11,15 @@
     4. write   a second pass writes the kept samples to the output (`pool.write_selection`) and the
                report beside it (OUT.report.json: method, budget, pool, what was kept and dropped).
 
-Selectors live one per file (`random.py`, `perplexity.py`): `NEEDS_MODEL`, an optional
-`score_batch(texts, model, tokenizer, options) -> scores` and `order(scores, lengths, options) -> indices`.
+Selectors live one per file (`random.py`, `perplexity.py`, `clusters.py`, `entropy.py`): `NEEDS_MODEL`,
+an optional `score_batch(texts, model, tokenizer, options) -> scores` and `order(scores, lengths, options) ->
+indices`. A selector that needs a vector per sample, not a number, has `embed_batch(texts, model, tokenizer,
+options) -> Tensor (B, width)` instead: step 1 keeps each vector projected to `embed_dim` (default 32, at most
+64) dimensions by a seeded random projection, as float16 bits in a flat `array("H")` (2 * embed_dim bytes per
+sample; see embed.py), appends it to `scores.jsonl` with the run, and step 2 passes the (N, d) tensor as
+`options["embeddings"]` (in a copy of the options: the report's options stay plain). A selector that also
+has `order_and_labels` (clusters) returns each sample's cluster with its order: the cluster goes beside each
+kept sample and per-cluster kept / dropped counts into the report.
 """
 from __future__ import annotations
 
@@ -23,10 +30,12 @@ import time
 from array import array
 from pathlib import Path
 
-from . import perplexity, random as random_selector
+import torch
+
+from . import clusters, entropy, perplexity, random as random_selector
 from .pool import Budget, Pool, parse_budget, write_selection
 
-SELECTORS = {"random": random_selector, "perplexity": perplexity}
+SELECTORS = {"random": random_selector, "perplexity": perplexity, "clusters": clusters, "entropy": entropy}
 BATCH = 8
 
 
@@ -43,10 +52,10 @@ def _batches(pool: Pool, skip: int, size: int):
         yield batch
 
 
-def _load_run(run_dir: Path | None, method: str) -> tuple[array, array]:
-    scores, lengths = array("d"), array("q")
+def _load_run(run_dir: Path | None, method: str) -> tuple[array, array, array]:
+    scores, lengths, vectors = array("d"), array("q"), array("H")      # vectors: float16 bit patterns
     if run_dir is None or not (run_dir / "scores.jsonl").is_file():
-        return scores, lengths
+        return scores, lengths, vectors
     with open(run_dir / "scores.jsonl", encoding="utf-8") as handle:
         for line in handle:
             try:
@@ -58,18 +67,28 @@ def _load_run(run_dir: Path | None, method: str) -> tuple[array, array]:
                                  "use another run directory")
             scores.append(record["score"])
             lengths.append(record["length"])
-    return scores, lengths
+            if record.get("embedding"):
+                vectors.frombytes(torch.tensor(record["embedding"], dtype=torch.float16).numpy().tobytes())
+    return scores, lengths, vectors
 
 
 def score_pool(pool: Pool, method: str, model=None, tokenizer=None, options: dict | None = None,
-               run_dir=None, batch_size: int = BATCH, progress: bool = True) -> tuple[array, array]:
-    """(scores, lengths) of every sample of `pool`, in pool order (see step 1)."""
+               run_dir=None, batch_size: int = BATCH, progress: bool = True):
+    """(scores, lengths, embeddings) of every sample of `pool`, in pool order (see step 1); embeddings is
+    an (N, d) float16 tensor for selectors with `embed_batch`, else None."""
     from tqdm.auto import tqdm
 
     from ..data import tokenize
+    from . import embed
     selector, options = SELECTORS[method], options or {}
+    embeds = hasattr(selector, "embed_batch")
+    dim = int(options.get("embed_dim", embed.DIM))
     run_dir = Path(run_dir) if run_dir is not None else None
-    scores, lengths = _load_run(run_dir, method)
+    scores, lengths, vectors = _load_run(run_dir, method)
+    width = len(vectors) // len(lengths) if len(lengths) else None    # the stored dimension of a resumed run
+    if embeds and width is not None and (width == 0 or len(vectors) != width * len(lengths)):
+        raise ValueError(f"--run-dir {run_dir} holds no complete embedding per sample; use another run "
+                         "directory")
     log = None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,18 +100,32 @@ def score_pool(pool: Pool, method: str, model=None, tokenizer=None, options: dic
                              for text in batch]
             batch_scores = (selector.score_batch(batch, model, tokenizer, options)
                             if hasattr(selector, "score_batch") else [0.0] * len(batch))
+            rows = None
+            if embeds:
+                reduced = embed.project(selector.embed_batch(batch, model, tokenizer, options), dim,
+                                        options.get("seed", 0))
+                if width is not None and reduced.shape[1] != width:
+                    raise ValueError(f"--run-dir {run_dir} holds embeddings of {width} dimensions, this model "
+                                     f"gives {reduced.shape[1]}; use another run directory")
+                width = reduced.shape[1]
+                vectors.frombytes(reduced.numpy().tobytes())
+                rows = reduced.tolist()
             scores.extend(batch_scores)
             lengths.extend(batch_lengths)
             if log is not None:
-                log.write("".join(json.dumps({"method": method, "score": s, "length": n}) + "\n"
-                                  for s, n in zip(batch_scores, batch_lengths)))
+                log.write("".join(json.dumps({"method": method, "score": s, "length": n,
+                                              **({"embedding": rows[i]} if rows is not None else {})}) + "\n"
+                                  for i, (s, n) in enumerate(zip(batch_scores, batch_lengths))))
                 log.flush()
             bar.update(len(batch))
         bar.close()
     finally:
         if log is not None:
             log.close()
-    return scores, lengths
+    embeddings = None
+    if embeds and len(lengths):
+        embeddings = torch.frombuffer(vectors, dtype=torch.float16).view(len(lengths), -1)
+    return scores, lengths, embeddings
 
 
 def fill(priority: list[int], lengths, budget: Budget) -> list[int]:
@@ -131,13 +164,24 @@ def select(source, method: str, budget, out, *, model=None, tokenizer=None, seed
     started = time.perf_counter()
     pool = Pool(source, text_field)
     _check_out(out, pool)
-    scores, lengths = score_pool(pool, method, model, tokenizer, options, run_dir, progress=progress)
+    scores, lengths, embeddings = score_pool(pool, method, model, tokenizer, options, run_dir, progress=progress)
     if not lengths:
         raise ValueError(f"the pool {pool.describe()} holds no samples on its calibration side")
-    kept = fill(selector.order(scores, lengths, options), lengths, budget)
-    written = write_selection(out, pool, set(kept), scores if hasattr(selector, "score_batch") else None)
+    order_options = dict(options) if embeddings is None else {**options, "embeddings": embeddings}
+    labels = None
+    if hasattr(selector, "order_and_labels"):
+        priority, labels = selector.order_and_labels(scores, lengths, order_options)
+    else:
+        priority = selector.order(scores, lengths, order_options)
+    kept = fill(priority, lengths, budget)
+    del priority                                       # a list over the whole pool: free it before the report
+    written = write_selection(out, pool, set(kept), scores if hasattr(selector, "score_batch") else None, labels)
     report = _report(method, budget, pool, scores, lengths, kept, written, options, selector,
                      time.perf_counter() - started, tokenizer)
+    if labels is not None:
+        report["clusters"] = _cluster_counts(labels, kept, order_options.get("complexity"))
+    if "radius" in order_options:
+        report["radius"] = order_options["radius"]
     from ..io.atomic import write_json_atomic
     write_json_atomic(report_path(out), report)
     return report
@@ -176,6 +220,24 @@ def _report(method, budget, pool, scores, lengths, kept, written, options, selec
     }
 
 
+def _cluster_counts(labels, kept, complexity=None) -> list[dict]:
+    """Per cluster: its size, how many of its samples were kept and dropped (and its complexity)."""
+    sizes: dict[int, int] = {}
+    for label in labels:
+        sizes[label] = sizes.get(label, 0) + 1
+    kept_by: dict[int, int] = {}
+    for index in kept:
+        kept_by[labels[index]] = kept_by.get(labels[index], 0) + 1
+    rows = []
+    for label in sorted(sizes):
+        row = {"cluster": label, "size": sizes[label], "kept": kept_by.get(label, 0),
+               "dropped": sizes[label] - kept_by.get(label, 0)}
+        if complexity is not None and label < len(complexity):
+            row["complexity"] = complexity[label]
+        rows.append(row)
+    return rows
+
+
 def report_lines(report: dict) -> list[str]:
     """The report as a few lines for the command line."""
     unit = "tokens" if "tokens" in report else "words"
@@ -187,6 +249,13 @@ def report_lines(report: dict) -> list[str]:
             if q:
                 lines.append(f"  {side} scores: min {q['min']} / median {q['median']} / max {q['max']}"
                              + (f", {q['infinite']} with nothing to score" if q["infinite"] else ""))
+    if report.get("clusters"):
+        lines.append(f"  {len(report['clusters'])} clusters (kept / dropped of each):")
+        for row in report["clusters"]:
+            lines.append(f"    cluster {row['cluster']}: kept {row['kept']:,} / dropped {row['dropped']:,} of "
+                         f"{row['size']:,}" + (f", complexity {row['complexity']}" if "complexity" in row else ""))
+    if report.get("radius") is not None:
+        lines.append(f"  coverage radius {report['radius']}")
     lines.append(f"  protocol: {report['protocol']}")
     return lines
 
