@@ -168,3 +168,36 @@ def test_cli_select_and_report(tmp_path, capsys):
     assert "kept 10 of 27 samples" in capsys.readouterr().out
     assert main(["data", "select", str(source), "--method", "random", "--budget", "2", "--out",
                  str(tmp_path / "t.jsonl")]) != 0
+
+
+def test_calibration_selection_picks_windows_of_the_pool(tiny_model_dir, tmp_path):
+    import torch
+
+    from prunekit.io.loading import load
+    from prunekit.recipe import CALIBRATION_SELECTORS, Calibration
+    from prunekit.selection.select import SELECTORS
+    from prunekit.selection.windows import select_windows
+    assert set(CALIBRATION_SELECTORS) <= set(SELECTORS)
+    model, tokenizer = load(str(tiny_model_dir))
+    windows = torch.randint(3, 100, (12, 16), generator=torch.Generator().manual_seed(0))
+    windows[6:] = windows[0]                                    # half the pool is one window repeated
+    kept, line = select_windows(model, tokenizer, windows, "clusters", 4)
+    assert kept.numel() == 4 and "kept 4 of 12" in line
+    assert sum(torch.equal(windows[i], windows[0]) for i in kept.tolist()) <= 1
+    with pytest.raises(ValueError, match="pool must be larger"):
+        select_windows(model, tokenizer, windows, "random", 12)
+    with pytest.raises(ValueError, match="calibration.select"):
+        Calibration(select="oracle")
+    with pytest.raises(ValueError, match="larger than samples"):
+        Calibration(samples=8, select="random", pool=8)
+
+
+def test_prune_with_calib_select(tiny_model_dir, tmp_path):
+    from prunekit.cli import main
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--samples", "4",
+                 "--seqlen", "16", "--calib-select", "perplexity", "--calib-pool", "12", "--no-eval", "--out",
+                 str(out)]) == 0
+    record = json.loads((out / "prunekit.json").read_text())
+    chosen = record["calibration"]["select"]
+    assert chosen["method"] == "perplexity" and chosen["pool"] == 12 and len(chosen["kept"]) == 4

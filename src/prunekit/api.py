@@ -85,7 +85,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
             echo(f"dense  {dense}")
             result["dense_perplexity"] = dense.to_dict()
 
-    calib = _calibration(recipe, tokenizer, result, echo)
+    calib = _calibration(recipe, tokenizer, result, echo, model)
     run = None
     if run_dir is not None:
         from .io.runs import Run, inputs_fingerprint
@@ -256,16 +256,26 @@ def describe_step(index: int, report, where: str = "") -> str:
             f"({len(report.layers)} layers, {report.seconds:.1f} s, sequential={report.sequential}{where})")
 
 
-def _calibration(recipe: Recipe, tokenizer, result: dict, echo):
+def _calibration(recipe: Recipe, tokenizer, result: dict, echo, model=None):
     from .data import calibration_windows
     if not any(needs_calibration(step) for step in recipe.steps):
         return None
     c = recipe.calibration
-    calib, covered = calibration_windows(tokenizer, c.source, samples=c.samples, seqlen=c.seqlen, seed=c.seed)
+    drawn = c.pool_size if c.select else c.samples
+    calib, covered = calibration_windows(tokenizer, c.source, samples=drawn, seqlen=c.seqlen, seed=c.seed)
     result["calibration"] = {"source": c.source, "samples": c.samples, "seqlen": c.seqlen, "seed": c.seed,
                              "split_tokens": covered.split_tokens, "distinct_tokens": covered.distinct_tokens}
-    echo(f"calibration: {c.samples} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed}); "
+    echo(f"calibration: {drawn} windows x {c.seqlen} tokens from {c.source!r} (seed {c.seed}); "
          f"{covered.line(c.seqlen)}")
+    if c.select:
+        if model is None:
+            raise ValueError("calibration.select scores the candidate windows with the loaded model, which an "
+                             "out-of-core run (--offload disk) does not hold; drop one of them")
+        from .selection.windows import select_windows
+        kept, line = select_windows(model, tokenizer, calib, c.select, c.samples, seed=c.seed)
+        calib = calib[kept]
+        result["calibration"]["select"] = {"method": c.select, "pool": drawn, "kept": kept.tolist()}
+        echo(line)
     return calib
 
 

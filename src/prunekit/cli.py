@@ -167,6 +167,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="calibration text: default (= prose), code (stdlib Python source), a .txt/.jsonl file or "
                             "dir, wikitext2, c4, ptb")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--calib-select", default=None, choices=["random", "perplexity", "clusters", "entropy"],
+                       help="choose the --samples windows from --calib-pool random ones with a data selector "
+                            "(prunekit data select's methods, scored with the model being pruned)")
+    prune.add_argument("--calib-pool", type=int, default=None,
+                       help="candidate windows for --calib-select (default 16 x --samples)")
     prune.add_argument("--seqlen", type=int, default=512, help="tokens per calibration/evaluation window (default 512)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
@@ -372,7 +377,9 @@ def prune_args_to_dict(args) -> dict:
         "model": args.model, "dtype": args.dtype, "device": args.device, "sequential": args.sequential,
         "cache_device": args.cache_device, "trust_remote_code": args.trust_remote_code, "offload": args.offload,
         "allow_pickle": args.allow_pickle,
-        "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed},
+        "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
+                        **({"select": args.calib_select} if args.calib_select else {}),
+                        **({"pool": args.calib_pool} if args.calib_pool else {})},
         "steps": [step] + ([{"method": "eora", "rank": args.eora_rank}] if args.eora_rank is not None else []),
     }
     if not args.no_eval:

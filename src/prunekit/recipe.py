@@ -27,6 +27,9 @@ from .catalog import get_method
 from .registry import method_for_config
 
 
+CALIBRATION_SELECTORS = ("random", "perplexity", "clusters", "entropy")   # prunekit.selection methods
+
+
 @dataclass(frozen=True)
 class Calibration:
     source: str = "default"       # "default" (offline), a .txt/.jsonl file or dir, or wikitext2 / c4 / ptb
@@ -34,6 +37,8 @@ class Calibration:
     seqlen: int = 512             # tokens per window (capped; never max_position_embeddings)
     seed: int = 0
     batch_size: int = 8           # windows per forward pass
+    select: str | None = None     # choose the `samples` windows from `pool` random ones (prunekit.selection)
+    pool: int | None = None       # candidate windows for `select` (default 16 x samples)
 
     def __post_init__(self):
         for name in ("samples", "seqlen", "batch_size"):
@@ -41,6 +46,19 @@ class Calibration:
                 raise ValueError(f"calibration.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.seqlen < 2:
             raise ValueError("calibration.seqlen must be at least 2")
+        if self.select is not None and self.select not in CALIBRATION_SELECTORS:
+            raise ValueError(f"calibration.select must be one of {', '.join(CALIBRATION_SELECTORS)}, got "
+                             f"{self.select!r}")
+        if self.pool is not None:
+            if self.select is None:
+                raise ValueError("calibration.pool is the candidate windows of calibration.select: set select too")
+            if not isinstance(self.pool, int) or self.pool <= self.samples:
+                raise ValueError(f"calibration.pool must be an integer larger than samples ({self.samples}), "
+                                 f"got {self.pool!r}")
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool if self.pool is not None else 16 * self.samples
 
 
 @dataclass(frozen=True)
@@ -245,7 +263,8 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     """Model and sections in full (a recipe file documents its protocol), steps minimal."""
     out = {"model": recipe.model}
     out.update(_non_default(recipe, skip=("model", "steps", *_SECTIONS)))
-    out["calibration"] = dataclasses.asdict(recipe.calibration)
+    out["calibration"] = {k: v for k, v in dataclasses.asdict(recipe.calibration).items()
+                          if v is not None or k not in ("select", "pool")}     # the selection only when asked for
     out["steps"] = [step_to_dict(step) for step in recipe.steps]
     if recipe.eval is not None:
         out["eval"] = dataclasses.asdict(recipe.eval)

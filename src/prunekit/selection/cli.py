@@ -12,11 +12,14 @@ def add_parser(subparsers) -> None:
     select = commands.add_parser("select", help="select samples of a source within a budget")
     select.add_argument("source", help="default, code, a .jsonl/.txt file or a directory of them, or a hub "
                                        "dataset name (its calibration side; see prunekit.selection.pool)")
-    select.add_argument("--method", required=True, choices=["random", "perplexity", "clusters", "entropy"],
+    select.add_argument("--method", required=True, choices=["random", "perplexity", "clusters", "entropy", "donod",
+                                                               "paser"],
                         help="random (seeded), perplexity (a band of the reference model's perplexity), "
                              "clusters (k-means of the model's embeddings, each concept kept in proportion to "
-                             "its complexity, duplicates first to go) or entropy (a greedy cover of embedding "
-                             "neighbourhoods)")
+                             "its complexity, duplicates first to go), entropy (a greedy cover of embedding "
+                             "neighbourhoods), donod (TOPSIS over the output layer's delta of norm and norm of "
+                             "delta under a one-step probe) or paser (for recovering --pruned: clusters get the "
+                             "budget in proportion to the pruned model's loss on them)")
     select.add_argument("--budget", required=True, help="a fraction (0.2), N samples or N tokens")
     select.add_argument("--model", default=None, help="the reference model (perplexity, clusters, entropy; token "
                                                      "budgets count with its tokenizer)")
@@ -24,11 +27,16 @@ def add_parser(subparsers) -> None:
                         help="perplexity: which part of the distribution to keep first (default middle)")
     select.add_argument("--max-tokens", type=int, default=512, help="perplexity, clusters, entropy: tokens read "
                                                                    "per sample")
-    select.add_argument("--clusters", type=int, default=None, help="clusters: k of k-means (default sqrt of the "
+    select.add_argument("--clusters", type=int, default=None, help="clusters, paser: k of k-means (default sqrt of the "
                                                                   "pool's size, at most 64)")
     select.add_argument("--radius-quantile", type=float, default=0.5,
                         help="entropy: the neighbourhood radius as this quantile of nearest-neighbour distances "
                              "(default 0.5)")
+    select.add_argument("--probe-lr", type=float, default=1e-5,
+                        help="donod: the learning rate of the one-step SGD probe (default 1e-5)")
+    select.add_argument("--pruned", type=Path, default=None,
+                        help="paser: the pruned model to recover (a prunekit export of --model), compared with "
+                             "the dense --model")
     select.add_argument("--text-field", default="text", help="the text field of .jsonl records (default text)")
     select.add_argument("--seed", type=int, default=0)
     select.add_argument("--run-dir", type=Path, default=None, help="keep scores there; a rerun resumes them")
@@ -43,6 +51,13 @@ def add_parser(subparsers) -> None:
 
 def _select(args: argparse.Namespace) -> int:
     from .select import report_lines, select
+    if args.method == "paser" and (args.pruned is None or args.model is None):
+        raise ValueError("--method paser compares the dense model with the pruned one: pass --model (dense) and "
+                         "--pruned DIR")
+    if args.pruned is not None and args.method != "paser":
+        raise ValueError(f"--pruned is for --method paser only, not {args.method}")
+    if not args.probe_lr > 0:
+        raise ValueError(f"--probe-lr must be positive, got {args.probe_lr}")
     model = tokenizer = None
     if args.model is not None:
         from ..io.loading import load
@@ -54,7 +69,16 @@ def _select(args: argparse.Namespace) -> int:
         raise ValueError(f"--clusters must be at least 1, got {args.clusters}")
     options = {"perplexity": {"band": args.band, "max_tokens": args.max_tokens},
                "clusters": {"max_tokens": args.max_tokens, "clusters": args.clusters},
-               "entropy": {"max_tokens": args.max_tokens, "radius_quantile": args.radius_quantile}}.get(args.method, {})
+               "entropy": {"max_tokens": args.max_tokens, "radius_quantile": args.radius_quantile},
+               "donod": {"max_tokens": args.max_tokens, "probe_lr": args.probe_lr},
+               "paser": {"max_tokens": args.max_tokens, "clusters": args.clusters}}.get(args.method, {})
+    if args.method == "paser":
+        from ..io.loading import load
+        pruned, _ = load(args.pruned, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        pruned.eval()
+        from .paser import check_models
+        check_models(model, pruned)
+        options = {**options, "pruned": pruned}
     report = select(args.source, args.method, args.budget, args.out, model=model, tokenizer=tokenizer, seed=args.seed,
                     text_field=args.text_field, run_dir=args.run_dir, options=options)
     print("\n".join(report_lines(report)))

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from . import clusters, entropy, perplexity, random as random_selector
+from . import clusters, donod, entropy, paser, perplexity, random as random_selector
 from .pool import Budget, Pool, parse_budget, write_selection
 
-SELECTORS = {"random": random_selector, "perplexity": perplexity, "clusters": clusters, "entropy": entropy}
+SELECTORS = {"random": random_selector, "perplexity": perplexity, "clusters": clusters, "entropy": entropy,
+             "donod": donod, "paser": paser}
 BATCH = 8
 
 
@@ -176,7 +177,7 @@ def select(source, method: str, budget, out, *, model=None, tokenizer=None, seed
     kept = fill(priority, lengths, budget)
     del priority                                       # a list over the whole pool: free it before the report
     written = write_selection(out, pool, set(kept), scores if hasattr(selector, "score_batch") else None, labels)
-    report = _report(method, budget, pool, scores, lengths, kept, written, options, selector,
+    report = _report(method, budget, pool, scores, lengths, kept, written, _plain(options), selector,
                      time.perf_counter() - started, tokenizer)
     if labels is not None:
         report["clusters"] = _cluster_counts(labels, kept, order_options.get("complexity"))
@@ -185,6 +186,19 @@ def select(source, method: str, budget, out, *, model=None, tokenizer=None, seed
     from ..io.atomic import write_json_atomic
     write_json_atomic(report_path(out), report)
     return report
+
+
+def _plain(options: dict) -> dict:
+    """The options a report can hold: entries that are not JSON (a model passed in, as PASER's pruned
+    model) are left out."""
+    plain = {}
+    for key, value in options.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        plain[key] = value
+    return plain
 
 
 def report_path(out) -> Path:

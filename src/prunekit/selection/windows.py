@@ -1,0 +1,42 @@
+"""Calibration selection: choose which `samples` of a larger pool of random calibration windows a pruning
+run calibrates on (`calibration: {select: METHOD, pool: N}`, `prunekit prune --calib-select METHOD`).
+
+The candidates are token windows, not texts: each is decoded to text for the selector (which scores and
+embeds text with the model, as for `prunekit data select`), and the chosen windows are returned by index,
+so the calibration tensor keeps exactly the tokens that were drawn. `clusters` spreads the windows over the
+concepts of the pool, `entropy` covers its embedding neighbourhoods, `perplexity` keeps the middle band
+(neither boilerplate nor noise), `random` is the baseline (the first `samples` of a seeded permutation).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .pool import Budget
+from .select import SELECTORS, fill, score_pool
+
+
+def select_windows(model, tokenizer, windows: Tensor, method: str, keep: int, *, seed: int = 0,
+                   options: dict | None = None) -> tuple[Tensor, str]:
+    """(indices of the `keep` chosen rows of `windows` (N, L), sorted; a line saying what was chosen)."""
+    if method not in SELECTORS:
+        raise ValueError(f"unknown calibration selection {method!r}; choose from {', '.join(SELECTORS)}")
+    if not 0 < keep < windows.shape[0]:
+        raise ValueError(f"calibration selection keeps {keep} of {windows.shape[0]} windows: the pool must be larger")
+    selector = SELECTORS[method]
+    texts = [tokenizer.decode(row.tolist()) for row in windows]
+    options = {"seed": seed, **(options or {})}
+    was_training = model.training
+    model.eval()
+    try:
+        scores, lengths, embeddings = score_pool(texts, method, model, tokenizer, options, progress=False)
+    finally:
+        model.train(was_training)
+    order_options = options if embeddings is None else {**options, "embeddings": embeddings}
+    if hasattr(selector, "order_and_labels"):
+        priority, _ = selector.order_and_labels(scores, lengths, order_options)
+    else:
+        priority = selector.order(scores, lengths, order_options)
+    kept = torch.tensor(sorted(fill(priority, lengths, Budget("samples", keep))), dtype=torch.long)
+    return kept, (f"calibration selection: {method} kept {keep} of {windows.shape[0]} candidate windows "
+                  f"(prunekit.selection.{method})")
