@@ -7,6 +7,13 @@ of the pruned model beside the dense one (`prunekit bench`: batch-1 decode, 512-
     python bench/cpu_structured.py --only flap-20 --only block-influence-20
     python bench/cpu_structured.py --model DIR --samples 2 --seqlen 32 --max-eval-tokens 256 \\
         --prompt-len 16 --new-tokens 4 --repeats 1          # tiny (tests)
+    python bench/cpu_structured.py --gen2 --no-speed --max-eval-tokens 8192 \\
+        --out bench/results/cpu_structured_gen2.json         # the second-generation methods, perplexity only
+
+Second-generation methods (run only when named with --only or selected with --gen2; the default run
+list is unchanged): width amp, bonsai; depth mka, streamline, reverse-order, at 25% and 35%.
+--no-speed skips the speed timing (for a shared machine, whose timings would not be valid): the
+table then has perplexity, parameters and prune time only.
 
 Protocol: float32 on CPU; calibration = `samples` windows of `seqlen` tokens from the offline
 default corpus (seed 0); perplexity on its held-out evaluation split at the same seqlen
@@ -35,6 +42,26 @@ RUNS = {f"{method}-{name}": (method, ratio) for name, ratio in RATIOS.items() fo
 # similarity below 0.08 (no merge passes the 0.65 threshold), so it merges pairs.
 SETTINGS = {"sleb": ["steps.0.samples=2"], "laco": ["steps.0.merge=2"]}
 
+# Second generation (arXiv 2504.21174 AMP, 2402.05406 Bonsai, 2406.16330 MKA, 2403.19135 LLM-Streamline,
+# 2411.15558 reverse-order), at the two ratios that compare with FLAP and the structure search. Kept out
+# of the default run list so that `python bench/cpu_structured.py` measures what it always did.
+GEN2_WIDTH = ("amp", "bonsai")
+GEN2_DEPTH = ("mka", "streamline", "reverse-order")
+GEN2_RATIOS = {"25": 0.25, "35": 0.35}
+GEN2_RUNS = {f"{method}-{name}": (method, ratio) for name, ratio in GEN2_RATIOS.items()
+             for method in (*GEN2_WIDTH, *GEN2_DEPTH)}
+ALL_RUNS = {**RUNS, **GEN2_RUNS}
+WIDTH_METHODS = (*WIDTH, *GEN2_WIDTH)
+# Bonsai's default is 256 sub-models, each a full forward pass with the LM head over 8 windows of 512
+# tokens: measured at 35-39 s per sub-model on the shared 2 cores (2.5 h a run), and still 10 s per
+# sub-model on 2 windows (43 min). So it measures each sub-model's loss on 2 windows (1,024 tokens) and
+# draws 128 sub-models (about 20 min); for its 990 units (heads and 64-channel groups) the regression is
+# underdetermined either way (256 or 128), so the ridge decides the rest.
+# The others run with their defaults: AMP scores in the driver's one calibration pass; MKA re-runs the
+# blocks after each merge (<= k L block forwards); streamline trains its replacement block for 200 steps
+# on 8-window chunks; reverse-order is data-free.
+SETTINGS.update({"bonsai": ["steps.0.windows=2", "steps.0.samples=128"]})
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +72,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", action="append", help=f"run only these ({', '.join(RUNS)})")
+    parser.add_argument("--only", action="append", help=f"run only these ({', '.join(ALL_RUNS)})")
+    parser.add_argument("--gen2", action="store_true",
+                        help=f"run the second-generation methods ({', '.join(GEN2_RUNS)}), with any --only")
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the speed timing (perplexity, parameters and prune time only)")
     parser.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-bench-structured"))
     parser.add_argument("--reuse", action="store_true", help="keep pruned models already in --work (re-time only)")
@@ -54,24 +85,32 @@ def main(argv=None) -> int:
 
     from prunekit.bench import benchmark
 
-    names = args.only or list(RUNS)
-    unknown = [n for n in names if n not in RUNS]
+    names = [*(args.only or []), *(n for n in GEN2_RUNS if args.gen2 and n not in (args.only or []))]
+    names = names or list(RUNS)
+    unknown = [n for n in names if n not in ALL_RUNS]
     if unknown:
-        parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+        parser.error(f"unknown runs {unknown}; choose from {', '.join(ALL_RUNS)}")
     # Prune everything first, then time all models back to back, so that the speed columns are
     # measured close together (and pruning, whose perplexity is deterministic, can share the machine).
-    rows = [{"name": "dense", "ppl": dense_perplexity(args)}]
+    ppl, dense_parameters = dense_perplexity(args)
+    rows = [{"name": "dense", "ppl": ppl}]
     for name in names:
         rows.append(prune_one(name, args))
         print(f"{name:<22} ppl {rows[-1]['ppl']:>10.2f}  params {rows[-1]['parameters'] / 1e6:6.1f}M  "
               f"prune {rows[-1]['prune_s']} s", flush=True)
-    speed = dict(batches=(1,), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, warmup=1)
-    dense = benchmark(args.model, **speed)["rows"][0]
-    rows[0].update(parameters=dense["params"], **_speed(dense, dense))
-    print(format_row(rows[0]), flush=True)
-    for row in rows[1:]:
-        row.update(_speed(benchmark(row.pop("path"), **speed)["rows"][0], dense))
-        print(format_row(row), flush=True)
+    if args.no_speed:
+        rows[0]["parameters"] = dense_parameters
+        for row in rows[1:]:
+            row.pop("path")
+    else:
+        speed = dict(batches=(1,), prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                     warmup=1)
+        dense = benchmark(args.model, **speed)["rows"][0]
+        rows[0].update(parameters=dense["params"], **_speed(dense, dense))
+        print(format_row(rows[0]), flush=True)
+        for row in rows[1:]:
+            row.update(_speed(benchmark(row.pop("path"), **speed)["rows"][0], dense))
+            print(format_row(row), flush=True)
     result = {"machine": machine(), "date": date.today().isoformat(),
               "protocol": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,23 +119,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def dense_perplexity(args) -> float:
-    """The input model's perplexity, once (each prune run skips its own dense evaluation)."""
+def dense_perplexity(args) -> tuple[float, int | None]:
+    """The input model's perplexity and parameter count, once (each prune run skips its own dense evaluation)."""
     json_path = args.work / "dense.json"
     args.work.mkdir(parents=True, exist_ok=True)
     if args.reuse and json_path.is_file():
-        return round(json.loads(json_path.read_text())["perplexity"]["ppl"], 3)
+        return _dense_from(json.loads(json_path.read_text()))
     command = [sys.executable, "-m", "prunekit", "eval", args.model, "--seqlen", str(args.seqlen),
                "--json", str(json_path)]
     if args.max_eval_tokens:
         command += ["--max-tokens", str(args.max_eval_tokens)]
     subprocess.run(command, check=True)
-    return round(json.loads(json_path.read_text())["perplexity"]["ppl"], 3)
+    return _dense_from(json.loads(json_path.read_text()))
+
+
+def _dense_from(result: dict) -> tuple[float, int | None]:
+    return round(result["perplexity"]["ppl"], 3), result.get("sparsity", {}).get("parameters")
 
 
 def prune_one(name: str, args) -> dict:
     """Prune in a fresh interpreter (the CLI, with its own evaluation) and collect the numbers."""
-    method, ratio = RUNS[name]
+    method, ratio = ALL_RUNS[name]
     out_dir = args.work / name
     json_path = args.work / f"{name}.json"
     args.work.mkdir(parents=True, exist_ok=True)
@@ -115,7 +158,7 @@ def prune_one(name: str, args) -> dict:
 
 def _row_from(name: str, method: str, ratio: float, result: dict, out_dir: Path) -> dict:
     step = result["steps"][0]
-    return {"name": name, "method": method, "kind": "width" if method in WIDTH else "depth", "requested": ratio,
+    return {"name": name, "method": method, "kind": "width" if method in WIDTH_METHODS else "depth", "requested": ratio,
             "settings": SETTINGS.get(method, []),
             "removed": round(step["removed_fraction_of_block_params"], 4),
             "removed_blocks": step.get("removed_blocks", []),
@@ -142,6 +185,13 @@ def format_row(row: dict) -> str:
 
 
 def markdown(result: dict) -> str:
+    if not any("prefill_ms" in r for r in result["rows"]):          # --no-speed
+        lines = ["| run | removed (block params) | parameters | perplexity | prune s |", "|---|---|---|---|---|"]
+        for r in result["rows"]:
+            removed = f"{r['removed']:.1%}" if "removed" in r else "-"
+            parameters = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "-"
+            lines.append(f"| {r['name']} | {removed} | {parameters} | {r['ppl']:.2f} | {r.get('prune_s', '-')} |")
+        return "\n".join(lines)
     lines = ["| run | removed (block params) | parameters | perplexity | prune s | prefill ms | decode tok/s | "
              "prefill x | decode x |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
