@@ -33,6 +33,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 BLOCKS = 16
 
 
+@pytest.fixture(autouse=True)
+def default_signal_dispositions():
+    """Every test here starts from Python's default SIGINT/SIGTERM handling (and its subprocesses inherit the
+    default dispositions), whatever an earlier test in the same pytest process left installed; restored after."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 @pytest.fixture(scope="module")
 def deep_model_dir(tiny_model_dir, tmp_path_factory):
     """16 blocks of width 384 (SparseGPT: about a quarter of a second per block on a slow core), with the
