@@ -8,7 +8,9 @@ long-context accuracy of stock generation against LazyLLM, Twilight and streamin
 
 Protocol. Speed: `prunekit.bench.benchmark` with the config as `pruning` (so every row has its own stock
 baseline, measured in the same call right before it: the ratio compares two runs minutes apart at most),
-batch 1, a prompt of context - new_tokens random token ids, `new_tokens` greedy decode steps, `warmup`
+batch 1, a prompt of context - new_tokens tokens (`--prompt text`, the default: the first tokens of the
+default corpus's held-out split, real text whose attention is not flat; `--prompt random`: random ids),
+`new_tokens` greedy decode steps, `warmup`
 discarded runs then the median of `repeats`, each model in its own process, torch threads as given.
 TTFT = the prefill's wall time (one forward over the prompt, logits of the last position only); the
 decode speed is over the steps after it; the KV cache is the bytes its tensors hold at the end.
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prompt", default="text", choices=["text", "random"], help="speed prompts (default text)")
     parser.add_argument("--window", type=int, default=256, help="streaming heads: recent entries kept")
     parser.add_argument("--accuracy-contexts", default="2048,4096", help="long-context accuracy ('none': skip)")
     parser.add_argument("--accuracy-samples", type=int, default=5)
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
             token, kv = table[name]
             result = benchmark(args.model, prompt_len=context - args.new_tokens, new_tokens=args.new_tokens,
                                repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                               pruning=to_spec(token, kv))
+                               pruning=to_spec(token, kv), prompt=args.prompt)
             rows = {row["role"]: row for row in result["rows"]}
             base, model = rows["baseline"], rows["model"]
             speed.append({"config": name, "context": context, "pruning": describe(token, kv),

@@ -179,3 +179,29 @@ def test_worker_errors_reach_the_caller(model_dirs):
 def test_cuda_unavailable_is_a_clear_error(model_dirs):
     with pytest.raises(ValueError, match="--device cuda.*CUDA is not available"):
         benchmark(str(model_dirs[0]), device="cuda")
+
+
+def test_a_text_prompt_is_the_default_corpus_held_out_text(model_dirs):
+    """--prompt text: the model is fed the first prompt_len tokens of the held-out split, in every row of a batch."""
+    from prunekit import bench
+    from prunekit.data import evaluation_data
+    from prunekit.io.loading import load
+
+    lm, tokenizer = load(str(model_dirs[0]))
+    ids = bench._text_prompt(tokenizer, 16, "dense")
+    assert torch.equal(ids[0], evaluation_data(tokenizer, "default", max_tokens=16).ids)
+    seen = []
+    lm.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    bench._measure_batch(lm, 2, 16, 2, torch.device("cpu"), repeats=1, warmup=0, seed=0, ids=ids)
+    assert seen[0].shape == (2, 16) and torch.equal(seen[0][0], ids[0]) and torch.equal(seen[0][1], ids[0])
+    out = benchmark(str(model_dirs[0]), prompt="text", **(SHAPES | {"repeats": 1, "warmup": 0}))
+    assert "held-out split of the offline default corpus" in out["protocol"]["prompt"]
+    with pytest.raises(ValueError, match="--prompt must be one of random, text"):
+        benchmark(str(model_dirs[0]), prompt="corpus")
+    with pytest.raises(ValueError, match="fewer than --prompt-len"):
+        bench._text_prompt(tokenizer, 10**7, "dense")
+
+
+def test_llama_cpp_refuses_a_text_prompt(model_dirs):
+    with pytest.raises(ValueError, match="--prompt text applies to --runtime transformers"):
+        _cli([str(model_dirs[0]), "--runtime", "llama.cpp", "--prompt", "text"])

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("prunekit")
 
 PROMPT_SEED = 0
+PROMPTS = ("random", "text")
 ROLES = ("baseline", "model")
 # Errors a worker reports that are re-raised as the same type (the user's input was wrong);
 # anything else becomes a RuntimeError carrying the worker's error.
@@ -92,8 +93,12 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
               batches: Sequence[int] = (1,), prompt_len: int = 512, new_tokens: int = 128,
               device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
               threads: int | None = None, trust_remote_code: bool = False,
-              pruning: dict | None = None) -> dict[str, Any]:
+              pruning: dict | None = None, prompt: str = "random") -> dict[str, Any]:
     """Benchmark `model_or_dir` (and `baseline` first, when given); return JSON-able data.
+
+    `prompt` "random" (default): uniform random token ids; "text": the first tokens of the held-out split of
+    the offline default corpus in the model's tokenizer (real text: what token and KV pruning at inference
+    select from; random ids give flat attention, on which their ratios mean little).
 
     `pruning` (`prunekit.inference.cli.to_spec`: token and KV pruning at inference) runs the model under
     `prunekit.inference.pruning`; without a `baseline` the baseline is then the same model, stock.
@@ -120,6 +125,8 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
             raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+    if prompt not in PROMPTS:
+        raise ValueError(f"--prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
     dev = _check_device(device)
     resolve_dtype(dtype)  # ValueError for an unknown dtype, before any model is loaded
     if pruning and baseline is None:
@@ -130,7 +137,7 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
 
     spec = {"batches": list(batches), "prompt_len": prompt_len, "new_tokens": new_tokens,
             "device": str(dev), "dtype": dtype, "repeats": repeats, "warmup": warmup,
-            "threads": threads, "seed": PROMPT_SEED, "trust_remote_code": trust_remote_code}
+            "threads": threads, "seed": PROMPT_SEED, "trust_remote_code": trust_remote_code, "prompt": prompt}
     # Other processes on the machine distort every time measured here; the protocol records how busy it was.
     load_before = load_average()
     measured = {}
@@ -161,7 +168,10 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
         "new_tokens": new_tokens,
         "warmup": warmup,
         "repeats": repeats,
-        "prompt": f"uniform random token ids, torch.Generator seed {PROMPT_SEED}, same for every model",
+        "prompt": (f"uniform random token ids, torch.Generator seed {PROMPT_SEED}, same for every model"
+                   if prompt == "random" else
+                   "the first prompt_len tokens of the held-out split of the offline default corpus (prunekit.data), "
+                   "each model's own tokenizer, the same text in every row of a batch"),
         "prefill": "one forward over prompt_len tokens, use_cache=True; logits of the last position only "
                    "where the model accepts logits_to_keep (row field prefill_logits_to_keep)",
         "decode": "new_tokens greedy steps of 1 token with the model's default KV cache; a plain loop, no generate()",
@@ -285,6 +295,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     parser.add_argument("--prompt-len", type=int, default=512, help="prefill tokens per sequence (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps (default 128)")
+    parser.add_argument("--prompt", default="random", choices=list(PROMPTS),
+                        help="transformers: random token ids (default) or text: the default corpus's held-out "
+                             "text (what inference-time pruning selects from)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
@@ -328,7 +341,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         result = benchmark(args.model, baseline=args.baseline, batches=parse_batches(args.batch),
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
                            dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                           trust_remote_code=args.trust_remote_code, pruning=pruning)
+                           trust_remote_code=args.trust_remote_code, pruning=pruning, prompt=args.prompt)
         print(format_table(result))
     if args.json:
         write_json_atomic(args.json, result)
@@ -366,6 +379,9 @@ def _check_llama_cpp_flags(args: argparse.Namespace) -> None:
     if args.dtype != "float32":
         raise ValueError(f"--runtime llama.cpp takes the GGUF file's weight types (--outtype when it converts); "
                          f"--dtype {args.dtype} applies to --runtime transformers")
+    if getattr(args, "prompt", "random") != "random":
+        raise ValueError("--runtime llama.cpp times prompts of random token ids; --prompt text applies to "
+                         "--runtime transformers")
 
 
 def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
@@ -399,7 +415,8 @@ def _worker_main(spec_json: str, out_path: str) -> int:
 
 def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: int, device: str, dtype: str,
                    repeats: int, warmup: int, threads: int | None, seed: int,
-                   trust_remote_code: bool = False, pruning: dict | None = None) -> dict[str, Any]:
+                   trust_remote_code: bool = False, pruning: dict | None = None,
+                   prompt: str = "random") -> dict[str, Any]:
     """Load one model and measure every batch size; ``{"info", "measurements", "torch_threads",
     "memory_method"}``. With `pruning`, every run is under `prunekit.inference.pruning` with its own cache."""
     import torch
@@ -410,6 +427,7 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
         torch.set_num_threads(threads)
     dev = torch.device(device)
     lm, tokenizer = load(model, dtype=dtype, device=device, place=True, trust_remote_code=trust_remote_code)
+    ids = _text_prompt(tokenizer, prompt_len, model) if prompt == "text" else None
     if pruning:
         from contextlib import ExitStack
 
@@ -419,12 +437,25 @@ def _measure_model(model: str, batches: list[int], prompt_len: int, new_tokens: 
         with ExitStack() as stack:
             state = stack.enter_context(inference_pruning(lm, token, kv, tokenizer=tokenizer))
             return _measure_loaded(lm, model, batches, prompt_len, new_tokens, dev, repeats, warmup, seed,
-                                   state.new_cache)
-    return _measure_loaded(lm, model, batches, prompt_len, new_tokens, dev, repeats, warmup, seed, None)
+                                   state.new_cache, ids)
+    return _measure_loaded(lm, model, batches, prompt_len, new_tokens, dev, repeats, warmup, seed, None, ids)
+
+
+def _text_prompt(tokenizer, prompt_len: int, model: str):
+    """The first `prompt_len` tokens of the default corpus's held-out split, (1, prompt_len)."""
+    from prunekit.data import evaluation_data
+
+    if tokenizer is None:
+        raise ValueError(f"--prompt text needs a tokenizer and {model} has none; use --prompt random")
+    ids = evaluation_data(tokenizer, "default", max_tokens=prompt_len).ids
+    if ids.numel() < prompt_len:
+        raise ValueError(f"--prompt text: the default corpus's held-out split has {ids.numel()} tokens in this "
+                         f"tokenizer, fewer than --prompt-len {prompt_len}; lower it or use --prompt random")
+    return ids.view(1, -1)
 
 
 def _measure_loaded(lm, model: str, batches, prompt_len: int, new_tokens: int, dev, repeats: int, warmup: int,
-                    seed: int, new_cache) -> dict[str, Any]:
+                    seed: int, new_cache, ids=None) -> dict[str, Any]:
     import torch
     info = _model_info(lm)
     limit = getattr(lm.config, "max_position_embeddings", None)
@@ -432,7 +463,7 @@ def _measure_loaded(lm, model: str, batches, prompt_len: int, new_tokens: int, d
         raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the "
                          f"{limit} positions of {model}")
     memory_method = _reset_peak_memory(dev)
-    measurements = [_measure_batch(lm, batch, prompt_len, new_tokens, dev, repeats, warmup, seed, new_cache)
+    measurements = [_measure_batch(lm, batch, prompt_len, new_tokens, dev, repeats, warmup, seed, new_cache, ids)
                     for batch in batches]
     return {"info": info, "measurements": measurements, "torch_threads": torch.get_num_threads(),
             "memory_method": memory_method}
@@ -455,13 +486,17 @@ def _model_info(lm: torch.nn.Module) -> dict[str, Any]:
 
 
 def _measure_batch(lm, batch: int, prompt_len: int, new_tokens: int, dev: torch.device,
-                   repeats: int, warmup: int, seed: int, new_cache=None) -> dict[str, Any]:
-    """`warmup` untimed runs, then `repeats` timed ones; times in seconds, peak memory in bytes."""
+                   repeats: int, warmup: int, seed: int, new_cache=None, ids=None) -> dict[str, Any]:
+    """`warmup` untimed runs, then `repeats` timed ones; times in seconds, peak memory in bytes. `ids`
+    (1, prompt_len): the prompt (repeated per row); None: random ids from `seed`."""
     import torch
 
-    vocab = lm.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(dev)  # (batch, prompt_len)
+    if ids is not None:
+        prompt = ids.expand(batch, -1).contiguous().to(dev)                        # (batch, prompt_len)
+    else:
+        vocab = lm.get_input_embeddings().num_embeddings
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(dev)  # (batch, prompt_len)
     # Prefill only needs the last position's logits to pick the first new token.
     prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
     for _ in range(warmup):
