@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_CONFIGS, llama, tiny_model
 from prunekit.inference import LazyLLMConfig, StreamingConfig, TwilightConfig
 from prunekit.inference.generation import pruning
-from prunekit.inference.kv import StreamingLayer, calibrate_streaming, top_p_mask
+from prunekit.inference.kv import KVPruning, StreamingLayer, calibrate_streaming, top_p_mask
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -37,6 +37,8 @@ KEEP_ALL = {
     "twilight top_p=1": dict(kv_pruning=TwilightConfig(top_p=1.0)),
     "streaming heads=0": dict(kv_pruning=StreamingConfig(heads=0.0)),
     "all heads streaming, window > context": dict(kv_pruning=StreamingConfig(sink=4, window=512, heads=1.0)),
+    "twilight quest, every page a candidate": dict(kv_pruning=TwilightConfig(top_p=1.0, selector="quest", page=8,
+                                                                            candidates=1.0)),
     "twilight + streaming": dict(kv_pruning=[TwilightConfig(top_p=1.0), StreamingConfig(sink=2, window=512,
                                                                                         heads=1.0)]),
 }
@@ -67,6 +69,46 @@ def test_twilight_attends_to_fewer_entries_and_reports_how_many():
     with pruning(model, kv_pruning=TwilightConfig(top_p=0.5, sink=0, window=0)) as state:
         greedy(model, prompt(), new=4)
     assert 0 < state.mechanisms[0].kept_fraction < 0.9
+
+
+def test_quest_page_bounds_hold_every_score_and_grow_with_the_cache():
+    kv = KVPruning([TwilightConfig(selector="quest", page=4)])
+    key = torch.randn(1, 2, 22, 8, generator=torch.Generator().manual_seed(0))
+    query = torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(1))
+    for length in (4, 9, 16, 22):                    # incremental: earlier pages are reused, new ones added
+        lo, hi = kv._page_bounds(key[:, :, :length], length // 4, layer=0)
+    fresh = KVPruning([TwilightConfig(selector="quest", page=4)])._page_bounds(key, 5, layer=0)
+    assert torch.equal(lo, fresh[0]) and torch.equal(hi, fresh[1]) and lo.shape == (1, 2, 5, 8)
+    bound = query.clamp(min=0) @ hi.transpose(-1, -2) + query.clamp(max=0) @ lo.transpose(-1, -2)   # (1, 2, 3, 5)
+    scores = (query @ key[:, :, :20].transpose(-1, -2)).view(1, 2, 3, 5, 4)
+    assert (bound + 1e-5 >= scores.amax(-1)).all()
+    one = KVPruning([TwilightConfig(selector="quest", page=1)])._page_bounds(key, 22, layer=0)
+    assert torch.allclose(query.clamp(min=0) @ one[1].transpose(-1, -2) + query.clamp(max=0) @ one[0].transpose(-1, -2),
+                          query @ key.transpose(-1, -2), atol=1e-5)   # a page of one entry: the bound is the score
+
+
+def test_quest_passes_the_page_the_query_points_at_plus_sink_window_and_tail():
+    key = torch.full((1, 1, 18, 2), -1.0)                # 4 pages of 4 and a partial page of 2
+    key[:, :, 8:12] = torch.tensor([3.0, 3.0])            # page 2 is the one the query points at
+    value = torch.arange(18.0).view(1, 1, 18, 1).expand(1, 1, 18, 2)
+    query = torch.ones(1, 1, 1, 2)
+    kv = KVPruning([TwilightConfig(top_p=1.0, sink=0, window=0, selector="quest", page=4, candidates=0.25)])
+    keys, values = kv._candidates(query, key, value, layer=0)
+    assert values[0, 0, :, 0].tolist() == [8, 9, 10, 11, 16, 17]             # page 2, then the partial page
+    kv = KVPruning([TwilightConfig(top_p=1.0, sink=1, window=6, selector="quest", page=4, candidates=0.25)])
+    keys, values = kv._candidates(query, key, value, layer=0)
+    assert values[0, 0, :, 0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]   # + sink, window pages
+
+
+def test_quest_reads_fewer_entries_and_counts_them_against_the_whole_cache():
+    model = llama(num_hidden_layers=2)
+    with pruning(model, kv_pruning=TwilightConfig(top_p=1.0, sink=0, window=0, selector="quest", page=4,
+                                                  candidates=0.25)) as state:
+        greedy(model, prompt(64), new=4)
+    assert 0.2 < state.mechanisms[0].kept_fraction < 0.4     # a quarter of the pages + the partial page
+    for bad in (dict(selector="pages"), dict(page=0), dict(candidates=0.0), dict(candidates=1.5)):
+        with pytest.raises(ValueError):
+            TwilightConfig(**bad)
 
 
 def test_a_streaming_layer_keeps_sink_and_window_and_counts_every_token():

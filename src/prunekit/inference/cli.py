@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser, prompt: bool = True) -> None:
                             "or both: twilight,streaming")
     group.add_argument("--top-p", type=float, default=None, help="twilight: attention mass kept per head "
                                                                  "(default 0.95)")
+    group.add_argument("--selector", choices=["exact", "quest"], default=None,
+                       help="twilight: candidates scored exactly (default) or by Quest's page bounds (reads less)")
+    group.add_argument("--page", type=int, default=None,
+                       help="twilight --selector quest: entries per page (default 16)")
+    group.add_argument("--candidates", type=float, default=None,
+                       help="twilight --selector quest: share of pages passed to top-p (default 0.25)")
     group.add_argument("--sink", type=int, default=None, help="streaming/twilight: first entries always kept "
                                                               "(default 4)")
     group.add_argument("--window", type=int, default=None, help="streaming: last entries a streaming head keeps "
@@ -54,12 +60,12 @@ def configs_from_args(args) -> tuple:
         raise ValueError(f"--kv-pruning takes {', '.join(KV_METHODS)} (comma-separated for both); got {unknown}")
     kv = []
     if "twilight" in methods:
-        options = _given(args, ("top_p", "sink"))
+        options = _given(args, ("top_p", "sink", "selector", "page", "candidates"))
         if "streaming" not in methods and args.window is not None:
             options["window"] = args.window
         kv.append(TwilightConfig(**options))
-    elif args.top_p is not None:
-        raise ValueError("--top-p sets up Twilight: add --kv-pruning twilight")
+    elif _given(args, ("top_p", "selector", "page", "candidates")):
+        raise ValueError("--top-p, --selector, --page and --candidates set up Twilight: add --kv-pruning twilight")
     if "streaming" in methods:
         kv.append(StreamingConfig(**_given(args, ("sink", "window", "heads"))))
     elif args.heads is not None:

@@ -49,13 +49,27 @@ class LazyLLMConfig:
 @dataclass(frozen=True)
 class TwilightConfig:
     """At each decode step, per head, attend only to the smallest set of cached entries whose softmax mass
-    reaches `top_p`; the first `sink` and the last `window` entries are always kept."""
+    reaches `top_p`; the first `sink` and the last `window` entries are always kept.
+
+    `selector` says where the candidates come from: "exact" scores every cached entry (the selection bounds
+    what a step attends to but reads the whole cache); "quest" (Quest, arXiv 2406.10774, the base selector
+    Twilight is evaluated on) keeps per page of `page` entries the elementwise min and max of the keys, bounds
+    each page's score from them, and passes the `candidates` share of pages with the highest bounds (plus the
+    sink and window pages) to the top-p step: a step then reads the page bounds and the candidate pages only."""
     top_p: float = 0.95
     sink: int = 4
     window: int = 64
+    selector: str = "exact"
+    page: int = 16
+    candidates: float = 0.25
 
     def __post_init__(self):
         _fraction("top_p", self.top_p)
+        if self.selector not in ("exact", "quest"):
+            raise ValueError(f"selector must be exact or quest, got {self.selector!r}")
+        if not isinstance(self.page, int) or isinstance(self.page, bool) or self.page < 1:
+            raise ValueError(f"page must be a number of cache entries >= 1, got {self.page!r}")
+        _fraction("candidates", self.candidates)
         for name in ("sink", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -3,10 +3,18 @@
 Twilight (Lin et al., arXiv 2502.02770). A fixed top-k of cached entries is too many for a head whose
 attention is concentrated and too few for a flat one; Twilight keeps, per head and per step, the smallest
 set of entries whose softmax mass reaches `top_p`, and attends over that set only (the softmax
-renormalised over it). It runs on top of any selector's candidates; the selector here is every cached
-entry with its exact score (the paper estimates scores from 4-bit keys on a GPU kernel), so on this path
-the selection saves no arithmetic: it bounds what the step attends to, and `KVPruning.kept_fraction`
-reports how much of the cache that was. The first `sink` and the last `window` entries are always kept.
+renormalised over it). It runs on top of a selector's candidates. With `selector="exact"` every cached
+entry is a candidate with its exact score, so the selection saves no arithmetic: it bounds what the step
+attends to, and `KVPruning.kept_fraction` reports how much of the cache that was. With `selector="quest"`
+(Quest, Tang et al., arXiv 2406.10774, one of the selectors Twilight's paper builds on) the cache is read in
+pages of `page` entries: each page keeps the elementwise min and max of its keys, so q . k <= sum_d
+max(q_d min_d, q_d max_d) bounds every score in the page from 2 vectors; the `candidates` share of pages
+with the highest bound (the maximum over the query heads of a KV group, which share their entries), plus the
+pages holding the sink and the window, are gathered and scored exactly, and Twilight's top-p runs on them.
+A decode step then reads the page bounds (2/page of the keys) and the candidate pages, not the whole cache:
+that is where its time goes at long contexts. The top-p step itself still multiplies every candidate's value
+(its weight may be 0): on a CPU the selector saves the reads, the top-p bounds the attention.
+The first `sink` and the last `window` entries are always kept.
 
 Streaming heads (LServe, Yang et al., arXiv 2502.14866, after DuoAttention). Some heads attend to the
 first few tokens (sinks) and to the recent ones only, whatever the context; they can keep a constant
@@ -19,6 +27,8 @@ head's cache holds only its sink and window entries (`StreamingLayer`, the memor
 its decode steps attend over them. Sliding-window layers (Gemma 3) are already bounded and stay as they are.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +114,13 @@ class KVPruning:
     def __init__(self, configs: list, calibration: Tensor | None = None):
         self.twilight = next((c for c in configs if isinstance(c, TwilightConfig)), None)
         self.streaming = next((c for c in configs if isinstance(c, StreamingConfig)), None)
-        self.owns_cache = self.streaming is not None and self.streaming.heads > 0
+        self.quest = self.twilight is not None and self.twilight.selector == "quest"
+        # streaming heads need their own cache layers; Quest's page bounds belong to one cache, so a new cache
+        # (one per generation) is where they start again
+        self.streams = self.streaming is not None and self.streaming.heads > 0
+        self.owns_cache = self.streams or self.quest
         self.calibration = calibration
+        self.bounds: dict[int, tuple[Tensor, Tensor]] = {}   # layer -> per-page key min, max (B, Hkv, pages, D)
         self.heads: dict[int, Tensor] = {}         # layer -> streaming KV heads (bool)
         self.layers: dict[int, StreamingLayer] = {}
         self.kept, self.seen = 0, 0                # Twilight: entries attended / entries cached, summed
@@ -115,10 +130,10 @@ class KVPruning:
         return self.kept / self.seen if self.seen else None
 
     def enter(self, model: nn.Module) -> None:
-        if self.owns_cache and not self.heads and self.streaming.heads == 1:
+        if self.streams and not self.heads and self.streaming.heads == 1:
             kv = model.config.num_key_value_heads or model.config.num_attention_heads
             self.heads = {i: torch.ones(kv, dtype=torch.bool) for i in full_attention_layers(model.config)}
-        elif self.owns_cache and not self.heads:
+        elif self.streams and not self.heads:
             if self.calibration is None:
                 raise ValueError("streaming heads are chosen by a calibration pass: pass calibration ids (or a "
                                  "tokenizer to `generate`, which takes them from the default corpus)")
@@ -128,7 +143,7 @@ class KVPruning:
         self.layers = {}
 
     def prepare_cache(self, cache) -> None:
-        self.layers = {}
+        self.layers, self.bounds = {}, {}
         for index, stream in self.heads.items():
             if bool(stream.any()) and not cache.layers[index].is_sliding:
                 cache.layers[index] = self.layers[index] = StreamingLayer(stream, self.streaming.sink,
@@ -144,11 +159,12 @@ class KVPruning:
         if layer is None:
             if self.twilight is None:
                 return None
-            out = self._select(grouped, key, value, scaling)
+            out = self._select(grouped, key, value, scaling, module.layer_idx)
         else:
             out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
             full, stream = layer.full_index, layer.stream_index
-            out[:, full] = self._select(grouped[:, full], layer.keys, layer.values, scaling) if self.twilight \
+            out[:, full] = self._select(grouped[:, full], layer.keys, layer.values, scaling, module.layer_idx) \
+                if self.twilight \
                 else self._dense(grouped[:, full], layer.keys, layer.values, scaling)
             out[:, stream] = self._dense(grouped[:, stream], layer.stream_keys, layer.stream_values, scaling)
         return out.reshape(batch, 1, heads, dim), None
@@ -157,15 +173,56 @@ class KVPruning:
     def _dense(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
         return F.scaled_dot_product_attention(query, key, value, scale=scaling)
 
-    def _select(self, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
-        probs = _grouped_probs(query, key, scaling)
+    def _select(self, query: Tensor, key: Tensor, value: Tensor, scaling: float, layer: int) -> Tensor:
         cfg = self.twilight
+        cached = key.shape[-2]
+        if self.quest and cached // cfg.page > 0:
+            key, value = self._candidates(query, key, value, layer)
+        probs = _grouped_probs(query, key, scaling)
         keep = top_p_mask(probs, cfg.top_p, cfg.sink, cfg.window)
         self.kept += int(keep.sum())
-        self.seen += keep.numel()
+        self.seen += keep.numel() // key.shape[-2] * cached
         weights = probs * keep
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return torch.matmul(weights, value.float()).to(query.dtype)
+
+    def _candidates(self, query: Tensor, key: Tensor, value: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """Quest: the candidate entries of each KV head (B, Hkv, C, D), in cache order: the pages with the
+        highest score bound, the pages holding the sink and the window, and the partial page at the end."""
+        cfg, page = self.twilight, self.twilight.page
+        batch, heads, cached, dim = key.shape
+        pages = cached // page
+        lo, hi = self._page_bounds(key, pages, layer)                                 # (B, Hkv, pages, D)
+        q = query.float()                                                              # (B, Hkv, g, D)
+        bound = q.clamp(min=0) @ hi.transpose(-1, -2) + q.clamp(max=0) @ lo.transpose(-1, -2)   # (B, Hkv, g, pages)
+        bound = bound.amax(dim=2)                                                      # (B, Hkv, pages)
+        forced = torch.zeros(pages, dtype=torch.bool, device=key.device)
+        forced[:math.ceil(cfg.sink / page)] = True                                     # pages holding the sink
+        if cfg.window:
+            forced[max(0, (cached - cfg.window) // page):] = True                      # ... and the window
+        count = min(pages, int(forced.sum()) + math.ceil(cfg.candidates * pages))
+        chosen = bound.masked_fill(forced, float("inf")).topk(count, dim=-1).indices.sort(dim=-1).values
+        index = chosen[..., None, None].expand(batch, heads, count, page, dim)         # (B, Hkv, count, page, D)
+
+        def gather(x: Tensor) -> Tensor:
+            paged = x[:, :, :pages * page].reshape(batch, heads, pages, page, dim)
+            picked = paged.gather(2, index).reshape(batch, heads, count * page, dim)
+            return torch.cat([picked, x[:, :, pages * page:]], dim=2)
+
+        return gather(key), gather(value)
+
+    def _page_bounds(self, key: Tensor, pages: int, layer: int) -> tuple[Tensor, Tensor]:
+        """Per page, the elementwise min and max of its keys (float32); pages already summarised are kept,
+        so a decode step reads only the keys of the pages completed since the last one."""
+        page = self.twilight.page
+        lo, hi = self.bounds.get(layer, (None, None))
+        done = 0 if lo is None or lo.shape[:2] != key.shape[:2] or lo.shape[2] > pages else lo.shape[2]
+        if done < pages:
+            new = key[:, :, done * page:pages * page].float().reshape(*key.shape[:2], pages - done, page, -1)
+            lo = new.amin(dim=3) if done == 0 else torch.cat([lo, new.amin(dim=3)], dim=2)
+            hi = new.amax(dim=3) if done == 0 else torch.cat([hi, new.amax(dim=3)], dim=2)
+            self.bounds[layer] = (lo, hi)
+        return lo, hi
 
 
 def full_attention_layers(config) -> list[int]:
