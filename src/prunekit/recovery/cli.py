@@ -16,6 +16,13 @@ be given in tokens (--tokens N instead of --steps), its memory floor is printed 
 pruning the block pairs come from the removed_blocks DIR/prunekit.json records) and
 --gradient-checkpointing trades compute for activation memory.
 
+--data-select METHOD --budget B trains only on what a data selector (prunekit data select's methods,
+scored with the model being recovered) keeps of --data: the kept samples are packed into windows; with
+qtuning (arXiv 2509.23873) the tokens it prunes are left out of the loss (never out of the input). The
+selection (method, budget, tokens kept) goes into the report and prunekit.json. --light-peft (lora, kd)
+prunes whole adapter modules and ranks after --light-peft-steps early steps (Light-PEFT, arXiv 2406.03792;
+see light_peft.py) and reports the trainable parameters before and after.
+
 Checkpoints go to --run-dir (default: OUT.checkpoints next to OUT) every --checkpoint-every
 steps; --resume continues from there. After a successful export the checkpoint is deleted unless
 --keep-checkpoints.
@@ -62,6 +69,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "depth-pruned model, distilled from --teacher's logits (Minitron, arXiv 2407.14679); "
                         "partial: only the last --blocks decoder blocks, the final norm and the LM head "
                         "(arXiv 2411.15558; after depth pruning)")
+    p.add_argument("--data-select", metavar="METHOD",
+                   help="train only on what this data selector keeps of --data (random, perplexity, clusters, "
+                        "entropy, donod, qtuning; scored with DIR's model); needs --budget")
+    p.add_argument("--budget", help="--data-select: how much it keeps, a fraction (0.2), N samples or N tokens")
     p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     p.add_argument("--tokens", type=int, metavar="N",
                    help="distill: the training budget in tokens instead of --steps: ceil(N / (batch size x seqlen)) "
@@ -73,6 +84,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--rslora", action="store_const", const=True, default=None,
                       help="rank-stabilised scale alpha/sqrt(rank) instead of alpha/rank")
     lora.add_argument("--dropout", type=float, help="dropout on the adapters' input (default 0)")
+    lora.add_argument("--light-peft", action="store_true",
+                      help="Light-PEFT early pruning (arXiv 2406.03792): after --light-peft-steps steps, remove the "
+                           "least important adapter modules and ranks and train the smaller adapters on")
+    lora.add_argument("--light-peft-steps", type=int, help="Light-PEFT: early steps before pruning (default 20)")
+    lora.add_argument("--light-peft-modules", type=float,
+                      help="Light-PEFT: share of adapter modules removed whole (default 0.25)")
+    lora.add_argument("--light-peft-ranks", type=float,
+                      help="Light-PEFT: share of each kept module's ranks removed (default 0.5)")
     kd = p.add_argument_group("distillation (kd, router-kd, expert-kd, distill)")
     kd.add_argument("--teacher", help="the model before pruning (default: the source recorded in DIR/prunekit.json)")
     kd.add_argument("--temperature", type=float, help="kd, router-kd, distill: softmax temperature (default 1)")
@@ -177,6 +196,8 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     from .train import CHECKPOINT, format_summary, recovery_windows
 
     cfg = config_from_args(args)
+    light_peft = _light_peft_from_args(args, cfg)
+    _check_data_select(args, cfg)
     model_dir = Path(args.model).expanduser()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {args.model} (recover takes a local checkpoint "
@@ -204,7 +225,13 @@ def run_recover_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"{model_dir} has no tokenizer, so --data text cannot become tokens; save the model's "
                          "tokenizer next to it (tokenizer.save_pretrained(DIR))")
     seqlen = _seqlen(model.config, cfg.seqlen)
-    windows = recovery_windows(tokenizer, cfg, args.data, seqlen=seqlen, seed=cfg.seed)
+    loss_mask = selection = None
+    if args.data_select:
+        from .train import selected_windows
+        windows, loss_mask, selection = selected_windows(model, tokenizer, args.data, args.data_select, args.budget,
+                                                         seqlen=seqlen, seed=cfg.seed, progress=not args.no_progress)
+    else:
+        windows = recovery_windows(tokenizer, cfg, args.data, seqlen=seqlen, seed=cfg.seed)
     teacher = None
     if teacher_name is not None:
         teacher, _ = load(teacher_name, dtype=args.dtype, allow_pickle=args.allow_pickle,
@@ -212,10 +239,13 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     if cfg.objective == "distill":
         cfg = _distill_setup(cfg, model_dir, model, teacher, int(windows.shape[1]), device)
 
+    extra = {key: value for key, value in (("loss_mask", loss_mask), ("light_peft", light_peft)) if value is not None}
     report = get_method(args.method).fn(model, cfg, windows, teacher=teacher, run_dir=run_dir, resume=args.resume,
-                                        device=device, progress=not args.no_progress)
+                                        device=device, progress=not args.no_progress, **extra)
     report["data"] = {"source": str(args.data), "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                       "seed": cfg.seed}
+    if selection is not None:
+        report["data"]["selection"] = selection
     report["teacher"] = teacher_name
     report["input"] = str(model_dir)
 
@@ -235,6 +265,49 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, report)
     return 0
+
+
+LIGHT_PEFT_FLAGS = ("light_peft_steps", "light_peft_modules", "light_peft_ranks")
+
+
+def _light_peft_from_args(args, cfg):
+    """The `light_peft.LightPeftConfig` of --light-peft and its flags, or None."""
+    values = {name.removeprefix("light_peft_"): getattr(args, name, None) for name in LIGHT_PEFT_FLAGS}
+    values = {key: value for key, value in values.items() if value is not None}
+    if not getattr(args, "light_peft", False):
+        if values:
+            raise ValueError(f"--light-peft-{next(iter(values))} needs --light-peft")
+        return None
+    if cfg.trains != "lora":
+        raise ValueError(f"--light-peft prunes LoRA adapters; --method {args.method} trains none (use lora or kd)")
+    from .light_peft import LightPeftConfig
+    return LightPeftConfig(**values)
+
+
+def _check_data_select(args, cfg) -> None:
+    """--data-select / --budget: both or neither; what a selection cannot do is refused before any loading."""
+    method, budget = getattr(args, "data_select", None), getattr(args, "budget", None)
+    if method is None:
+        if budget is not None:
+            raise ValueError("--budget sizes a data selection: give --data-select METHOD with it")
+        return
+    if budget is None:
+        raise ValueError(f"--data-select {method} needs --budget (a fraction such as 0.2, N samples or N tokens)")
+    from ..selection.pool import parse_budget
+    from ..selection.select import SELECTORS
+    if method not in SELECTORS:
+        close = difflib.get_close_matches(method, list(SELECTORS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown --data-select method {method!r}.{hint} Use one of: {', '.join(SELECTORS)}")
+    parse_budget(budget)            # a budget of 0 or a malformed one fails here
+    if args.samples is not None:
+        raise ValueError("--samples draws random windows; with --data-select the --budget decides the training data: "
+                         "drop --samples")
+    if method == "qtuning" and cfg.objective != "lm":
+        raise ValueError(f"--data-select qtuning prunes tokens from the next-token loss; --method {args.method} trains "
+                         "on the teacher's distributions: use --method lora or perp, or another selector")
+    if cfg.objective == "distill" and getattr(cfg, "tokens", None) is not None:
+        raise ValueError("--tokens sets distill's budget from random windows; with --data-select give --steps")
 
 
 def _distill_setup(cfg, model_dir: Path, model, teacher, seqlen: int, device):

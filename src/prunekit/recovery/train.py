@@ -46,6 +46,11 @@ Every exact zero counts, whether pruning made it or chance did: the check cannot
 (masked LoRA holds every zero the same way), and holding the few chance zeros of a dense model
 costs nothing measurable. A failed or interrupted run leaves the model as it was given
 (adapters discarded, trained tensors restored).
+
+Two optional inputs of `recover_`: `loss_mask` (beside the windows: the next-token targets that count, from a
+data selection's token pruning, see `selected_windows` and `prunekit.selection.qtuning`) and `light_peft`
+(`light_peft.py`: after a few early steps, whole adapter modules and single ranks are pruned and the smaller
+adapters train on; not resumable).
 """
 from __future__ import annotations
 
@@ -335,6 +340,15 @@ def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def masked_next_token_loss(logits: Tensor, ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Mean cross-entropy over the targets that count: ids[:, t] for t >= 1 where loss_mask[:, t] is True
+    (a token left out still feeds the positions after it; it is only not a target). 0 (with a gradient) when
+    no target of the batch counts.  logits (b, L, V), ids and loss_mask (b, L)."""
+    counted = loss_mask[:, 1:].flatten().to(logits.device)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return torch.where(counted, nll, 0.0).sum() / counted.sum().clamp(min=1)
+
+
 def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over positions.  (b, L, V) each.
 
@@ -357,11 +371,12 @@ def expert_kd_terms(model: nn.Module, ids: Tensor, distiller) -> tuple[Tensor, T
 
 
 def objective(model: nn.Module, ids: Tensor, cfg: RecoverConfig, teacher: nn.Module | None,
-              distiller=None) -> Tensor:
+              distiller=None, loss_mask: Tensor | None = None) -> Tensor:
     """The loss one batch of windows contributes (the thing the optimizer minimises).
 
     distiller: expert-kd's `moe.ExpertDistillation` (its hooks installed, `weight` = lambda); for
-    objective "distill", the config's session (`distill.DistillSession`), which computes the loss."""
+    objective "distill", the config's session (`distill.DistillSession`), which computes the loss.
+    loss_mask: (b, L) bool, the targets that count in the next-token loss (objective "lm" only; None: all)."""
     if cfg.objective == "distill":
         return distiller.objective(model, ids, cfg, teacher)
     if cfg.objective == "expert-kd":
@@ -369,7 +384,7 @@ def objective(model: nn.Module, ids: Tensor, cfg: RecoverConfig, teacher: nn.Mod
         return ce + distiller.weight * expert
     logits = model(input_ids=ids, use_cache=False).logits
     if cfg.objective != "kd":
-        return next_token_loss(logits, ids)
+        return next_token_loss(logits, ids) if loss_mask is None else masked_next_token_loss(logits, ids, loss_mask)
     with torch.no_grad():
         teacher_logits = teacher(input_ids=ids, use_cache=False).logits
     loss = distillation_loss(logits, teacher_logits, cfg.temperature)
@@ -397,13 +412,14 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def probe_loss(model: nn.Module, windows: Tensor, cfg: RecoverConfig, teacher: nn.Module | None,
-               device: torch.device, distiller=None) -> float:
+               device: torch.device, distiller=None, loss_mask: Tensor | None = None) -> float:
     """The objective on the first PROBE_WINDOWS windows, no dropout (the same before and after)."""
     probe = windows[:PROBE_WINDOWS]
     total = 0.0
     for start in range(0, len(probe), cfg.batch_size):
         batch = probe[start:start + cfg.batch_size].to(device)
-        total += float(objective(model, batch, cfg, teacher, distiller)) * len(batch)
+        mask = loss_mask[start:start + cfg.batch_size].to(device) if loss_mask is not None else None
+        total += float(objective(model, batch, cfg, teacher, distiller, mask)) * len(batch)
     return total / len(probe)
 
 
@@ -429,10 +445,13 @@ def balanced_expert_weight(model: nn.Module, windows: Tensor, cfg: RecoverConfig
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def _identity(cfg: RecoverConfig, windows: Tensor, masks: dict[str, Tensor], params: dict[str, Tensor]) -> dict:
+def _identity(cfg: RecoverConfig, windows: Tensor, masks: dict[str, Tensor], params: dict[str, Tensor],
+              loss_mask: Tensor | None = None) -> dict:
     """What must match for a checkpoint to continue this run (steps may grow; the rest may not)."""
     from ..registry import method_for_config
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in cfg.run_only}
+    if loss_mask is not None:      # a data selection's loss mask is part of the data
+        settings["loss_mask_sha256"] = hashlib.sha256(loss_mask.cpu().contiguous().numpy().tobytes()).hexdigest()
     return {
         "method": method_for_config(cfg).name,
         "settings": settings,
@@ -492,7 +511,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 @register("expert-kd", ExpertKDConfig, scope="recover", calibrated=True)
 def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: nn.Module | None = None,
              run_dir: str | os.PathLike | None = None, resume: bool = False, device: str | torch.device = "cpu",
-             progress: bool = True) -> dict:
+             progress: bool = True, loss_mask: Tensor | None = None, light_peft=None) -> dict:
     """Fine-tune `model` in place on `windows` (n, seqlen) token ids without moving any of its zeros.
 
     teacher: the model before pruning for kd, router-kd, expert-kd and distill (frozen; never
@@ -500,6 +519,10 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
     (None: no checkpoints). resume: continue from run_dir's checkpoint (a fresh start if there is
     none). Returns a report: losses before/after on fixed windows and per step, tokens, seconds,
     trainable parameters, sparsity before/after. Raises RuntimeError if a zero became nonzero.
+
+    loss_mask: (n, seqlen) bool beside `windows`, True where a token counts as a next-token target (a data
+    selection's token pruning, e.g. `prunekit.selection.qtuning`); next-token methods only. light_peft: a
+    `light_peft.LightPeftConfig` (lora / kd only): prune adapter modules and ranks after its early steps.
     """
     from contextlib import nullcontext
 
@@ -510,6 +533,25 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
 
     name = method_for_config(cfg).name
     windows = _check_windows(windows, cfg, model.config)
+    if loss_mask is not None:
+        if cfg.objective != "lm":
+            raise ValueError(f"a loss mask selects next-token targets; {name} trains on a teacher's distributions "
+                             "at every position: use a method with the next-token loss (lora, perp) or a selection "
+                             "without token pruning")
+        if not isinstance(loss_mask, Tensor) or loss_mask.shape != windows.shape:
+            raise ValueError(f"loss_mask must be a bool tensor shaped like the windows {tuple(windows.shape)}")
+        loss_mask = loss_mask.bool()
+        if not bool(loss_mask[:, 1:].any()):
+            raise ValueError("the loss mask leaves no target token in any window: nothing to train on")
+    if light_peft is not None:
+        if cfg.trains != "lora":
+            raise ValueError(f"Light-PEFT prunes LoRA adapters; {name} trains no adapters (use --method lora or kd)")
+        if resume:
+            raise ValueError("a Light-PEFT run cannot resume (its adapters change shape after the early steps); "
+                             "rerun without --resume")
+        if light_peft.steps >= cfg.steps:
+            raise ValueError(f"Light-PEFT's early steps ({light_peft.steps}) must be fewer than steps={cfg.steps}: "
+                             "lower --light-peft-steps or raise --steps")
     token_budget = getattr(cfg, "tokens", None)
     cfg = cfg.resolved(int(windows.shape[1]))        # a budget in tokens becomes steps
     if cfg.trains != "lora":
@@ -545,16 +587,17 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
                 if cfg.objective == "expert-kd":
                     distiller.weight = (cfg.expert_weight if cfg.expert_weight is not None
                                         else balanced_expert_weight(model, windows, cfg, distiller, device))
-                loss_before = probe_loss(model, windows, cfg, teacher, device, distiller)
+                loss_before = probe_loss(model, windows, cfg, teacher, device, distiller, loss_mask)
                 terms_before = distiller.take_probe() if session is not None else None
-                params, losses, resumed_from = _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint,
-                                                    resume, device, name, progress, distiller)
+                params, losses, resumed_from, pruned_peft = _fit(model, cfg, windows, teacher, targets, masks, zeros,
+                                                                 checkpoint, resume, device, name, progress,
+                                                                 distiller, loss_mask, light_peft)
                 violated = zeros_violated(pruned_tensors(model), zeros)
                 if violated:
                     raise RuntimeError(f"recovery made {sum(violated.values())} pruned weights nonzero "
                                        f"({', '.join(f'{k}: {v}' for k, v in list(violated.items())[:5])}); "
                                        "this is a bug")
-                loss_after = probe_loss(model, windows, cfg, teacher, device, distiller)
+                loss_after = probe_loss(model, windows, cfg, teacher, device, distiller, loss_mask)
                 terms_after = distiller.take_probe() if session is not None else None
         sparsity_after = _zero_fraction(nonzero_masks(pruned_tensors(model)))
     finally:
@@ -591,6 +634,16 @@ def recover_(model: nn.Module, cfg: RecoverConfig, windows: Tensor, *, teacher: 
         report["lora"] = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "rslora": cfg.rslora, "scaling": cfg.scaling}
     if token_budget is not None:
         report["token_budget"] = token_budget
+    if loss_mask is not None:
+        report["loss_mask"] = {"targets": int(loss_mask[:, 1:].numel()), "counted": int(loss_mask[:, 1:].sum())}
+        report["loss_protocol"] += " (only the targets the loss mask keeps)"
+    if pruned_peft is not None:
+        report["light_peft"] = pruned_peft
+        report["notes"] = report.get("notes", []) + [
+            f"Light-PEFT after {pruned_peft['steps']} steps: {pruned_peft['modules']['removed']} of "
+            f"{pruned_peft['modules']['total']} adapter modules removed, ranks {pruned_peft['ranks']['before']} -> "
+            f"{pruned_peft['ranks']['after']}; trainable parameters {pruned_peft['trainable_before']:,} -> "
+            f"{pruned_peft['trainable_after']:,} ({pruned_peft['saved']:.1%} saved)"]
     if session is not None:
         report[name], report["notes"] = session.report(terms_before, terms_after)
     if cfg.objective == "expert-kd":
@@ -622,9 +675,12 @@ def trainable_tensors(model: nn.Module, cfg: RecoverConfig, name: str) -> dict[s
 
 
 def _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint, resume, device, name, progress,
-         distiller=None):
-    """Attach what trains, restore a checkpoint, run the steps, merge. Returns (params, losses, resumed_from).
+         distiller=None, loss_mask=None, light_peft=None):
+    """Attach what trains, restore a checkpoint, run the steps, merge. Returns (params, losses, resumed_from,
+    Light-PEFT's record or None).
 
+    light_peft (`light_peft.LightPeftConfig`, LoRA only): the first `steps` steps train the full adapters
+    (no checkpoint), then modules and ranks are pruned and the smaller adapters train to `cfg.steps`.
     masks: LoRA's, per linear layer; zeros: every pruned tensor's (what the checkpoint identity
     records). On any failure the model is put back as it was given: adapters discarded (the base
     weights were never written), trained tensors restored, requires_grad flags restored.
@@ -664,8 +720,20 @@ def _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint, resume
             p.requires_grad_(True)
 
         optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        identity = _identity(cfg, windows, zeros, params) if checkpoint is not None else None
-        start, losses = 0, []
+        start, losses, pruned_peft = 0, [], None
+        if light_peft is not None and light_peft.steps < cfg.steps:
+            from .light_peft import early_prune
+            early = dataclasses.replace(cfg, steps=light_peft.steps)
+            _train(model, early, windows, teacher, params, optimizer, device, 0, losses, None, None, name, progress,
+                   param_masks, distiller, loss_mask)
+            chosen = batch_indices(light_peft.steps, len(windows), cfg.batch_size, cfg.seed)
+            early_mask = loss_mask[chosen].to(device) if loss_mask is not None else None
+            pruned_peft = early_prune(lora, light_peft, lambda: objective(model, windows[chosen].to(device), cfg,
+                                                                          teacher, distiller, early_mask))
+            params = {key: p for key, p in lora.parameters().items() if p.numel()}
+            optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            start = light_peft.steps
+        identity = _identity(cfg, windows, zeros, params, loss_mask) if checkpoint is not None else None
         if resume and checkpoint.exists():
             state = load_checkpoint(checkpoint)
             _check_resumable(state, identity, cfg.steps, checkpoint)
@@ -682,12 +750,13 @@ def _fit(model, cfg, windows, teacher, targets, masks, zeros, checkpoint, resume
             log.info("no checkpoint at %s: starting %s from step 0", checkpoint, name)
 
         _train(model, cfg, windows, teacher, params, optimizer, device, start, losses, checkpoint, identity,
-               name, progress, param_masks, distiller)
+               name, progress, param_masks, distiller, loss_mask)
         if lora is not None:
             lora.merge_and_unload()
             lora = None
         finished = True
-        return params, losses, (start or None)
+        resumed = start if start and pruned_peft is None else None
+        return params, losses, resumed, pruned_peft
     finally:
         if lora is not None:
             lora.unload()
@@ -730,7 +799,7 @@ def _check_windows(windows: Tensor, cfg: RecoverConfig, config) -> Tensor:
 
 
 def _train(model, cfg, windows, teacher, params, optimizer, device, start, losses, checkpoint, identity, name,
-           progress, param_masks=None, distiller=None) -> None:
+           progress, param_masks=None, distiller=None, loss_mask=None) -> None:
     """Steps start..cfg.steps-1; appends each step's loss to `losses`; checkpoints as configured.
 
     param_masks: trained tensor name -> True where nonzero; their gradient is masked before the
@@ -743,8 +812,10 @@ def _train(model, cfg, windows, teacher, params, optimizer, device, start, losse
     bar = tqdm(total=cfg.steps, initial=start, desc=f"recover {name}", unit="step", disable=not progress)
     try:
         for step in range(start, cfg.steps):
-            ids = windows[batch_indices(step, len(windows), cfg.batch_size, cfg.seed)].to(device)
-            loss = objective(model, ids, cfg, teacher, distiller)
+            chosen = batch_indices(step, len(windows), cfg.batch_size, cfg.seed)
+            ids = windows[chosen].to(device)
+            mask = loss_mask[chosen].to(device) if loss_mask is not None else None
+            loss = objective(model, ids, cfg, teacher, distiller, mask)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"the {name} loss is {float(loss)} at step {step + 1}; lower the learning rate "
                                    f"(lr={cfg.lr:g}) or keep max_grad_norm")
@@ -786,6 +857,70 @@ def recovery_windows(tokenizer, cfg: RecoverConfig, source: str | os.PathLike, *
     seqlen = cfg.seqlen if cfg.seqlen is not None else seqlen
     return calibration_data(tokenizer, source, samples=cfg.resolved(seqlen).windows_needed, seqlen=seqlen,
                             seed=seed)
+
+
+def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: int, seed: int = 0,
+                     text_field: str = "text", options: dict | None = None,
+                     progress: bool = True) -> tuple[Tensor, Tensor | None, dict]:
+    """Recovery on a data selection (`prunekit recover --data-select METHOD --budget B`): select samples of
+    `source` with `prunekit.selection` (scored with `model`, the model being recovered), pack the kept
+    samples' tokens one after another in pool order and cut them into whole windows of `seqlen` tokens (a
+    remainder shorter than a window is left out).
+
+    Returns (windows (n, seqlen), loss_mask (n, seqlen) bool or None, a record for the report). The mask is
+    given when the selection carries loss spans (qtuning): a token counts as a target only inside its
+    sample's spans (a sample's first token never does). Selectors that need more than one model (paser) are
+    refused: run `prunekit data select` first and pass its .jsonl as --data."""
+    import json
+    import tempfile
+
+    from ..data import tokenize
+    from ..selection.qtuning import mask_from_spans
+    from ..selection.select import SELECTORS, select
+
+    if method not in SELECTORS:
+        raise ValueError(f"unknown --data-select method {method!r}; choose from {', '.join(SELECTORS)}")
+    if method == "paser":
+        raise ValueError("--data-select paser compares the dense model with the pruned one, and recover holds only "
+                         "the pruned model: run `prunekit data select --method paser --model DENSE --pruned DIR "
+                         "--out sel.jsonl` and recover with --data sel.jsonl")
+    was_training = model.training
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="prunekit-select-") as folder:
+        out = Path(folder) / "selected.jsonl"
+        try:
+            report = select(source, method, budget, out, model=model, tokenizer=tokenizer, seed=seed,
+                            text_field=text_field, options=options, progress=progress)
+        finally:
+            model.train(was_training)
+        ids, masks, spanned = [], [], False
+        with open(out, encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                tokens = tokenize(tokenizer, record["text"])
+                if "loss_spans" in record:
+                    spanned = True
+                    masks.append(mask_from_spans(len(tokens), record["loss_spans"]))
+                else:
+                    masks.append(torch.ones(len(tokens), dtype=torch.bool))
+                ids.append(tokens)
+    stream = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+    count = len(stream) // seqlen
+    if count < 1:
+        raise ValueError(f"the {method} selection (budget {report['budget']}) keeps {len(stream):,} tokens, fewer "
+                         f"than one training window of {seqlen}; raise --budget or lower --seqlen")
+    windows = stream[:count * seqlen].view(count, seqlen).long()
+    loss_mask = torch.cat(masks)[:count * seqlen].view(count, seqlen) if spanned else None
+    if loss_mask is not None and not bool(loss_mask[:, 1:].any()):
+        raise ValueError(f"the {method} selection leaves no target token in the loss; raise --budget")
+    record = {"method": method, "budget": report["budget"], "samples": report["samples"],
+              "tokens_selected": int(len(stream)), "tokens_trained": int(count * seqlen), "windows": count,
+              "options": report["options"]}
+    if loss_mask is not None:
+        record["loss_targets"] = {"targets": int(loss_mask[:, 1:].numel()), "counted": int(loss_mask[:, 1:].sum())}
+    if report.get("clusters"):
+        record["clusters"] = report["clusters"]
+    return windows, loss_mask, record
 
 
 def format_summary(report: dict) -> str:

@@ -8,6 +8,7 @@
     clusters.py    k-means concept clusters, quotas by cluster complexity, duplicates last (arXiv 2401.04578)
     entropy.py     a greedy minimum set cover of embedding neighbourhoods (after arXiv 2511.10561)
     donod.py       DONOD's model-intrinsic norm signals of one probe step, ranked by TOPSIS (arXiv 2504.14810)
+    qtuning.py     Q-Tuning: error-uncertainty quadrants, token pruning of the loss mask (arXiv 2509.23873)
     paser.py       PASER: budget per concept cluster by the pruned model's capability loss (arXiv 2502.12594)
     windows.py     calibration selection: the `samples` windows of a larger pool (`--calib-select`)
     cli.py         `prunekit data select` / `prunekit data report`

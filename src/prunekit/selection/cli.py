@@ -13,13 +13,15 @@ def add_parser(subparsers) -> None:
     select.add_argument("source", help="default, code, a .jsonl/.txt file or a directory of them, or a hub "
                                        "dataset name (its calibration side; see prunekit.selection.pool)")
     select.add_argument("--method", required=True, choices=["random", "perplexity", "clusters", "entropy", "donod",
-                                                               "paser"],
+                                                               "paser", "qtuning"],
                         help="random (seeded), perplexity (a band of the reference model's perplexity), "
                              "clusters (k-means of the model's embeddings, each concept kept in proportion to "
                              "its complexity, duplicates first to go), entropy (a greedy cover of embedding "
                              "neighbourhoods), donod (TOPSIS over the output layer's delta of norm and norm of "
                              "delta under a one-step probe) or paser (for recovering --pruned: clusters get the "
-                             "budget in proportion to the pruned model's loss on them)")
+                             "budget in proportion to the pruned model's loss on them) or qtuning (Q-Tuning's "
+                             "error-uncertainty quadrants: noise and redundant samples dropped, the highest-"
+                             "perplexity tokens of misconception samples taken out of the loss)")
     select.add_argument("--budget", required=True, help="a fraction (0.2), N samples or N tokens")
     select.add_argument("--model", default=None, help="the reference model (perplexity, clusters, entropy; token "
                                                      "budgets count with its tokenizer)")
@@ -34,6 +36,10 @@ def add_parser(subparsers) -> None:
                              "(default 0.5)")
     select.add_argument("--probe-lr", type=float, default=1e-5,
                         help="donod: the learning rate of the one-step SGD probe (default 1e-5)")
+    select.add_argument("--token-keep", type=float, default=0.7,
+                        help="qtuning: share of a misconception (Q2) sample's tokens kept in the loss (default 0.7)")
+    select.add_argument("--neighbour-weight", type=float, default=0.5,
+                        help="qtuning: lambda, the neighbours' weight in the context-aware token score (default 0.5)")
     select.add_argument("--pruned", type=Path, default=None,
                         help="paser: the pruned model to recover (a prunekit export of --model), compared with "
                              "the dense --model")
@@ -56,6 +62,10 @@ def _select(args: argparse.Namespace) -> int:
                          "--pruned DIR")
     if args.pruned is not None and args.method != "paser":
         raise ValueError(f"--pruned is for --method paser only, not {args.method}")
+    if not 0 < args.token_keep <= 1:
+        raise ValueError(f"--token-keep must be in (0, 1], got {args.token_keep}")
+    if not 0 <= args.neighbour_weight <= 1:
+        raise ValueError(f"--neighbour-weight must be in [0, 1], got {args.neighbour_weight}")
     if not args.probe_lr > 0:
         raise ValueError(f"--probe-lr must be positive, got {args.probe_lr}")
     model = tokenizer = None
@@ -71,7 +81,9 @@ def _select(args: argparse.Namespace) -> int:
                "clusters": {"max_tokens": args.max_tokens, "clusters": args.clusters},
                "entropy": {"max_tokens": args.max_tokens, "radius_quantile": args.radius_quantile},
                "donod": {"max_tokens": args.max_tokens, "probe_lr": args.probe_lr},
-               "paser": {"max_tokens": args.max_tokens, "clusters": args.clusters}}.get(args.method, {})
+               "paser": {"max_tokens": args.max_tokens, "clusters": args.clusters},
+               "qtuning": {"max_tokens": args.max_tokens, "token_keep": args.token_keep,
+                           "neighbour_weight": args.neighbour_weight}}.get(args.method, {})
     if args.method == "paser":
         from ..io.loading import load
         pruned, _ = load(args.pruned, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

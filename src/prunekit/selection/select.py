@@ -19,7 +19,10 @@ options) -> Tensor (B, width)` instead: step 1 keeps each vector projected to `e
 sample; see embed.py), appends it to `scores.jsonl` with the run, and step 2 passes the (N, d) tensor as
 `options["embeddings"]` (in a copy of the options: the report's options stay plain). A selector that also
 has `order_and_labels` (clusters) returns each sample's cluster with its order: the cluster goes beside each
-kept sample and per-cluster kept / dropped counts into the report.
+kept sample and per-cluster kept / dropped counts into the report. A selector with its own
+`write_selection(out, pool, keep, labels, model, tokenizer, options) -> {"written", ...}` (qtuning: the
+quadrant and the loss spans of every kept sample) writes step 4's records itself; the rest of what it
+returns goes into the report as `loss_mask`.
 """
 from __future__ import annotations
 
@@ -32,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from . import clusters, donod, entropy, paser, perplexity, random as random_selector
+from . import clusters, donod, entropy, paser, perplexity, qtuning, random as random_selector
 from .pool import Budget, Pool, parse_budget, write_selection
 
 SELECTORS = {"random": random_selector, "perplexity": perplexity, "clusters": clusters, "entropy": entropy,
-             "donod": donod, "paser": paser}
+             "donod": donod, "paser": paser, "qtuning": qtuning}
 BATCH = 8
 
 
@@ -176,13 +179,20 @@ def select(source, method: str, budget, out, *, model=None, tokenizer=None, seed
         priority = selector.order(scores, lengths, order_options)
     kept = fill(priority, lengths, budget)
     del priority                                       # a list over the whole pool: free it before the report
-    written = write_selection(out, pool, set(kept), scores if hasattr(selector, "score_batch") else None, labels)
+    loss_mask = None
+    if hasattr(selector, "write_selection"):           # qtuning: its own records (quadrant, loss spans)
+        loss_mask = selector.write_selection(out, pool, set(kept), labels, model, tokenizer, options)
+        written = loss_mask.pop("written")
+    else:
+        written = write_selection(out, pool, set(kept), scores if hasattr(selector, "score_batch") else None, labels)
     report = _report(method, budget, pool, scores, lengths, kept, written, _plain(options), selector,
                      time.perf_counter() - started, tokenizer)
     if labels is not None:
         report["clusters"] = _cluster_counts(labels, kept, order_options.get("complexity"))
     if "radius" in order_options:
         report["radius"] = order_options["radius"]
+    if loss_mask is not None:
+        report["loss_mask"] = loss_mask
     from ..io.atomic import write_json_atomic
     write_json_atomic(report_path(out), report)
     return report
@@ -270,6 +280,10 @@ def report_lines(report: dict) -> list[str]:
                          f"{row['size']:,}" + (f", complexity {row['complexity']}" if "complexity" in row else ""))
     if report.get("radius") is not None:
         lines.append(f"  coverage radius {report['radius']}")
+    if report.get("loss_mask"):
+        mask = report["loss_mask"]
+        lines.append(f"  loss mask: {mask['loss_targets']:,} of the kept samples' {mask['targets']:,} target tokens "
+                     "count in the loss (the rest stay in the input only)")
     lines.append(f"  protocol: {report['protocol']}")
     return lines
 
