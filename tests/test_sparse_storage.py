@@ -125,14 +125,15 @@ def test_corrupt_inputs_are_refused():
 @pytest.fixture(scope="module")
 def pruned(tiny_model_dir, tmp_path_factory):
     """The tiny Llama of `tiny_model_dir`, magnitude-pruned to 50 %, saved by `save_pretrained_atomic` with
-    its tokenizer; and its sparse export."""
+    its tokenizer; and its sparse export without exponent coding (the bitmap layout alone; exponent coding has
+    its own tests below)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     root = tmp_path_factory.mktemp("sparse")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prune_(model, MagnitudeConfig(sparsity=0.5), None, progress=False)
     dense = save_pretrained_atomic(model, AutoTokenizer.from_pretrained(tiny_model_dir), root / "dense",
                                    metadata={"method": "magnitude", "sparsity": 0.5})
-    stats = export_sparse(dense, root / "sparse")
+    stats = export_sparse(dense, root / "sparse", entropy=False)
     return model, dense, root / "sparse", stats
 
 
@@ -153,7 +154,7 @@ def test_export_stores_block_weights_compressed_and_says_so(pruned):
     record = json.loads((sparse / "prunekit.json").read_text())
     assert record["method"] == "magnitude" and record["sparsity"] == 0.5          # the source's record is kept
     storage = record["storage"]
-    assert storage["format"] == FORMAT and storage["version"] == 1 and storage["bytes_per_weight"] == BYTES_PER_WEIGHT
+    assert storage["format"] == FORMAT and storage["version"] == 2 and storage["bytes_per_weight"] == BYTES_PER_WEIGHT
     compressed = {n for n, t in storage["tensors"].items() if t["compressed"]}
     assert compressed == {f"model.layers.{i}.{m}.weight" for i in range(2) for m in
                           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -388,3 +389,75 @@ def test_sharded_checkpoint_without_prunekit_record(tmp_path):
     (tmp_path / "out" / sorted((tmp_path / "out").glob("*" + SUFFIX))[0].name).unlink()
     with pytest.raises(ValueError, match="are not the ones prunekit.json lists"):
         load_sparse_state(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- exponent coding (byte planes)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_byte_planes_round_trip_bit_for_bit(dtype):
+    from prunekit.io.sparse import join_planes, split_planes
+    x = (torch.randn(37, 129, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, -float("inf")]).to(dtype)
+    exponent, mantissa = split_planes(x)
+    assert exponent.dtype == mantissa.dtype == torch.uint8 and mantissa.numel() == x.numel() * (x.element_size() - 1)
+    back = join_planes(exponent, mantissa, dtype, x.shape)
+    assert back.dtype == dtype and torch.equal(back.view(torch.uint8), x.view(torch.uint8))
+    with pytest.raises(ValueError, match="do not make"):
+        join_planes(exponent, mantissa[:-1], dtype, x.shape)
+    with pytest.raises(ValueError, match="does not inflate"):
+        join_planes(exponent[1:], mantissa, dtype, x.shape)
+
+
+def test_the_high_byte_of_weights_in_a_few_binades_deflates_well():
+    from prunekit.io.sparse import split_planes
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(1)) * 0.02    # like trained weights
+    exponent, mantissa = split_planes(x)
+    assert exponent.numel() < 0.6 * x.numel()             # sign + 7 exponent bits: about 3-4 bits of information
+    constant = torch.full((4096,), 0.75)                  # one exponent, one sign: next to nothing
+    assert split_planes(constant)[0].numel() < 100
+
+
+def test_exponent_coding_is_lossless_and_smaller(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = llama(hidden_size=128, intermediate_size=256)                 # block weights past PLANES_MIN_NUMEL
+    prune_(model, MagnitudeConfig(sparsity=0.5), None, progress=False)
+    dense = save_pretrained_atomic(model, None, tmp_path / "dense", metadata={})
+    plain = export_sparse(dense, tmp_path / "plain", entropy=False)
+    coded = export_sparse(dense, tmp_path / "coded")
+    storage = json.loads((tmp_path / "coded" / "prunekit.json").read_text())["storage"]
+    assert storage["version"] == 2 and storage["exponent_coding"] and "exponent" in storage["layout"]
+    from prunekit.io.sparse import PLANES_KEY, _read_safetensors
+    metadata, raw = _read_safetensors(tmp_path / "coded" / ("model" + SUFFIX))
+    planed = json.loads(metadata[PLANES_KEY])
+    assert "model.embed_tokens.weight" in planed and "model.layers.0.mlp.up_proj.weight.values" in planed
+    assert "model.layers.0.mlp.up_proj.weight.values.exponent" in raw and "model.embed_tokens.weight" not in raw
+    assert coded["bytes_compressed"] == sum(t.numel() * t.element_size() for t in raw.values())
+    assert coded["bytes_compressed"] < 0.95 * plain["bytes_compressed"]
+    sizes = [(tmp_path / kind / ("model" + SUFFIX)).stat().st_size for kind in ("coded", "plain")]
+    assert sizes[0] < sizes[1]
+    original, restored = saved_tensors(dense), load_sparse_state(tmp_path / "coded")
+    assert original.keys() == restored.keys()
+    for name, tensor in original.items():
+        assert torch.equal(_bits(restored[name]), _bits(tensor)), name
+    loaded, _ = load_sparse(tmp_path / "coded")
+    offloaded, _ = offloaded_sparse_model(tmp_path / "coded")
+    reference = _logits(AutoModelForCausalLM.from_pretrained(dense).eval(), IDS)
+    assert torch.equal(_logits(loaded, IDS), reference) and torch.equal(_logits(offloaded, IDS), reference)
+
+
+def test_a_corrupt_exponent_plane_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from prunekit.io.sparse import _read_safetensors
+    model = llama(hidden_size=128, intermediate_size=256)
+    prune_(model, MagnitudeConfig(sparsity=0.5), None, progress=False)
+    dense = save_pretrained_atomic(model, None, tmp_path / "dense", metadata={})
+    export_sparse(dense, tmp_path / "coded")
+    file = tmp_path / "coded" / ("model" + SUFFIX)
+    metadata, _ = _read_safetensors(file)
+    tensors = load_file(str(file))
+    key = "model.embed_tokens.weight.exponent"
+    tensors[key] = tensors[key][:-3].clone()
+    save_file(tensors, str(file), metadata=metadata)
+    with pytest.raises(ValueError, match="model.embed_tokens.weight is corrupt"):
+        load_sparse_state(tmp_path / "coded")
