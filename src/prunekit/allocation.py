@@ -8,8 +8,15 @@
                  with Wanda's mask, and measure how far its output moves, relative to what the
                  block adds to the residual stream (||Y' - Y|| / ||Y - X||). More sensitive
                  blocks are pruned less.
+    fdtm         First Divergent Token metric (Deiseroth et al., arXiv 2311.01544, Algorithm 1;
+                 `allocation_fdtm.py`): each block Wanda-pruned alone at t/2 and 1.5 t, the
+                 whole model run teacher-forced on the dense model's greedy continuation of a
+                 few calibration prompts; one FDT threshold gives every block the most sparsity
+                 that keeps its interpolated FDT above it. Blocks whose pruning makes generation
+                 diverge early are pruned less. Its own normalisation (the threshold, solved so
+                 the weighted mean is exact, each block within +/- lambda); then the same rounding.
 
-Both scores are min-max scaled to [0, 2 lambda] (OWL's normalisation) and turned into
+The owl and sensitivity scores are min-max scaled to [0, 2 lambda] (OWL's normalisation) and turned into
 deviations from the target that are clipped to +/- lambda and shifted so that their
 parameter-weighted mean is exactly zero: the whole model holds exactly the requested share of
 zeros (up to one weight per row: each row's count is an integer; the rounding is spread over the
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .allocation_fdtm import check_fdtm_can_run, fdtm_block_sparsity
 from .distributed import all_sum, reduce_stats_
 from .models import spec_for
 from .models.spec import get_module, weight_view
@@ -35,7 +43,7 @@ from .stats import InputNorm
 class Allocation:
     kind: str
     target: float
-    block_scores: list[float] = field(default_factory=list)     # outlier ratio or sensitivity per block
+    block_scores: list[float] = field(default_factory=list)     # outlier ratio, sensitivity or FDT per block
     block_sparsity: list[float] = field(default_factory=list)   # allocated sparsity per block
     layers: dict = field(default_factory=dict)                  # layer name -> (sparsity, nm or None)
     planned: float = 0.0                                        # the share of zeros the layer counts add up to
@@ -48,8 +56,11 @@ class Allocation:
 
 def allocate(model, config, calib: Tensor, *, device=None, batch_size: int = 8, cache_device=None,
              progress: bool = True) -> Allocation:
-    """Per-layer sparsity for `config.allocation` ("owl" or "sensitivity")."""
+    """Per-layer sparsity for `config.allocation` ("owl", "sensitivity" or "fdtm")."""
     from .core.stream import block_stream
+    if config.allocation == "fdtm":
+        check_fdtm_can_run(calib)               # before the calibration pass, not after it
+    block_norms: list[dict] = []
     spec = spec_for(model)
     blocks_layers: list[dict[str, torch.nn.Module]] = []
     scores: list[float] = []
@@ -67,14 +78,20 @@ def allocate(model, config, calib: Tensor, *, device=None, batch_size: int = 8, 
         norms = _observe(step, layers)
         if config.allocation == "owl":
             scores.append(_outlier_ratio(layers, norms, config.owl_m))
+        elif config.allocation == "fdtm":
+            block_norms.append(norms)           # the probes run the whole model, after the pass
         else:
             scores.append(_sensitivity(step, layers, norms, config))
     sizes = [sum(weight_view(m).numel() for m in layers.values()) for layers in blocks_layers]
     if not any(sizes):
         raise ValueError("allocation: no layer is pruned at the step's sparsity (check targets/ignore/overrides)")
-    # more outliers / more sensitive -> lower sparsity; sensitivity spans decades, so compare logs
-    keys = scores if config.allocation == "owl" else [math.log(max(s, 1e-12)) for s in scores]
-    block_sparsity = spread(keys, sizes, config.sparsity, config.allocation_lambda)
+    if config.allocation == "fdtm":
+        scores, block_sparsity = fdtm_block_sparsity(model, calib, blocks_layers, block_norms, sizes, config,
+                                                     batch_size=batch_size, progress=progress)
+    else:
+        # more outliers / more sensitive -> lower sparsity; sensitivity spans decades, so compare logs
+        keys = scores if config.allocation == "owl" else [math.log(max(s, 1e-12)) for s in scores]
+        block_sparsity = spread(keys, sizes, config.sparsity, config.allocation_lambda)
     result = Allocation(config.allocation, config.sparsity, scores, block_sparsity)
     result.layers, result.planned = _layer_counts(blocks_layers, block_sparsity, config)
     return result

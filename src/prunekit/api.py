@@ -134,9 +134,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, echo=print, run_dir=Non
     if recipe.export is not None and main:
         out = export_model(model, tokenizer, recipe, result, adapters, recipe.export.path,
                            overwrite=recipe.export.overwrite, protect=protect)
-        how = ("AutoModelForCausalLM.from_pretrained" if result["structure"]["stock"] else
-               "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe")
-        echo(f"saved to {out} (loads with {how})")
+        echo(f"saved to {out} (loads with {_loader_text(result['structure']['stock'], recipe)})")
         if adapters:
             echo(f"EoRA adapter in {out / result['adapter']} (loads with peft.PeftModel.from_pretrained(model, "
                  f"'{out / result['adapter']}'))")
@@ -430,8 +428,7 @@ def _run_out_of_core(recipe: Recipe, *, progress, echo, run_dir, resume) -> dict
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["export"] = str(out)
     stock = json.loads((out / "prunekit.json").read_text()).get("structure", {}).get("stock", True)
-    echo(f"saved to {out} (loads with " + ("AutoModelForCausalLM.from_pretrained)" if stock else
-         "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe)"))
+    echo(f"saved to {out} (loads with {_loader_text(stock, recipe)})")
     if distributed.is_distributed():
         result["distributed"] = {"processes": distributed.world_size(), "rank": distributed.rank()}
     distributed.finish()
@@ -503,9 +500,25 @@ GGUF_FILE = "model.gguf"
 SEARCH_FILE = "search.json"
 
 
+def _wraps_layers(recipe: Recipe) -> bool:
+    """A step leaves extra modules around its linears (ARMOR's block-diagonal wrappers)."""
+    return any(getattr(step, "wraps_layers", False) for step in recipe.steps)
+
+
+def _loader_text(stock: bool, recipe: Recipe) -> str:
+    if _wraps_layers(recipe):
+        return ("prunekit.load_pruned: its linears carry block-diagonal wrappers that a stock config cannot describe; "
+                "stock from_pretrained would load the sparse cores alone")
+    return ("AutoModelForCausalLM.from_pretrained" if stock else
+            "prunekit.load_pruned: its blocks have different widths, which a stock config cannot describe")
+
+
 def _gguf_preflight(model, tokenizer, recipe: Recipe, source: dict) -> None:
     """An export that ends in a GGUF file fails now, not after the pruning, if the writer cannot take it."""
     from .io.gguf_writer import preflight
+    if _wraps_layers(recipe):
+        raise ValueError("armor keeps block-diagonal wrappers around its 2:4 cores, which no llama.cpp graph "
+                         "computes; export safetensors (loads with prunekit.load_pruned) instead of gguf")
     for index, step in enumerate(recipe.steps):
         if method_for_config(step).scope == "compensate" and not step.merge:
             raise ValueError(f"steps.{index}: an EoRA adapter kept apart (merge: false) has no place in a GGUF file; "

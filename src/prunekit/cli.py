@@ -152,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--heads", choices=["auto", "query", "kv"],
                        help="width: remove query heads evenly inside KV groups, or whole KV groups")
     prune.add_argument("--nm", help="N:M pattern, e.g. 2:4 (N zeros in every M consecutive weights)")
-    prune.add_argument("--allocation", choices=["uniform", "owl", "sensitivity"],
-                       help="unstructured/N:M: per-block sparsity under the global budget (default uniform)")
+    prune.add_argument("--allocation", choices=["uniform", "owl", "sensitivity", "fdtm"],
+                       help="unstructured/N:M: per-block sparsity under the global budget (default uniform; fdtm: "
+                            "from the first divergent token of the dense greedy continuation, arXiv 2311.01544)")
     prune.add_argument("--update", choices=["none", "obs", "admm"],
                        help="unstructured/N:M: re-fit the kept weights to the mask (sparsegpt: obs built in)")
     prune.add_argument("--compensate", choices=["none", "bias", "liar"],
@@ -162,10 +163,15 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--eora-rank", type=int, metavar="R",
                        help="add EoRA low-rank compensation of rank R, exported as a PEFT adapter next to the model")
     prune.add_argument("--per", choices=["row", "layer"], help="comparison group for unstructured sparsity")
+    prune.add_argument("--block-size", type=int, metavar="B",
+                       help="armor: block size of the block-diagonal wrappers (default 128, capped at each dimension)")
     prune.add_argument("--ignore", action="append", default=None, metavar="REGEX", help="leave matching layers dense")
     prune.add_argument("--calib", default="default",
                        help="calibration text: default (= prose), code (stdlib Python source), a .txt/.jsonl file or "
                             "dir, wikitext2, c4, ptb")
+    prune.add_argument("--domain", metavar="SOURCE",
+                       help="prune for this text domain (code, prose, or any --calib source): calibrate and evaluate "
+                            "on it, and give it to methods that take a domain (d-pruner: regularised by the other one)")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--calib-select", default=None, choices=["random", "perplexity", "clusters", "entropy"],
                        help="choose the --samples windows from --calib-pool random ones with a data selector "
@@ -293,6 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                         help="weight type of 2-D tensors (norms and biases stay f32); default f16")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.add_argument("--no-exponent-coding", dest="exponent_coding", action="store_false",
+                        help="sparse: store values and dense tensors as they are (no deflated exponent byte plane)")
     export.add_argument("--trust-remote-code", action="store_true")
     export.set_defaults(handler=_export)
 
@@ -322,6 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     from .render import add_parser as add_report_parser
     add_report_parser(sub)
+    from .encoder_cli import add_parser as add_encoder_parser
+    add_encoder_parser(sub)
 
     listing = sub.add_parser("list", help="methods and supported model types")
     listing.set_defaults(handler=_list)
@@ -368,22 +378,23 @@ def prune_args_to_dict(args) -> dict:
     if args.per:
         step["per"] = args.per
     for key in ("layers", "sublayers", "experts", "round_to", "uniform", "heads", "allocation", "update",
-                "compensate"):
+                "compensate", "block_size"):
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)
     if args.ignore:
         step["ignore"] = list(args.ignore)
+    calib = _domain_calibration(args, step)
     raw = {
         "model": args.model, "dtype": args.dtype, "device": args.device, "sequential": args.sequential,
         "cache_device": args.cache_device, "trust_remote_code": args.trust_remote_code, "offload": args.offload,
         "allow_pickle": args.allow_pickle,
-        "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
+        "calibration": {"source": calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
                         **({"select": args.calib_select} if args.calib_select else {}),
                         **({"pool": args.calib_pool} if args.calib_pool else {})},
         "steps": [step] + ([{"method": "eora", "rank": args.eora_rank}] if args.eora_rank is not None else []),
     }
     if not args.no_eval:
-        raw["eval"] = {"data": args.eval_data or args.calib, "seqlen": args.seqlen}
+        raw["eval"] = {"data": args.eval_data or calib, "seqlen": args.seqlen}
     if args.out:
         raw["export"] = {"path": args.out, "overwrite": args.overwrite}
         if args.export_format:
@@ -393,6 +404,22 @@ def prune_args_to_dict(args) -> dict:
     elif args.export_format or args.outtype:
         raise ValueError("--export-format / --outtype say how --out is written: give --out DIR")
     return raw
+
+
+def _domain_calibration(args, step: dict) -> str:
+    """The calibration source: --domain when given (then also the step's `domain` key, for methods that have
+    one), else --calib."""
+    domain = getattr(args, "domain", None)
+    if not domain:
+        return args.calib
+    if args.calib not in ("default", domain):
+        raise ValueError(f"--domain {domain} calibrates on {domain}, --calib {args.calib} on another text; give one "
+                         "of them")
+    import dataclasses
+    from .catalog import get_method
+    if "domain" in {f.name for f in dataclasses.fields(get_method(args.method).config_cls)}:
+        step["domain"] = domain
+    return domain
 
 
 def _parse_nm(text: str) -> list[int]:
@@ -511,12 +538,16 @@ def _export(args) -> int:
         from .io.sparse import export_sparse
         if not Path(args.model).is_dir():
             raise ValueError(f"--format sparse compresses a saved model folder; {args.model} is not one")
-        stats = export_sparse(args.model, args.out, overwrite=args.overwrite)
+        stats = export_sparse(args.model, args.out, overwrite=args.overwrite, entropy=args.exponent_coding)
         print(f"wrote {args.out}: {stats['tensors_compressed']} weights compressed, tensor data "
               f"{stats['bytes_compressed'] / 2**20:.1f} MiB instead of {stats['bytes_dense'] / 2**20:.1f} MiB "
               f"({stats['ratio']:.3f}x); loads with prunekit.load({str(args.out)!r})")
         return 0
     from .io.gguf_writer import export_gguf
+    from .methods.armor import is_armor_export
+    if is_armor_export(args.model):
+        raise ValueError(f"{args.model} holds ARMOR's block-diagonal wrappers around 2:4 cores, which no llama.cpp "
+                         "graph computes: a GGUF of the cores alone would be a different model")
     result = export_gguf(args.model, args.out, outtype=args.outtype, overwrite=args.overwrite,
                          trust_remote_code=args.trust_remote_code)
     print(f"wrote {result.path}: llama.cpp architecture {result.arch!r}, {result.tensors} tensors, {result.outtype}, "

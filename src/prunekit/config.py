@@ -5,8 +5,9 @@ and validate in `__post_init__`, so a bad recipe fails before any work starts.
 
 Two choices apply to every mask-producing method, so they live here:
   allocation  how the global sparsity is spread over the blocks: "uniform" (every layer gets
-              `sparsity`), "owl" (outlier-weighted, `allocation.py`) or "sensitivity"
-              (measured per-block reconstruction error); the parameter-weighted mean is always
+              `sparsity`), "owl" (outlier-weighted, `allocation.py`), "sensitivity"
+              (measured per-block reconstruction error) or "fdtm" (first divergent token of
+              the dense greedy continuation, `allocation_fdtm.py`); the parameter-weighted mean is always
               `sparsity`, each block within +/- `allocation_lambda` of it
   update      what happens to the kept weights once the mask is chosen: "none", "obs" (the
               SparseGPT column sweep for that mask) or "admm" (Boza's ADMM least-squares
@@ -26,9 +27,13 @@ class SparsityConfig:
     targets: tuple[str, ...] = ()          # regexes over module names to prune; () = every linear in the decoder blocks
     ignore: tuple[str, ...] = ()           # regexes over module names to leave dense
     overrides: dict = field(default_factory=dict)  # {regex: sparsity}; the first matching pattern wins
-    allocation: str = "uniform"            # "uniform", "owl" or "sensitivity": per-block sparsity under global budget
+    allocation: str = "uniform"            # "uniform", "owl", "sensitivity", "fdtm": per-block sparsity, global budget
     allocation_lambda: float = 0.08        # largest deviation of a block's sparsity from `sparsity` (OWL's lambda)
     owl_m: float = 5.0                     # OWL: an outlier scores above owl_m x the block's mean Wanda score
+    fdtm_prompts: int = 8                  # fdtm: prompts (the first calibration windows' openings)
+    fdtm_prompt_tokens: int = 32           # fdtm: tokens per prompt (at most the calibration seqlen)
+    fdtm_new_tokens: int = 32              # fdtm: length of the dense greedy continuation compared against
+    fdtm_quantile: float = 0.25            # fdtm: quantile of the per-prompt first divergent token (0.5: median)
     update: str = "none"                   # "none", "obs" or "admm": re-fit the kept weights to the mask
     admm_iterations: int = 20              # ADMM iterations (the reference's 20)
     admm_gradual: bool = False             # ADMM chooses the mask itself over the first 3/4 of the iterations
@@ -66,6 +71,15 @@ class SparsityConfig:
             raise ValueError(f"allocation_lambda must be in [0, 0.5), got {self.allocation_lambda!r} (OWL uses 0.08)")
         if self.owl_m <= 0:
             raise ValueError(f"owl_m must be positive, got {self.owl_m!r} (OWL uses 5)")
+        for name in ("fdtm_prompts", "fdtm_prompt_tokens", "fdtm_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r} (default "
+                                 f"{type(self).__dataclass_fields__[name].default})")
+        if isinstance(self.fdtm_quantile, bool) or not isinstance(self.fdtm_quantile, (int, float)) \
+                or not 0 <= self.fdtm_quantile <= 1:
+            raise ValueError(f"fdtm_quantile must be a number in [0, 1], got {self.fdtm_quantile!r} (0.25: the "
+                             "first divergent token that three prompts in four reach)")
         if self.update not in UPDATES:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not isinstance(self.admm_iterations, int) or self.admm_iterations < 1:
@@ -98,7 +112,7 @@ class SparsityConfig:
         return self.sparsity
 
 
-ALLOCATIONS = ("uniform", "owl", "sensitivity")
+ALLOCATIONS = ("uniform", "owl", "sensitivity", "fdtm")
 UPDATES = ("none", "obs", "admm")
 
 

@@ -223,6 +223,10 @@ def _plan_block(spec, index: int, block: nn.Module, config, sparsities=None) -> 
             groups.append(_Group(layers, permutable=permutable))
     if spec.experts is not None and is_moe_block(block, spec.experts):
         experts = plan_experts(spec, index, block, config)      # the routed experts: one more group
+        if experts is not None and getattr(config, "wraps_layers", False):
+            raise ValueError(f"{experts.name}: this method wraps each pruned nn.Linear in block-diagonal factors "
+                             "(armor), which the fused routed experts of an MoE block cannot carry: add ignore: "
+                             "['experts'] (--ignore experts) to prune the other layers")
         if experts is not None:
             groups.append(experts)
     return groups
@@ -257,23 +261,30 @@ def _prune_group(group: _Group, method, config, block_index: int, block, options
             if not torch.isfinite(stats.grad).all():
                 raise NonFiniteError(f"block {block_index}, {layer.name}: the gradient statistics hold NaN/Inf "
                                      "(the loss overflowed? check the calibration data; use dtype float32)")
-        W_new = apply_update(W, method.fn(W, stats, layer_config), group.stats, layer_config,
-                             method_updates=method.updates_weights)
+        W_pruned, factors = method.fn(W, stats, layer_config), None
+        if isinstance(W_pruned, tuple):    # a factorising method (ARMOR): (the stored core, its wrappers)
+            W_pruned, factors = W_pruned
+        W_new = apply_update(W, W_pruned, group.stats, layer_config, method_updates=method.updates_weights)
         if not torch.isfinite(W_new).all():
             raise NonFiniteError(f"block {block_index}, {layer.name}: the pruned weight has NaN/Inf "
                                      "(check the calibration data and the model dtype)")
         stored.copy_(W_new.to(stored.dtype))
         distributed.broadcast_(stored)     # identical already (same statistics); this makes it certain
+        if factors is not None:
+            factors.attach(layer.module)   # from here on the layer computes A (core) B x + bias
         if options.compensate is not None:
             options.compensate(layer.name, layer.module, W, stored.float(), group.stats)
         error = None
         if X is not None:      # ||X (W - W')|| / ||X W|| over the probe rows of every process
-            moved, total = distributed.all_sum(float((X @ (W - stored.float()).T).square().sum()),
+            computed = stored.float() if factors is None else factors.dense()
+            moved, total = distributed.all_sum(float((X @ (W - computed).T).square().sum()),
                                                float((X @ W.T).square().sum()))
             error = math.sqrt(moved / max(total, 1e-24))
         note = _solver_note(group.stats, layer_config)
         if note:
             log.warning("%s: %s", layer.name, note)
+        if factors is not None:            # the wrappers' parameters and the proxy loss they saved
+            note = "; ".join(filter(None, [note, factors.note()]))
         problem = check_pruned(stored, layer_config.sparsity, layer_config.nm, config.per, zeros_before,
                                layer_zeros=config.layer_zeros(*stored.shape, layer_config.sparsity))
         records.append(LayerRecord(name=layer.name, block=block_index, requested=layer.sparsity,

@@ -41,7 +41,8 @@ class Method:
     score: Callable | None = None    # linear methods: score(W, stats, cfg) -> (out, in), lower is pruned first
     updates_weights: bool = False    # linear methods: fn already re-fits kept weights (OBS), `update: obs` adds nothing
     apply: Callable | None = None    # experts methods: apply(block, moe, routed, kept, cfg) merges instead of dropping
-    prescore: Callable | None = None  # width methods: every block's scores from whole-model passes (Bonsai)
+    prescore: Callable | None = None  # width: every block's scores from whole-model passes (Bonsai); linear:
+                                      # per-layer statistics from a whole-model pre-pass (D-Pruner's gradients)
 
     @property
     def needs_calibration(self) -> bool:

@@ -196,3 +196,27 @@ class MeanVar:
     @property
     def sq_norm(self) -> Tensor:
         return self.sq_sum.float()
+
+
+class OutputGradientCovariance:
+    """G = sum_t g_t g_t^T over tokens, g_t = dL/dy_t the loss gradient at one linear layer's output
+    (out,): the output factor of the Kronecker-factored Fisher F ~= G (x) A (K-FAC; The LLM Surgeon,
+    arXiv 2312.17244, Eq. 5), A being `Hessian`'s X^T X. Per layer, not per group: layers that share
+    an input have different outputs. Fed by a backward hook with `update(dY)` (dY: (..., out)); the
+    linear engine has no backward hooks yet, so `methods/llm_surgeon.py` uses a diagonal G from the
+    gradient pass instead (see there). Summed in float64 like the other observers."""
+    SUMS = ("G64",)
+
+    def __init__(self, out_features: int, device: torch.device):
+        self.G64 = torch.zeros(out_features, out_features, dtype=torch.float64, device=device)   # (out, out)
+        self.tokens = 0
+
+    def update(self, dY: Tensor) -> None:
+        dY = dY.reshape(-1, dY.shape[-1]).float()                                   # (tokens, out)
+        self.G64 += dY.T @ dY
+        self.tokens += dY.shape[0]
+
+    @property
+    def G(self) -> Tensor:
+        """sum_t g_t g_t^T in float32, (out, out)."""
+        return self.G64.float()

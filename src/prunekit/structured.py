@@ -395,12 +395,14 @@ class _Budget:
     def uniform(self, index: int, groups: list[Coupled]) -> list[int]:
         """Every block loses `sparsity` of its parameters: attention the feasible number of units
         nearest to its share, the MLP the rest (kept channels rounded to `round_to`)."""
-        target = self.cfg.sparsity * self.block_params[index]
+        sparsity = (self.cfg.block_sparsity(index, len(self.block_params)) if hasattr(self.cfg, "block_sparsity")
+                    else self.cfg.sparsity)             # a config may give each block its own share (SEAP)
+        target = sparsity * self.block_params[index]
         heads = next((g for g in groups if g.kind == "heads"), None)
         channels = next((g for g in groups if g.kind == "channels"), None)
         removed = {"heads": 0, "channels": 0}
         if heads is not None:
-            share = target if channels is None else self.cfg.sparsity * _total_params(heads)
+            share = target if channels is None else sparsity * _total_params(heads)
             removed["heads"] = self._heads_to_remove(heads, share)
         if channels is not None:
             rest = max(0.0, target - removed["heads"] * (heads.cost if heads is not None else 0))

@@ -300,12 +300,14 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
     non-uniform export keeps the input model's config.json and records each block's widths in
     prunekit.json. This builds the stock model class from that config, re-slices each block to
     its recorded widths and loads the safetensors weights into it: no custom modeling code and
-    no pickles. (Uniform exports load with plain `AutoModelForCausalLM.from_pretrained`.)
+    no pickles. (Uniform exports load with plain `AutoModelForCausalLM.from_pretrained`.) An ARMOR
+    export also gets its block-diagonal wrappers back around the stock linears (`methods/armor.py`).
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from ..methods.armor import attach_saved, is_armor_export
     from ..surgery import resize_to_
 
     path = Path(path)
@@ -313,14 +315,16 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", t
     if is_sparse_export(path):                 # bitmap + values storage (io/sparse.py); may record widths too
         return load_sparse(path, dtype, trust_remote_code)
     widths = recorded_widths(path)
-    if widths is None:
+    if widths is None and not is_armor_export(path):
         return _from_pretrained(str(path), resolve_dtype(dtype), trust_remote_code, allow_pickle=False)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                  dtype=None if torch_dtype == "auto" else torch_dtype)
-    resize_to_(model, widths)
+    if widths is not None:
+        resize_to_(model, widths)
+    attach_saved(model, path)                  # ARMOR's block-diagonal wrappers, so that their keys are expected
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))
@@ -341,7 +345,8 @@ def _from_pretrained(location: str, dtype, trust_remote_code: bool, allow_pickle
     from .sparse import is_sparse_export, load_sparse
     if is_sparse_export(location):              # bitmap + nonzeros (`prunekit export --format sparse`)
         return load_sparse(location, dtype, trust_remote_code)
-    if recorded_widths(location) is not None:
+    from ..methods.armor import is_armor_export
+    if recorded_widths(location) is not None or is_armor_export(location):
         return load_pruned(location, dtype, trust_remote_code)
     import pickle
     try:
