@@ -205,6 +205,16 @@ def test_cli_select_clusters_and_report(tmp_path, tiny_model_dir, capsys):
     assert main(["data", "report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "clusters (kept / dropped of each)" in printed and "cluster 0: kept" in printed
+    # the report with its plots: kept and dropped per cluster, drawn from the report record
+    assert main(["report", str(out)]) == 0
+    page = (tmp_path / "X.jsonl.report.html").read_text()
+    assert 'id="fig-selection-clusters"' in page and (tmp_path / "X.jsonl.figures" / "selection-clusters.png").exists()
+    markdown = (tmp_path / "X.jsonl.report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [int(line.split("|")[3]) for line in rows] == [c["kept"] for c in report["clusters"]]
+    capsys.readouterr()
+    assert main(["report", str(source)]) != 0                   # a .jsonl without a selection report beside it
+    assert "p.jsonl.report.json beside it" in capsys.readouterr().err
     assert main(["data", "select", str(source), "--method", "entropy", "--model", str(tiny_model_dir),
                  "--budget", "5 samples", "--out", str(tmp_path / "E.jsonl")]) == 0
     assert len(read(tmp_path / "E.jsonl")) == 5 and "coverage radius" in capsys.readouterr().out

@@ -13,6 +13,9 @@ into something to read:
   ``prunekit eval --json`` and ``bench.json`` from ``prunekit bench --json``): achieved sparsity
   per layer, or kept width per block for structured runs, the metrics with their protocols, and
   the recipe.
+* a **data selection** (``selected.jsonl`` from `prunekit data select`, with its ``selected.jsonl.report.json``):
+  what was kept and dropped per cluster (or Q-Tuning quadrant) and the score ranges of both sides; written
+  beside it as ``selected.jsonl.report.md`` / ``.report.html`` and ``selected.jsonl.figures/``.
 
 Outputs: ``DIR/report.md``, ``DIR/report.html`` and ``DIR/figures/*.png``, each written
 atomically. The HTML embeds every PNG as a base64 data URI and its CSS inline, so it is one
@@ -51,8 +54,11 @@ CURVES = (
 
 
 def render(folder, title: str | None = None) -> dict:
-    """Write report.md, report.html and figures/ into `folder`; return {"md", "html", "figures"}."""
+    """Write report.md, report.html and figures/ into `folder`; return {"md", "html", "figures"}. A data
+    selection (a .jsonl file with its .report.json) gets its report files beside it."""
     folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".jsonl":
+        return _render_selection(folder, title)
     if (folder / RESULTS_JSONL).exists():
         sections = _sweep_sections(folder)
         title = title or f"prunekit sweep: {folder.name}"
@@ -71,6 +77,59 @@ def render(folder, title: str | None = None) -> dict:
     write_atomic(folder / "report.html", _html(title, sections))
     return {"md": folder / "report.md", "html": folder / "report.html",
             "figures": [name for _, name, _, _ in figures]}
+
+
+def _render_selection(path: Path, title: str | None) -> dict:
+    record = path.with_name(path.name + ".report.json")
+    if not record.is_file():
+        raise FileNotFoundError(f"{path} has no {record.name} beside it: pass the --out of `prunekit data select`")
+    sections = _selection_sections(json.loads(record.read_text()), path.name)
+    title = title or f"prunekit data selection: {path.name}"
+    figures_dir = path.with_name(path.name + ".figures")
+    figures_dir.mkdir(exist_ok=True)
+    figures = [block for block in sections if block[0] == "figure"]
+    for _, name, png, _ in figures:
+        write_atomic(figures_dir / f"{name}.png", png)
+    md, page = path.with_name(path.name + ".report.md"), path.with_name(path.name + ".report.html")
+    write_atomic(md, _markdown(title, sections))
+    write_atomic(page, _html(title, sections))
+    return {"md": md, "html": page, "figures": [name for _, name, _, _ in figures]}
+
+
+def _selection_sections(report: dict, name: str) -> list[tuple]:
+    """What a data selection kept and dropped: per cluster (or quadrant) and by score, then the numbers."""
+    unit = "tokens" if "tokens" in report else "words"
+    sections: list[tuple] = []
+    clusters = report.get("clusters") or []
+    if clusters:
+        sections.append(("figure", "selection-clusters", _kept_dropped_png(clusters),
+                         "Samples kept and dropped in each cluster of the pool (for qtuning: each quadrant of the "
+                         "error-uncertainty plane)."))
+    scores = report.get("scores") or {}
+    if scores.get("kept") or scores.get("dropped"):
+        sections.append(("figure", "selection-scores", _score_ranges_png(scores),
+                         f"The {report['method']} scores of the kept and the dropped samples: min, quartiles "
+                         "and max of each side."))
+    rows = [["method", md_text(str(report["method"]))], ["budget", md_text(str(report["budget"]))],
+            ["pool", md_text(str(report["pool"]))],
+            ["samples kept / dropped / pool", f"{report['samples']['kept']:,} / {report['samples']['dropped']:,} / "
+                                              f"{report['samples']['pool']:,}"],
+            [f"{unit} kept / dropped / pool", f"{report[unit]['kept']:,} / {report[unit]['dropped']:,} / "
+                                              f"{report[unit]['pool']:,}"],
+            ["seconds", _fmt(report.get("seconds"))]]
+    if report.get("loss_mask"):
+        mask = report["loss_mask"]
+        rows.append(["loss targets counted", f"{mask.get('loss_targets', 0):,} of {mask.get('targets', 0):,}"])
+    if report.get("radius") is not None:
+        rows.append(["coverage radius", _fmt(report["radius"])])
+    sections += [("heading", "Selection"), ("table", ["", "value"], rows),
+                 ("heading", "Protocol"), ("code", str(report.get("protocol", "")))]
+    if clusters:
+        sections += [("heading", "Clusters"),
+                     ("table", ["cluster", "size", "kept", "dropped", "complexity"],
+                      [[str(c["cluster"]), f"{c['size']:,}", f"{c['kept']:,}", f"{c['dropped']:,}",
+                        _fmt(c.get("complexity"))] for c in clusters])]
+    return sections
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -289,6 +348,39 @@ def _bar_png(names, values, ylabel) -> bytes:
     return _png(fig)
 
 
+def _kept_dropped_png(clusters) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(clusters)), 3.8))
+    x = range(len(clusters))
+    kept = [c["kept"] for c in clusters]
+    ax.bar(x, kept, color="C2", label="kept")
+    ax.bar(x, [c["dropped"] for c in clusters], bottom=kept, color="C3", alpha=0.6, label="dropped")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([str(c["cluster"]) for c in clusters], fontsize=7)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _score_ranges_png(scores) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for index, side in enumerate(("kept", "dropped")):
+        q = scores.get(side)
+        if not q:
+            continue
+        ax.plot([index, index], [q["min"], q["max"]], color=f"C{2 + index}", linewidth=1)
+        ax.bar(index, q["q75"] - q["q25"], bottom=q["q25"], width=0.4, color=f"C{2 + index}", alpha=0.6)
+        ax.plot([index - 0.2, index + 0.2], [q["median"]] * 2, color="black")
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["kept", "dropped"])
+    ax.set_ylabel("score")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
 def _widths_png(widths) -> bytes:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.6))
@@ -373,7 +465,8 @@ def _html(title: str, sections) -> str:
 
 def add_parser(subparsers):
     parser = subparsers.add_parser("report", help="write report.md and report.html (with plots) for a run or sweep")
-    parser.add_argument("folder", type=Path, help="the --out folder of `prunekit sweep` or `prunekit run`")
+    parser.add_argument("folder", type=Path, help="the --out folder of `prunekit sweep` or `prunekit run`, or the "
+                                                  "selected.jsonl of `prunekit data select`")
     parser.add_argument("--title", default=None)
     parser.set_defaults(handler=_cli)
     return parser
