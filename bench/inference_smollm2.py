@@ -38,6 +38,8 @@ def configs(window: int) -> dict:
         "lazyllm-50-norevive": (LazyLLMConfig(keep=0.5, revive=False), None),
         "twilight-90": (None, TwilightConfig(top_p=0.9)),
         "twilight-95": (None, TwilightConfig(top_p=0.95)),
+        "twilight-quest-90": (None, TwilightConfig(top_p=0.9, selector="quest", page=16, candidates=0.25)),
+        "twilight-quest-95": (None, TwilightConfig(top_p=0.95, selector="quest", page=16, candidates=0.25)),
         "streaming-50": (None, StreamingConfig(sink=4, window=window, heads=0.5)),
     }
 

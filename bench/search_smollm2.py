@@ -2,6 +2,7 @@
 latency target met on this machine.
 
     python bench/search_smollm2.py                        # 25% and 35% of the block parameters, latency=0.75
+                                                          # (timed in transformers, and in llama.cpp)
     python bench/search_smollm2.py --only params-25 --budget-minutes 5
     python bench/search_smollm2.py --model DIR --samples 4 --seqlen 16 --budget-minutes 0.05 \\
         --max-eval-tokens 256 --eval-seqlen 32 --context 32   # tiny (tests)
@@ -24,7 +25,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-RUNS = {"params-25": "params=0.75", "params-35": "params=0.65", "latency-75": "latency=0.75"}
+RUNS = {"params-25": "params=0.75", "params-35": "params=0.65", "latency-75": "latency=0.75",
+        "latency-75-llama.cpp": "latency=0.75"}
+RUNTIME = {"latency-75-llama.cpp": "llama.cpp"}     # where the latency is measured (default: transformers)
 FLAP = {"params-25": "flap-25", "params-35": "flap-35"}
 
 
@@ -59,13 +62,16 @@ def main(argv=None) -> int:
                    str(args.seqlen), "--context", str(args.context), "--out", str(out), "--overwrite", "--json",
                    str(record), "--set", f"eval.seqlen={args.eval_seqlen}", "--set",
                    f"eval.max_tokens={args.max_eval_tokens}"]
+        if name in RUNTIME:
+            command += ["--runtime", RUNTIME[name]]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True)
         result = json.loads(record.read_text())
         body = json.loads((out / "search.json").read_text())
         flap = reference.get(FLAP.get(name, ""))
         protocol = result["pruned_perplexity"]["protocol"]
-        rows.append({"name": name, "target": RUNS[name], "ppl": result["pruned_perplexity"]["ppl"],
+        rows.append({"name": name, "target": RUNS[name], "runtime": RUNTIME.get(name, "transformers"),
+                     "ppl": result["pruned_perplexity"]["ppl"],
                      "dense_ppl": result["dense_perplexity"]["ppl"], "protocol": protocol,
                      "params": result["parameters_after"], "dense_params": result["parameters"],
                      "removed_block_params": 1 - body["best"]["block_params"] / body["dense"]["block_params"],

@@ -223,3 +223,21 @@ def check_stock_reload_and_cache(model, calib, tmp_path):
     torch.testing.assert_close(_model_logits(reloaded, calib[:2]), before, atol=1e-5, rtol=1e-4)
     prompt = calib[:1, :5]
     assert torch.equal(_greedy(reloaded, prompt, True), _greedy(reloaded, prompt, False))
+
+
+@pytest.fixture
+def default_signal_dispositions():
+    """Python's default SIGINT/SIGTERM handling for one test (restored after), which its subprocesses inherit.
+
+    A test run started in the background by a non-interactive shell (`make test &`, `nohup ... &`) inherits
+    SIGINT ignored, and prunekit then leaves it ignored on purpose (a nohup'ed run must not stop on Ctrl-C), so
+    every test that interrupts a command would see it run to the end. Found: the interrupt tests failed only in
+    such background runs, and a per-test check of the dispositions over the whole suite found no test that
+    changes them."""
+    import signal
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

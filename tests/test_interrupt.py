@@ -33,16 +33,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 BLOCKS = 16
 
 
-@pytest.fixture(autouse=True)
-def default_signal_dispositions():
-    """Every test here starts from Python's default SIGINT/SIGTERM handling (and its subprocesses inherit the
-    default dispositions), whatever an earlier test in the same pytest process left installed; restored after."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    yield
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
+pytestmark = pytest.mark.usefixtures("default_signal_dispositions")
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,8 @@ SEED = int(os.environ.get("PRUNEKIT_SIGNAL_SEED", random.SystemRandom().randrang
 SIGNALS = {"SIGINT": (signal.SIGINT, 130, "interrupted"), "SIGTERM": (signal.SIGTERM, 143, "interrupted (SIGTERM)")}
 SRC = Path(__file__).resolve().parents[1] / "src"
 
+pytestmark = pytest.mark.usefixtures("default_signal_dispositions")
+
 
 def rng_for(cell: str) -> random.Random:
     return random.Random(f"{SEED}-{cell}")
