@@ -55,7 +55,7 @@ def test_register_rejects_an_unknown_scope(scratch_registry):
     with pytest.raises(ValueError, match=r"scope must be one of .*'linear'.*got 'global'"):
         register("test-registry-scope", _ThrowawayConfig, scope="global")
     assert registered() == before
-    assert SCOPES == ("linear", "width", "depth", "experts", "search", "compensate", "recover")
+    assert SCOPES == ("linear", "width", "depth", "experts", "search", "state", "compensate", "recover")
 
 
 def test_registered_returns_a_copy():

@@ -40,6 +40,9 @@ EXPECTED_SPEEDUP = {
     "search": "structure search ({target}): a physically smaller dense model whose widths, sublayers and blocks "
               "were chosen to meet the target with the least KL to the dense model; a latency target is met on the "
               "cost table measured on this machine, and the result is measured again at the end",
+    "state": "state-space width: removes {s:.0%} of the SSM heads / inner channels of every mixer; a smaller dense "
+             "model, decode at batch 1 faster by up to the share of mixer weights removed; measure it with "
+             "`prunekit bench`",
     "compensate": "EoRA: low-rank residuals ({rank}) add parameters and a little time per token; they ship as a PEFT "
                   "adapter next to the sparse model ({merge})",
     "recover": "recovery fine-tuning: same size and speed; every pruned weight stays exactly zero",
@@ -58,6 +61,8 @@ def expected_speedup(step) -> str:
         return EXPECTED_SPEEDUP["experts"].format(amount=amount)
     if scope == "search":
         return EXPECTED_SPEEDUP["search"].format(target=step.target)
+    if scope == "state":
+        return EXPECTED_SPEEDUP["state"].format(s=step.sparsity)
     if scope == "compensate":
         rank = f"rank {step.rank}" if step.rank else f"{step.budget:.1%} of each layer's parameters"
         merge = "merge: true folds them in and the model is dense again" if step.merge else "not merged"

@@ -10,6 +10,7 @@ import difflib
 
 from . import eora, search  # noqa: F401  (compensate: eora; search)
 from .methods import angular, block_influence, laco, last_k, sleb, sublayer_drop  # noqa: F401  (depth)
+from .methods import ssm_heads  # noqa: F401  (Mamba SSM heads / inner channels, through the depth scope)
 from .methods import mka, reverse_order, streamline  # noqa: F401  (depth, second generation)
 from .methods import amp, bonsai, flap, magnitude_sp, taylor, wanda_sp  # noqa: F401  (width)
 from .methods import easy_ep, expert_frequency, expert_loo, expert_merge, expert_output, expert_random, naee, reap  # noqa: F401  (experts)

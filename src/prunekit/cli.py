@@ -793,7 +793,8 @@ def _list(args) -> int:
     from .models import supported_model_types
     from .catalog import available_methods, get_method
     kinds = {"linear": "unstructured/N:M", "width": "width", "depth": "depth", "experts": "MoE experts",
-             "search": "structure search", "compensate": "compensation", "recover": "recovery"}
+             "search": "structure search", "state": "state-space", "compensate": "compensation",
+             "recover": "recovery"}
     for scope, label in kinds.items():
         names = [name for name in available_methods() if get_method(name).scope == scope]
         print(f"{label + ':':<18}" + ", ".join(names))

@@ -66,7 +66,7 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
     if compensate is not None and method.scope != "linear":
         raise ValueError(f"EoRA compensates unstructured/N:M pruning; {method.name} removes whole "
                          "units, which changes the layers' shapes (put eora after a wanda/sparsegpt/... step)")
-    if method.scope not in ("linear", "width", "depth", "experts", "search"):
+    if method.scope not in ("linear", "width", "depth", "experts", "search", "state"):
         raise ValueError(f"{method.name} is a {method.scope} step, not a pruning method: run it in a recipe")
     windows = None if calib is None else tuple(calib.shape)   # the whole set, for the report
     if distributed.is_distributed():
@@ -84,6 +84,9 @@ def prune_(model: nn.Module, config, calib: Tensor | None = None, *, device: str
                 distributed.refuse("a structure search")
             return search_(model, config, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                            progress=progress, state_dir=state_dir, resume=resume)
+        if method.scope == "state":
+            return method.fn(model, calib, config, device=device, batch_size=batch_size, cache_device=cache_device,
+                             progress=progress)
         if method.scope == "depth":
             return prune_depth_(model, config, calib, device=device, batch_size=batch_size,
                                 cache_device=cache_device, progress=progress)

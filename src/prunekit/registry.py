@@ -17,6 +17,8 @@ Each method has a scope, and each scope its own function signature:
               (see `experts.py`); a merging method also registers `apply`
     "search"  fn(model, cfg, calib, ...) -> StructureReport: a budgeted search over widths, sublayers and
               blocks that cuts the best structure out of the model (see `search.py`)
+    "state"   fn(model, calib, cfg, ...) -> StructureReport: removes state-space heads or inner channels of
+              the mixers of Mamba-family blocks and rewrites the config (`methods/ssm_heads.py`)
     "compensate"  a step that follows a linear pruning step and is computed in the same pass,
               from the same statistics (EoRA's low-rank residuals, see `eora.py`)
     "recover" fine-tuning that keeps the sparsity (masked LoRA, PERP, distillation; `recovery/`)
@@ -62,7 +64,7 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-SCOPES = ("linear", "width", "depth", "experts", "search", "compensate", "recover")
+SCOPES = ("linear", "width", "depth", "experts", "search", "state", "compensate", "recover")
 
 
 def register(name: str, config_cls: type, stats: type | None = None, scope: str = "linear",

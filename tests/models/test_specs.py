@@ -102,7 +102,8 @@ def model(request):
 
 def test_every_supported_type_has_a_tiny_config():
     from conftest import MOE_CONFIGS          # the MoE families: tests/models/test_moe_specs.py
-    assert sorted([*CONFIGS, *MOE_CONFIGS]) == supported_model_types()
+    from test_ssm import SSM_CONFIGS          # the state-space and hybrid families: tests/models/test_ssm.py
+    assert sorted([*CONFIGS, *MOE_CONFIGS, *SSM_CONFIGS]) == supported_model_types()
 
 
 def test_spec_fits_the_model(model):

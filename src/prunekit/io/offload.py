@@ -173,6 +173,9 @@ def check_step(step) -> None:
         raise ValueError(f"--offload disk prunes one block at a time; {method.name} "
                          f"({'fine-tuning' if method.scope == 'recover' else 'EoRA adapters'}) needs the whole model: "
                          "run it on the out-of-core output with --offload cpu or none")
+    if method.scope == "state":
+        raise ValueError(f"--offload disk is not built for {method.name} (it rewrites every mixer's shapes and the "
+                         "config): run it with --offload cpu or none")
     if getattr(step, "uses_gradient", False) and getattr(step, "gradient", None) == "model":
         raise ValueError("--offload disk cannot run the full-model gradient pre-pass (gradient: model); "
                          "use gradient: block or --offload cpu")

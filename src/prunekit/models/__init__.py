@@ -1,10 +1,10 @@
 """Model family specs, keyed by `config.model_type`. See `spec.py` for what a spec declares."""
 from __future__ import annotations
 
-from . import gpt2, llama, moe, opt
+from . import gpt2, llama, moe, opt, ssm
 from .spec import ModelSpec
 
-SPECS: tuple[ModelSpec, ...] = (llama.LLAMA, llama.PHI3, opt.OPT, gpt2.GPT2, *moe.MOE_SPECS)
+SPECS: tuple[ModelSpec, ...] = (llama.LLAMA, llama.PHI3, opt.OPT, gpt2.GPT2, *moe.MOE_SPECS, *ssm.SSM_SPECS)
 
 # Config checks for what a spec cannot declare (see the named function's docstring).
 _CHECKS = {gpt2.GPT2: gpt2.refuse_cross_attention}
