@@ -55,12 +55,14 @@ RUNS = {
     "block-influence-35": ["--method", "block-influence", "--sparsity", "0.35"],
 }
 KIND = {"wanda-sp-20": "width, uniform", "wanda-sp-35": "width, uniform", "flap-20": "width, non-uniform",
-        "flap-35": "width, non-uniform", "block-influence-35": "depth"}
+        "flap-35": "width, non-uniform", "block-influence-35": "depth",
+        "wanda-sp-35-r64": "width, uniform, round-to 64", "flap-35-r64": "width, non-uniform, round-to 64"}
 Q8_RUNS = ("block-influence-35",)          # q8_0 beside the dense q8_0 (depth keeps every row a multiple of 32)
 LLAMA_HEADER = ["| run | kind | removed (block params) | params | layers | GGUF MiB | pp tok/s dense | "
                 "pp tok/s pruned | pp x | tg tok/s dense | tg tok/s pruned | tg x | weight bytes ratio | "
                 "peak RSS MiB (dense / pruned) | load before/after | others' cores |", "|---|---|" + "---:|" * 14]
-TARGET = {"runs": ("wanda-sp-35", "flap-35", "block-influence-35"), "decode_speedup": 1.3}
+TARGET = {"runs": ("wanda-sp-35", "flap-35", "block-influence-35", "wanda-sp-35-r64", "flap-35-r64"),
+          "decode_speedup": 1.3}
 
 
 def main(argv=None) -> int:
