@@ -41,6 +41,7 @@ def configs(window: int) -> dict:
         "twilight-quest-90": (None, TwilightConfig(top_p=0.9, selector="quest", page=16, candidates=0.25)),
         "twilight-quest-95": (None, TwilightConfig(top_p=0.95, selector="quest", page=16, candidates=0.25)),
         "streaming-50": (None, StreamingConfig(sink=4, window=window, heads=0.5)),
+        "streaming-75": (None, StreamingConfig(sink=4, window=window, heads=0.75)),
     }
 
 
