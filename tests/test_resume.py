@@ -114,9 +114,10 @@ def test_resume_refuses_changed_recipe_or_weights(tmp_path, deep_model_dir):
     with pytest.raises(ValueError, match=r"inputs changed \(model.safetensors\)"):
         run_recipe(_recipe(model, tmp_path / "c", method="magnitude"), progress=False, echo=_quiet,
                    run_dir=run, resume=True)
-    with pytest.raises(FileNotFoundError, match="no manifest"):
-        run_recipe(_recipe(model, tmp_path / "d", method="magnitude"), progress=False, echo=_quiet,
-                   run_dir=tmp_path / "empty", resume=True)
+    # nothing recorded there yet (a run interrupted before its first block): --resume starts from the beginning
+    run_recipe(_recipe(model, tmp_path / "d", method="magnitude"), progress=False, echo=_quiet,
+               run_dir=tmp_path / "empty", resume=True)
+    assert (tmp_path / "empty" / "manifest.json").is_file() and (tmp_path / "d" / "model.safetensors").is_file()
 
 
 def _tree(root: int) -> list[int]:

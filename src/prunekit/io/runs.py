@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -42,6 +43,8 @@ import torch
 
 from .. import distributed
 from .atomic import write_atomic
+
+log = logging.getLogger("prunekit")
 
 MANIFEST = "manifest.json"
 MIB = 1 << 20
@@ -95,10 +98,13 @@ class Run:
         if manifest.exists() and not resume:
             raise ValueError(f"{self.path} already holds a run (manifest.json): pass --resume to continue it "
                              "or choose a new --run-dir")
+        if resume and not manifest.exists():
+            # nothing recorded yet (e.g. interrupted before its first block): there is nothing to continue, so start
+            # from the beginning, as `recover --resume` does; the interrupted line told the user to --resume
+            log.warning("--resume: %s holds no manifest.json (nothing was recorded there yet): starting the run from "
+                        "the beginning", self.path)
+            resume = False
         if resume:
-            if not manifest.exists():
-                raise FileNotFoundError(f"--resume: {self.path} holds no manifest.json; start the run without "
-                                        "--resume (or check the --run-dir)")
             self.manifest = json.loads(manifest.read_text())
             old = self.manifest["recipe"]
             changed = sorted(k for k in set(recipe_dict) | set(old)   # where the result goes may change
