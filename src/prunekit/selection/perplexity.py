@@ -21,20 +21,26 @@ NEEDS_MODEL = True
 BANDS = ("middle", "low", "high")
 
 
-def score_batch(texts: list[str], model, tokenizer, options: dict) -> list[float]:
-    """Mean NLL per predicted token of each text (its first `max_tokens` tokens), in one padded batch."""
+def padded_batch(texts: list[str], tokenizer, max_tokens: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """(rows, ids, mask): each text's first `max_tokens` tokens, right-padded into (B, longest) ids with a
+    (B, longest) attention mask; shared by the model-scored selectors (perplexity, qtuning)."""
     from ..data import tokenize
-    max_tokens = options.get("max_tokens", 512)
     rows = [tokenize(tokenizer, text)[:max_tokens] for text in texts]
-    longest = max(len(r) for r in rows)
-    out = [math.inf] * len(rows)
-    if longest < 2:
-        return out
-    device = next(model.parameters()).device
+    longest = max((len(r) for r in rows), default=0)
     ids = torch.zeros(len(rows), longest, dtype=torch.long)
     mask = torch.zeros(len(rows), longest, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    return rows, ids, mask
+
+
+def score_batch(texts: list[str], model, tokenizer, options: dict) -> list[float]:
+    """Mean NLL per predicted token of each text (its first `max_tokens` tokens), in one padded batch."""
+    rows, ids, mask = padded_batch(texts, tokenizer, options.get("max_tokens", 512))
+    out = [math.inf] * len(rows)
+    if ids.shape[1] < 2:
+        return out
+    device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none")  # (B, L-1)

@@ -58,19 +58,13 @@ NEIGHBOUR_WEIGHT = 0.5    # lambda of the context-aware token score
 def token_stats(texts: list[str], model, tokenizer, options: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per text: (NLL (T,), entropy (T,)) float64 of its predicted tokens 1..T among its first `max_tokens`
     tokens (T = 0 for a text of fewer than 2 tokens)."""
-    from ..data import tokenize
-    max_tokens = int(options.get("max_tokens", 512))
-    rows = [tokenize(tokenizer, text)[:max_tokens] for text in texts]
+    from .perplexity import padded_batch
+    rows, ids, mask = padded_batch(texts, tokenizer, int(options.get("max_tokens", 512)))
     empty = torch.zeros(0, dtype=torch.float64)
     out = [(empty, empty)] * len(rows)
-    longest = max((len(r) for r in rows), default=0)
-    if longest < 2:
+    if ids.shape[1] < 2:
         return out
     device = next(model.parameters()).device
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
     with torch.inference_mode():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()[:, :-1]
         logp = F.log_softmax(logits, dim=-1)                                               # (B, L-1, V)
