@@ -4,6 +4,8 @@ update (OBS, ADMM) x EoRA, against plain magnitude / Wanda / SparseGPT on SmolLM
 
     python bench/cpu_beyond.py                         # the whole table (hours on 2 cores; resumable)
     python bench/cpu_beyond.py --only sparsegpt-70 --only owl-admm-70
+    python bench/cpu_beyond.py --samples 32 --seqlen 256 --max-eval-tokens 16384 --out bench/results/second_wave.json \
+        --only sparsegpt-2:4 --only armor-2:4 --only sparsegpt-70 --only llm-surgeon-70 ...   # issue 20's rows
     python bench/cpu_beyond.py --model DIR --samples 2 --seqlen 32 --max-eval-tokens 256 --only ...   # tiny (tests)
 
 Protocol: the core benchmark's (bench/cpu_smollm2.py): float32 on CPU, `samples` calibration
@@ -46,6 +48,12 @@ COMBOS = {
     "owl-admm-gradual": (["--method", "wanda", "--allocation", "owl", "--update", "admm",
                           "--set", "steps.0.admm_gradual=true"], PATTERNS),
     "owl-sparsegpt-admm": (["--method", "sparsegpt", "--allocation", "owl", "--update", "admm"], PATTERNS),
+    # second-wave methods (issue 20): SmolLM2's 576/192 widths need ARMOR blocks of 64 (128 does not divide them)
+    "armor": (["--method", "armor", "--block-size", "64"], {"2:4": PATTERNS["2:4"]}),
+    "llm-surgeon": (["--method", "llm-surgeon", "--set", "steps.0.shots=3"], PATTERNS),
+    "wanda-owl": (["--method", "wanda", "--allocation", "owl"], {"70": PATTERNS["70"]}),
+    "wanda-fdtm": (["--method", "wanda", "--allocation", "fdtm"], {"70": PATTERNS["70"]}),
+    "sparsegpt-fdtm": (["--method", "sparsegpt", "--allocation", "fdtm"], {"70": PATTERNS["70"]}),
 }
 RUNS = {f"{combo}-{pattern}": [*extra, *PATTERNS[pattern]]
         for combo, (extra, patterns) in COMBOS.items() for pattern in patterns}
