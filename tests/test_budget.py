@@ -22,6 +22,21 @@ def test_estimate_adds_weights_activations_and_statistics():
     assert estimate(1000, 100, 64, 256, 10, 32, 4, False, True).statistics == 2 * 256 * 4
 
 
+def test_true_sequential_counts_the_group_inputs_its_waiting_windows_hold():
+    """SmolLM2-135M's shapes, 128 x 512 windows in float32: 704 MB held at the down projection (widest input
+    1536, plus the residual and the normalised input, 2 x 576), the 44 MB per 8 x 512 chunk measured at
+    that meeting point (bench/lockstep_memory.py); block order holds none."""
+    block = estimate(0, 0, 576, 1536, 128, 512, 4, False, False)
+    true = estimate(0, 0, 576, 1536, 128, 512, 4, False, False, lockstep=True)
+    assert block.held == 0 and true.held == 128 * 512 * (1536 + 2 * 576) * 4 == 704_643_072
+    assert true.total - block.total == true.held
+    assert "held by true-sequential 0.66" in true.line() and "--sequential block holds none" in true.line()
+    assert "held" not in block.line()
+    check_fits(block, GIB // 2, 128, 512, "this machine", [])                 # 302 MB of block inputs/outputs
+    with pytest.raises(ValueError, match=r"--samples 68 .*--sequential block"):  # 0.5 GiB / 7.86 MB per window
+        check_fits(true, GIB // 2, 128, 512, "this machine", ["--sequential block"])
+
+
 def test_check_fits_names_the_windows_that_would_fit():
     need = estimate(0, 0, 1024, 1024, 1000, 1024, 4, False, False)        # 8 GiB of activations
     check_fits(need, 9 * GIB, 1000, 1024, "this machine", [])
@@ -44,4 +59,9 @@ def test_cli_warns_on_reread_text_and_refuses_what_cannot_fit(tiny_model_dir, tm
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
     code = main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--samples", "64",
                  "--seqlen", "8", "--calib", str(text), "--no-eval", "--out", str(tmp_path / "o")])
-    assert code == 2 and "do not fit" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert code == 2 and "do not fit" in err and not (tmp_path / "o").exists()
+    assert "--sequential block (the reference order" in err          # the lockstep's held inputs are counted
+    code = main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--samples", "64",
+                 "--seqlen", "8", "--calib", str(text), "--no-eval", "--sequential", "block"])
+    assert code == 2 and "--sequential block" not in capsys.readouterr().err     # nothing to gain from it

@@ -21,8 +21,9 @@ def test_domains_bench_runs_tiny(tiny_model_dir, tmp_path, monkeypatch):
     bench = _load()
     out = tmp_path / "domains.md"
     assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens",
-                       "256", "--sparsities", "0.2", "--seap-protect", "0,0", "--only", "d-pruner", "--only", "wanda", "--only", "seap",
-                       "--only", "wanda-sp", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+                       "256", "--sparsities", "0.2", "--seap-protect", "0,0", "--only", "d-pruner", "--only", "wanda",
+                       "--only", "seap", "--only", "wanda-sp", "--work", str(tmp_path / "work"),
+                       "--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["name"] for r in rows] == [f"{m}-{d}-0.2" for m in ("d-pruner", "wanda", "seap", "wanda-sp")
                                          for d in ("code", "prose")]

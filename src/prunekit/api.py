@@ -294,15 +294,21 @@ def check_memory(model, recipe: Recipe, device, echo) -> None:
                   or method_for_config(step).scope == "compensate" for step in recipe.steps)
     element = next(model.parameters()).element_size()
     c = recipe.calibration
+    # true-sequential linear pruning keeps every window's group input alive at each meeting point (lockstep.py)
+    lockstep = recipe.sequential == "true" and any(
+        method_for_config(step).scope == "linear" and needs_calibration(step) for step in recipe.steps)
     need = estimate(sum(p.numel() for p in model.parameters()), sum(p.numel() for p in blocks[0].parameters()),
-                    model.config.hidden_size, widest, c.samples, c.seqlen, element, hessian, False)
+                    model.config.hidden_size, widest, c.samples, c.seqlen, element, hessian, False, lockstep)
     echo(need.line())
+    block_order = ["--sequential block (the reference order: two passes per block, no group inputs held)"]
     on_device = torch.device(device).type == "cuda" and (recipe.cache_device or str(device)) != "cpu"
     if on_device:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        device_need = estimate(0, 0, model.config.hidden_size, widest, c.samples, c.seqlen, element, hessian, True)
-        check_fits(device_need, free, c.samples, c.seqlen, str(device), ["--cache-device cpu"])
-    hints = ["--offload disk (weights stay on disk, one block in memory)"]
+        device_need = estimate(0, 0, model.config.hidden_size, widest, c.samples, c.seqlen, element, hessian, True,
+                               lockstep)
+        check_fits(device_need, free, c.samples, c.seqlen, str(device),
+                   ["--cache-device cpu", *(block_order if lockstep else [])])
+    hints = ["--offload disk (weights stay on disk, one block in memory)", *(block_order if lockstep else [])]
     host_need = Estimate(need.weights, 0, 0) if on_device else need      # on a GPU the activations live there
     check_fits(host_need, psutil.virtual_memory().available, c.samples, c.seqlen, "this machine", hints)
 

@@ -8,6 +8,12 @@ information. `estimate` adds up the memory a block-by-block pass holds at its pe
     weights       every parameter, unless out of core (then one block)
     activations   the windows' hidden states entering and leaving the current block:
                   2 x windows x seqlen x hidden x bytes per element, on the cache device
+    held          true-sequential linear pruning only (`lockstep.py`): every window waits at each group's
+                  meeting point with the group's input and the block's residual stream alive, so at
+                  the widest group (the MLP's down projection) windows x seqlen x (widest input +
+                  2 x hidden) x bytes per element are held at once (measured on SmolLM2-135M: 44 MB per
+                  8 x 512 chunk, i.e. 704 MB for 128 x 512 windows in float32). `--sequential block`
+                  (the reference order, two passes per block) holds none of it.
     statistics    per linear group, the largest of: an (in x in) float32 Hessian (SparseGPT, OBS/ADMM
                   updates, EoRA), or an input norm per column (Wanda and friends); counted for the
                   largest layer input, twice (accumulating one group while another is used)
@@ -61,30 +67,35 @@ class Estimate:
     weights: int
     activations: int
     statistics: int
+    held: int = 0            # group inputs the true-sequential lockstep keeps alive (0 in block order)
 
     @property
     def total(self) -> int:
-        return self.weights + self.activations + self.statistics
+        return self.weights + self.activations + self.statistics + self.held
 
     def line(self) -> str:
+        held = (f", group inputs held by true-sequential {self.held / GIB:.2f}: --sequential block holds none"
+                if self.held else "")
         return (f"memory: at least {self.total / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, activations "
-                f"{self.activations / GIB:.2f}, statistics {self.statistics / GIB:.2f})")
+                f"{self.activations / GIB:.2f}, statistics {self.statistics / GIB:.2f}{held})")
 
 
 def estimate(parameters: int, block_parameters: int, hidden: int, widest_input: int, windows: int, seqlen: int,
-             element_bytes: int, hessian: bool, out_of_core: bool) -> Estimate:
-    """The floor of a block-by-block pass's peak memory (see the module docstring)."""
+             element_bytes: int, hessian: bool, out_of_core: bool, lockstep: bool = False) -> Estimate:
+    """The floor of a block-by-block pass's peak memory (see the module docstring); `lockstep`: a
+    true-sequential linear pass, whose waiting windows hold their group inputs."""
     weights = (block_parameters if out_of_core else parameters) * element_bytes
     activations = 2 * windows * seqlen * hidden * element_bytes
     statistics = 2 * (widest_input * widest_input if hessian else widest_input) * 4
-    return Estimate(weights, activations, statistics)
+    held = windows * seqlen * (widest_input + 2 * hidden) * element_bytes if lockstep else 0
+    return Estimate(weights, activations, statistics, held)
 
 
 def check_fits(need: Estimate, available: int, windows: int, seqlen: int, where: str, hints: list[str]) -> None:
     """Refuse a run whose floor exceeds the memory free on `where`, with the most windows that would fit."""
     if need.total <= available:
         return
-    per_window = need.activations / max(windows, 1)
+    per_window = (need.activations + need.held) / max(windows, 1)
     room = available - need.weights - need.statistics
     fits = int(room // per_window) if per_window and room > 0 else 0
     advice = [f"--samples {fits} (or a shorter --seqlen)" if fits >= 1 else "a shorter --seqlen", *hints]
