@@ -78,7 +78,20 @@ def test_fitness_never_rises_and_every_candidate_is_inside_the_budget():
     assert len(history) == 7 and all(b <= a for a, b in zip(history, history[1:]))
     budget = report.search["target"]["budget"]
     assert all(c["cost"] <= budget for c in report.search["candidates"])
-    assert {c["role"] for c in report.search["candidates"]} == {"greedy", "child", "survivor"}
+    assert {c["role"] for c in report.search["candidates"]} <= {"greedy", "uniform", "child", "survivor"}
+    assert {"greedy", "child", "survivor"} <= {c["role"] for c in report.search["candidates"]}
+
+
+def test_the_first_parent_is_the_best_of_the_greedy_and_the_uniform_starts():
+    model = llama(**FOUR_BLOCKS)
+    report = run(model, windows(model), target="params=0.6", generations=0)
+    starts = [c for c in report.search["candidates"] if c["generation"] == 0]
+    assert {c["role"] for c in starts} == {"greedy", "uniform"}
+    budget = report.search["target"]["budget"]
+    for start in starts:
+        assert start["cost"] <= budget and start["fitness"] is not None
+    assert report.search["history"] == [min(c["fitness"] for c in starts)]
+    assert report.search["best"]["levels"] == min(starts, key=lambda c: c["fitness"])["levels"]
 
 
 def test_the_fitness_of_the_masked_candidate_is_the_pruned_models_kl():
