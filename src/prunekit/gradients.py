@@ -26,6 +26,7 @@ float64 sums of the same float32 squares round to the same float32 in any groupi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -101,22 +102,45 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
     The model runs on `device` (moved there and back if it lives elsewhere); the sums live on the
     CPU, as in the reference, so the accelerator holds only the model and one window's graph.
     """
+    windows = max(0, min(samples - first_window, int(calib.shape[0])))          # this process's part of them
+    sums = [torch.zeros(weight_view(m).shape, dtype=torch.float64) for m in linear_modules(model, names).values()]
+    with contextlib.closing(window_gradients(model, calib[:windows], names, device=device,
+                                             progress=progress)) as per_window:
+        for grads in per_window:
+            for total, grad in zip(sums, grads):
+                total += grad.float().square().cpu()
+    for total in sums:
+        all_reduce_sum_(total)
+    return {name: total.sqrt().float() for name, total in zip(names, sums)}
+
+
+def linear_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """{name: module} for full module names, each a linear layer (else a TypeError naming it)."""
     modules = {name: get_module(model, name) for name in names}
     for name, module in modules.items():
         if not is_linear(module):
             raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer")
+    return modules
+
+
+def window_gradients(model: nn.Module, windows: Tensor, names: list[str], *, device=None, desc: str = "gradients",
+                     progress: bool = True):
+    """Yield, window by window of `windows` (n, seqlen), the gradients dL/dW of the linears `names` as
+    (out, in) tensors on the compute device (Conv1D's (in, out) transposed); L is the window's mean
+    next-token cross-entropy. Meanwhile only those weights require gradients (no memory for the
+    others'), the model is in eval mode and on `device`; its flags, mode and device are restored when
+    the generator ends or is closed (use `contextlib.closing`). The weights and their `.grad` never
+    change (`torch.autograd.grad`). Shared by `model_gradients` and D-Pruner's gradient moments."""
+    modules = linear_modules(model, names)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    windows = max(0, min(samples - first_window, int(calib.shape[0])))          # this process's part of them
     weights = [module.weight for module in modules.values()]
     conv1d = [type(module).__name__ == "Conv1D" for module in modules.values()]    # Conv1D stores (in, out)
-    sums = [torch.zeros(weight_view(module).shape, dtype=torch.float64) for module in modules.values()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     training = model.training
-    bar = _progress(windows, "gradients", progress)
+    bar = _progress(int(windows.shape[0]), desc, progress)
     try:
-        # only the pruned weights need gradients: no memory for embedding or norm gradients
         for p in params:
             p.requires_grad_(False)
         for weight in weights:
@@ -124,17 +148,13 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
         model.train(False)
         if device != home:
             model.to(device)
-        for i in range(windows):
-            ids = calib[i:i + 1].to(device)                                        # (1, seqlen)
+        for i in range(windows.shape[0]):
+            ids = windows[i:i + 1].to(device)                                      # (1, seqlen)
             with torch.enable_grad():
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 grads = torch.autograd.grad(loss, weights)
-            for total, grad, transposed in zip(sums, grads, conv1d):
-                grad = grad.T if transposed else grad                              # (out, in)
-                total += grad.float().square().cpu()
+            yield [grad.T if transposed else grad for grad, transposed in zip(grads, conv1d)]
             bar.update(1)
-        for total in sums:
-            all_reduce_sum_(total)
     finally:
         bar.close()
         if device != home:
@@ -142,7 +162,6 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
         model.train(training)
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return {name: total.sqrt().float() for name, total in zip(modules, sums)}
 
 
 def block_gradients(step, modules: dict[str, nn.Module], *, seed: int = 0) -> dict[str, Tensor]:

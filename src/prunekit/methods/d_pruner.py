@@ -38,6 +38,7 @@ channel it already uses for model gradients, and `d_pruner` keeps the highest. T
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -47,8 +48,9 @@ from torch import Tensor, nn
 from .. import distributed
 from ..config import SparsityConfig
 from ..data import ALIASES, DOMAINS, calibration_data
+from ..gradients import linear_modules, window_gradients
 from ..masks import lowest
-from ..models.spec import get_module, is_linear, weight_view
+from ..models.spec import get_module, weight_view
 from ..registry import register
 
 
@@ -119,48 +121,21 @@ def gradient_moments(model: nn.Module, windows: Tensor, names: list[str], *, dev
                      progress: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
     """{name: (mean_s dL_s/dW, mean_s (dL_s/dW)^2)}, each (out, in) float32 on the CPU, over the
     `windows` (n, seqlen) one at a time; L_s the mean next-token cross-entropy of window s. Neither
-    the weights, their `requires_grad` nor their `.grad` change (torch.autograd.grad)."""
-    from tqdm.auto import tqdm
-    modules = {name: get_module(model, name) for name in names}
-    for name, module in modules.items():
-        if not is_linear(module):
-            raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer")
+    the weights, their `requires_grad` nor their `.grad` change (`gradients.window_gradients`)."""
     if windows.shape[0] < 1:
         raise ValueError("d-pruner needs at least one calibration window for each gradient pass")
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    weights = [module.weight for module in modules.values()]
-    conv1d = [type(module).__name__ == "Conv1D" for module in modules.values()]    # Conv1D stores (in, out)
-    sums = [torch.zeros(weight_view(m).shape, dtype=torch.float64) for m in modules.values()]
-    squares = [torch.zeros(weight_view(m).shape, dtype=torch.float64) for m in modules.values()]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    training = model.training
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for weight in weights:
-            weight.requires_grad_(True)
-        model.train(False)
-        if device != home:
-            model.to(device)
-        for i in tqdm(range(windows.shape[0]), desc="d-pruner gradients", unit="window", disable=not progress):
-            ids = windows[i:i + 1].to(device)                                         # (1, seqlen)
-            with torch.enable_grad():
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                grads = torch.autograd.grad(loss, weights)
-            for total, square, grad, transposed in zip(sums, squares, grads, conv1d):
-                grad = (grad.T if transposed else grad).double().cpu()               # (out, in)
+    shapes = [weight_view(module).shape for module in linear_modules(model, names).values()]
+    sums = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+    squares = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+    with contextlib.closing(window_gradients(model, windows, names, device=device, desc="d-pruner gradients",
+                                             progress=progress)) as per_window:
+        for grads in per_window:
+            for total, square, grad in zip(sums, squares, grads):
+                grad = grad.double().cpu()                                               # (out, in)
                 total += grad
                 square += grad.square()
-    finally:
-        if device != home:
-            model.to(home)
-        model.train(training)
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
     n = windows.shape[0]
-    return {name: ((total / n).float(), (square / n).float()) for name, total, square in zip(modules, sums, squares)}
+    return {name: ((total / n).float(), (square / n).float()) for name, total, square in zip(names, sums, squares)}
 
 
 def layer_importances(model: nn.Module, domain: Tensor, general: Tensor, names: list[str], cfg: DPrunerConfig, *,
