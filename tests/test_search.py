@@ -78,15 +78,22 @@ def test_fitness_never_rises_and_every_candidate_is_inside_the_budget():
     assert len(history) == 7 and all(b <= a for a, b in zip(history, history[1:]))
     budget = report.search["target"]["budget"]
     assert all(c["cost"] <= budget for c in report.search["candidates"])
-    assert {c["role"] for c in report.search["candidates"]} <= {"greedy", "uniform", "child", "survivor"}
-    assert {"greedy", "child", "survivor"} <= {c["role"] for c in report.search["candidates"]}
+    roles = {c["role"] for c in report.search["candidates"]}
+    assert {"greedy", "child", "survivor"} <= roles
+    assert roles <= {"greedy", "greedy-depth", "greedy-attention", "greedy-ffn", "uniform", "child", "survivor"}
 
 
 def test_the_first_parent_is_the_best_of_the_greedy_and_the_uniform_starts():
     model = llama(**FOUR_BLOCKS)
     report = run(model, windows(model), target="params=0.6", generations=0)
     starts = [c for c in report.search["candidates"] if c["generation"] == 0]
-    assert {c["role"] for c in starts} == {"greedy", "uniform"}
+    assert {"greedy", "uniform", "greedy-depth"} <= {c["role"] for c in starts}
+    assert len({tuple(map(tuple, c["levels"])) for c in starts}) == len(starts)          # no start twice
+    depth = next(c for c in starts if c["role"] == "greedy-depth")
+    library = report.search["library"]["blocks"]
+    # before filling, the depth start only removes whole blocks; filling may widen them back one rung
+    assert any(library[i]["heads"][a] == 0 and library[i]["channels"][f] == 0
+               for i, (a, f) in enumerate(depth["levels"]))
     budget = report.search["target"]["budget"]
     for start in starts:
         assert start["cost"] <= budget and start["fitness"] is not None

@@ -31,10 +31,11 @@ same kind of space coarse-to-fine. Steps:
                dense model's measured latency go into search.json.
   3. seed      each sublayer level alone in an otherwise dense model: KL to the dense model on the
                first `seed_windows` windows (one by default; 12 variants per SmolLM2 block). A greedy
-               descent on these scores (cheapest loss per unit of cost saved) gives one candidate
-               inside the budget; the uniform models that fit (every block at one level, per
-               attention level the widest FFN, filled up to the budget) are the others. The best of
-               them, by the whole-model fitness, is the first parent.
+               descent on these scores (cheapest loss per unit of cost saved) gives a candidate
+               inside the budget, and so does the same descent restricted to whole blocks, to
+               attention alone and to the FFN alone; the uniform models that fit (every block at one
+               level, per attention level the widest FFN, filled up to the budget) are the others.
+               The best of them, by the whole-model fitness, is the first parent.
   4. evolve    per generation `offspring` children of the current best, each with a few level
                switches (one block one level down, another one up) repaired back inside the budget
                and filled up to it; all are scored on the first `select_windows` windows, the best
@@ -662,9 +663,10 @@ class Search:
             return self.costs.params[index][level] * self.costs.element_size + self.costs.kv_bytes[index][level]
         return self.costs.latency[index][level]
 
-    def greedy(self, seed_scores: list[dict]) -> tuple:
+    def greedy(self, seed_scores: list[dict], only=None) -> tuple | None:
         """From the dense model, repeatedly take the cheaper neighbour with the least seed-score increase per
-        unit of cost saved, until the budget is met."""
+        unit of cost saved, until the budget is met. `only(block, level)`: the kind of change allowed (None:
+        any); None is returned when changes of that kind alone cannot meet the budget."""
         genome = list(self.fitness.dense_genome())
 
         def score(index, level):
@@ -674,23 +676,47 @@ class Search:
                 return values[(a, f)]
             return values.get((a, 0), 0.0) + values.get((0, f), 0.0)
 
+        def moves(anywhere: bool):
+            return [m for m in self._moves(genome, True, anywhere) if only is None or only(*m)]
+
         while not self.fits(genome):
             best, best_ratio = None, math.inf
-            for index, level in self._moves(genome, cheaper=True) or self._moves(genome, True, anywhere=True):
+            for index, level in moves(False) or moves(True):
                 saved = self._block_cost(index, genome[index]) - self._block_cost(index, level)
                 ratio = (score(index, level) - score(index, genome[index])) / saved
                 if ratio < best_ratio:
                     best, best_ratio = (index, level), ratio
             if best is None:
+                if only is not None:
+                    return None
                 raise RuntimeError("no cheaper level left")             # guarded by the feasibility check
             genome[best[0]] = best[1]
         return self._fill(genome, random.Random(self.cfg.seed))
 
+    def starts(self, seed_scores: list[dict]) -> list[tuple[str, tuple]]:
+        """The candidates the evolution may start from, each (role, genome): the greedy descent over every
+        kind of change; the same restricted to whole blocks (a depth pruning ordered by the seed scores),
+        to attention alone and to the FFN alone; and the uniform models (`uniform`). At `latency=0.75` in
+        transformers the unrestricted greedy removed 21 attention sublayers (each alone costs little KL,
+        together they ruin the model: KL 3.7, perplexity 454); the best start is what evolution needs."""
+        def removed(index, level):
+            return self.ladder[index].heads[level[0]] == 0 and self.ladder[index].channels[level[1]] == 0
+
+        kinds = {"greedy": None, "greedy-depth": removed,
+                 "greedy-attention": lambda index, level: level[1] == 0 and not removed(index, level),
+                 "greedy-ffn": lambda index, level: level[0] == 0 and not removed(index, level)}
+        out: list[tuple[str, tuple]] = []
+        for role, only in kinds.items():
+            genome = self.greedy(seed_scores, only)
+            if genome is not None and genome not in [g for _, g in out]:
+                out.append((role, genome))
+        out += [("uniform", genome) for genome in self.uniform() if genome not in [g for _, g in out]]
+        return out
+
     def uniform(self) -> list[tuple]:
         """Starting points that give every block the same level: per attention level, the widest FFN level
         whose uniform model fits the budget, filled up to it. EvoPress starts from the uniform level; the
-        greedy start alone can be a trap: at `latency=0.75` in transformers its per-block scores removed 21
-        attention sublayers (one alone costs little KL, twenty together ruin the model: KL 4.5)."""
+        greedy start alone can be a trap (`starts`)."""
         starts = []
         for a in range(len(self.ladder[0].heads)):
             for f in range(len(self.ladder[0].channels)):
@@ -895,15 +921,12 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
         _save_state(state_path, state)
     seed_scores = [{_parse_key(k): v for k, v in row.items()} for row in state.seed_scores]
     if state.parent is None:
-        parent = search.greedy(seed_scores)
-        parent_fitness, boundaries = fitness.run(parent, full_chunks)
-        state.candidates.append(_candidate(search, parent, None, parent_fitness, "greedy", 0))
-        for start in search.uniform():                 # the best of the greedy and the uniform starts evolves
-            if start != parent:
-                value, start_boundaries = fitness.run(start, full_chunks)
-                state.candidates.append(_candidate(search, start, None, value, "uniform", 0))
-                if value < parent_fitness:
-                    parent, parent_fitness, boundaries = start, value, start_boundaries
+        parent, parent_fitness, boundaries = None, math.inf, None
+        for role, start in search.starts(seed_scores):      # the best start evolves
+            value, start_boundaries = fitness.run(start, full_chunks)
+            state.candidates.append(_candidate(search, start, None, value, role, 0))
+            if value < parent_fitness:
+                parent, parent_fitness, boundaries = start, value, start_boundaries
         state.parent, state.parent_fitness = [list(x) for x in parent], parent_fitness
         state.history.append(parent_fitness)
         _save_state(state_path, state)
