@@ -271,6 +271,34 @@ def test_a_noisy_latency_table_still_reaches_the_budget():
     assert report.search["best"]["latency_s"] <= report.search["target"]["budget"]
 
 
+def test_a_latency_table_that_is_wrong_on_mixed_widths_is_calibrated_on_the_whole_model():
+    """A runtime whose models of mixed widths pay a fixed extra cost (as a slow path would): uniform probes
+    never see it, so the additive table is optimistic for any non-uniform candidate. The start is timed as a
+    whole, the budget tightened by exactly the measured/predicted ratio, and the result meets the target as
+    measured."""
+    def widths(model):
+        return [(b.self_attn.o_proj.in_features if hasattr(b.self_attn, "o_proj") else 0,
+                 b.mlp.down_proj.in_features if hasattr(b.mlp, "down_proj") else 0) for b in model.model.layers]
+
+    def timer(model, context):
+        shape = widths(model)
+        mixed = len(set(shape)) > 1
+        return 1e-3 + sum(h * 2e-5 + c * 1e-5 for h, c in shape) + (1.5e-3 if mixed else 0.0)
+
+    model = llama(**FOUR_BLOCKS)
+    report = search_(model, SearchConfig(target="latency=0.7", generations=2, offspring=4, survivors=1,
+                                         compensate="none"), windows(model), batch_size=2, progress=False,
+                     latency_timer=timer)
+    target, best = report.search["target"], report.search["best"]
+    calibration = target["calibrated"]
+    # measured here: 0.84 (without the calibration the result measured 0.82x the dense step instead of 0.71x)
+    assert calibration["factor"] < 0.9
+    assert calibration["budget"] == pytest.approx(calibration["budget_before"] * calibration["factor"])
+    assert best["latency_s"] <= target["budget"] * (1 + 1e-9)
+    assert best["latency_measured_ratio"] <= 0.7 * 1.02
+    assert any("latency calibration" in note for note in report.notes)
+
+
 def test_a_latency_target_in_llama_cpp_is_timed_there():
     pytest.importorskip("llama_cpp")
     # Wide enough that the blocks, not llama.cpp's per-token overhead, take most of a decode step (with hidden 64 the

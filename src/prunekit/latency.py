@@ -8,6 +8,8 @@
     measure_latency_table     per block and level of a search ladder, from probe models: a few blocks of
                               one width with random weights, timed by a `timer(model, context)`, minus the
                               time outside the blocks
+    genome_latency            one candidate of a search timed as a whole (a probe with its per-block
+                              widths): the check of the table's additive prediction
 
 Only the shapes matter for speed, so probes are built from the config (random weights) and never copy
 the model's weights. A search should target the latency of the runtime its model is deployed on: the
@@ -148,9 +150,10 @@ def timer_for(runtime: str, **options) -> Callable[[nn.Module, int], float]:
     return functools.partial(timer, **options) if options else timer
 
 
-def _probe(model: nn.Module, layers: int, width: dict) -> nn.Module:
-    """A model of the same family and dtype with `layers` blocks of `width` (random weights). Per-layer
-    config lists (layer types) are cut to `layers`, or repeated when the probe is deeper than the model."""
+def _probe(model: nn.Module, layers: int, width: dict | list[dict]) -> nn.Module:
+    """A model of the same family and dtype with `layers` blocks of `width` (one dict for all, or one per
+    block), random weights. Per-layer config lists (layer types) are cut to `layers`, or repeated when the
+    probe is deeper than the model."""
     from transformers import AutoModelForCausalLM
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = layers
@@ -162,8 +165,31 @@ def _probe(model: nn.Module, layers: int, width: dict) -> nn.Module:
     torch.manual_seed(0)
     probe = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype).to(model_device(model))
     if layers:
-        resize_to_(probe, [width] * layers)
+        resize_to_(probe, width if isinstance(width, list) else [width] * layers)
     return probe.eval()
+
+
+def level_width(model: nn.Module, groups: list, ladder, a: int, f: int) -> dict:
+    """The block widths (`surgery.block_widths`' form) of attention level `a` and FFN level `f` of one
+    block's ladder: GQA query-head levels keep every KV head, KV-group levels keep whole groups."""
+    widths = block_widths(model)[0]
+    per_kv = widths["heads"] // widths["kv_heads"] if widths.get("kv_heads") else 1
+    kept = ladder.heads[a]
+    if kept == 0:
+        head = {"heads": 0, "kv_heads": 0}
+    elif groups[0][0].per_group > 1:                    # units are query heads (GQA), else KV groups
+        head = {"heads": kept, "kv_heads": widths["kv_heads"]}
+    else:
+        head = {"heads": kept * per_kv, "kv_heads": kept}
+    return {**widths, **head, "channels": ladder.channels[f]}
+
+
+def genome_latency(model: nn.Module, groups: list, ladder: list, genome, context: int, timer=decode_latency) -> float:
+    """The measured step time of a model with `genome`'s level per block (removed blocks left out), built as
+    a random-weight probe of those shapes: what the additive cost table predicts, timed as a whole."""
+    widths = [level_width(model, groups, lad, a, f) for lad, (a, f) in zip(ladder, genome)
+              if lad.heads[a] or lad.channels[f]]
+    return timer(_probe(model, len(widths), widths), context)
 
 
 def measure_latency_table(model: nn.Module, groups: list, ladder: list, context: int, *,
@@ -186,18 +212,9 @@ def measure_latency_table(model: nn.Module, groups: list, ladder: list, context:
     for sliding-window layers, in the mask)."""
     lad = ladder[0]
     widths = block_widths(model)[0]
-    per_kv = widths["heads"] // widths["kv_heads"] if widths.get("kv_heads") else 1
-    query_units = groups[0][0].per_group > 1           # units are query heads (GQA), else KV groups
 
     def width(a: int, f: int) -> dict:
-        kept = lad.heads[a]
-        if kept == 0:
-            head = {"heads": 0, "kv_heads": 0}
-        elif query_units:
-            head = {"heads": kept, "kv_heads": widths["kv_heads"]}
-        else:
-            head = {"heads": kept * per_kv, "kv_heads": kept}
-        return {**widths, **head, "channels": lad.channels[f]}
+        return level_width(model, groups, lad, a, f)
 
     @functools.cache
     def probe_time(a: int, f: int, count: int = layers) -> float:

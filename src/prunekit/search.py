@@ -35,7 +35,10 @@ same kind of space coarse-to-fine. Steps:
                inside the budget, and so does the same descent restricted to whole blocks, to
                attention alone and to the FFN alone; the uniform models that fit (every block at one
                level, per attention level the widest FFN, filled up to the budget) are the others.
-               The best of them, by the whole-model fitness, is the first parent.
+               The best of them, by the whole-model fitness, is the first parent. Under a latency
+               target that start is also timed as a whole, and the budget (in table units) is
+               corrected by how far the table's sum of per-block times was from it
+               (`_calibrate_latency`); the starts are then chosen again under the corrected budget.
   4. evolve    per generation `offspring` children of the current best, each with a few level
                switches (one block one level down, another one up) repaired back inside the budget
                and filled up to it; all are scored on the first `select_windows` windows, the best
@@ -78,7 +81,7 @@ from torch import Tensor, nn
 from .depth import BlockCache, decoder_blocks, onloaded, remove_blocks
 from .experts import check_keep, choose
 from .experts import observe as observe_experts
-from .latency import RUNTIMES, measure_latency_table, timer_for
+from .latency import RUNTIMES, genome_latency, measure_latency_table, timer_for
 from .models import spec_for
 from .models.moe import expert_count, groups_of, is_moe_block, route, top_k
 from .models.spec import get_module, weight_view
@@ -920,13 +923,19 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
         state.setup_seconds = time.perf_counter() - started
         _save_state(state_path, state)
     seed_scores = [{_parse_key(k): v for k, v in row.items()} for row in state.seed_scores]
+    if state.target.get("calibrated"):                      # a resumed latency search keeps its calibration
+        search.budget = budget = state.target["budget"]
     if state.parent is None:
-        parent, parent_fitness, boundaries = None, math.inf, None
-        for role, start in search.starts(seed_scores):      # the best start evolves
-            value, start_boundaries = fitness.run(start, full_chunks)
-            state.candidates.append(_candidate(search, start, None, value, role, 0))
-            if value < parent_fitness:
-                parent, parent_fitness, boundaries = start, value, start_boundaries
+        parent, parent_fitness, boundaries = _best_start(search, seed_scores, fitness, full_chunks, state)
+        if kind == "latency":                               # the table's prediction checked on the start itself
+            calibration = _calibrate_latency(search, parent, lambda g: genome_latency(
+                model, groups, ladder, g, cfg.context, timer), search.cost(cheapest))
+            state.target["calibrated"] = calibration
+            notes.append(calibration["note"])
+            echo(calibration["note"])
+            if calibration["budget"] != search.budget:
+                search.budget = budget = state.target["budget"] = calibration["budget"]
+                parent, parent_fitness, boundaries = _best_start(search, seed_scores, fitness, full_chunks, state)
         state.parent, state.parent_fitness = [list(x) for x in parent], parent_fitness
         state.history.append(parent_fitness)
         _save_state(state_path, state)
@@ -1146,6 +1155,39 @@ def _score_method(name: str):
         raise ValueError(f"score {name} needs gradients, which the search's forward-only pass does not take; "
                          "use flap, wanda-sp or magnitude-sp")
     return method
+
+
+def _best_start(search: Search, seed_scores: list[dict], fitness: Fitness, chunks: int, state: SearchState):
+    """Every start of `search.starts` scored on the fitness windows (recorded as generation 0); the best one
+    with its fitness and block boundaries."""
+    best = (None, math.inf, None)
+    for role, start in search.starts(seed_scores):
+        kl, boundaries = fitness.run(start, chunks)
+        state.candidates.append(_candidate(search, start, None, kl, role, 0))
+        if kl < best[1]:
+            best = (start, kl, boundaries)
+    return best
+
+
+def _calibrate_latency(search: Search, start, measure, floor: float) -> dict:
+    """Correct the budget of a latency target by what the additive cost table gets wrong on a pruned model.
+
+    The table adds per-block probe times; a whole model of mixed widths can run slower or faster than that
+    sum (on SmolLM2 in transformers the searched model measured 0.832x the dense step where the table
+    predicted 0.750x). So the best start is timed as a whole (`latency.genome_latency`) and the budget, in
+    table units, becomes the one that start's measured/predicted ratio says meets the target measured:
+        budget' = budget x (dense measured / dense predicted) x (start predicted / start measured),
+    at least the cheapest model's cost. The final model is measured again (search.json)."""
+    dense = search.fitness.dense_genome()
+    predicted, measured = search.cost(start), measure(start)
+    dense_predicted, dense_measured = search.costs.total("latency", dense), search.costs.dense_latency_measured
+    factor = (dense_measured / dense_predicted) * (predicted / measured)
+    budget = max(floor, search.budget * factor) if abs(factor - 1) > 0.01 else search.budget
+    note = (f"latency calibration: the best start measured {measured * 1e3:.2f} ms/token as a whole against "
+            f"{predicted * 1e3:.2f} predicted (dense: {dense_measured * 1e3:.2f} measured, {dense_predicted * 1e3:.2f} "
+            f"predicted); budget {search.budget * 1e3:.2f} -> {budget * 1e3:.2f} ms/token in table units")
+    return {"start_measured_s": measured, "start_predicted_s": predicted, "factor": factor,
+            "budget_before": search.budget, "budget": budget, "note": note}
 
 
 def _seed_scores(fitness: Fitness, search: Search, chunks: int, progress: bool) -> list[dict]:
