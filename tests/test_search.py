@@ -290,10 +290,12 @@ def test_a_latency_table_that_is_wrong_on_mixed_widths_is_calibrated_on_the_whol
                                          compensate="none"), windows(model), batch_size=2, progress=False,
                      latency_timer=timer)
     target, best = report.search["target"], report.search["best"]
-    calibration = target["calibrated"]
-    # measured here: 0.84 (without the calibration the result measured 0.82x the dense step instead of 0.71x)
-    assert calibration["factor"] < 0.9
-    assert calibration["budget"] == pytest.approx(calibration["budget_before"] * calibration["factor"])
+    first = target["calibrated"][0]
+    # the first start measured 1.19x its prediction here (without the calibration the result measured 0.82x the
+    # dense step instead of 0.71x): the budget shrinks by that ratio, to what meets the target as measured
+    assert first["start_measured_s"] > 1.1 * first["start_predicted_s"]
+    assert first["budget"] == pytest.approx(first["target_s"] * first["start_predicted_s"] / first["start_measured_s"])
+    assert first["budget"] < first["budget_before"] and target["budget"] == target["calibrated"][-1]["budget"]
     assert best["latency_s"] <= target["budget"] * (1 + 1e-9)
     assert best["latency_measured_ratio"] <= 0.7 * 1.02
     assert any("latency calibration" in note for note in report.notes)

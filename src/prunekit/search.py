@@ -97,6 +97,7 @@ log = logging.getLogger("prunekit")
 SPACES = ("width", "depth", "sublayer", "experts", "sparsity")
 TARGETS = ("params", "memory", "latency")
 STATE_FILE = "search-state.json"
+CALIBRATION_ROUNDS = 3      # a latency target's budget: at most this many corrections on a start timed as a whole
 
 
 @dataclass(frozen=True)
@@ -928,14 +929,20 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     if state.parent is None:
         parent, parent_fitness, boundaries = _best_start(search, seed_scores, fitness, full_chunks, state)
         if kind == "latency":                               # the table's prediction checked on the start itself
-            calibration = _calibrate_latency(search, parent, lambda g: genome_latency(
-                model, groups, ladder, g, cfg.context, timer), search.cost(cheapest))
-            state.target["calibrated"] = calibration
-            notes.append(calibration["note"])
-            echo(calibration["note"])
-            if calibration["budget"] != search.budget:
-                search.budget = budget = state.target["budget"] = calibration["budget"]
+            rounds = []
+            for _ in range(CALIBRATION_ROUNDS):
+                calibration = _calibrate_latency(search, parent, lambda g: genome_latency(
+                    model, groups, ladder, g, cfg.context, timer), value * costs.dense_latency_measured,
+                    search.cost(cheapest))
+                rounds.append(calibration)
+                notes.append(calibration["note"])
+                echo(calibration["note"])
+                if calibration["budget"] == search.budget:
+                    break
+                search.budget = budget = calibration["budget"]
                 parent, parent_fitness, boundaries = _best_start(search, seed_scores, fitness, full_chunks, state)
+            state.target["budget"] = search.budget
+            state.target["calibrated"] = rounds
         state.parent, state.parent_fitness = [list(x) for x in parent], parent_fitness
         state.history.append(parent_fitness)
         _save_state(state_path, state)
@@ -1169,24 +1176,24 @@ def _best_start(search: Search, seed_scores: list[dict], fitness: Fitness, chunk
     return best
 
 
-def _calibrate_latency(search: Search, start, measure, floor: float) -> dict:
+def _calibrate_latency(search: Search, start, measure, target_s: float, floor: float) -> dict:
     """Correct the budget of a latency target by what the additive cost table gets wrong on a pruned model.
 
     The table adds per-block probe times; a whole model of mixed widths can run slower or faster than that
-    sum (on SmolLM2 in transformers the searched model measured 0.832x the dense step where the table
-    predicted 0.750x). So the best start is timed as a whole (`latency.genome_latency`) and the budget, in
-    table units, becomes the one that start's measured/predicted ratio says meets the target measured:
-        budget' = budget x (dense measured / dense predicted) x (start predicted / start measured),
-    at least the cheapest model's cost. The final model is measured again (search.json)."""
-    dense = search.fitness.dense_genome()
+    sum (on SmolLM2 in transformers a searched model measured 0.832x the dense step where the table
+    predicted 0.750x). So the start is timed as a whole (`latency.genome_latency`), and the budget, in
+    table units, becomes what that start's measured/predicted ratio says meets the target as measured:
+        budget' = target_s x (start predicted / start measured),   target_s = target x dense measured,
+    at least the cheapest model's cost, unchanged when the start already measures within 2% of the
+    target. The caller repeats this on the new best start (`CALIBRATION_ROUNDS`), a fixed-point iteration
+    of the budget; the final model is measured again (search.json)."""
     predicted, measured = search.cost(start), measure(start)
-    dense_predicted, dense_measured = search.costs.total("latency", dense), search.costs.dense_latency_measured
-    factor = (dense_measured / dense_predicted) * (predicted / measured)
-    budget = max(floor, search.budget * factor) if abs(factor - 1) > 0.01 else search.budget
-    note = (f"latency calibration: the best start measured {measured * 1e3:.2f} ms/token as a whole against "
-            f"{predicted * 1e3:.2f} predicted (dense: {dense_measured * 1e3:.2f} measured, {dense_predicted * 1e3:.2f} "
-            f"predicted); budget {search.budget * 1e3:.2f} -> {budget * 1e3:.2f} ms/token in table units")
-    return {"start_measured_s": measured, "start_predicted_s": predicted, "factor": factor,
+    close = abs(measured / target_s - 1) <= 0.02
+    budget = search.budget if close else max(floor, target_s * predicted / measured)
+    note = (f"latency calibration: the start measured {measured * 1e3:.2f} ms/token as a whole against "
+            f"{predicted * 1e3:.2f} predicted (target {target_s * 1e3:.2f} measured); budget "
+            f"{search.budget * 1e3:.2f} -> {budget * 1e3:.2f} ms/token in table units")
+    return {"start_measured_s": measured, "start_predicted_s": predicted, "target_s": target_s,
             "budget_before": search.budget, "budget": budget, "note": note}
 
 
