@@ -301,6 +301,38 @@ def test_a_latency_table_that_is_wrong_on_mixed_widths_is_calibrated_on_the_whol
     assert any("latency calibration" in note for note in report.notes)
 
 
+def test_an_evolved_candidate_that_measures_over_the_target_is_stepped_down_into_it(monkeypatch):
+    """The start measures as predicted, the evolved candidate 25% slower (what the table flatters, selection
+    finds): the final check shrinks the budget by that ratio and takes the cheapest-loss steps down into it."""
+    import prunekit.search as search_module
+
+    def timer(model, context):
+        shape = [(b.self_attn.o_proj.in_features if hasattr(b.self_attn, "o_proj") else 0,
+                  b.mlp.down_proj.in_features if hasattr(b.mlp, "down_proj") else 0) for b in model.model.layers]
+        return 1e-3 + sum(h * 2e-5 + c * 1e-5 for h, c in shape)
+
+    evolved = {"generations": 0}
+    generation, whole = search_module.Search.generation, search_module.genome_latency
+
+    def counted(self, *args):
+        evolved["generations"] += 1
+        return generation(self, *args)
+
+    monkeypatch.setattr(search_module.Search, "generation", counted)
+    monkeypatch.setattr(search_module, "genome_latency",
+                        lambda *args: whole(*args) * (1.25 if evolved["generations"] else 1.0))
+    model = llama(**FOUR_BLOCKS)
+    report = search_(model, SearchConfig(target="latency=0.7", generations=2, offspring=4, survivors=1,
+                                         compensate="none"), windows(model), batch_size=2, progress=False,
+                     latency_timer=timer)
+    target, best = report.search["target"], report.search["best"]
+    assert all(c["budget"] == c["budget_before"] for c in target["calibrated"])       # the start measured true
+    repairs = [c for c in report.search["candidates"] if c["role"] == "repair"]
+    assert repairs and target["budget"] < target["calibrated"][-1]["budget"]
+    assert best["latency_s"] <= target["budget"] * (1 + 1e-9) and best["levels"] == repairs[-1]["levels"]
+    assert any("the evolved candidate measured" in note for note in report.notes)
+
+
 def test_a_latency_target_in_llama_cpp_is_timed_there():
     pytest.importorskip("llama_cpp")
     # Wide enough that the blocks, not llama.cpp's per-token overhead, take most of a decode step (with hidden 64 the
