@@ -927,6 +927,11 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
         state.setup_seconds = time.perf_counter() - started
         _save_state(state_path, state)
     seed_scores = [{_parse_key(k): v for k, v in row.items()} for row in state.seed_scores]
+    if kind == "latency":
+        target_s = value * costs.dense_latency_measured   # the target as measured: a share of the dense step
+
+        def whole(genome) -> float:                        # a candidate timed as a whole, in the same runtime
+            return genome_latency(model, groups, ladder, genome, cfg.context, timer)
     if state.target.get("calibrated"):                      # a resumed latency search keeps its calibration
         search.budget = budget = state.target["budget"]
     if state.parent is None:
@@ -934,9 +939,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
         if kind == "latency":                               # the table's prediction checked on the start itself
             rounds = []
             for _ in range(CALIBRATION_ROUNDS):
-                calibration = _calibrate_latency(search, parent, lambda g: genome_latency(
-                    model, groups, ladder, g, cfg.context, timer), value * costs.dense_latency_measured,
-                    search.cost(cheapest))
+                calibration = _calibrate_latency(search, parent, whole, target_s, search.cost(cheapest))
                 rounds.append(calibration)
                 notes.append(calibration["note"])
                 echo(calibration["note"])
@@ -972,9 +975,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     bar.close()
     if kind == "latency":        # the evolved candidate timed as a whole: selection favours what the table flatters
         for _ in range(CALIBRATION_ROUNDS):
-            check = _calibrate_latency(search, parent, lambda g: genome_latency(
-                model, groups, ladder, g, cfg.context, timer), value * costs.dense_latency_measured,
-                search.cost(cheapest))
+            check = _calibrate_latency(search, parent, whole, target_s, search.cost(cheapest))
             notes.append(check["note"].replace("the start", "the evolved candidate"))
             echo(notes[-1])
             if check["budget"] >= search.budget:
