@@ -707,7 +707,7 @@ class Search:
         transformers the unrestricted greedy removed 21 attention sublayers (each alone costs little KL,
         together they ruin the model: KL 3.7, perplexity 454); the best start is what evolution needs."""
         def removed(index, level):
-            return self.ladder[index].heads[level[0]] == 0 and self.ladder[index].channels[level[1]] == 0
+            return self.fitness.kept(index, level) == (0, 0)
 
         kinds = {"greedy": None, "greedy-depth": removed,
                  "greedy-attention": lambda index, level: level[1] == 0 and not removed(index, level),
@@ -933,7 +933,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
         def whole(genome) -> float:                        # a candidate timed as a whole, in the same runtime
             return genome_latency(model, groups, ladder, genome, cfg.context, timer)
     if state.target.get("calibrated"):                      # a resumed latency search keeps its calibration
-        search.budget = budget = state.target["budget"]
+        search.budget = state.target["budget"]
     if state.parent is None:
         parent, parent_fitness, boundaries = _best_start(search, seed_scores, fitness, full_chunks, state)
         if kind == "latency":                               # the table's prediction checked on the start itself
@@ -945,7 +945,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
                 echo(calibration["note"])
                 if calibration["budget"] == search.budget:
                     break
-                search.budget = budget = calibration["budget"]
+                search.budget = calibration["budget"]
                 parent, parent_fitness, boundaries = _best_start(search, seed_scores, fitness, full_chunks, state)
             state.target["budget"] = search.budget
             state.target["calibrated"] = rounds
