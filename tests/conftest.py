@@ -1,4 +1,7 @@
 """Shared fixtures: tiny models built from Hugging Face configs, no download."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -241,3 +244,20 @@ def default_signal_dispositions():
     yield
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+def load_bench(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package), for its tiny-mode tests."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def src_on_path(monkeypatch):
+    """A bench script may start `python -m prunekit` subprocesses: they must find this checkout."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -1,24 +1,12 @@
 """bench/domains_smollm2.py end to end on the tiny model: every method x domain x sparsity row is pruned,
 scored on both domains, and compared with its baseline in the markdown."""
-import importlib.util
 import json
-import os
-from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "bench" / "domains_smollm2.py"
+from conftest import load_bench
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("domains_smollm2", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_domains_bench_runs_tiny(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1] / "src") + os.pathsep
-                       + os.environ.get("PYTHONPATH", ""))
-    bench = _load()
+def test_domains_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
+    bench = load_bench("domains_smollm2")
     out = tmp_path / "domains.md"
     assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens",
                        "256", "--sparsities", "0.2", "--seap-protect", "0,0", "--only", "d-pruner", "--only", "wanda",

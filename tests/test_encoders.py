@@ -294,12 +294,8 @@ def test_cli_refuses_a_one_block_model(tmp_path, capsys, tok):
 
 
 def test_bench_tiny_mode(tiny_model_dir, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "encoder_smollm2.py"
-    spec = importlib.util.spec_from_file_location("encoder_smollm2", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_bench
+    bench = load_bench("encoder_smollm2")
     assert bench.main(["--tiny", "--model", str(tiny_model_dir), "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "| last-k | 1 |" in out and "Protocol: 12 held-out queries" in out

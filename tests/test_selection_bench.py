@@ -1,27 +1,13 @@
 """bench/selection_smollm2.py end to end with tiny shapes: (a) calibration selection, (b) recovery data
 selection, (c) Light-PEFT, each with its commands (the real run is the lead's, on SmolLM2-135M)."""
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).parents[1] / "bench" / "selection_smollm2.py"
+from conftest import load_bench
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("selection_smollm2", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def src_on_path(monkeypatch):
-    """The bench script may start `python -m prunekit` subprocesses: they must find this checkout."""
-    src = str(Path(__file__).parents[1] / "src")
-    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return load_bench("selection_smollm2")
 
 
 def test_selector_lists_are_what_the_commands_accept():
