@@ -192,8 +192,8 @@ def genome_latency(model: nn.Module, groups: list, ladder: list, genome, context
     return timer(_probe(model, len(widths), widths), context)
 
 
-def measure_latency_table(model: nn.Module, groups: list, ladder: list, context: int, *,
-                          layers: int | None = None, timer=decode_latency, echo=None) -> tuple[list[dict], float, float]:
+def measure_latency_table(model: nn.Module, groups: list, ladder: list, context: int, *, layers: int | None = None,
+                          timer=decode_latency, echo=None) -> tuple[list[dict], float, float]:
     """Decode latency per block and level on this machine, from probe models.
 
     A probe has `layers` blocks (default: half the model's depth, at least 4), all at one width, random
