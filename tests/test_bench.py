@@ -79,7 +79,7 @@ def test_cpu_beyond_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     bench = _load("cpu_beyond")
     args = ["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "256",
             "--eora-rank", "1", "--out", str(out)]
-    names = ["sparsegpt-70", "owl-admm-gradual-70", "owl-admm-gradual-70-eora", "ria-permute-2:4", "armor-2:4"]
+    names = ["sparsegpt-70", "owl-admm-gradual-70", "owl-admm-gradual-70-eora", "ria-permute-2:4", "armor-b16-2:4"]
     assert bench.main(args + [x for name in names for x in ("--only", name)]) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == set(names)
@@ -91,8 +91,8 @@ def test_cpu_beyond_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
         < 0.01 * plain["nonzero_block_weights"]
     assert len(rows["owl-admm-gradual-70"]["block_sparsity"]) == 2
     # ARMOR's block-diagonal wrappers are counted beside its 2:4 core; a plain run adds nothing
-    assert rows["armor-2:4"]["wrapper_parameters"] > 0 and plain["wrapper_parameters"] == 0
-    assert bench.added(rows["armor-2:4"]) == rows["armor-2:4"]["wrapper_parameters"]
+    assert rows["armor-b16-2:4"]["wrapper_parameters"] > 0 and plain["wrapper_parameters"] == 0
+    assert bench.added(rows["armor-b16-2:4"]) == rows["armor-b16-2:4"]["wrapper_parameters"]
     # resumable: a second call reads the JSON back instead of re-running
     assert bench.main(args + ["--only", "sparsegpt-70"]) == 0
     assert "process_seconds" not in json.loads(out.read_text())["rows"][0]
