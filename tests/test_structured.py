@@ -160,6 +160,21 @@ def test_non_uniform_export_reloads_with_load_pruned(family, calib, tmp_path):
     torch.testing.assert_close(_logits(reloaded, calib[:2]), before, atol=1e-5, rtol=1e-4)
 
 
+def test_a_share_nearest_to_every_head_keeps_one_group_and_the_mlp_takes_the_rest(calib):
+    """GQA (6 query heads in 2 KV groups, removable 2 at a time): at 70% of the block the attention share,
+    which counts the K/V projections that stay, is nearest to removing all 6 heads; attention keeps 2 and
+    the MLP gives the rest (SEAP's deepest blocks on SmolLM2 at 50% failed here)."""
+    m = AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]().__class__(
+        hidden_size=96, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=1,
+        vocab_size=VOCAB))
+    before = sum(p.numel() for p in m.model.layers.parameters())
+    prune_(m, MagnitudeSPConfig(sparsity=0.7, round_to=4), calib, progress=False)
+    widths = block_widths(m)[0]
+    assert (widths["heads"], widths["kv_heads"]) == (2, 2)
+    removed = 1 - sum(p.numel() for p in m.model.layers.parameters()) / before
+    assert removed == pytest.approx(0.7, abs=0.03)
+
+
 def test_bad_requests_give_clear_errors(calib):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="every attention head"):
