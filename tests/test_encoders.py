@@ -301,4 +301,4 @@ def test_bench_tiny_mode(tiny_model_dir, tmp_path, capsys):
     assert "| last-k | 1 |" in out and "Protocol: 12 held-out queries" in out
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["row"] for r in rows] == ["unpruned", "last-k", "l3prune-large", "l3prune-small"]
-    assert rows[3]["blocks"] == 1 and rows[1]["finetuned"] is not None
+    assert rows[3]["blocks"] == 1 and rows[1]["finetuned"] is not None and rows[0]["finetuned"] is not None
