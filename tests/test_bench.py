@@ -1,25 +1,15 @@
 """The benchmark commands run end to end with tiny shapes (the real runs are in BENCHMARKS.md)."""
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).parents[1] / "bench"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_gpu_cli_check_runs_on_cpu(tmp_path):
     """bench/gpu_check.sh's CLI step, dry-run on the CPU: every case runs and equals itself."""
     out = tmp_path / "gpu_cli.json"
-    assert _load("gpu_cli").main(["--device", "cpu", "--cases", "wanda,sparsegpt-2of4,flap", "--out", str(out)]) == 0
+    bench = load_bench("gpu_cli")
+    assert bench.main(["--device", "cpu", "--cases", "wanda,sparsegpt-2of4,flap", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == ["wanda", "sparsegpt-2of4", "flap"]
     assert all(r["rc"] == 0 and r["same_shapes"] and r["mask_agreement"] == 1.0 for r in rows)
@@ -27,23 +17,16 @@ def test_gpu_cli_check_runs_on_cpu(tmp_path):
 
 def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    assert _load("gpu_7b").main(["--tiny", "--out", str(out)]) == 0
+    assert load_bench("gpu_7b").main(["--tiny", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["method"], r["mode"]) for r in rows} == {(m, d) for m in ("wanda", "sparsegpt")
                                                          for d in ("gpu", "lowmem")}
     assert all(r["sparsity"] == pytest.approx(0.5) for r in rows)
 
 
-@pytest.fixture
-def src_on_path(monkeypatch):
-    """The bench scripts start `python -m prunekit` subprocesses: they must find this checkout."""
-    src = str(Path(__file__).parents[1] / "src")
-    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 def test_cpu_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "cpu.json"
-    bench = _load("cpu_smollm2")
+    bench = load_bench("cpu_smollm2")
     assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "640",
                        "--only", "dense", "--only", "sparsegpt-2:4", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -54,7 +37,7 @@ def test_cpu_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
 
 def test_gpu_structured_bench_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu_structured.json"
-    assert _load("gpu_structured").main(["--tiny", "--batch", "1", "--out", str(out)]) == 0
+    assert load_bench("gpu_structured").main(["--tiny", "--batch", "1", "--out", str(out)]) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"dense", "width-25", "depth-25"}
     assert rows["width-25"]["params"] < rows["dense"]["params"] and rows["depth-25"]["layers"] == 3
@@ -63,7 +46,7 @@ def test_gpu_structured_bench_runs_tiny_on_cpu(tmp_path):
 
 def test_cpu_structured_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "structured.json"
-    bench = _load("cpu_structured")
+    bench = load_bench("cpu_structured")
     assert bench.main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "640",
                        "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1", "--only", "flap-35",
                        "--only", "last-k-35", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
@@ -76,7 +59,7 @@ def test_cpu_structured_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
 
 def test_cpu_beyond_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "beyond.json"
-    bench = _load("cpu_beyond")
+    bench = load_bench("cpu_beyond")
     args = ["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--max-eval-tokens", "256",
             "--eora-rank", "1", "--out", str(out)]
     names = ["sparsegpt-70", "owl-admm-gradual-70", "owl-admm-gradual-70-eora", "ria-permute-2:4", "armor-b16-2:4"]
@@ -100,7 +83,7 @@ def test_cpu_beyond_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
 
 def test_cpu_recover_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "recover.json"
-    assert _load("cpu_recover").main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32",
+    assert load_bench("cpu_recover").main(["--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32",
                                       "--train-seqlen", "16", "--steps", "2", "--batch-size", "2",
                                       "--max-eval-tokens", "256", "--only", "lora", "--work", str(tmp_path / "w"),
                                       "--out", str(out)]) == 0
@@ -112,8 +95,9 @@ def test_cpu_recover_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
 
 def test_cpu_offload_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     out = tmp_path / "offload.json"
-    assert _load("cpu_offload").main(["--tiny", "--model", str(tiny_model_dir), "--methods", "wanda,block-influence",
-                                      "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    bench = load_bench("cpu_offload")
+    assert bench.main(["--tiny", "--model", str(tiny_model_dir), "--methods", "wanda,block-influence",
+                       "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["part"], r["method"], r["offload"]) for r in rows] == [
         ("a", "wanda", "none"), ("a", "wanda", "disk"), ("a", "block-influence", "none"),
@@ -124,7 +108,7 @@ def test_cpu_offload_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
 
 def test_gpu_offload_bench_runs_tiny(tmp_path, src_on_path):
     out = tmp_path / "gpu_offload.json"
-    assert _load("gpu_offload").main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert load_bench("gpu_offload").main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["wanda", "sparsegpt"]
     assert all(r["blocks"] == 3 and r["peak_block_mb"] > 0 and r["seconds_per_block"]["median"] >= 0 for r in rows)
@@ -132,7 +116,7 @@ def test_gpu_offload_bench_runs_tiny(tmp_path, src_on_path):
 
 def test_moe_experts_bench_runs_tiny(tiny_moe_dir, tmp_path, src_on_path):
     out = tmp_path / "moe.json"
-    bench = _load("moe_experts")
+    bench = load_bench("moe_experts")
     assert bench.main(["--model", str(tiny_moe_dir), "--samples", "2", "--seqlen", "32", "--eval-tokens", "512",
                        "--kl-tokens", "128", "--only", "reap-50", "--only", "moe-pruner-2:4",
                        "--only", "reap-50-code-calibrated", "--out", str(out)]) == 0

@@ -1,17 +1,10 @@
 """bench/peers.py's ratio and table formatting on hand-made numbers (no peer venv, no model)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).parents[1] / "bench"
+from conftest import load_bench
 
 
 def _peers():
-    spec = importlib.util.spec_from_file_location("peers", BENCH / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("peers")
 
 
 ROWS = [

@@ -232,12 +232,8 @@ def test_cli_search_writes_the_model_and_search_json(tiny_model_dir, tmp_path):
 
 
 def test_the_benchmark_runs_tiny(tiny_model_dir, tmp_path):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "search_smollm2.py"
-    spec = importlib.util.spec_from_file_location("search_smollm2", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_bench
+    bench = load_bench("search_smollm2")
     out = tmp_path / "table.md"
     assert bench.main(["--model", str(tiny_model_dir), "--samples", "4", "--seqlen", "16", "--budget-minutes",
                        "0.01", "--max-eval-tokens", "256", "--eval-seqlen", "32", "--context", "32", "--only",

@@ -975,8 +975,8 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     bar.close()
     if kind == "latency":        # the evolved candidate timed as a whole: selection favours what the table flatters
         for _ in range(CALIBRATION_ROUNDS):
-            check = _calibrate_latency(search, parent, whole, target_s, search.cost(cheapest))
-            notes.append(check["note"].replace("the start", "the evolved candidate"))
+            check = _calibrate_latency(search, parent, whole, target_s, search.cost(cheapest), "the evolved candidate")
+            notes.append(check["note"])
             echo(notes[-1])
             if check["budget"] >= search.budget:
                 break                                    # within 2% of the target, or faster: kept as it is
@@ -1195,7 +1195,7 @@ def _best_start(search: Search, seed_scores: list[dict], fitness: Fitness, chunk
     return best
 
 
-def _calibrate_latency(search: Search, start, measure, target_s: float, floor: float) -> dict:
+def _calibrate_latency(search: Search, start, measure, target_s: float, floor: float, what: str = "the start") -> dict:
     """Correct the budget of a latency target by what the additive cost table gets wrong on a pruned model.
 
     The table adds per-block probe times; a whole model of mixed widths can run slower or faster than that
@@ -1205,11 +1205,12 @@ def _calibrate_latency(search: Search, start, measure, target_s: float, floor: f
         budget' = target_s x (start predicted / start measured),   target_s = target x dense measured,
     at least the cheapest model's cost, unchanged when the start already measures within 2% of the
     target. The caller repeats this on the new best start (`CALIBRATION_ROUNDS`), a fixed-point iteration
-    of the budget; the final model is measured again (search.json)."""
+    of the budget; the final model is measured again (search.json). `what` names the timed candidate
+    in the note."""
     predicted, measured = search.cost(start), measure(start)
     close = abs(measured / target_s - 1) <= 0.02
     budget = search.budget if close else max(floor, target_s * predicted / measured)
-    note = (f"latency calibration: the start measured {measured * 1e3:.2f} ms/token as a whole against "
+    note = (f"latency calibration: {what} measured {measured * 1e3:.2f} ms/token as a whole against "
             f"{predicted * 1e3:.2f} predicted (target {target_s * 1e3:.2f} measured); budget "
             f"{search.budget * 1e3:.2f} -> {budget * 1e3:.2f} ms/token in table units")
     return {"start_measured_s": measured, "start_predicted_s": predicted, "target_s": target_s,

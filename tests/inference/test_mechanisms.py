@@ -265,13 +265,10 @@ def test_cli_flags_make_the_configs_and_refuse_strays():
 
 
 def test_the_benchmark_runs_tiny(tiny_model_dir, tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "bench" / "inference_smollm2.py"
-    spec = importlib.util.spec_from_file_location("inference_smollm2", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+
+    from conftest import load_bench
+    bench = load_bench("inference_smollm2")
     out = tmp_path / "inference.json"
     assert bench.main(["--model", str(tiny_model_dir), "--contexts", "96", "--new-tokens", "4", "--repeats", "1",
                        "--warmup", "0", "--threads", "1", "--accuracy-contexts", "96", "--accuracy-samples", "1",
