@@ -16,6 +16,7 @@ from .methods import amp, bonsai, flap, magnitude_sp, taylor, wanda_sp  # noqa: 
 from .methods import easy_ep, expert_frequency, expert_loo, expert_merge, expert_output, expert_random, naee, reap  # noqa: F401  (experts)
 from .methods import gblm, magnitude, moe_pruner, pruner_zero, ria, sparsegpt, wanda  # noqa: F401  (unstructured, N:M)
 from .methods import llm_surgeon  # noqa: F401  (unstructured, N:M: Kronecker-factored, multi-shot)
+from .methods import llm_surgeon_sp  # noqa: F401  (width: the structured LLM Surgeon, heads and channels)
 from .methods import armor  # noqa: F401  (N:M core between block-diagonal wrappers)
 from .methods import contextual, d_pruner, seap  # noqa: F401  (domain-specific: width, unstructured, width)
 from .recovery import train  # noqa: F401  (recover: lora, perp, kd, router-kd, expert-kd)

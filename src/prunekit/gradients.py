@@ -114,6 +114,52 @@ def model_gradients(model: nn.Module, calib: Tensor, names: list[str], *, sample
     return {name: total.sqrt().float() for name, total in zip(names, sums)}
 
 
+def output_covariances(model: nn.Module, calib: Tensor, names: list[str], *, samples: int, device=None,
+                       progress: bool = True, first_window: int = 0, diagonal: bool = False) -> dict[str, Tensor]:
+    """{name: G} for the linears `names`: G = sum over the first `samples` windows and their tokens of
+    g g^T, g = dL/dy the gradient of one window's causal LM loss at the layer's output (out,). The
+    output factor of the Kronecker-factored Fisher F ~= G (x) A (K-FAC; The LLM Surgeon, arXiv 2312.17244,
+    Eq. 5). (out, out) float32 on CPU, or with `diagonal` its diagonal (out,) (cheaper: out floats a layer).
+
+    One backward pass per window (`window_gradients`); a hook on each layer's output tensor reads g as
+    autograd passes it, so nothing but the sums is kept. Summed in float64; under distributed
+    calibration (`first_window` as in `model_gradients`) the processes' sums are added."""
+    modules = linear_modules(model, names)
+    windows = max(0, min(samples - first_window, int(calib.shape[0])))
+    sums: dict[str, Tensor] = {}
+
+    def observe(name: str):
+        def forward_hook(module, args, output):
+            if torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(lambda g: accumulate(name, g))
+        return forward_hook
+
+    def accumulate(name: str, g: Tensor) -> None:
+        g = g.reshape(-1, g.shape[-1]).double()                                    # (tokens, out)
+        total = g.square().sum(dim=0) if diagonal else g.T @ g                     # (out,) or (out, out)
+        sums[name] = total if name not in sums else sums[name] + total
+
+    handles = [module.register_forward_hook(observe(name)) for name, module in modules.items()]
+    try:
+        with contextlib.closing(window_gradients(model, calib[:windows], names, device=device, desc="output gradients",
+                                                 progress=progress)) as per_window:
+            for _ in per_window:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for name, module in modules.items():
+        out = weight_view(module).shape[0]
+        total = sums.get(name)
+        if total is None:
+            total = torch.zeros((out,) if diagonal else (out, out), dtype=torch.float64)
+        total = total.cpu()
+        all_reduce_sum_(total)
+        result[name] = total.float()
+    return result
+
+
 def linear_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """{name: module} for full module names, each a linear layer (else a TypeError naming it)."""
     modules = {name: get_module(model, name) for name in names}

@@ -127,9 +127,9 @@ def _prune_linear(model, method, config, calib, windows, device, sequential, bat
         options.grad_windows = min(config.gradient_samples, options.windows)
     elif gradient_mode == "block":
         options.block_gradients = gradients.block_gradients
-    if method.prescore is not None:       # a whole-model pre-pass scores every layer (D-Pruner): stats.grad
-        options.gradients = method.prescore(model, calib, config, names=engine.layer_names(groups), device=device,
-                                            progress=progress)
+    if method.prescore is not None:       # a whole-model pre-pass per layer (D-Pruner, LLM Surgeon's G): stats.grad
+        options.gradients.update(method.prescore(model, calib, config, names=engine.layer_names(groups),
+                                                 device=device, progress=progress))
     try:
         with one_malloc_arena():
             engine.prune_linear_(model, method, config, calib, groups, report, options)

@@ -202,9 +202,9 @@ class OutputGradientCovariance:
     """G = sum_t g_t g_t^T over tokens, g_t = dL/dy_t the loss gradient at one linear layer's output
     (out,): the output factor of the Kronecker-factored Fisher F ~= G (x) A (K-FAC; The LLM Surgeon,
     arXiv 2312.17244, Eq. 5), A being `Hessian`'s X^T X. Per layer, not per group: layers that share
-    an input have different outputs. Fed by a backward hook with `update(dY)` (dY: (..., out)); the
-    linear engine has no backward hooks yet, so `methods/llm_surgeon.py` uses a diagonal G from the
-    gradient pass instead (see there). Summed in float64 like the other observers."""
+    an input have different outputs. Fed with `update(dY)` (dY: (..., out)) by a hook on the layer's
+    output; `gradients.output_covariances` computes the same sums for many layers in one whole-model
+    backward pass per window. Summed in float64 like the other observers."""
     SUMS = ("G64",)
 
     def __init__(self, out_features: int, device: torch.device):

@@ -42,7 +42,10 @@ liar, X^T X of o_proj's and down_proj's inputs per block: 12 bytes x columns^2 e
 A method may also score every block at once from whole-model passes before the block loop (Bonsai):
 it registers `prescore(model, calib, cfg, *, device, batch_size, cache_device, progress) ->
 {block index: [scores per coupled group]}`, and its `fn(group, scores, cfg)` receives that group's
-scores where other methods receive their observer.
+scores where other methods receive their observer; a method with both an observer and a prescore
+(the structured LLM Surgeon: X^T X from the block stream, G from a whole-model backward pass)
+receives the pair `(observer, prescored)`. In uniform mode each group's `target_keep` is set before
+it is scored, for methods that remove in rounds (the LLM Surgeon's shots).
 
 Uniform mode prunes each block as soon as it is scored and propagates the pruned outputs (later
 blocks see what they will see at inference). Non-uniform mode needs every score before it can
@@ -130,6 +133,7 @@ class Coupled:
     cost: int                                    # parameters removed with one unit
     head_dim: int = 1
     name: str = ""                               # the consumer's module name, for messages
+    target_keep: int | None = None               # units the driver keeps (uniform mode, set before scoring)
 
     def weights(self) -> tuple[list[Tensor], Tensor]:
         """(producer weights, consumer weight), each a float32 (out, in) tensor."""
@@ -233,18 +237,23 @@ def prune_width_(model: nn.Module, config: WidthConfig, calib: Tensor | None = N
     def visit(index: int, block: nn.Module, step=None) -> bool:
         """Score one block; in uniform mode also prune it. True if the block changed."""
         groups = coupled_groups(model, index, block, config)
+        n_keep = budget.uniform(index, groups) if config.uniform else None
+        for group, keep in zip(groups, n_keep or []):
+            group.target_keep = keep                     # a method that removes in rounds needs its count
         stats, observed = _observe(step, groups, method, extra) if step is not None else ([None] * len(groups),) * 2
-        inputs = prescores[index] if prescores is not None else stats
+        inputs = stats
+        if prescores is not None:       # a method with an observer and a prescore gets (observer, prescore) pairs
+            inputs = prescores[index] if method.stats is None else list(zip(stats, prescores[index]))
         scores = [_unit_scores(g, method.fn(g, x, config), standardize=not config.uniform)
                   for g, x in zip(groups, inputs)]
         if not config.uniform:
             pending.append((index, groups, scores, observed))
             return False
-        _remove(model, groups, scores, budget.uniform(index, groups), observed, config, report)
+        _remove(model, groups, scores, n_keep, observed, config, report)
         return True
 
     residency = current()            # blocks move to `device` and back, or stream from disk (core/residency.py)
-    if (method.needs_calibration and prescores is None) or compensation != "none":
+    if (method.needs_calibration and (prescores is None or method.stats is not None)) or compensation != "none":
         for step in block_stream(model, calib, device=device, batch_size=batch_size, cache_device=cache_device,
                                  progress=progress, desc=f"score {method.name}"):
             if visit(step.index, step.block, step):

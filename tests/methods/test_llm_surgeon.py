@@ -276,6 +276,7 @@ def test_cli_prunes_and_the_output_loads_with_stock_transformers(family, extra, 
     (dict(damp_g=float("nan")), "damp_g must be a number"),
     (dict(correlate=0), "correlate must be an integer"),
     (dict(gradient="hutchinson"), "gradient must be 'model'"),
+    (dict(curvature="kfac", gradient="block"), "use gradient 'model' or curvature 'gradient'"),
 ])
 def test_bad_config_is_refused_with_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -326,3 +327,28 @@ def test_a_diagonal_G_cancels_where_rows_do_not_compete(nm, per, shots):
     # ... and a layer-wide ranking is where it does not cancel
     layer = surgeon_prune(W, Ainv, ginv, sparsity=0.5, per="layer", shots=shots)
     assert not torch.equal(layer == 0, surgeon_prune(W, Ainv, None, sparsity=0.5, per="layer", shots=shots) == 0)
+
+
+# --- the full G (curvature "kfac") ----------------------------------------------------------------------------
+
+def test_kfac_prunes_with_the_full_output_covariance_and_differs_from_its_diagonal(calib):
+    from prunekit import prune_
+    results = {}
+    for curvature in ("kfac", "gradient"):
+        model = tiny_model("llama")
+        prune_(model, LLMSurgeonConfig(sparsity=0.5, curvature=curvature, gradient_samples=2, shots=2), calib,
+               progress=False)
+        results[curvature] = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+        for name, module in model.model.layers.named_modules():
+            if isinstance(module, nn.Linear):
+                assert float((module.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-9), name
+    assert not torch.equal(results["kfac"], results["gradient"])
+
+
+def test_kfac_without_its_covariance_is_a_clear_error():
+    _, stats, _ = _factors()
+    with pytest.raises(TypeError, match="output-gradient covariance G"):
+        llm_surgeon(torch.randn(4, 32), stats, LLMSurgeonConfig(curvature="kfac"))
+    with pytest.raises(TypeError, match="output-gradient covariance G"):    # a gradient of the weight's shape
+        llm_surgeon(torch.randn(4, 32), WithGradient(stats, torch.randn(4, 32), windows=1),
+                    LLMSurgeonConfig(curvature="kfac"))

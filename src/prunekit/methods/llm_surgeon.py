@@ -35,25 +35,28 @@ shots. For A that loses nothing: a layer's inputs do not depend on its own weigh
 the layer's weights change; it is not re-measured.
 
 Where G comes from (`curvature`):
+  "kfac"      the paper's full G (out, out) of every pruned layer, summed over the tokens of the
+              first `gradient_samples` windows from one whole-model backward pass each
+              (`gradients.output_covariances`: a hook on each layer's output reads g = dL/dy, L the
+              causal LM loss), measured on the dense model before the block loop, as the gradients
+              of GBLM are. Rows couple through G^-1: the update solves chunks of whole rows of at most
+              `correlate` removed weights (above). Costly: a chunk is a dense |Q| x |Q| solve, so
+              one 576 x 1536 layer at 50% is ~220 chunks of 2000 per shot; for whole models a GPU,
+              or a smaller `correlate`.
   "gradient"  (default) a diagonal G from the gradient pass that GBLM uses (`gradients.py`,
               `gradient: model` backpropagates the causal LM loss of the whole model; `block` the
               block-local estimate): that pass gives sqrt(sum_s (dL_s/dW_ij)^2) per weight, and
               under the Kronecker model (dL/dW_ij)^2 ~ G_ii A_jj, so G_ii is estimated (up to one
-              constant, which cancels) by the row sums of the squared gradients. The full G of
-              the paper needs every token's output gradient g (a backward hook per layer); the
-              gradient pass does not expose it, so off-diagonal G is dropped. A diagonal G
+              constant, which cancels) by the row sums of the squared gradients. A diagonal G
               changes which rows lose weights under `per: layer` (it scales each row's costs);
               with `per: row`, or N:M in one shot, it cancels out: the method then skips the
               gradient pass and equals its "identity" form.
   "identity"  G = I: costs and updates from A alone (the OBS update of SparseGPT without its
               left-to-right column order); no gradient pass.
-The math (`surgeon_prune`) also takes a full G (out, out), e.g. from `stats.OutputGradientCovariance`
-fed by backward hooks; the engine has no such hooks yet.
 
-Not implemented: the paper's row and column removal (structured LLM Surgeon). The linear scope
-returns a same-shape weight checked for per-row/per-layer/N:M zero counts; zeroed rows or columns
-would shrink nothing, and removing them for real couples producers and consumers across layers
-(q/k/v with o, gate/up with down), which is the width scope's job (`structured.py`, `surgery.py`).
+Row and column removal (the structured LLM Surgeon) is the width method `llm-surgeon-sp`
+(`methods/llm_surgeon_sp.py`): removing a row or column for real couples producers and consumers
+across layers (q/k/v with o, gate/up with down), which is the width driver's job.
 
 Damping: A gets `damp` x mean diag(A) on its diagonal (the Hessian solver's retries and fallback
 apply, `stats.Hessian.inverse_cholesky`), G gets `damp_g` x mean diag(G) (the reference's
@@ -86,13 +89,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..gradients import GradientScoreConfig, WithGradient
+from .. import distributed
+from ..gradients import GradientScoreConfig, WithGradient, output_covariances
 from ..masks import lowest
 from ..registry import register
 from ..stats import Hessian
 from ..updates import OBS_DAMP
 
-CURVATURES = ("gradient", "identity")
+CURVATURES = ("gradient", "kfac", "identity")
 _BATCH_BYTES = 2**24        # at most 16 MB of (rows, |Q|, |Q|) systems solved at once
 
 
@@ -100,10 +104,10 @@ _BATCH_BYTES = 2**24        # at most 16 MB of (rows, |Q|, |Q|) systems solved a
 class LLMSurgeonConfig(GradientScoreConfig):
     per: str = "layer"            # the paper ranks costs globally; "layer" is the nearest linear-scope group
     shots: int = 5                # rounds on the linear sparsity schedule (the paper's 5)
-    curvature: str = "gradient"   # G: "gradient" (diagonal, from the gradient pass) or "identity" (G = I)
+    curvature: str = "gradient"   # G: "gradient" (diagonal), "kfac" (full, output-gradient hooks), "identity" (G = I)
     damp: float = OBS_DAMP        # dampening of A, a fraction of its mean diagonal
     damp_g: float = 0.1           # dampening of G, a fraction of its mean diagonal (the reference's damp_g)
-    correlate: int = 2000         # full G only: removed weights solved jointly (whole rows; the reference's 2000)
+    correlate: int = 2000         # kfac only: removed weights solved jointly (whole rows; the reference's 2000)
     update: str = "obs"           # the correlated update is built in; "admm" re-fits the final mask instead
 
     def __post_init__(self):
@@ -115,8 +119,13 @@ class LLMSurgeonConfig(GradientScoreConfig):
             raise ValueError(f"shots must be an integer in [1, 100], got {self.shots!r} "
                              "(5 is the paper's; 1 prunes in one round)")
         if self.curvature not in CURVATURES:
-            raise ValueError(f"curvature must be 'gradient' (diagonal G from the gradient pass) or 'identity' "
-                             f"(G = I, no gradients), got {self.curvature!r}")
+            raise ValueError(f"curvature must be 'gradient' (diagonal G from the gradient pass), 'kfac' (the full "
+                             f"output-gradient covariance G, the paper's) or 'identity' (G = I, no gradients), got "
+                             f"{self.curvature!r}")
+        if self.curvature == "kfac" and self.gradient != "model":
+            raise ValueError("curvature 'kfac' measures G = E[g g^T] at each layer's output from the whole model's "
+                             "loss; the block-local estimate (gradient 'block') has no such output gradient: use "
+                             "gradient 'model' or curvature 'gradient'")
         for name, value in (("damp", self.damp), ("damp_g", self.damp_g)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 10:
                 raise ValueError(f"{name} must be a number in [0, 10), got {value!r} (0.01 for damp, 0.1 for "
@@ -131,14 +140,21 @@ class LLMSurgeonConfig(GradientScoreConfig):
         return self.curvature == "gradient" and self.per == "layer" and (self.nm is None or self.shots > 1)
 
 
-def inverse_factor(G: Tensor, damp: float) -> Tensor:
-    """(G + damp * mean(diag G) * I)^-1 of a covariance factor, (n, n) or its diagonal (n,)."""
+def damped_factor(G: Tensor, damp: float) -> Tensor:
+    """G + damp * mean(diag G) * I for a covariance factor, (n, n) or its diagonal (n,); float32."""
     G = G.float()
     if G.dim() == 1:
-        scale = G.mean().clamp_min(torch.finfo(G.dtype).tiny)
-        return 1.0 / (G.clamp_min(0) + damp * scale)
+        return G.clamp_min(0) + damp * G.mean().clamp_min(torch.finfo(G.dtype).tiny)
     damped = G.clone()
     damped.diagonal().add_(damp * damped.diagonal().mean().clamp_min(torch.finfo(G.dtype).tiny))
+    return damped
+
+
+def inverse_factor(G: Tensor, damp: float) -> Tensor:
+    """(G + damp * mean(diag G) * I)^-1 of a covariance factor, (n, n) or its diagonal (n,)."""
+    damped = damped_factor(G, damp)
+    if damped.dim() == 1:
+        return 1.0 / damped
     return torch.cholesky_inverse(torch.linalg.cholesky(damped))
 
 
@@ -250,7 +266,17 @@ def surgeon_prune(W: Tensor, Ainv: Tensor, Ginv: Tensor | None, *, sparsity: flo
     return W
 
 
-def _factors(stats, cfg: LLMSurgeonConfig) -> tuple[Tensor, Hessian, Tensor | None]:
+def llm_surgeon_prescore(model, calib: Tensor, cfg: LLMSurgeonConfig, *, names: list[str], device=None,
+                         progress: bool = True, **_) -> dict[str, Tensor]:
+    """curvature 'kfac': the full output-gradient covariance G (out, out) of every pruned layer, from the
+    whole model's loss on the first `gradient_samples` windows; {} for the other curvatures."""
+    if cfg.curvature != "kfac":
+        return {}
+    return output_covariances(model, calib, names, samples=cfg.gradient_samples, device=device, progress=progress,
+                              first_window=distributed.offset(calib.shape[0]))
+
+
+def _factors(stats, cfg: LLMSurgeonConfig, out_features: int) -> tuple[Tensor, Hessian, Tensor | None]:
     """(A^-1, the Hessian observer, G^-1 or its diagonal or None) from what the engine passes."""
     hessian = stats.stats if isinstance(stats, WithGradient) else stats
     if not isinstance(hessian, Hessian):
@@ -259,7 +285,14 @@ def _factors(stats, cfg: LLMSurgeonConfig) -> tuple[Tensor, Hessian, Tensor | No
     U, _, _ = hessian.inverse_cholesky(cfg.damp)                     # U^T U = (A + lambda I)^-1
     Ainv = U.T @ U                                                   # (in, in)
     Ginv = None
-    if cfg.uses_gradient:
+    if cfg.curvature == "kfac":
+        G = getattr(stats, "grad", None)
+        if G is None or tuple(G.shape) != (out_features, out_features):
+            raise TypeError("llm-surgeon with curvature 'kfac' needs the output-gradient covariance G "
+                            f"({out_features} x {out_features}) from its prescore pass as WithGradient(stats, G, "
+                            f"...), got {None if G is None else tuple(G.shape)}")
+        Ginv = inverse_factor(G.to(Ainv.device), cfg.damp_g)
+    elif cfg.uses_gradient:
         if not isinstance(stats, WithGradient):
             raise TypeError("llm-surgeon with curvature 'gradient' needs the gradient pass: the engine must pass "
                             "WithGradient(stats, grad, windows=...), or use curvature 'identity' (G = I)")
@@ -268,9 +301,9 @@ def _factors(stats, cfg: LLMSurgeonConfig) -> tuple[Tensor, Hessian, Tensor | No
     return Ainv, hessian, Ginv
 
 
-@register("llm-surgeon", LLMSurgeonConfig, stats=Hessian, updates_weights=True)
+@register("llm-surgeon", LLMSurgeonConfig, stats=Hessian, updates_weights=True, prescore=llm_surgeon_prescore)
 def llm_surgeon(W: Tensor, stats, cfg: LLMSurgeonConfig) -> Tensor:
-    Ainv, hessian, Ginv = _factors(stats, cfg)
+    Ainv, hessian, Ginv = _factors(stats, cfg, W.shape[0])
     W = W.clone()
     W[:, hessian.dead.to(W.device)] = 0                              # inputs that never fired carry nothing
     return surgeon_prune(W, Ainv.to(W.device), None if Ginv is None else Ginv.to(W.device),
