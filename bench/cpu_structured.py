@@ -11,7 +11,8 @@ of the pruned model beside the dense one (`prunekit bench`: batch-1 decode, 512-
         --out bench/results/cpu_structured_gen2.json         # the second-generation methods, perplexity only
 
 Second-generation methods (run only when named with --only or selected with --gen2; the default run
-list is unchanged): width amp, bonsai; depth mka, streamline, reverse-order, at 25% and 35%.
+list is unchanged): width amp, bonsai; depth mka, streamline, reverse-order, at 25% and 35%. The
+structured LLM Surgeon runs when named: --only llm-surgeon-sp-20 --only llm-surgeon-sp-35.
 --no-speed skips the speed timing (for a shared machine, whose timings would not be valid): the
 table then has perplexity, parameters and prune time only.
 
@@ -50,8 +51,11 @@ GEN2_DEPTH = ("mka", "streamline", "reverse-order")
 GEN2_RATIOS = {"25": 0.25, "35": 0.35}
 GEN2_RUNS = {f"{method}-{name}": (method, ratio) for name, ratio in GEN2_RATIOS.items()
              for method in (*GEN2_WIDTH, *GEN2_DEPTH)}
-ALL_RUNS = {**RUNS, **GEN2_RUNS}
-WIDTH_METHODS = (*WIDTH, *GEN2_WIDTH)
+# The structured LLM Surgeon (arXiv 2312.17244: heads and channels by their Kronecker-factored cost, 5 shots,
+# correlated update), at the ratios of the LIAR comparison (bench/liar_vs_bias.py: 20% and 35%, uniform).
+SURGEON_RUNS = {f"llm-surgeon-sp-{name}": ("llm-surgeon-sp", ratio) for name, ratio in (("20", 0.2), ("35", 0.35))}
+ALL_RUNS = {**RUNS, **GEN2_RUNS, **SURGEON_RUNS}
+WIDTH_METHODS = (*WIDTH, *GEN2_WIDTH, "llm-surgeon-sp")
 # Bonsai's default is 256 sub-models, each a full forward pass with the LM head over 8 windows of 512
 # tokens: measured at 35-39 s per sub-model on the shared 2 cores (2.5 h a run), and still 10 s per
 # sub-model on 2 windows (43 min). So it measures each sub-model's loss on 2 windows (1,024 tokens) and

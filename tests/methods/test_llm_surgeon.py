@@ -121,6 +121,7 @@ def test_full_G_update_is_the_constrained_minimiser_of_the_kronecker_quadratic(r
     expected = constrained_minimiser(W, pruned, torch.kron(G, A))
     updated = kronecker_update(W, pruned, torch.linalg.inv(G), torch.linalg.inv(A), correlate=100)
     torch.testing.assert_close(updated, expected)
+    torch.testing.assert_close(kronecker_update(W, pruned, torch.linalg.inv(G), torch.linalg.inv(A)), expected)
     if rows_apart:     # solved one row at a time, a full G is an approximation: the rows interact through G
         apart = kronecker_update(W, pruned, torch.linalg.inv(G), torch.linalg.inv(A), correlate=1)
         assert not torch.allclose(apart, expected)
@@ -275,6 +276,7 @@ def test_cli_prunes_and_the_output_loads_with_stock_transformers(family, extra, 
     (dict(damp=-0.1), "damp must be a number"),
     (dict(damp_g=float("nan")), "damp_g must be a number"),
     (dict(correlate=0), "correlate must be an integer"),
+    (dict(cg_steps=0), "cg_steps must be an integer"),
     (dict(gradient="hutchinson"), "gradient must be 'model'"),
     (dict(curvature="kfac", gradient="block"), "use gradient 'model' or curvature 'gradient'"),
 ])
@@ -343,6 +345,28 @@ def test_kfac_prunes_with_the_full_output_covariance_and_differs_from_its_diagon
             if isinstance(module, nn.Linear):
                 assert float((module.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-9), name
     assert not torch.equal(results["kfac"], results["gradient"])
+
+
+def test_conjugate_gradients_reach_the_joint_minimiser_where_the_references_chunks_do_not():
+    """A layer of 24 x 32 with a full G: CG's update equals the brute-force constrained minimiser of the
+    Kronecker quadratic; the reference's chunks (one row each here) and the G = I update end well above it."""
+    out, n = 24, 32
+    W = torch.randn(out, n, dtype=torch.float64, generator=torch.Generator().manual_seed(20))
+    G, A = spd(out, 21), spd(n, 22)
+    G = G + 2 * torch.ones(out, out, dtype=torch.float64)                   # strongly coupled rows
+    pruned = torch.rand(out, n, generator=torch.Generator().manual_seed(23)) < 0.5
+    Ginv, Ainv = torch.linalg.inv(G), torch.linalg.inv(A)
+
+    def quadratic(V):
+        dW = V - W
+        return float(torch.trace(G @ dW @ A @ dW.T))
+    expected = constrained_minimiser(W, pruned, torch.kron(G, A))
+    cg = kronecker_update(W, pruned, Ginv, Ainv)
+    torch.testing.assert_close(cg, expected, rtol=1e-2, atol=1e-3)          # stopped at a relative residual of 1e-6
+    assert quadratic(cg) == pytest.approx(quadratic(expected), rel=1e-6)
+    chunks = kronecker_update(W, pruned, Ginv, Ainv, correlate=n // 2)
+    rows = kronecker_update(W, pruned, None, Ainv)
+    assert quadratic(cg) < 0.7 * min(quadratic(rows), quadratic(chunks))
 
 
 def test_kfac_without_its_covariance_is_a_clear_error():

@@ -18,11 +18,18 @@ together, E_Q the unit vectors of Q):
     dW      = -G^-1 M A^-1,  M = Q-entries of (C^-1 w_Q),  C = [G^-1]_QrQr o [A^-1]_QcQc  (Eq. 11)
 
 (o the elementwise product). Every weight that is zero already belongs to Q with cost 0, so an
-update keeps earlier removals at zero. Joint solves over all of Q are out of reach (|Q| is half
-the layer), so Q is solved in chunks of whole rows of at most `correlate` removed weights, each
-chunk on the weights the earlier chunks already moved (the reference's `max_correlate` with
-`addupdate`). With a diagonal G (or G = I) the rows decouple and a per-row solve is exact:
-row i's update is the multi-weight OBS update -w_Q^T [A^-1]_QQ^-1 [A^-1]_Q,: with A alone.
+update keeps earlier removals at zero. With a diagonal G (or G = I) the rows decouple and a per-row
+solve is exact: row i's update is the multi-weight OBS update -w_Q^T [A^-1]_QQ^-1 [A^-1]_Q,: with A
+alone. With a full G, a joint solve over all of Q is out of reach (|Q| is half the layer). Two ways:
+  correlate None (default)  conjugate gradients on the kept weights: minimise 1/2 tr(G dW A dW^T) with
+              dW_Q = -W_Q, whose gradient G dW A needs two matmuls a step; started from the per-row
+              (G = I) solution, it reaches a relative residual of 1e-6 in tens of steps (at most
+              `cg_steps`). Exact to that tolerance.
+  correlate N  the reference's scheme (`max_correlate` with `addupdate`): Q in chunks of whole rows of
+              at most N removed weights, each chunk solved jointly on the weights the earlier chunks
+              moved. A later chunk moves the zeros of the earlier ones, which are then forced back to
+              zero, so it ends above the joint minimum of the quadratic it minimises (by how much on
+              SmolLM2's layers: bench/surgeon_layer.py, BENCHMARKS.md); hence CG by default.
 
 Shots (Sec. 3.5): `shots` rounds on a linear schedule; round k prunes to k/shots of the target
 (unstructured: of the zeros per row or per layer; N:M: of the groups of M, each chosen group
@@ -39,10 +46,8 @@ Where G comes from (`curvature`):
               first `gradient_samples` windows from one whole-model backward pass each
               (`gradients.output_covariances`: a hook on each layer's output reads g = dL/dy, L the
               causal LM loss), measured on the dense model before the block loop, as the gradients
-              of GBLM are. Rows couple through G^-1: the update solves chunks of whole rows of at most
-              `correlate` removed weights (above). Costly: a chunk is a dense |Q| x |Q| solve, so
-              one 576 x 1536 layer at 50% is ~220 chunks of 2000 per shot; for whole models a GPU,
-              or a smaller `correlate`.
+              of GBLM are. Rows couple through G: the update is the conjugate-gradient solve
+              (above), two (out x out x in) + (out x in x in) matmuls a step.
   "gradient"  (default) a diagonal G from the gradient pass that GBLM uses (`gradients.py`,
               `gradient: model` backpropagates the causal LM loss of the whole model; `block` the
               block-local estimate): that pass gives sqrt(sum_s (dL_s/dW_ij)^2) per weight, and
@@ -107,7 +112,8 @@ class LLMSurgeonConfig(GradientScoreConfig):
     curvature: str = "gradient"   # G: "gradient" (diagonal), "kfac" (full, output-gradient hooks), "identity" (G = I)
     damp: float = OBS_DAMP        # dampening of A, a fraction of its mean diagonal
     damp_g: float = 0.1           # dampening of G, a fraction of its mean diagonal (the reference's damp_g)
-    correlate: int = 2000         # kfac only: removed weights solved jointly (whole rows; the reference's 2000)
+    correlate: int | None = None  # kfac: None = exact (conjugate gradients); N = the reference's chunks of N weights
+    cg_steps: int = 500           # kfac, correlate None: at most this many conjugate-gradient steps per update
     update: str = "obs"           # the correlated update is built in; "admm" re-fits the final mask instead
 
     def __post_init__(self):
@@ -130,8 +136,12 @@ class LLMSurgeonConfig(GradientScoreConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 10:
                 raise ValueError(f"{name} must be a number in [0, 10), got {value!r} (0.01 for damp, 0.1 for "
                                  "damp_g are the usual values)")
-        if isinstance(self.correlate, bool) or not isinstance(self.correlate, int) or self.correlate < 1:
-            raise ValueError(f"correlate must be an integer >= 1, got {self.correlate!r} (2000 is the reference's)")
+        if self.correlate is not None and (isinstance(self.correlate, bool) or not isinstance(self.correlate, int)
+                                           or self.correlate < 1):
+            raise ValueError(f"correlate must be an integer >= 1 or null, got {self.correlate!r} (null: the exact "
+                             "conjugate-gradient update; 2000: the reference's chunks)")
+        if isinstance(self.cg_steps, bool) or not isinstance(self.cg_steps, int) or self.cg_steps < 1:
+            raise ValueError(f"cg_steps must be an integer >= 1, got {self.cg_steps!r}")
 
     @property
     def uses_gradient(self) -> bool:
@@ -167,16 +177,45 @@ def kronecker_costs(W: Tensor, Ginv: Tensor | None, Ainv: Tensor) -> Tensor:
     return cost
 
 
-def kronecker_update(W: Tensor, pruned: Tensor, Ginv: Tensor | None, Ainv: Tensor, correlate: int = 2000) -> Tensor:
+def kronecker_update(W: Tensor, pruned: Tensor, Ginv: Tensor | None, Ainv: Tensor, correlate: int | None = None,
+                     cg_steps: int = 500) -> Tensor:
     """Eq. 10-11: the weights after removing every `pruned` weight (True = zero), the others moved to
-    keep the Kronecker-quadratic loss lowest. Exact per row for G = I or diagonal G; with a full G, rows
-    are solved jointly in chunks of at most `correlate` removed weights (whole rows, at least one)."""
+    keep the Kronecker-quadratic loss lowest. Exact per row for G = I or diagonal G; with a full G,
+    conjugate gradients over the whole layer (correlate None) or the reference's chunks of whole rows
+    of at most `correlate` removed weights."""
     W = W.clone()
     if Ginv is None or Ginv.dim() == 1:
         _update_rows(W, pruned, Ainv)                  # the diagonal of G cancels inside each row
+    elif correlate is None:
+        W = _update_cg(W, pruned, Ginv, Ainv, cg_steps)
     else:
         _update_coupled(W, pruned, Ginv, Ainv, correlate)
     return W.masked_fill_(pruned, 0)
+
+
+def _update_cg(W: Tensor, pruned: Tensor, Ginv: Tensor, Ainv: Tensor, steps: int, tol: float = 1e-6) -> Tensor:
+    """Full G: minimise 1/2 tr(G dW A dW^T) over the kept weights with the pruned ones at zero, by conjugate
+    gradients (the operator X -> G X A on the kept entries is symmetric positive definite), from the per-row
+    update with G = I. In float64; G and A are the inverses of the damped inverses it is given."""
+    G = torch.cholesky_inverse(torch.linalg.cholesky(Ginv.double()))                # (out, out)
+    A = torch.cholesky_inverse(torch.linalg.cholesky(Ainv.double()))                # (in, in)
+    keep = (~pruned).double()
+    start = W.clone()
+    _update_rows(start, pruned, Ainv)
+    W0, V = W.double(), start.double().masked_fill_(pruned, 0)
+    r = -(G @ (V - W0) @ A) * keep                                                  # minus the gradient
+    d, rs = r.clone(), (r * r).sum()
+    stop = tol * tol * float((G @ W0 @ A * keep).square().sum())
+    for _ in range(steps):
+        if float(rs) <= stop:
+            break
+        Md = (G @ d @ A) * keep
+        alpha = rs / (d * Md).sum()
+        V += alpha * d
+        r -= alpha * Md
+        rs, previous = (r * r).sum(), rs
+        d = r + (rs / previous) * d
+    return V.to(W.dtype)
 
 
 def _update_rows(W: Tensor, pruned: Tensor, Ainv: Tensor) -> None:
@@ -250,7 +289,7 @@ def _mask_for_shot(cost: Tensor, pruned: Tensor, fraction: float, sparsity: floa
 
 
 def surgeon_prune(W: Tensor, Ainv: Tensor, Ginv: Tensor | None, *, sparsity: float, nm=None, per: str = "layer",
-                  shots: int = 5, correlate: int = 2000) -> Tensor:
+                  shots: int = 5, correlate: int | None = None, cg_steps: int = 500) -> Tensor:
     """Multi-shot LLM Surgeon on one (out, in) weight. Ainv: (A + damping)^-1 (in, in); Ginv: (G +
     damping)^-1 as (out, out), its diagonal (out,), or None (G = I). Returns the pruned, updated weight."""
     if nm is not None and W.shape[1] % nm[1]:
@@ -261,7 +300,7 @@ def surgeon_prune(W: Tensor, Ainv: Tensor, Ginv: Tensor | None, *, sparsity: flo
         fraction = 1.0 if shot == shots else shot / shots            # exact target in the last round
         mask = _mask_for_shot(kronecker_costs(W, Ginv, Ainv), pruned, fraction, sparsity, nm, per)
         if bool((mask & ~pruned).any()):
-            W = kronecker_update(W, mask, Ginv, Ainv, correlate)
+            W = kronecker_update(W, mask, Ginv, Ainv, correlate, cg_steps)
         pruned = mask
     return W
 
@@ -307,4 +346,5 @@ def llm_surgeon(W: Tensor, stats, cfg: LLMSurgeonConfig) -> Tensor:
     W = W.clone()
     W[:, hessian.dead.to(W.device)] = 0                              # inputs that never fired carry nothing
     return surgeon_prune(W, Ainv.to(W.device), None if Ginv is None else Ginv.to(W.device),
-                         sparsity=cfg.sparsity, nm=cfg.nm, per=cfg.per, shots=cfg.shots, correlate=cfg.correlate)
+                         sparsity=cfg.sparsity, nm=cfg.nm, per=cfg.per, shots=cfg.shots, correlate=cfg.correlate,
+                         cg_steps=cfg.cg_steps)
