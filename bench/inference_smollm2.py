@@ -103,7 +103,9 @@ def main(argv=None) -> int:
             token, kv = table[name]
             result = long_context_suite(lm, tokenizer, contexts, samples=args.accuracy_samples, token_pruning=token,
                                         kv_pruning=kv)
-            result.pop("records")
+            # per prompt, for paired comparisons between configs (the same prompts in every run)
+            result["records"] = [{key: r[key] for key in ("task", "context", "index", "correct")}
+                                 for r in result["records"]]
             accuracy.append({"config": name, "result": result})
             print(f"accuracy {name}: {json.dumps(_accuracy_cells(result))}", flush=True)
     out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
