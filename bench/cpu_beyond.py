@@ -53,6 +53,10 @@ COMBOS = {
     # blocks of 16: wrappers of 3.7% of the dense block weights, the paper's overhead (2.4-5% at d_block 128 on 7B+)
     "armor-b16": (["--method", "armor", "--block-size", "16"], {"2:4": PATTERNS["2:4"]}),
     "llm-surgeon": (["--method", "llm-surgeon", "--set", "steps.0.shots=3"], PATTERNS),
+    # the full output-gradient covariance G (curvature kfac); 40 CG steps per update to fit a CPU (a full solve on
+    # SmolLM2 is ~1,000 steps, 300 by default: about 11 h single-threaded for the whole model)
+    "llm-surgeon-kfac": (["--method", "llm-surgeon", "--set", "steps.0.shots=3", "--set", "steps.0.curvature=kfac",
+                          "--set", "steps.0.cg_steps=40"], {"70": PATTERNS["70"]}),
     "wanda-owl": (["--method", "wanda", "--allocation", "owl"], {"70": PATTERNS["70"]}),
     "wanda-fdtm": (["--method", "wanda", "--allocation", "fdtm"], {"70": PATTERNS["70"]}),
     "sparsegpt-fdtm": (["--method", "sparsegpt", "--allocation", "fdtm"], {"70": PATTERNS["70"]}),
