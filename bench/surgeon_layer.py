@@ -10,9 +10,9 @@ Protocol: float32 on CPU; `windows` calibration windows of `seqlen` tokens from 
 loss gradient at the layer's output over the same windows (`gradients.output_covariances`, one whole-model
 backward pass per window); the diagonal G is diag(G) of that same matrix (the per-weight gradient pass that
 `curvature: gradient` uses estimates it up to a constant). Every method prunes the same weight from the same
-statistics, in this process, one after another; seconds are wall time of the pruning call alone, and
-`extra MB` is the peak resident memory the call added over what the process held before it (ru_maxrss
-rises monotonically, so each method runs in its own forked child). Errors, relative to the dense layer:
+statistics, one after another, each in its own Python process (the layer saved to a temporary file); seconds
+are wall time of the pruning call alone, and `extra MB` is the peak resident memory the call added over what
+that process held before it. Errors, relative to the dense layer:
   output   ||X (W - W')^T|| / ||X W^T||            (what SparseGPT minimises)
   fisher   tr(G dW A dW^T) / tr(G W A W^T)         (the Kronecker quadratic the LLM Surgeon minimises)
 """
@@ -44,7 +44,12 @@ def main(argv=None) -> int:
                    help="kfac updates, comma-separated: cg (conjugate gradients, the default) or N (the reference's "
                         "chunks of N removed weights)")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)         # internal: run one method on a saved layer
+    p.add_argument("--child-run", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        return child(args)
 
     from prunekit.data import calibration_data
     from prunekit.gradients import output_covariances
@@ -83,64 +88,71 @@ def main(argv=None) -> int:
     return 0
 
 
-def measure(name: str, W: torch.Tensor, hessian, G: torch.Tensor, args) -> list[dict]:
+def runs(W: torch.Tensor, hessian, G: torch.Tensor, args) -> list[tuple[str, object]]:
+    """(label, function returning the pruned weight) for every method compared."""
     from prunekit.gradients import WithGradient
     from prunekit.methods.llm_surgeon import LLMSurgeonConfig, llm_surgeon
     from prunekit.methods.sparsegpt import SparseGPTConfig, sparsegpt
     from prunekit.updates import apply_update
 
     grad = (G.diagonal().clamp_min(0).sqrt()[:, None] * torch.ones_like(W))   # row i: sum of squares = in x G_ii
-    runs = [("sparsegpt", lambda: apply_update(W, sparsegpt(W, hessian, SparseGPTConfig(sparsity=args.sparsity)),
-                                               hessian, SparseGPTConfig(sparsity=args.sparsity),
-                                               method_updates=True)),
-            ("llm-surgeon G=I", lambda: llm_surgeon(W, hessian, LLMSurgeonConfig(
-                sparsity=args.sparsity, shots=args.shots, curvature="identity"))),
-            ("llm-surgeon diag G", lambda: llm_surgeon(W, WithGradient(hessian, grad, windows=args.windows),
-                                                        LLMSurgeonConfig(sparsity=args.sparsity, shots=args.shots)))]
+    sparse = SparseGPTConfig(sparsity=args.sparsity)
+    out = [("sparsegpt", lambda: apply_update(W, sparsegpt(W, hessian, sparse), hessian, sparse, method_updates=True)),
+           ("llm-surgeon G=I", lambda: llm_surgeon(W, hessian, LLMSurgeonConfig(
+               sparsity=args.sparsity, shots=args.shots, curvature="identity"))),
+           ("llm-surgeon diag G", lambda: llm_surgeon(W, WithGradient(hessian, grad, windows=args.windows),
+                                                       LLMSurgeonConfig(sparsity=args.sparsity, shots=args.shots)))]
     for correlate in (None if c == "cg" else int(c) for c in args.correlate.split(",")):
         label = "CG" if correlate is None else f"chunks of {correlate}"
-        runs.append((f"llm-surgeon full G ({label})",
-                     lambda c=correlate: llm_surgeon(W, WithGradient(hessian, G, windows=args.windows),
-                                                     LLMSurgeonConfig(sparsity=args.sparsity, shots=args.shots,
-                                                                      curvature="kfac", correlate=c))))
+        out.append((f"llm-surgeon full G ({label})",
+                    lambda c=correlate: llm_surgeon(W, WithGradient(hessian, G, windows=args.windows),
+                                                    LLMSurgeonConfig(sparsity=args.sparsity, shots=args.shots,
+                                                                     curvature="kfac", correlate=c))))
+    return out
+
+
+def measure(name: str, W: torch.Tensor, hessian, G: torch.Tensor, args) -> list[dict]:
+    """Every method on one layer, each in its own Python process (so that its peak RSS is its own)."""
+    import subprocess
+    import tempfile
     A = hessian.H64.double()
     Gd = G.double()
     dense_fisher = float(torch.trace(Gd @ W.double() @ A @ W.double().T))
     dense_output = float(torch.trace(W.double() @ A @ W.double().T))
     rows = []
-    for method, run in runs:
-        W_new, seconds, extra = in_child(run)
-        dW = (W_new - W).double()
-        rows.append({"layer": name, "method": method, "sparsity": round(float((W_new == 0).float().mean()), 4),
-                     "seconds": round(seconds, 2), "extra_mb": round(extra, 1),
-                     "output_error": round((float(torch.trace(dW @ A @ dW.T)) / dense_output) ** 0.5, 5),
-                     "fisher_error": round(float(torch.trace(Gd @ dW @ A @ dW.T)) / dense_fisher, 6)})
+    with tempfile.TemporaryDirectory(prefix="surgeon_layer_") as work:
+        problem = Path(work) / "problem.pt"
+        torch.save({"W": W, "H64": hessian.H64, "tokens": torch.tensor(hessian.tokens), "G": G}, problem)
+        for index, (method, _) in enumerate(runs(W, hessian, G, args)):
+            result = Path(work) / f"result{index}.pt"
+            subprocess.run([sys.executable, __file__, "--child", str(problem), "--child-run", str(index),
+                            "--child-out", str(result), "--sparsity", str(args.sparsity), "--shots", str(args.shots),
+                            "--windows", str(args.windows), "--correlate", args.correlate], check=True)
+            done = torch.load(result)
+            W_new = done["W"]
+            dW = (W_new - W).double()
+            rows.append({"layer": name, "method": method, "sparsity": round(float((W_new == 0).float().mean()), 4),
+                         "seconds": round(float(done["seconds"]), 2), "extra_mb": round(float(done["extra_mb"]), 1),
+                         "output_error": round((float(torch.trace(dW @ A @ dW.T)) / dense_output) ** 0.5, 5),
+                         "fisher_error": round(float(torch.trace(Gd @ dW @ A @ dW.T)) / dense_fisher, 6)})
     return rows
 
 
-def in_child(run) -> tuple[torch.Tensor, float, float]:
-    """Run `run()` in a forked child; return its result, wall seconds and added peak RSS (MB)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                                      # child
-        os.close(read)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        started = time.perf_counter()
-        W = run()
-        seconds = time.perf_counter() - started
-        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-        path = f"/tmp/surgeon_layer_{os.getpid()}.pt"
-        torch.save({"W": W, "seconds": seconds, "extra": extra}, path)
-        os.write(write, path.encode())
-        os._exit(0)
-    os.close(write)
-    path = os.read(read, 4096).decode()
-    os.waitpid(pid, 0)
-    if not path:
-        raise RuntimeError("the child process failed")
-    result = torch.load(path)
-    os.remove(path)
-    return result["W"], result["seconds"], result["extra"]
+def child(args) -> int:
+    """One method on a saved layer problem: the pruned weight, its wall seconds and the peak RSS it added."""
+    from prunekit.stats import Hessian
+    problem = torch.load(args.child)
+    hessian = Hessian(problem["W"].shape[1], torch.device("cpu"))
+    hessian.H = problem["H64"]
+    hessian.tokens = int(problem["tokens"])
+    _, run = runs(problem["W"], hessian, problem["G"], args)[args.child_run]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    W = run()
+    seconds = time.perf_counter() - started
+    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    torch.save({"W": W, "seconds": torch.tensor(seconds), "extra_mb": torch.tensor(extra)}, args.child_out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -128,3 +128,18 @@ def test_moe_experts_bench_runs_tiny(tiny_moe_dir, tmp_path, src_on_path):
     assert rows["moe-pruner-2:4"]["kl"] > 0 and "ppl_code" in rows["reap-50-code-calibrated"]
     assert "PROXY" not in result["proxy"] and "not a trained MoE" in result["proxy"]
     assert out.with_suffix(".md").read_text().startswith("| run |")
+
+
+def test_surgeon_layer_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
+    """Every update of bench/surgeon_layer.py on one tiny layer: the pruned share is exact, and the full G (CG)
+    ends lowest in the Kronecker quadratic the LLM Surgeon minimises."""
+    import json
+    out = tmp_path / "layer.json"
+    assert load_bench("surgeon_layer").main(["--model", str(tiny_model_dir), "--windows", "2", "--seqlen", "16",
+                                             "--layers", "1.mlp.down_proj", "--shots", "2", "--correlate", "cg,64",
+                                             "--out", str(out)]) == 0
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sparsegpt", "llm-surgeon G=I", "llm-surgeon diag G", "llm-surgeon full G (CG)",
+                         "llm-surgeon full G (chunks of 64)"}
+    assert all(row["sparsity"] == 0.5 for row in rows.values())
+    assert rows["llm-surgeon full G (CG)"]["fisher_error"] == min(row["fisher_error"] for row in rows.values())
