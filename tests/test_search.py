@@ -344,3 +344,30 @@ def test_a_latency_target_in_llama_cpp_is_timed_there():
     assert best["latency_measured_s"] > 0 and "in llama.cpp" in report.search["protocol"]
     with pytest.raises(ValueError, match="runtime must be one of"):
         SearchConfig(runtime="onnx")
+
+
+def test_no_candidate_removes_every_block_even_when_calibration_shrinks_the_budget():
+    """A runtime that measures mixed widths 10x slower than the per-block table: calibration shrinks the
+    budget toward the cheapest model, where removing every block was once the depth-only start, and timing
+    it crashed llama.cpp (which cannot load a model without blocks). The last block is never removed."""
+    from prunekit.latency import NoBlocksError
+    def timer(model, context):
+        blocks = model.model.layers
+        if len(blocks) == 0:
+            raise NoBlocksError("llama.cpp cannot load a model without decoder blocks")
+        kept = sum((b.self_attn.o_proj.in_features if hasattr(b.self_attn, "o_proj") else 0)
+                   + (b.mlp.down_proj.in_features if hasattr(b.mlp, "down_proj") else 0) for b in blocks)
+        uniform = len({(b.self_attn.o_proj.in_features, b.mlp.down_proj.in_features) for b in blocks
+                       if hasattr(b.self_attn, "o_proj") and hasattr(b.mlp, "down_proj")}) <= 1
+        return 1e-4 + kept * 1e-6 * (1 if uniform else 10)    # the probes are uniform: the table is optimistic
+
+    model = llama(**FOUR_BLOCKS)
+    report = search_(model, SearchConfig(target="latency=0.3", space=("width", "depth"), generations=1, offspring=2,
+                                         survivors=1, compensate="none"), windows(model), batch_size=2,
+                     progress=False, latency_timer=timer)
+    assert report.search["target"]["calibrated"]
+    blocks = report.search["library"]["blocks"]
+
+    def kept_blocks(levels):
+        return sum((blocks[i]["heads"][a], blocks[i]["channels"][f]) != (0, 0) for i, (a, f) in enumerate(levels))
+    assert report.search["candidates"] and all(kept_blocks(c["levels"]) >= 1 for c in report.search["candidates"])

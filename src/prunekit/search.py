@@ -650,18 +650,38 @@ class Search:
         return [(a, f) for a, f in self.ladder[index].allowed
                 if (a, f) != level and abs(a - level[0]) <= 1 and abs(f - level[1]) <= 1]
 
+    def removed(self, index: int, level: tuple[int, int]) -> bool:
+        """The level removes block `index` whole (no heads, no channels)."""
+        return self.fitness.kept(index, level) == (0, 0)
+
     def _moves(self, genome, cheaper: bool, anywhere: bool = False) -> list[tuple[int, tuple[int, int]]]:
         """(block, level) steps to a neighbouring level (any allowed level with `anywhere`) that costs less
-        (cheaper) or more."""
+        (cheaper) or more. A step never removes the last block left: a model with no decoder blocks is no
+        candidate (llama.cpp cannot even load it, and a latency calibration once tried to time one)."""
         out = []
+        last = sum(not self.removed(i, level) for i, level in enumerate(genome)) <= 1
         for index, level in enumerate(genome):
             here = self._block_cost(index, level)
             others = self.ladder[index].allowed if anywhere else self.neighbours(index, level)
             for other in others:
+                if last and self.removed(index, other) and not self.removed(index, level):
+                    continue
                 there = self._block_cost(index, other)
                 if there != here and (there < here) == cheaper:
                     out.append((index, other))
         return out
+
+    def cheapest(self) -> tuple:
+        """The cheapest genome the space holds that still has a block: every block at its cheapest level, and
+        where that removes them all, the block whose cheapest kept level costs least keeps it."""
+        genome = [min(lad.allowed, key=lambda lv, i=i: self._block_cost(i, lv)) for i, lad in enumerate(self.ladder)]
+        if all(self.removed(i, level) for i, level in enumerate(genome)):
+            options = [(self._block_cost(i, lv), i, lv) for i, lad in enumerate(self.ladder) for lv in lad.allowed
+                       if not self.removed(i, lv)]
+            if options:
+                _, index, level = min(options)
+                genome[index] = level
+        return tuple(genome)
 
     def _block_cost(self, index: int, level) -> float:
         if self.kind in ("params", "block_params"):
@@ -706,9 +726,7 @@ class Search:
         to attention alone and to the FFN alone; and the uniform models (`uniform`). At `latency=0.75` in
         transformers the unrestricted greedy removed 21 attention sublayers (each alone costs little KL,
         together they ruin the model: KL 3.7, perplexity 454); the best start is what evolution needs."""
-        def removed(index, level):
-            return self.fitness.kept(index, level) == (0, 0)
-
+        removed = self.removed
         kinds = {"greedy": None, "greedy-depth": removed,
                  "greedy-attention": lambda index, level: level[1] == 0 and not removed(index, level),
                  "greedy-ffn": lambda index, level: level[0] == 0 and not removed(index, level)}
@@ -906,7 +924,7 @@ def search_(model: nn.Module, cfg: SearchConfig, calib: Tensor, *, device=None, 
     else:
         budget, measure = value, kind
     search = Search(cfg, fitness, costs, measure, budget, select_chunks, full_chunks)
-    cheapest = tuple(min(lad.allowed, key=lambda lv, i=i: search._block_cost(i, lv)) for i, lad in enumerate(ladder))
+    cheapest = search.cheapest()
     if not search.fits(cheapest):
         raise ValueError(f"target {cfg.target} cannot be met in the space {','.join(cfg.space)}: the smallest model "
                          f"it holds costs {_fmt(measure, search.cost(cheapest), costs)} against a budget of "
