@@ -36,6 +36,9 @@ def configs(window: int) -> dict:
         "lazyllm-50": (LazyLLMConfig(keep=0.5), None),
         "lazyllm-30": (LazyLLMConfig(keep=0.3), None),
         "lazyllm-50-norevive": (LazyLLMConfig(keep=0.5, revive=False), None),
+        # ranked by the prompt's last 32 rows (SnapKV's observation window) instead of its last token alone
+        "lazyllm-50-obs32": (LazyLLMConfig(keep=0.5, observe=32), None),
+        "lazyllm-30-obs32": (LazyLLMConfig(keep=0.3, observe=32), None),
         "twilight-90": (None, TwilightConfig(top_p=0.9)),
         "twilight-95": (None, TwilightConfig(top_p=0.95)),
         "twilight-quest-90": (None, TwilightConfig(top_p=0.9, selector="quest", page=16, candidates=0.25)),

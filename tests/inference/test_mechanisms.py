@@ -34,6 +34,7 @@ def greedy(model, ids, new=10):
 
 KEEP_ALL = {
     "lazyllm keep=1": dict(token_pruning=LazyLLMConfig(keep=1.0)),
+    "lazyllm keep=1, observation window 8": dict(token_pruning=LazyLLMConfig(keep=1.0, observe=8)),
     "twilight top_p=1": dict(kv_pruning=TwilightConfig(top_p=1.0)),
     "streaming heads=0": dict(kv_pruning=StreamingConfig(heads=0.0)),
     "all heads streaming, window > context": dict(kv_pruning=StreamingConfig(sink=4, window=512, heads=1.0)),
@@ -167,17 +168,30 @@ def _reference_last_logits(model, ids, pruned_at: dict[int, int]):
             handle.remove()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_lazyllm_prefill_equals_stock_with_the_same_tokens_removed_per_layer(family):
+@pytest.mark.parametrize("family,observe", [("llama", 1), ("qwen3", 1), ("llama", 8)])
+def test_lazyllm_prefill_equals_stock_with_the_same_tokens_removed_per_layer(family, observe):
     model = four_blocks(family)
     ids = prompt(32)
-    with pruning(model, token_pruning=LazyLLMConfig(keep=0.3, stages=3)) as state:
+    with pruning(model, token_pruning=LazyLLMConfig(keep=0.3, stages=3, observe=observe)) as state:
         with torch.inference_mode():
             logits = model(ids, cache=state.new_cache(), use_cache=True).logits[0, -1]
         lazy = state.mechanisms[0]
         pruned_at = {position: stage for position, (stage, _) in lazy.waiting.items()}
         assert len(pruned_at) == 32 - 10 and lazy.note().startswith("LazyLLM: prefill computed")
     assert torch.allclose(logits, _reference_last_logits(model, ids, pruned_at), atol=1e-4)
+
+
+def test_an_observation_window_ranks_by_the_last_rows_not_only_the_last_token():
+    """observe=k averages the attention of the prompt's last k rows: the tokens it prunes differ from the last
+    token's own ranking (observe=1) on the same prompt."""
+    model = four_blocks("llama")
+    ids = prompt(40)
+    waiting = {}
+    for observe in (1, 12):
+        with pruning(model, token_pruning=LazyLLMConfig(keep=0.3, stages=3, observe=observe)) as state:
+            greedy(model, ids, new=1)
+            waiting[observe] = set(state.mechanisms[0].waiting)
+    assert len(waiting[1]) == len(waiting[12]) and waiting[1] != waiting[12]
 
 
 def test_lazyllm_revives_tokens_pruned_in_prefill_at_decode():
@@ -212,7 +226,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="calibration"):
         with pruning(model, kv_pruning=StreamingConfig(heads=0.5)):
             pass
-    for bad in (dict(keep=0), dict(keep=1.5), dict(stages=0)):
+    for bad in (dict(keep=0), dict(keep=1.5), dict(stages=0), dict(observe=0), dict(observe=True)):
         with pytest.raises(ValueError):
             LazyLLMConfig(**bad)
     with pytest.raises(ValueError, match="top_p"):

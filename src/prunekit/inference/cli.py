@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser, prompt: bool = True) -> None:
     group.add_argument("--keep", type=float, default=None, help="lazyllm: prompt tokens kept by the last stage "
                                                                "(default 0.5)")
     group.add_argument("--stages", type=int, default=None, help="lazyllm: pruning layers (default 3)")
+    group.add_argument("--observe", type=int, default=None,
+                       help="lazyllm: the prompt's last N rows rank the tokens (default 1: the last token, the "
+                            "paper's; e.g. 32: an observation window over the question, as SnapKV)")
     group.add_argument("--no-revive", dest="revive", action="store_false", default=None,
                        help="lazyllm: never compute pruned tokens again at decode (faster steps, no revival)")
     group.add_argument("--kv-pruning", default=None, metavar="{twilight,streaming}",
@@ -51,9 +54,10 @@ def configs_from_args(args) -> tuple:
     error (it would silently do nothing)."""
     token = kv = prompt = None
     if args.token_pruning == "lazyllm":
-        token = LazyLLMConfig(**_given(args, ("keep", "stages", "revive")))
-    elif _given(args, ("keep", "stages", "revive")):
-        raise ValueError("--keep, --stages and --no-revive set up token pruning: add --token-pruning lazyllm")
+        token = LazyLLMConfig(**_given(args, ("keep", "stages", "revive", "observe")))
+    elif _given(args, ("keep", "stages", "revive", "observe")):
+        raise ValueError("--keep, --stages, --observe and --no-revive set up token pruning: add --token-pruning "
+                         "lazyllm")
     methods = [m.strip() for m in (args.kv_pruning or "").split(",") if m.strip()]
     unknown = [m for m in methods if m not in KV_METHODS]
     if unknown:

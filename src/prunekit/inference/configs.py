@@ -34,6 +34,8 @@ class LazyLLMConfig:
     keep: float = 0.5
     stages: int = 3                    # pruning layers, evenly spaced over the depth
     protect_last: int = 1              # the last prompt tokens are never pruned (the query position)
+    observe: int = 1                   # rows whose attention ranks the prompt: 1 = the last (the paper's);
+                                       # k = the prompt's last k (SnapKV's observation window, arXiv 2404.14469)
     revive: bool = True                # decode may compute waiting tokens again (LazyLLM's auxiliary cache)
 
     def __post_init__(self):
@@ -42,6 +44,9 @@ class LazyLLMConfig:
             raise ValueError(f"stages must be a positive number of pruning layers, got {self.stages!r}")
         if not isinstance(self.protect_last, int) or self.protect_last < 1:
             raise ValueError(f"protect_last must be at least 1 (the last token), got {self.protect_last!r}")
+        if not isinstance(self.observe, int) or isinstance(self.observe, bool) or self.observe < 1:
+            raise ValueError(f"observe must be at least 1 (the last token's attention ranks the prompt), got "
+                             f"{self.observe!r}")
         if not isinstance(self.revive, bool):
             raise ValueError(f"revive must be true or false, got {self.revive!r}")
 

@@ -15,6 +15,10 @@ How it runs on a stock model, without a copied modeling file:
 * stage layers: `stages` layers evenly spaced over the depth (layer n*i/(stages+1), i = 1..stages); at
   stage i the kept share of the prompt is keep**(i/stages), so it falls progressively from 1 to `keep`;
   the last `protect_last` prompt tokens are always kept (the first new token is read from the last).
+* ranking: the attention of the last computed row (the paper's), averaged over heads; with `observe` k > 1,
+  over the last k rows too (SnapKV's observation window, arXiv 2404.14469: the question at the end of a
+  prompt points at the facts it needs more surely than its final token alone). At decode the new token is
+  the one row there is.
   A stage ranks by the last full-attention layer before it (Gemma 3's sliding layers see a window only).
 * a forward pre-hook on every decoder layer replaces the rows it computes (the hidden states, their
   rotary position embeddings, their position ids and, in prefill, their rows and columns of the causal
@@ -199,11 +203,13 @@ class TokenPruning:
             from .runtime import attend
             out = (attend(query, key, value, scaling, allowed), None)
         if index in self.before_stage:
-            last = query[:, :, -1].reshape(query.shape[0], key.shape[1], -1, query.shape[-1])   # (B, Hkv, g, D)
-            scores = torch.matmul(last.float(), key.float().transpose(-1, -2)) * scaling            # (B, Hkv, g, T)
-            visible = positions <= rows[-1]
+            k = min(self.cfg.observe, rows.numel())                   # the observing rows: the last k computed
+            last = query[:, :, -k:]                                                                 # (B, H, k, D)
+            last = last.reshape(query.shape[0], key.shape[1], -1, k, query.shape[-1])             # (B, Hkv, g, k, D)
+            scores = torch.matmul(last.float(), key.float().transpose(-1, -2)[:, :, None]) * scaling  # (..., k, T)
+            visible = positions.unsqueeze(0) <= rows[-k:].unsqueeze(1)                             # (k, T)
             if window is not None:
-                visible &= rows[-1] - positions < window
+                visible &= rows[-k:].unsqueeze(1) - positions.unsqueeze(0) < window
             scores = scores.masked_fill(~visible, float("-inf"))
-            self.importance[index] = (positions.cpu(), torch.softmax(scores, dim=-1).mean(dim=(0, 1, 2)).cpu())
+            self.importance[index] = (positions.cpu(), torch.softmax(scores, dim=-1).mean(dim=(0, 1, 2, 3)).cpu())
         return out
