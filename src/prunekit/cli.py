@@ -165,6 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--per", choices=["row", "layer"], help="comparison group for unstructured sparsity")
     prune.add_argument("--block-size", type=int, metavar="B",
                        help="armor: block size of the block-diagonal wrappers (default 128, capped at each dimension)")
+    prune.add_argument("--shots", type=int, metavar="K",
+                       help="llm-surgeon, llm-surgeon-sp: rounds on the linear sparsity schedule (default 5)")
+    prune.add_argument("--curvature", choices=["gradient", "kfac", "identity"],
+                       help="llm-surgeon(-sp): the output-gradient factor G: its diagonal (gradient, llm-surgeon's "
+                            "default), the full matrix (kfac, llm-surgeon-sp's default) or G = I (identity)")
     prune.add_argument("--ignore", action="append", default=None, metavar="REGEX", help="leave matching layers dense")
     prune.add_argument("--calib", default="default",
                        help="calibration text: default (= prose), code (stdlib Python source), a .txt/.jsonl file or "
@@ -378,7 +383,7 @@ def prune_args_to_dict(args) -> dict:
     if args.per:
         step["per"] = args.per
     for key in ("layers", "sublayers", "experts", "round_to", "uniform", "heads", "allocation", "update",
-                "compensate", "block_size"):
+                "compensate", "block_size", "shots", "curvature"):
         if getattr(args, key) is not None:
             step[key] = getattr(args, key)
     if args.ignore:

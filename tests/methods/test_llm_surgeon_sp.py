@@ -244,7 +244,9 @@ def test_cli_prunes_and_reports_bad_shots(tiny_model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "out"
     assert main(["prune", str(tiny_model_dir), "--method", "llm-surgeon-sp", "--sparsity", "0.25", "--samples", "4",
-                 "--seqlen", "16", "--set", "steps.0.shots=2", "--no-eval", "--out", str(out)]) == 0
+                 "--seqlen", "16", "--shots", "2", "--curvature", "identity", "--no-eval", "--out", str(out)]) == 0
+    recipe = (out / "prunekit.json").read_text()
+    assert '"shots": 2' in recipe and '"curvature": "identity"' in recipe
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size < \
         AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.intermediate_size
     assert main(["prune", str(tiny_model_dir), "--method", "llm-surgeon-sp", "--sparsity", "0.25", "--set",
