@@ -24,9 +24,10 @@ alone. With a full G, a joint solve over all of Q is out of reach (|Q| is half t
   correlate None (default)  conjugate gradients on the kept weights: minimise 1/2 tr(G dW A dW^T) with
               dW_Q = -W_Q, whose gradient G dW A needs two matmuls a step; preconditioned by the
               diagonal G_ii A_jj and started from the per-row (G = I) solution, until the residual
-              is `cg_tol` (1%) of the first (or `cg_steps`, 300). On SmolLM2's block-10 o_proj at 50% the
-              quadratic is then within 0.1% of its minimum (which takes ~1,000 steps to reach a
-              residual of 1e-3); a step costs 2 x out x in x (out + in) flops in float64.
+              is `cg_tol` (1%) of the first (or `cg_steps`, 300). On SmolLM2's block-10 attention
+              output projection at 50% the quadratic is then within 0.1% of its minimum (which takes
+              ~1,000 steps to reach a residual of 1e-3); a step costs 2 x out x in x (out + in) flops
+              in float64.
   correlate N  the reference's scheme (`max_correlate` with `addupdate`): Q in chunks of whole rows of
               at most N removed weights, each chunk solved jointly on the weights the earlier chunks
               moved. A later chunk moves the zeros of the earlier ones, which are then forced back to
@@ -69,7 +70,7 @@ Damping: A gets `damp` x mean diag(A) on its diagonal (the Hessian solver's retr
 apply, `stats.Hessian.inverse_cholesky`), G gets `damp_g` x mean diag(G) (the reference's
 damp_g 0.1). A is used as the sum X^T X: its scale cancels in the update and scales every cost alike.
 
-Cost against SparseGPT on one 576 x 1536 layer (SmolLM2-135M's down_proj shape; 2048 correlated
+Cost against SparseGPT on one 576 x 1536 layer (SmolLM2-135M's FFN down-projection shape; 2048 correlated
 random calibration tokens, sparsity 0.5, float32, CPU, OMP_NUM_THREADS=2 on a shared 2-core host
 whose load average was 10-11, so absolute seconds are inflated and noisy; two runs of sparsegpt
 took 5.5 s and 22 s):
