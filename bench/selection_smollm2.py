@@ -15,14 +15,15 @@ arXiv 2310.01382); retention = the model's accuracy / the dense model's.
 
 (a) Calibration. `prunekit prune MODEL --method {wanda,sparsegpt} {--sparsity 0.5 | --nm 2:4} --calib default
     --samples 128 --seqlen 512 --seed 0 --no-eval` with plain random windows (128 windows drawn at seeded
-    random starts: the baseline) and with `--calib-select S --calib-pool 2048` for every S that
-    `prune --calib-select` accepts (random, perplexity, clusters, entropy): 2,048 random windows drawn, 128
-    of them chosen by S (scored with the model being pruned). Both draw their windows from the same seeded
-    generator, so the plain windows are the pool's first 128: every selector chooses from a pool that holds
-    the baseline's windows. Cost: each selection except random runs the model over all 2,048 x 512 tokens,
-    once per pruning (prune keeps no scores between runs): 4 prunings x 3 scoring selectors = 12 passes over
-    1M tokens. SmolLM2-135M forwards about 100 tokens/s on the shared 2 cores this was written on (about 3 h
-    a pass), so (a) at these sizes wants --device cuda, or a smaller --calib-pool on a CPU.
+    random starts: the baseline) and with `--calib-select S --calib-pool 2048 --calib-scores WORK/a/scores`
+    for every S that `prune --calib-select` accepts (random, perplexity, clusters, entropy): 2,048 random
+    windows drawn, 128 of them chosen by S (scored with the model being pruned, the dense one). Both draw their
+    windows from the same seeded generator, so the plain windows are the pool's first 128: every selector
+    chooses from a pool that holds the baseline's windows. Cost: each scoring selector runs the dense model
+    once over all 2,048 x 512 tokens; --calib-scores keeps those scores, so the 4 prunings share 3 passes
+    over 1M tokens. SmolLM2-135M forwards about 570 tokens/s (with its LM head) on 2 quiet cores of the AMD
+    EPYC this was written on, about 30 min a pass: on a CPU a smaller --calib-pool (512: 8 min a pass), or
+    --device cuda.
 (b) Recovery. From the plain-calibration Wanda 2:4 model of (a): a pool of --pool-tokens tokens of the
     default corpus's calibration side (`prunekit data select default --method random --budget "N tokens"`,
     seed 0; recover reads its calibration side, every 10th sample held out, so the pool is the 90% recover
@@ -213,7 +214,8 @@ def prune(args, steps: Steps, method: str, pattern: str, calib: str) -> dict:
     command = ["prune", args.model, "--method", method, *PATTERNS[pattern], "--calib", "default", "--samples",
                args.samples, "--seqlen", args.seqlen, "--seed", 0]
     if calib != "plain":
-        command += ["--calib-select", calib, "--calib-pool", args.calib_pool]
+        command += ["--calib-select", calib, "--calib-pool", args.calib_pool, "--calib-scores",
+                    args.work / "a" / "scores"]
     command += ["--no-eval", *_device(args), "--out", out, "--overwrite", "--json", record]
     entry = steps(f"a/{name}", command, [out / "prunekit.json", record])
     result = json.loads(record.read_text())

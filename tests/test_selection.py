@@ -192,12 +192,41 @@ def test_calibration_selection_picks_windows_of_the_pool(tiny_model_dir, tmp_pat
         Calibration(samples=8, select="random", pool=8)
 
 
+def test_calibration_scores_are_kept_and_reused_for_the_same_model_and_pool(tiny_model_dir, tmp_path):
+    import torch
+
+    from prunekit.io.loading import load
+    from prunekit.recipe import Calibration
+    from prunekit.selection.windows import select_windows
+    model, tokenizer = load(str(tiny_model_dir))
+    windows = torch.randint(3, 100, (12, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    first, _ = select_windows(model, tokenizer, windows, "perplexity", 4, scores_dir=tmp_path)
+    assert calls and len(list(tmp_path.glob("perplexity-*/scores.jsonl"))) == 1
+    calls.clear()
+    again, _ = select_windows(model, tokenizer, windows, "perplexity", 4, scores_dir=tmp_path)
+    assert torch.equal(first, again) and not calls                   # the kept scores, no model pass
+    other = windows.clone()
+    other[0] = 5
+    select_windows(model, tokenizer, other, "perplexity", 4, scores_dir=tmp_path)       # another pool
+    assert calls and len(list(tmp_path.glob("perplexity-*"))) == 2
+    calls.clear()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)                          # another model (a pruned one, say)
+    select_windows(model, tokenizer, windows, "perplexity", 4, scores_dir=tmp_path)
+    assert calls and len(list(tmp_path.glob("perplexity-*"))) == 3
+    with pytest.raises(ValueError, match="set select too"):
+        Calibration(scores=str(tmp_path))
+
+
 def test_prune_with_calib_select(tiny_model_dir, tmp_path):
     from prunekit.cli import main
     out = tmp_path / "pruned"
     assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--samples", "4",
-                 "--seqlen", "16", "--calib-select", "perplexity", "--calib-pool", "12", "--no-eval", "--out",
-                 str(out)]) == 0
+                 "--seqlen", "16", "--calib-select", "perplexity", "--calib-pool", "12", "--calib-scores",
+                 str(tmp_path / "scores"), "--no-eval", "--out", str(out)]) == 0
+    assert len(list((tmp_path / "scores").glob("perplexity-*/scores.jsonl"))) == 1
     record = json.loads((out / "prunekit.json").read_text())
     chosen = record["calibration"]["select"]
     assert chosen["method"] == "perplexity" and chosen["pool"] == 12 and len(chosen["kept"]) == 4

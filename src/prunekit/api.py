@@ -270,7 +270,7 @@ def _calibration(recipe: Recipe, tokenizer, result: dict, echo, model=None):
             raise ValueError("calibration.select scores the candidate windows with the loaded model, which an "
                              "out-of-core run (--offload disk) does not hold; drop one of them")
         from .selection.windows import select_windows
-        kept, line = select_windows(model, tokenizer, calib, c.select, c.samples, seed=c.seed)
+        kept, line = select_windows(model, tokenizer, calib, c.select, c.samples, seed=c.seed, scores_dir=c.scores)
         calib = calib[kept]
         result["calibration"]["select"] = {"method": c.select, "pool": drawn, "kept": kept.tolist()}
         echo(line)

@@ -183,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
                             "(prunekit data select's methods, scored with the model being pruned)")
     prune.add_argument("--calib-pool", type=int, default=None,
                        help="candidate windows for --calib-select (default 16 x --samples)")
+    prune.add_argument("--calib-scores", metavar="DIR", default=None,
+                       help="keep --calib-select's scores of the pool in DIR: a later pruning of the same model from "
+                            "the same pool reuses them (and an interrupted scoring resumes)")
     prune.add_argument("--seqlen", type=int, default=512, help="tokens per calibration/evaluation window (default 512)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
@@ -395,7 +398,8 @@ def prune_args_to_dict(args) -> dict:
         "allow_pickle": args.allow_pickle,
         "calibration": {"source": calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
                         **({"select": args.calib_select} if args.calib_select else {}),
-                        **({"pool": args.calib_pool} if args.calib_pool else {})},
+                        **({"pool": args.calib_pool} if args.calib_pool else {}),
+                        **({"scores": args.calib_scores} if args.calib_scores else {})},
         "steps": [step] + ([{"method": "eora", "rank": args.eora_rank}] if args.eora_rank is not None else []),
     }
     if not args.no_eval:

@@ -39,6 +39,7 @@ class Calibration:
     batch_size: int = 8           # windows per forward pass
     select: str | None = None     # choose the `samples` windows from `pool` random ones (prunekit.selection)
     pool: int | None = None       # candidate windows for `select` (default 16 x samples)
+    scores: str | None = None     # directory keeping `select`'s scores of the pool for later runs (windows.py)
 
     def __post_init__(self):
         for name in ("samples", "seqlen", "batch_size"):
@@ -49,6 +50,8 @@ class Calibration:
         if self.select is not None and self.select not in CALIBRATION_SELECTORS:
             raise ValueError(f"calibration.select must be one of {', '.join(CALIBRATION_SELECTORS)}, got "
                              f"{self.select!r}")
+        if self.scores is not None and self.select is None:
+            raise ValueError("calibration.scores keeps the scores of calibration.select: set select too")
         if self.pool is not None:
             if self.select is None:
                 raise ValueError("calibration.pool is the candidate windows of calibration.select: set select too")
