@@ -33,6 +33,9 @@ def configs(window: int) -> dict:
     from prunekit.inference import LazyLLMConfig, StreamingConfig, TwilightConfig
     return {
         "stock": (None, None),
+        # nothing pruned, stock attention: the cache the KV mechanisms own (kv.GrowingLayer: appended in place
+        # instead of concatenated), measured alone so its speed is not counted as the pruning's
+        "inplace-cache": (None, StreamingConfig(sink=4, window=window, heads=0.0)),
         "lazyllm-50": (LazyLLMConfig(keep=0.5), None),
         "lazyllm-30": (LazyLLMConfig(keep=0.3), None),
         "lazyllm-50-norevive": (LazyLLMConfig(keep=0.5, revive=False), None),
@@ -43,6 +46,8 @@ def configs(window: int) -> dict:
         "twilight-95": (None, TwilightConfig(top_p=0.95)),
         "twilight-quest-90": (None, TwilightConfig(top_p=0.9, selector="quest", page=16, candidates=0.25)),
         "twilight-quest-95": (None, TwilightConfig(top_p=0.95, selector="quest", page=16, candidates=0.25)),
+        "twilight-quest-99": (None, TwilightConfig(top_p=0.99, selector="quest", page=16, candidates=0.25)),
+        "quest-25": (None, TwilightConfig(top_p=1.0, selector="quest", page=16, candidates=0.25)),
         "streaming-50": (None, StreamingConfig(sink=4, window=window, heads=0.5)),
         "streaming-75": (None, StreamingConfig(sink=4, window=window, heads=0.75)),
     }

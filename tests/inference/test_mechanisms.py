@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_CONFIGS, llama, tiny_model
 from prunekit.inference import LazyLLMConfig, StreamingConfig, TwilightConfig
 from prunekit.inference.generation import pruning
-from prunekit.inference.kv import KVPruning, StreamingLayer, calibrate_streaming, top_p_mask
+from prunekit.inference.kv import GrowingLayer, KVPruning, StreamingLayer, calibrate_streaming, top_p_mask
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -63,6 +63,12 @@ def test_top_p_mask_keeps_the_smallest_set_reaching_the_mass():
     assert top_p_mask(probs, 0.81).tolist() == [[False, True, True, True, False]]
     assert top_p_mask(probs, 0.5, sink=1, window=1).tolist() == [[True, True, False, False, True]]
     assert top_p_mask(probs, 1.0).all()
+    generator = torch.Generator().manual_seed(0)
+    for spread, p in ((8.0, 0.95), (0.1, 0.9), (0.1, 0.999), (3.0, 0.5)):  # peaked (the first k) to flat (k grows)
+        probs = torch.softmax(spread * torch.randn(2, 3, 1000, generator=generator), dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True)     # the definition, by a full sort
+        expected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, ordered.cumsum(-1) - ordered < p)
+        assert torch.equal(top_p_mask(probs, p), expected)
 
 
 def test_twilight_attends_to_fewer_entries_and_reports_how_many():
@@ -94,11 +100,11 @@ def test_quest_passes_the_page_the_query_points_at_plus_sink_window_and_tail():
     value = torch.arange(18.0).view(1, 1, 18, 1).expand(1, 1, 18, 2)
     query = torch.ones(1, 1, 1, 2)
     kv = KVPruning([TwilightConfig(top_p=1.0, sink=0, window=0, selector="quest", page=4, candidates=0.25)])
-    keys, values = kv._candidates(query, key, value, layer=0)
-    assert values[0, 0, :, 0].tolist() == [8, 9, 10, 11, 16, 17]             # page 2, then the partial page
+    (_, pages), (_, tail) = kv._candidates(query, key, value, layer=0)
+    assert pages[0, 0, :, 0].tolist() == [8, 9, 10, 11] and tail[0, 0, :, 0].tolist() == [16, 17]   # page 2, tail
     kv = KVPruning([TwilightConfig(top_p=1.0, sink=1, window=6, selector="quest", page=4, candidates=0.25)])
-    keys, values = kv._candidates(query, key, value, layer=0)
-    assert values[0, 0, :, 0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]   # + sink, window pages
+    (_, pages), (_, tail) = kv._candidates(query, key, value, layer=0)
+    assert pages[0, 0, :, 0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15] and tail.shape[2] == 2   # + sink
 
 
 def test_quest_reads_fewer_entries_and_counts_them_against_the_whole_cache():
@@ -110,6 +116,36 @@ def test_quest_reads_fewer_entries_and_counts_them_against_the_whole_cache():
     for bad in (dict(selector="pages"), dict(page=0), dict(candidates=0.0), dict(candidates=1.5)):
         with pytest.raises(ValueError):
             TwilightConfig(**bad)
+
+
+def test_a_growing_layer_holds_what_a_dynamic_layer_holds_without_copying_each_step():
+    from transformers.cache_utils import DynamicLayer
+    from prunekit.inference.runtime import cache_bytes
+    grown, stock = GrowingLayer(), DynamicLayer()
+    steps = [torch.randn(1, 2, n, 4, generator=torch.Generator().manual_seed(n)) for n in (300, *[1] * 40)]
+    buffers = set()
+    for step in steps:                                  # the prefill's room (300 + 256) outlasts 40 steps...
+        k, v = grown.update(step, -step)
+        expected_k, expected_v = stock.update(step, -step)
+        assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+        buffers.add(grown.appender.keys.data_ptr())
+    assert len(buffers) == 1                             # ... so every step wrote into the same buffer
+    assert grown.get_seq_length() == 340
+    for _ in range(300):                                 # outgrowing the room copies once, values intact
+        step = torch.randn(1, 2, 1, 4)
+        assert torch.equal(grown.update(step, step)[0], stock.update(step, step)[0])
+    grown.crop(-5)
+    stock.crop(-5)
+    step = torch.randn(1, 2, 1, 4)
+    assert torch.equal(grown.update(step, step)[0], stock.update(step, step)[0])   # appends after the crop
+    grown.batch_repeat_interleave(2)
+    stock.batch_repeat_interleave(2)
+    step = torch.randn(2, 2, 1, 4)
+    assert torch.equal(grown.update(step, step)[0], stock.update(step, step)[0])   # a reshuffled batch is taken over
+
+    class Cache:
+        layers = [grown]
+    assert cache_bytes(Cache) == grown.appender.held_bytes() >= 2 * stock.keys.numel() * 4   # the room counts
 
 
 def test_a_streaming_layer_keeps_sink_and_window_and_counts_every_token():

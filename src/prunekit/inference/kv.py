@@ -16,6 +16,14 @@ that is where its time goes at long contexts. The top-p step itself still multip
 (its weight may be 0): on a CPU the selector saves the reads, the top-p bounds the attention.
 The first `sink` and the last `window` entries are always kept.
 
+Appending in place. transformers' `DynamicLayer` concatenates every decode step's entry onto the whole
+cache, a copy of every key and value each step: on a CPU at 8k that copy costs more than reading the pages
+Quest skips. The caches these mechanisms own (`GrowingLayer`, and the full heads of `StreamingLayer`) keep
+keys and values in buffers with spare room and write the new entry into it (`Appender`); the values are
+those of `DynamicLayer`, so keeping everything is still exact. The benchmark reports this cache on its own
+(stock attention, nothing pruned) beside the mechanisms, so the speed that appending in place buys is not
+counted as the pruning's.
+
 Streaming heads (LServe, Yang et al., arXiv 2502.14866, after DuoAttention). Some heads attend to the
 first few tokens (sinks) and to the recent ones only, whatever the context; they can keep a constant
 cache of `sink` + `window` entries. A calibration pass (`calibrate_streaming`) runs the model once on a
@@ -40,11 +48,24 @@ from .configs import StreamingConfig, TwilightConfig
 
 def top_p_mask(probs: Tensor, top_p: float, sink: int = 0, window: int = 0) -> Tensor:
     """Per row of `probs` (..., T): the smallest set of entries whose mass reaches `top_p` (an entry is kept
-    when the mass of the entries ranked before it is still below top_p), plus the first `sink` and the
-    last `window` entries. Returns a bool mask of the same shape."""
-    ordered, order = probs.sort(dim=-1, descending=True)
-    before = ordered.cumsum(dim=-1) - ordered
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < top_p)
+    when the mass of the entries ranked before it is still below top_p; entries tied with the last one kept
+    are kept too), plus the first `sink` and the last `window` entries. Returns a bool mask of the same shape.
+
+    The set is found from the largest entries only: `topk` of a small k (a partial sort, far cheaper than
+    sorting every entry) and, while some row has not reached `top_p` inside its k largest, four times as
+    many. Attention concentrated on a few entries, Twilight's reason to be, stops at the first k."""
+    length = probs.shape[-1]
+    if top_p >= 1:
+        return torch.ones_like(probs, dtype=torch.bool)           # every entry
+    k = min(length, max(32, length // 32))
+    while True:
+        ordered = probs.topk(k, dim=-1).values                    # descending
+        inside = ordered.cumsum(dim=-1) - ordered < top_p          # kept among the k largest
+        if k == length or not bool(inside[..., -1].any()):        # every row stopped inside its k largest
+            break
+        k = min(length, 4 * k)
+    threshold = ordered.gather(-1, inside.sum(-1, keepdim=True) - 1)      # the smallest kept value per row
+    keep = probs >= threshold
     if sink:
         keep[..., :sink] = True
     if window:
@@ -52,11 +73,64 @@ def top_p_mask(probs: Tensor, top_p: float, sink: int = 0, window: int = 0) -> T
     return keep
 
 
-def _grouped_probs(query: Tensor, key: Tensor, scaling: float) -> Tensor:
-    """Softmax attention of query rows (B, Hkv, g, D) (a KV group's query heads as rows) over key
-    (B, Hkv, T, D): (B, Hkv, g, T), float32, without repeating the keys per query head."""
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-    return torch.softmax(scores, dim=-1)
+class Appender:
+    """Keys and values (B, H, T, D) grown in place: buffers with room for an eighth more entries (at least
+    256), the filled part returned as views. A decode step writes one entry; only outgrowing the room
+    copies (once per T/8 steps)."""
+
+    def __init__(self):
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.length = 0
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        need = self.length + keys.shape[-2]
+        if self.keys is None or need > self.keys.shape[-2] or self.keys.shape[:2] != keys.shape[:2]:
+            room = need + max(256, need // 8)
+            grown_keys = keys.new_empty(*keys.shape[:2], room, keys.shape[-1])
+            grown_values = values.new_empty(*values.shape[:2], room, values.shape[-1])
+            if self.length:
+                grown_keys[:, :, :self.length] = self.keys[:, :, :self.length]
+                grown_values[:, :, :self.length] = self.values[:, :, :self.length]
+            self.keys, self.values = grown_keys, grown_values
+        self.keys[:, :, self.length:need] = keys
+        self.values[:, :, self.length:need] = values
+        self.length = need
+        return self.filled()
+
+    def filled(self) -> tuple[Tensor, Tensor]:
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+    def held_bytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+
+class GrowingLayer(DynamicLayer):
+    """`DynamicLayer` appending in place (`Appender`): same keys and values, no copy of the cache per step.
+    `keys`/`values` are views of the filled part; transformers' batch reshuffles (`batch_select_indices`,
+    `batch_repeat_interleave`) replace them with new tensors, which the next update takes over."""
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.appender = Appender()
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keys.numel() and (self.keys.data_ptr() != self.appender.keys.data_ptr()
+                                  or self.keys.shape[:2] != self.appender.keys.shape[:2]):
+            self.appender = Appender()                      # replaced by a batch reshuffle: start from it
+            self.appender.append(self.keys, self.values)
+        self.keys, self.values = self.appender.append(key_states, value_states)
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized:
+            self.appender.length = min(self.appender.length, self.keys.shape[-2])
+
+    def held_bytes(self) -> int:
+        return self.appender.held_bytes() if self.is_initialized else 0
 
 
 class StreamingLayer(DynamicLayer):
@@ -75,6 +149,7 @@ class StreamingLayer(DynamicLayer):
         self.full_index, self.stream_index = (~stream).nonzero().flatten(), stream.nonzero().flatten()
         full, stream = self.full_index, self.stream_index
         self.keys, self.values = key_states[:, full, :0], value_states[:, full, :0]
+        self.full = Appender()
         self.stream_keys, self.stream_values = key_states[:, stream, :0], value_states[:, stream, :0]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -85,8 +160,7 @@ class StreamingLayer(DynamicLayer):
                              "would need the entries they already dropped")
         first = self.seen == 0
         self.seen += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states[:, self.full_index]], dim=-2)
-        self.values = torch.cat([self.values, value_states[:, self.full_index]], dim=-2)
+        self.keys, self.values = self.full.append(key_states[:, self.full_index], value_states[:, self.full_index])
         keys = torch.cat([self.stream_keys, key_states[:, self.stream_index]], dim=-2)
         values = torch.cat([self.stream_values, value_states[:, self.stream_index]], dim=-2)
         if keys.shape[-2] > self.sink + self.window:
@@ -106,6 +180,12 @@ class StreamingLayer(DynamicLayer):
             return 0
         return 2 * (self.keys.shape[1] * self.keys.shape[2] + self.stream_keys.shape[1] * self.stream_keys.shape[2])
 
+    def held_bytes(self) -> int:
+        """Bytes allocated: the full heads' buffers (with their spare room) and the streaming heads' entries."""
+        if not self.is_initialized:
+            return 0
+        return self.full.held_bytes() + 2 * self.stream_keys.numel() * self.stream_keys.element_size()
+
 
 class KVPruning:
     """The decode-time KV mechanism of `pruning(...)`: Twilight top-p selection, streaming heads, or both
@@ -115,10 +195,10 @@ class KVPruning:
         self.twilight = next((c for c in configs if isinstance(c, TwilightConfig)), None)
         self.streaming = next((c for c in configs if isinstance(c, StreamingConfig)), None)
         self.quest = self.twilight is not None and self.twilight.selector == "quest"
-        # streaming heads need their own cache layers; Quest's page bounds belong to one cache, so a new cache
-        # (one per generation) is where they start again
+        # a new cache per generation: its layers append in place (GrowingLayer), streaming heads need their own
+        # layers, and Quest's page bounds belong to one cache
         self.streams = self.streaming is not None and self.streaming.heads > 0
-        self.owns_cache = self.streams or self.quest
+        self.owns_cache = True
         self.calibration = calibration
         self.bounds: dict[int, tuple[Tensor, Tensor]] = {}   # layer -> per-page key min, max (B, Hkv, pages, D)
         self.heads: dict[int, Tensor] = {}         # layer -> streaming KV heads (bool)
@@ -148,6 +228,9 @@ class KVPruning:
             if bool(stream.any()) and not cache.layers[index].is_sliding:
                 cache.layers[index] = self.layers[index] = StreamingLayer(stream, self.streaming.sink,
                                                                           self.streaming.window)
+        for index, layer in enumerate(cache.layers):       # the other full-attention layers append in place
+            if type(layer) is DynamicLayer:
+                cache.layers[index] = GrowingLayer()
 
     def attention(self, module, query, key, value, mask, scaling, stock, **kwargs):
         if query.shape[2] != 1 or kwargs.get("sliding_window"):
@@ -176,19 +259,27 @@ class KVPruning:
     def _select(self, query: Tensor, key: Tensor, value: Tensor, scaling: float, layer: int) -> Tensor:
         cfg = self.twilight
         cached = key.shape[-2]
+        parts = [(key, value)]
         if self.quest and cached // cfg.page > 0:
-            key, value = self._candidates(query, key, value, layer)
-        probs = _grouped_probs(query, key, scaling)
+            parts = self._candidates(query, key, value, layer)
+        scores = torch.cat([torch.matmul(query.float(), k.float().transpose(-1, -2)) for k, _ in parts], dim=-1)
+        probs = torch.softmax(scores * scaling, dim=-1)
         keep = top_p_mask(probs, cfg.top_p, cfg.sink, cfg.window)
         self.kept += int(keep.sum())
-        self.seen += keep.numel() // key.shape[-2] * cached
+        self.seen += keep.numel() // probs.shape[-1] * cached
         weights = probs * keep
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        return torch.matmul(weights, value.float()).to(query.dtype)
+        out, start = None, 0
+        for _, v in parts:
+            part = torch.matmul(weights[..., start:start + v.shape[-2]], v.float())
+            out, start = part if out is None else out + part, start + v.shape[-2]
+        return out.to(query.dtype)
 
-    def _candidates(self, query: Tensor, key: Tensor, value: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        """Quest: the candidate entries of each KV head (B, Hkv, C, D), in cache order: the pages with the
-        highest score bound, the pages holding the sink and the window, and the partial page at the end."""
+    def _candidates(self, query: Tensor, key: Tensor, value: Tensor, layer: int) -> list[tuple[Tensor, Tensor]]:
+        """Quest: the candidate entries of each KV head, in cache order, as two (keys, values) parts: the
+        chosen pages (B, Hkv, count * page, D) (the pages with the highest score bound and those holding the
+        sink and the window) and the partial page at the end (B, Hkv, cached % page, D). The pages are taken
+        from a paged view of the cache (no copy of the rest); the parts are not concatenated, the scores are."""
         cfg, page = self.twilight, self.twilight.page
         batch, heads, cached, dim = key.shape
         pages = cached // page
@@ -202,14 +293,18 @@ class KVPruning:
             forced[max(0, (cached - cfg.window) // page):] = True                      # ... and the window
         count = min(pages, int(forced.sum()) + math.ceil(cfg.candidates * pages))
         chosen = bound.masked_fill(forced, float("inf")).topk(count, dim=-1).indices.sort(dim=-1).values
-        index = chosen[..., None, None].expand(batch, heads, count, page, dim)         # (B, Hkv, count, page, D)
 
-        def gather(x: Tensor) -> Tensor:
-            paged = x[:, :, :pages * page].reshape(batch, heads, pages, page, dim)
-            picked = paged.gather(2, index).reshape(batch, heads, count * page, dim)
-            return torch.cat([picked, x[:, :, pages * page:]], dim=2)
+        def pick(x: Tensor) -> Tensor:
+            # per (sequence, head): its pages as rows of a view (a cache head is contiguous: no copy), the
+            # chosen rows copied by index_select, which moves whole rows (element-wise indexing is slower)
+            out = x.new_empty(batch, heads, count, page * dim)
+            for b in range(batch):
+                for h in range(heads):
+                    torch.index_select(x[b, h, :pages * page].reshape(pages, page * dim), 0, chosen[b, h],
+                                       out=out[b, h])
+            return out.view(batch, heads, count * page, dim)
 
-        return gather(key), gather(value)
+        return [(pick(key), pick(value)), (key[:, :, pages * page:], value[:, :, pages * page:])]
 
     def _page_bounds(self, key: Tensor, pages: int, layer: int) -> tuple[Tensor, Tensor]:
         """Per page, the elementwise min and max of its keys (float32); pages already summarised are kept,

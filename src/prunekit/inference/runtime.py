@@ -73,9 +73,13 @@ def attend(query: Tensor, key: Tensor, value: Tensor, scaling: float, mask: Tens
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of the key/value tensors a cache holds (every layer kind here and transformers' own)."""
+    """Bytes of the key/value tensors a cache holds (every layer kind here and transformers' own); a layer
+    that allocates room ahead (`kv.GrowingLayer`, `kv.StreamingLayer`) counts what it allocated."""
     total = 0
     for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "held_bytes"):
+            total += layer.held_bytes()
+            continue
         for name in ("keys", "values", "stream_keys", "stream_values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, Tensor):
@@ -138,8 +142,8 @@ def activate(model: nn.Module, mechanisms: list):
     def generate_with_cache(*args, **kwargs):
         if state.needs_own_cache():
             if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-                raise ValueError("this inference-time pruning keeps its own KV cache (entries differ per head or "
-                                 "layer); call generate without past_key_values")
+                raise ValueError("this inference-time pruning keeps its own KV cache (appended in place; entries "
+                                 "differ per head or layer); call generate without past_key_values")
             kwargs["cache"] = state.new_cache()
         return generate(*args, **kwargs)
 
