@@ -267,7 +267,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     out = {"model": recipe.model}
     out.update(_non_default(recipe, skip=("model", "steps", *_SECTIONS)))
     out["calibration"] = {k: v for k, v in dataclasses.asdict(recipe.calibration).items()
-                          if v is not None or k not in ("select", "pool")}     # the selection only when asked for
+                          if v is not None or k not in ("select", "pool", "scores")}     # selection: when asked
     out["steps"] = [step_to_dict(step) for step in recipe.steps]
     if recipe.eval is not None:
         out["eval"] = dataclasses.asdict(recipe.eval)
