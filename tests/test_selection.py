@@ -230,3 +230,18 @@ def test_prune_with_calib_select(tiny_model_dir, tmp_path):
     record = json.loads((out / "prunekit.json").read_text())
     chosen = record["calibration"]["select"]
     assert chosen["method"] == "perplexity" and chosen["pool"] == 12 and len(chosen["kept"]) == 4
+
+
+def test_calibration_scores_are_refused_across_processes(tiny_model_dir, tmp_path, monkeypatch):
+    from prunekit import api, distributed
+    from prunekit.io.loading import load
+    from prunekit.recipe import recipe_from_dict
+    model, tokenizer = load(str(tiny_model_dir))
+    recipe = recipe_from_dict({"model": str(tiny_model_dir), "steps": [{"method": "wanda", "sparsity": 0.5}],
+                               "calibration": {"samples": 4, "seqlen": 16, "select": "perplexity", "pool": 8,
+                                               "scores": str(tmp_path)}})
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    with pytest.raises(ValueError, match="every process would append"):
+        api._calibration(recipe, tokenizer, {}, lambda *_: None, model)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    assert api._calibration(recipe, tokenizer, {}, lambda *_: None, model).shape == (4, 16)

@@ -269,7 +269,11 @@ def _calibration(recipe: Recipe, tokenizer, result: dict, echo, model=None):
         if model is None:
             raise ValueError("calibration.select scores the candidate windows with the loaded model, which an "
                              "out-of-core run (--offload disk) does not hold; drop one of them")
+        from . import distributed
         from .selection.windows import select_windows
+        if c.scores is not None and distributed.is_distributed():
+            raise ValueError("calibration.scores is one file that every process would append to; keep the scores "
+                             "in a single-process run (the same model and pool reuse them) or drop --calib-scores")
         kept, line = select_windows(model, tokenizer, calib, c.select, c.samples, seed=c.seed, scores_dir=c.scores)
         calib = calib[kept]
         result["calibration"]["select"] = {"method": c.select, "pool": drawn, "kept": kept.tolist()}
