@@ -269,11 +269,8 @@ class KVPruning:
         self.seen += keep.numel() // probs.shape[-1] * cached
         weights = probs * keep
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        out, start = None, 0
-        for _, v in parts:
-            part = torch.matmul(weights[..., start:start + v.shape[-2]], v.float())
-            out, start = part if out is None else out + part, start + v.shape[-2]
-        return out.to(query.dtype)
+        split = weights.split([v.shape[-2] for _, v in parts], dim=-1)
+        return sum(torch.matmul(w, v.float()) for w, (_, v) in zip(split, parts)).to(query.dtype)
 
     def _candidates(self, query: Tensor, key: Tensor, value: Tensor, layer: int) -> list[tuple[Tensor, Tensor]]:
         """Quest: the candidate entries of each KV head, in cache order, as two (keys, values) parts: the

@@ -80,7 +80,7 @@ def cache_bytes(cache) -> int:
         if hasattr(layer, "held_bytes"):
             total += layer.held_bytes()
             continue
-        for name in ("keys", "values", "stream_keys", "stream_values"):
+        for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, Tensor):
                 total += tensor.numel() * tensor.element_size()
