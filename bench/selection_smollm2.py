@@ -36,6 +36,9 @@ arXiv 2310.01382); retention = the model's accuracy / the dense model's.
     steps, windows = budget tokens // 256 (a selection that packs fewer windows wraps around to its first
     ones for the last steps; each run's report says how many it packed). Share closed = (ppl_base -
     ppl_run) / (ppl_base - ppl_100%); the target is >= 90% for the best selector.
+    --equal-steps gives every 20% run the 100% run's steps instead (its data repeated, about 5 passes): the
+    budget is then the data a selector keeps, not the compute, as in data-pruning papers that train a
+    selection for as long as the whole set.
     Default budget: --pool-tokens 102,400, so the 100% run is about the 100 steps x 4 x 256 tokens of
     BENCHMARKS' recovery row (about 1.5 h on 2 shared cores) and a 20% run about 20 steps.
 (c) Light-PEFT (arXiv 2406.03792). The random-20% run of (b) again with `--light-peft --light-peft-steps K`
@@ -92,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--equal-steps", action="store_true",
+                   help="(b): the 20%% runs take as many steps as the 100%% run (their data repeated, about 5 "
+                        "passes): the budget is then the data, not the compute")
     p.add_argument("--device", default="cpu", help="prune, eval and recover run here (cpu, cuda, ...)")
     p.add_argument("--work", type=Path, default=Path("/tmp/prunekit-selection-bench"))
     p.add_argument("--reuse", action="store_true",
@@ -292,11 +298,12 @@ def one_pass_steps(tokens: int, args) -> int:
 
 
 def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str, full: bool = False,
-            light_peft: bool = False) -> dict:
-    """One masked-LoRA recovery of the base model on (a selection of) the pool, and its evaluation."""
+            light_peft: bool = False, count: int | None = None) -> dict:
+    """One masked-LoRA recovery of the base model on (a selection of) the pool, and its evaluation: one pass
+    over its data, or `count` steps (the data repeated)."""
     out, record = args.work / "b" / name, args.work / "b" / f"{name}.json"
     budget = f"{pool['samples']} samples" if full else f"{pool['budget_tokens']} tokens"
-    count = one_pass_steps(pool["tokens"] if full else pool["budget_tokens"], args)
+    count = count or one_pass_steps(pool["tokens"] if full else pool["budget_tokens"], args)
     command = ["recover", base["dir"], "--method", "lora", "--rank", args.rank, "--lr", args.lr, "--seqlen",
                args.train_seqlen, "--batch-size", args.batch_size, "--seed", 0, "--steps", count, "--data",
                pool["file"], "--data-select", selector, "--budget", budget]
@@ -310,6 +317,9 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
     entry = steps(f"b/{name}", command, [out / "prunekit.json", record])
     report = json.loads(record.read_text())
     selection = report["data"].get("selection") or {}
+    passes = report["steps"] * report["batch_size"] / max(1, report["data"]["windows"])
+    over = (f"one pass over {report['data']['windows']} packed windows" if passes <= 1.0 + 1e-9 else
+            f"{passes:.1f} passes over {report['data']['windows']} packed windows")
     row = {"name": name, "selector": selector, "share": 1.0 if full else SHARE, "budget": budget,
            "steps": report["steps"], "batch_size": report["batch_size"], "seqlen": report["seqlen"],
            "windows": report["data"]["windows"], "tokens_trained": report["tokens"],
@@ -319,8 +329,7 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
            "sparsity_after": report["sparsity_after"], "recover_command": entry["command"],
            "recover_wall_seconds": entry["seconds"], "recover_seconds": report["seconds"],
            "train_protocol": (f"masked LoRA r{args.rank}, lr {args.lr:g}, {report['steps']} steps x "
-                              f"{report['batch_size']} windows x {report['seqlen']} tokens (one pass over "
-                              f"{report['data']['windows']} packed windows), seed 0")}
+                              f"{report['batch_size']} windows x {report['seqlen']} tokens ({over}), seed 0")}
     if light_peft:
         row["light_peft"] = report["light_peft"]
         row["light_peft_steps"] = early
@@ -329,7 +338,12 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
 
 def part_b(args, steps: Steps, base: dict, pool: dict) -> dict:
     full = recover(args, steps, base, pool, "lora-full", "random", full=True)
-    rows = [recover(args, steps, base, pool, f"lora-{selector}-20", selector) for selector in args.recover_selectors]
+    if args.equal_steps:            # the data budget alone: every 20% run trains as long as the 100% run
+        rows = [recover(args, steps, base, pool, f"lora-{selector}-20-steps{full['steps']}", selector,
+                        count=full["steps"]) for selector in args.recover_selectors]
+    else:
+        rows = [recover(args, steps, base, pool, f"lora-{selector}-20", selector)
+                for selector in args.recover_selectors]
     improvement = base["ppl"] - full["ppl"]
     for row in [full, *rows]:
         row["share_closed"] = (base["ppl"] - row["ppl"]) / improvement if improvement > 0 else None
@@ -418,8 +432,10 @@ def _settings(args) -> dict:
                   "calib_selectors": args.calib_selectors, "samples": args.samples, "calib_pool": args.calib_pool,
                   "seqlen": args.seqlen},
             "b": {"selectors": args.recover_selectors, "pool_tokens": args.pool_tokens, "share": SHARE,
+                  "equal_steps": args.equal_steps,
                   "train_seqlen": args.train_seqlen, "batch_size": args.batch_size, "rank": args.rank, "lr": args.lr,
-                  "steps": "one pass: ceil((budget tokens // train_seqlen) / batch_size)"},
+                  "steps": ("20% runs: the 100% run's steps (data repeated)" if args.equal_steps else
+                            "one pass: ceil((budget tokens // train_seqlen) / batch_size)")},
             "eval": {"seqlen": args.eval_seqlen, "max_tokens": args.max_eval_tokens,
                      "suites": "perplexity" if args.no_knowledge else "perplexity,knowledge"}}
 
@@ -502,7 +518,7 @@ def markdown(result: dict) -> str:
                   "| data | budget | training | perplexity | share closed | loss before -> after | "
                   "knowledge exact / MC | retention (MC) | commands |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for r in [full, *b["rows"]]:
-            label = "100% of the pool" if r is full else f"{r['selector']} 20%"
+            label = "100% of the pool" if r is full else f"{r['selector']} 20%, {r['steps']} steps"
             know, retention = _knowledge(r, dense)
             lines.append(f"| {label} | {r['budget']} | {r['train_protocol']} | {r['ppl']:.3f} | "
                          f"{_pct(r['share_closed'])} | {r['loss_before']:.3f} -> {r['loss_after']:.3f} | {know} | "

@@ -35,6 +35,7 @@ def greedy(model, ids, new=10):
 KEEP_ALL = {
     "lazyllm keep=1": dict(token_pruning=LazyLLMConfig(keep=1.0)),
     "lazyllm keep=1, observation window 8": dict(token_pruning=LazyLLMConfig(keep=1.0, observe=8)),
+    "lazyllm keep=1, pooled over 5": dict(token_pruning=LazyLLMConfig(keep=1.0, observe=4, pool=5)),
     "twilight top_p=1": dict(kv_pruning=TwilightConfig(top_p=1.0)),
     "streaming heads=0": dict(kv_pruning=StreamingConfig(heads=0.0)),
     "all heads streaming, window > context": dict(kv_pruning=StreamingConfig(sink=4, window=512, heads=1.0)),
@@ -230,6 +231,29 @@ def test_an_observation_window_ranks_by_the_last_rows_not_only_the_last_token():
     assert len(waiting[1]) == len(waiting[12]) and waiting[1] != waiting[12]
 
 
+def test_pooling_gives_each_token_the_best_score_within_half_the_width():
+    from prunekit.inference.lazyllm import pooled
+    # a prompt of 10 positions; 6 and 7 are absent from this layer (pruned earlier): they count as 0
+    positions = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9])
+    scores = torch.tensor([0.0, 0.1, 0.0, 0.0, 0.5, 0.0, 0.0, 0.3])
+    assert torch.equal(pooled(positions, scores, 10, 3), torch.tensor([0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.3, 0.3]))
+    assert torch.equal(pooled(positions, scores, 10, 1), scores)
+
+
+def test_pooling_keeps_the_neighbours_of_a_token_the_prompt_points_at():
+    """With pool=p a stage keeps runs of neighbouring tokens: fewer separate kept spans than without it."""
+    model = four_blocks("llama")
+    ids = prompt(48)
+    spans = {}
+    for pool in (1, 7):
+        with pruning(model, token_pruning=LazyLLMConfig(keep=0.3, stages=1, observe=4, pool=pool)) as state:
+            greedy(model, ids, new=1)
+            waiting = set(state.mechanisms[0].waiting)
+        kept = [position for position in range(48) if position not in waiting]
+        spans[pool] = 1 + sum(b - a > 1 for a, b in zip(kept, kept[1:]))
+    assert spans[7] < spans[1]
+
+
 def test_lazyllm_revives_tokens_pruned_in_prefill_at_decode():
     model = four_blocks("llama")
     ids = prompt(40)
@@ -262,7 +286,8 @@ def test_refusals():
     with pytest.raises(ValueError, match="calibration"):
         with pruning(model, kv_pruning=StreamingConfig(heads=0.5)):
             pass
-    for bad in (dict(keep=0), dict(keep=1.5), dict(stages=0), dict(observe=0), dict(observe=True)):
+    for bad in (dict(keep=0), dict(keep=1.5), dict(stages=0), dict(observe=0), dict(observe=True),
+                dict(pool=0), dict(pool=4), dict(pool=True)):
         with pytest.raises(ValueError):
             LazyLLMConfig(**bad)
     with pytest.raises(ValueError, match="top_p"):

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser, prompt: bool = True) -> None:
     group.add_argument("--observe", type=int, default=None,
                        help="lazyllm: the prompt's last N rows rank the tokens (default 1: the last token, the "
                             "paper's; e.g. 32: an observation window over the question, as SnapKV)")
+    group.add_argument("--pool", type=int, default=None,
+                       help="lazyllm: rank each token by the best score within POOL//2 positions (odd; default 1: "
+                            "none; e.g. 7, SnapKV's pooling: a fact's neighbouring tokens are kept with it)")
     group.add_argument("--no-revive", dest="revive", action="store_false", default=None,
                        help="lazyllm: never compute pruned tokens again at decode (faster steps, no revival)")
     group.add_argument("--kv-pruning", default=None, metavar="{twilight,streaming}",
@@ -54,10 +57,10 @@ def configs_from_args(args) -> tuple:
     error (it would silently do nothing)."""
     token = kv = prompt = None
     if args.token_pruning == "lazyllm":
-        token = LazyLLMConfig(**_given(args, ("keep", "stages", "revive", "observe")))
-    elif _given(args, ("keep", "stages", "revive", "observe")):
-        raise ValueError("--keep, --stages, --observe and --no-revive set up token pruning: add --token-pruning "
-                         "lazyllm")
+        token = LazyLLMConfig(**_given(args, ("keep", "stages", "revive", "observe", "pool")))
+    elif _given(args, ("keep", "stages", "revive", "observe", "pool")):
+        raise ValueError("--keep, --stages, --observe, --pool and --no-revive set up token pruning: add "
+                         "--token-pruning lazyllm")
     methods = [m.strip() for m in (args.kv_pruning or "").split(",") if m.strip()]
     unknown = [m for m in methods if m not in KV_METHODS]
     if unknown:

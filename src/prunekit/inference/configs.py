@@ -36,6 +36,8 @@ class LazyLLMConfig:
     protect_last: int = 1              # the last prompt tokens are never pruned (the query position)
     observe: int = 1                   # rows whose attention ranks the prompt: 1 = the last (the paper's);
                                        # k = the prompt's last k (SnapKV's observation window, arXiv 2404.14469)
+    pool: int = 1                      # a token ranks by the highest score within pool//2 positions of it
+                                       # (SnapKV's max-pooling: a fact's neighbours stay with it); 1 = none
     revive: bool = True                # decode may compute waiting tokens again (LazyLLM's auxiliary cache)
 
     def __post_init__(self):
@@ -47,6 +49,8 @@ class LazyLLMConfig:
         if not isinstance(self.observe, int) or isinstance(self.observe, bool) or self.observe < 1:
             raise ValueError(f"observe must be at least 1 (the last token's attention ranks the prompt), got "
                              f"{self.observe!r}")
+        if not isinstance(self.pool, int) or isinstance(self.pool, bool) or self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"pool must be an odd number of positions >= 1 (1: no pooling), got {self.pool!r}")
         if not isinstance(self.revive, bool):
             raise ValueError(f"revive must be true or false, got {self.revive!r}")
 

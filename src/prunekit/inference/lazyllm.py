@@ -18,7 +18,9 @@ How it runs on a stock model, without a copied modeling file:
 * ranking: the attention of the last computed row (the paper's), averaged over heads; with `observe` k > 1,
   over the last k rows too (SnapKV's observation window, arXiv 2404.14469: the question at the end of a
   prompt points at the facts it needs more surely than its final token alone). At decode the new token is
-  the one row there is.
+  the one row there is. With `pool` p > 1 a token ranks by the highest score within p//2 positions of it
+  (SnapKV's pooling): the tokens around one the question points at stay with it, so a fact is kept whole
+  rather than as its single most-attended token.
   A stage ranks by the last full-attention layer before it (Gemma 3's sliding layers see a window only).
 * a forward pre-hook on every decoder layer replaces the rows it computes (the hidden states, their
   rotary position embeddings, their position ids and, in prefill, their rows and columns of the causal
@@ -42,6 +44,15 @@ from transformers.cache_utils import DynamicLayer
 
 from ..depth import decoder_blocks
 from .configs import LazyLLMConfig
+
+
+def pooled(positions: Tensor, scores: Tensor, length: int, width: int) -> Tensor:
+    """Each score replaced by the highest within width//2 positions of its token, over the prompt's position
+    axis (positions absent from a layer count as 0: a score is an attention weight, never below it)."""
+    line = torch.zeros(length, dtype=scores.dtype)
+    line[positions] = scores
+    line = torch.nn.functional.max_pool1d(line[None, None], width, stride=1, padding=width // 2)[0, 0]
+    return line[positions]
 
 
 class PositionedLayer(DynamicLayer):
@@ -166,6 +177,8 @@ class TokenPruning:
         positions, scores = self.importance[self.ranked_by[index]]
         prompt = positions < self.prompt_length
         positions, scores = positions[prompt], scores[prompt]
+        if self.cfg.pool > 1:
+            scores = pooled(positions, scores, self.prompt_length, self.cfg.pool)
         keep = max(self.cfg.protect_last, math.ceil(self.stages[index] * self.prompt_length))
         protected = positions >= self.prompt_length - self.cfg.protect_last
         ranked = torch.where(protected, torch.full_like(scores, float("inf")), scores)
