@@ -72,6 +72,15 @@ def test_selection_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):
     assert "a" not in again and "b" not in again and again["c"]["light"]["ppl"] == c["light"]["ppl"]
     assert all(entry.get("reused") for entry in again["commands"])
 
+    # --equal-steps: the 20% runs train as long as the 100% run, their data repeated (the 100% run is reused)
+    assert bench.main([*common, "--only", "b", "--recover-selectors", "random", "--equal-steps", "--reuse"]) == 0
+    equal = json.loads(out_json.read_text())["b"]
+    assert equal["full"]["ppl"] == b["full"]["ppl"]
+    [row] = equal["rows"]
+    assert row["steps"] == b["full"]["steps"] > b["rows"][0]["steps"]
+    assert f"--steps {row['steps']} " in row["recover_command"] and "passes over" in row["train_protocol"]
+    assert f"random 20%, {row['steps']} steps" in out_md.read_text()
+
 
 def test_selection_bench_refuses_bad_settings(tiny_model_dir):
     bench = _load()
