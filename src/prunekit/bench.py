@@ -190,17 +190,22 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
 
 
 def measure(lm: torch.nn.Module, *, batches: Sequence[int] = (1,), prompt_len: int = 512, new_tokens: int = 128,
-            device: str = "cpu", repeats: int = 5, warmup: int = 1, name: str = "in-memory") -> dict[str, Any]:
+            device: str = "cpu", repeats: int = 5, warmup: int = 1, name: str = "in-memory",
+            ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Measure a model already in memory (on `device`), in this process: the same rows as
     `benchmark`, without speedups. For scripts that build or prune models in place (a 7B model
-    is not worth a save/load round trip just to be timed)."""
+    is not worth a save/load round trip just to be timed). `ids` (1, n): this prompt instead of
+    `prompt_len` random ids."""
     import torch
 
     dev = _check_device(device)
     memory_method = _reset_peak_memory(dev)
     info = _model_info(lm)
+    if ids is not None:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        prompt_len = ids.shape[1]
     rows = [_row("model", name, info, _measure_batch(lm, batch, prompt_len, new_tokens, dev, repeats, warmup,
-                                                      PROMPT_SEED))
+                                                      PROMPT_SEED, ids=ids))
             for batch in _check_batches(batches)]
     protocol = {"device": str(dev), "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
                 "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup": warmup, "repeats": repeats,

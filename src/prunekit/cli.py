@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trust-remote-code", action="store_true")
     evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
     from .inference.cli import add_arguments as add_inference_pruning
-    add_inference_pruning(evaluate, prompt=False)                     # the long-context suite's generations
+    add_inference_pruning(evaluate)                                   # the long-context suite's prompts and generations
     evaluate.set_defaults(handler=_eval)
 
     run = sub.add_parser("run", help="run a YAML recipe")
@@ -593,10 +593,10 @@ def _eval(args) -> int:
         raise ValueError("--context and --long-context-samples set up the long-context suite: add --suite "
                          "long-context")
     from .inference.cli import configs_from_args
-    token, kv, _ = configs_from_args(args)
-    if (token is not None or kv is not None) and "long-context" not in suites:
-        raise ValueError("--token-pruning/--kv-pruning prune the generations of the long-context suite: add --suite "
-                         "long-context")
+    token, kv, prompt_pruning = configs_from_args(args)
+    if any(c is not None for c in (token, kv, prompt_pruning)) and "long-context" not in suites:
+        raise ValueError("--token-pruning/--kv-pruning/--prompt-pruning prune the prompts and generations of the "
+                         "long-context suite: add --suite long-context")
     domains = _eval_domains(args, suites)
     if suites != ("perplexity",) or args.baseline:
         return _eval_suites(args, suites, domains)
@@ -769,9 +769,10 @@ def _eval_suites(args, suites, domains: tuple[str, ...] = ()) -> int:
     recorded = _recorded_dense_perplexity(args.model)
     if others:
         from .inference.cli import configs_from_args
-        token, kv, _ = configs_from_args(args)
+        token, kv, prompt_pruning = configs_from_args(args)
         out = evaluate(model, tokenizer, others, protocol, reference=ref, device=device, recorded=recorded,
-                       trust_remote_code=args.trust_remote_code, token_pruning=token, kv_pruning=kv)
+                       trust_remote_code=args.trust_remote_code, token_pruning=token, kv_pruning=kv,
+                       prompt_pruning=prompt_pruning)
     else:
         out = {"suites": {}, "warnings": [], "protocol": protocol.to_dict()}
     if domains:

@@ -184,6 +184,31 @@ def test_pruning_configs_are_passed_through(bpe, monkeypatch):
     assert f"token_pruning {token}" in out["protocol"] and f"kv_pruning {kv}" in out["protocol"]
 
 
+def test_prompt_pruning_fits_every_prompt_into_its_budget_and_keeps_the_question(bpe, tasks):
+    from prunekit.eval.long_context import fitted
+    from prunekit.inference import PromptPruningConfig
+    model = llama(vocab_size=VOCAB)
+    cfg = PromptPruningConfig(mode="tokens", budget=120)
+    for task in TASKS:
+        sample = tasks.sample(task, 256, 0)
+        same, ids, extra = fitted(model, bpe, sample, cfg)
+        question = bpe(sample.prompt[sample.document_end:], add_special_tokens=False)["input_ids"]
+        assert same is sample and len(ids) <= 120 < len(sample.ids) == extra["prompt_tokens_before"]
+        assert extra["prompt_tokens_after"] == len(ids) and list(ids[-len(question) + 2:]) == question[2:]
+        assert fitted(model, bpe, sample, None) == (sample, sample.ids, {})
+    out = long_context_suite(model, bpe, (256,), samples=1, prompt_pruning=cfg)
+    assert all(r["prompt_tokens_after"] <= 120 < r["prompt_tokens_before"] for r in out["records"])
+    assert out["per_context"]["256"]["prompt_tokens"][1] <= 120
+    assert 0 <= out["per_context"]["256"]["prompt_pruning_seconds"] <= out["per_context"]["256"]["seconds"]
+    assert f"prompt_pruning {cfg}" in out["protocol"]
+    # a budget every prompt fits: the prompts are the suite's own, so the answers are too
+    roomy = long_context_suite(model, bpe, (256,), samples=1, prompt_pruning=PromptPruningConfig(mode="tokens",
+                                                                                                 budget=256))
+    plain = long_context_suite(model, bpe, (256,), samples=1)
+    assert [r["generation"] for r in roomy["records"]] == [r["generation"] for r in plain["records"]]
+    assert all(r["prompt_tokens_after"] == r["prompt_tokens_before"] for r in roomy["records"])
+
+
 def test_contexts_beyond_the_limit_are_refused(bpe):
     with pytest.raises(ValueError, match="context 512 exceeds the model's limit of 500 tokens"):
         long_context_suite(Reader(bpe, limit=500), bpe, CONTEXTS)
@@ -226,4 +251,11 @@ def test_cli_runs_the_suite_and_prints_the_protocol(tiny_model_dir, tmp_path, ca
     assert main(["eval", str(tiny_model_dir), "--suite", "long-context", "--context", "4096"]) == 2
     assert "exceeds the model's limit of 2048 tokens" in capsys.readouterr().err
     assert main(["eval", str(tiny_model_dir), "--context", "128"]) == 2
+    assert "--suite long-context" in capsys.readouterr().err
+    assert main(["eval", str(tiny_model_dir), "--suite", "long-context", "--context", "512", "--long-context-samples",
+                 "1", "--prompt-pruning", "tokens", "--budget", "400", "--json", str(report)]) == 0
+    assert "prompt_pruning PromptPruningConfig(mode='tokens', budget=400" in capsys.readouterr().out
+    saved = json.loads(report.read_text())["suites"]["long-context"]
+    assert all(r["prompt_tokens_after"] <= 400 < r["prompt_tokens_before"] for r in saved["records"])
+    assert main(["eval", str(tiny_model_dir), "--prompt-pruning", "tokens", "--budget", "64"]) == 2
     assert "--suite long-context" in capsys.readouterr().err

@@ -353,6 +353,22 @@ def test_the_benchmark_runs_tiny(tiny_model_dir, tmp_path):
     assert {row["config"] for row in body["speed"]} == {"lazyllm-50", "streaming-50"}
     assert [row["config"] for row in body["accuracy"]] == ["stock", "lazyllm-50", "streaming-50"]
     assert "TTFT speedup" in out.with_suffix(".md").read_text()
+    # prompt pruning: the prompt cut to a share of its tokens (0.75 here: the tiny tokenizer's unknown words
+    # are special tokens, never dropped), the pruning's time inside TTFT; accuracy per context
+    assert bench.main(["--model", str(tiny_model_dir), "--contexts", "512", "--new-tokens", "4", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--accuracy-contexts", "512,600", "--accuracy-samples", "1",
+                       "--only", "prompt-tokens", "--prompt-share", "0.75", "--out", str(out)]) == 0
+    body = json.loads(out.read_text())
+    [row] = body["speed"]
+    assert row["prompt_tokens"]["pruned"] <= int(0.75 * row["prompt_tokens"]["stock"])
+    assert row["ttft_ms"]["pruned"] > row["prompt_pruning_ms"] > 0
+    assert row["kv_bytes"]["pruned"] < row["kv_bytes"]["stock"]
+    [acc] = body["accuracy"]
+    assert acc["result"]["contexts"] == [512, 600] and acc["result"]["prompts"] == 6
+    for record in acc["result"]["records"]:
+        budget = int(0.75 * (record["context"] - 16))
+        assert record["prompt_tokens_after"] <= budget < record["prompt_tokens_before"]
+    assert "TTFT includes the pruning's" in out.with_suffix(".md").read_text()
 
 
 def test_cli_generate_with_pruning_prints_the_account(tiny_model_dir, tmp_path, capsys):

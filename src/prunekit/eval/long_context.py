@@ -484,7 +484,8 @@ def _tokenizer_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def protocol_line(tasks: LongContextTasks, contexts, samples: int, token_pruning=None, kv_pruning=None) -> str:
+def protocol_line(tasks: LongContextTasks, contexts, samples: int, token_pruning=None, kv_pruning=None,
+                  prompt_pruning=None) -> str:
     """Everything that fixes the suite's numbers, in one line."""
     return (f"{samples} prompts per task and context, tasks {', '.join(TASKS)}: needle ('The secret number of "
             f"<Name> is <5 digits>.' planted at a sentence boundary), kv-retrieval (JSON object of random "
@@ -497,11 +498,11 @@ def protocol_line(tasks: LongContextTasks, contexts, samples: int, token_pruning
             f"batch 1, max_new_tokens {tasks.max_new_tokens}); exact match: the normalised generation (NFKC, "
             f"lowercase, punctuation and newlines as spaces, leading article dropped) equals or starts with the "
             f"normalised answer and a space; token_pruning {token_pruning or 'none'}, kv_pruning "
-            f"{kv_pruning or 'none'}")
+            f"{kv_pruning or 'none'}, prompt_pruning {prompt_pruning or 'none'}")
 
 
 def long_context_suite(model, tokenizer, contexts=DEFAULT_CONTEXTS, *, samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                       source="default", token_pruning=None, kv_pruning=None,
+                       source="default", token_pruning=None, kv_pruning=None, prompt_pruning=None,
                        max_new_tokens: int = MAX_NEW_TOKENS, device=None) -> dict:
     """Accuracy of `model` on the three tasks at each context length; JSON-ready.
 
@@ -511,6 +512,10 @@ def long_context_suite(model, tokenizer, contexts=DEFAULT_CONTEXTS, *, samples: 
     benchmark -- and the prompt token range), ``records`` (every prompt: depth reached, tokens,
     answer, generation, correct) and ``protocol``. `token_pruning` / `kv_pruning` are passed as
     they are to `prunekit.inference.generation.pruning`, entered once around every generation.
+    `prompt_pruning` (a `PromptPruningConfig`) first fits every prompt into its budget
+    (`prunekit.inference.prompt.prune_prompt`, before and outside the other mechanisms, as `generate`
+    does); each record then holds the prompt's tokens before and after, and ``per_context`` the
+    seconds the pruning took (``prompt_pruning_seconds``, inside ``seconds``).
     """
     contexts = check_contexts(contexts, model.config)
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
@@ -525,20 +530,28 @@ def long_context_suite(model, tokenizer, contexts=DEFAULT_CONTEXTS, *, samples: 
     from ..inference.generation import pruning
     try:
         # one pruning set-up for the whole suite (streaming heads calibrate once, on the default corpus)
+        # prompts are built (and fitted into a prompt-pruning budget) first, with the model stock: the
+        # pruning mechanisms below own the cache and attention of every forward inside their block
+        prompts: dict[int, list] = {}
+        for context in contexts:
+            started = time.perf_counter()
+            prompts[context] = [fitted(model, tokenizer, tasks.sample(task, context, index), prompt_pruning)
+                                for task in TASKS for index in range(samples)]
+            per_context[str(context)] = {"seconds": time.perf_counter() - started}
         with pruning(model, token_pruning, kv_pruning, tokenizer=tokenizer), torch.inference_mode():
             for context in contexts:
                 started = time.perf_counter()
-                lengths = []
-                for task in TASKS:
-                    for index in range(samples):
-                        sample = tasks.sample(task, context, index)
-                        generation = answer(model, tokenizer, sample.ids, max_new_tokens=max_new_tokens,
-                                            device=device)
-                        records.append({**sample.record(), "generation": generation,
-                                        "correct": score(generation, sample.answer)})
-                        lengths.append(len(sample.ids))
-                per_context[str(context)] = {"seconds": round(time.perf_counter() - started, 3),
-                                             "prompt_tokens": [min(lengths), max(lengths)]}
+                for sample, ids, extra in prompts[context]:
+                    generation = answer(model, tokenizer, ids, max_new_tokens=max_new_tokens, device=device)
+                    records.append({**sample.record(), **extra, "generation": generation,
+                                    "correct": score(generation, sample.answer)})
+                cell = per_context[str(context)]
+                lengths = [len(ids) for _, ids, _ in prompts[context]]
+                if prompt_pruning is not None:
+                    cell["prompt_pruning_seconds"] = round(sum(e["prompt_pruning_seconds"]
+                                                               for _, _, e in prompts[context]), 3)
+                cell["seconds"] = round(cell["seconds"] + time.perf_counter() - started, 3)
+                cell["prompt_tokens"] = [min(lengths), max(lengths)]
     finally:
         if training:
             model.train()
@@ -556,7 +569,20 @@ def long_context_suite(model, tokenizer, contexts=DEFAULT_CONTEXTS, *, samples: 
         per_context[str(context)]["accuracy"] = _share([r for r in records if r["context"] == context])
     return {"accuracy": _share(records), "prompts": len(records), "contexts": list(contexts), "tasks": list(TASKS),
             "samples": samples, "per_task": per_task, "per_context": per_context, "records": records,
-            "protocol": protocol_line(tasks, contexts, samples, token_pruning, kv_pruning)}
+            "protocol": protocol_line(tasks, contexts, samples, token_pruning, kv_pruning, prompt_pruning)}
+
+
+def fitted(model, tokenizer, sample: Sample, prompt_pruning=None) -> tuple[Sample, tuple, dict]:
+    """(sample, the ids to generate from, what the record adds): the sample's own ids, or its prompt fitted
+    into `prompt_pruning`'s budget (its question, the last blank-line-separated block, is never touched)."""
+    if prompt_pruning is None:
+        return sample, sample.ids, {}
+    from ..inference.prompt import prune_prompt
+    started = time.perf_counter()
+    pruned = prune_prompt(model, tokenizer, sample.prompt, prompt_pruning)
+    ids = tuple(pruned.input_ids.tolist())
+    return sample, ids, {"prompt_tokens_before": pruned.original_tokens, "prompt_tokens_after": len(ids),
+                         "prompt_pruning_seconds": round(time.perf_counter() - started, 3)}
 
 
 def _share(records: list[dict]) -> float:

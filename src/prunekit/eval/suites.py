@@ -407,15 +407,16 @@ def drift_warnings(baseline: dict | None, recorded: dict | None) -> list[str]:
 
 def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), *,
              reference: Reference | None = None, device="cpu", recorded: dict | None = None,
-             trust_remote_code: bool = False, token_pruning=None, kv_pruning=None) -> dict:
+             trust_remote_code: bool = False, token_pruning=None, kv_pruning=None, prompt_pruning=None) -> dict:
     """Run `suites` on `model`; JSON-ready dict of every number with its protocol (see the module docstring).
 
     `token_pruning` / `kv_pruning` (`prunekit.inference.configs`) wrap the generations of the
-    long-context suite in `prunekit.inference.generation.pruning`; the other suites score the model
-    as it is, so asking for pruning without the long-context suite is an error, not a no-op.
+    long-context suite in `prunekit.inference.generation.pruning`, and `prompt_pruning` fits its prompts
+    into a budget first; the other suites score the model as it is, so asking for pruning without the
+    long-context suite is an error, not a no-op.
     """
     suites = parse_suites(suites)
-    if (token_pruning is not None or kv_pruning is not None) and "long-context" not in suites:
+    if any(c is not None for c in (token_pruning, kv_pruning, prompt_pruning)) and "long-context" not in suites:
         raise ValueError("token and KV pruning act on generation, which the long-context suite measures; "
                          "add long-context to the suites")
     ref = reference
@@ -474,5 +475,6 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
             with _timed("long-context"):
                 out["suites"]["long-context"] = long_context_suite(
                     model, tokenizer, protocol.contexts, samples=protocol.long_context_samples, source=protocol.data,
-                    token_pruning=token_pruning, kv_pruning=kv_pruning, device=run_on)
+                    token_pruning=token_pruning, kv_pruning=kv_pruning, prompt_pruning=prompt_pruning,
+                    device=run_on)
     return out
