@@ -417,7 +417,7 @@ def evaluate(model, tokenizer, suites, protocol: EvalProtocol = EvalProtocol(), 
     """
     suites = parse_suites(suites)
     if any(c is not None for c in (token_pruning, kv_pruning, prompt_pruning)) and "long-context" not in suites:
-        raise ValueError("token and KV pruning act on generation, which the long-context suite measures; "
+        raise ValueError("token, KV and prompt pruning act on generation, which the long-context suite measures; "
                          "add long-context to the suites")
     ref = reference
     if "fidelity" in suites and ref is None:
