@@ -317,9 +317,9 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
     entry = steps(f"b/{name}", command, [out / "prunekit.json", record])
     report = json.loads(record.read_text())
     selection = report["data"].get("selection") or {}
-    passes = report["steps"] * report["batch_size"] / max(1, report["data"]["windows"])
-    over = (f"one pass over {report['data']['windows']} packed windows" if passes <= 1.0 + 1e-9 else
-            f"{passes:.1f} passes over {report['data']['windows']} packed windows")
+    windows = max(1, report["data"]["windows"])
+    over = (f"one pass over {windows} packed windows" if report["steps"] <= math.ceil(windows / report["batch_size"])
+            else f"{report['steps'] * report['batch_size'] / windows:.1f} passes over {windows} packed windows")
     row = {"name": name, "selector": selector, "share": 1.0 if full else SHARE, "budget": budget,
            "steps": report["steps"], "batch_size": report["batch_size"], "seqlen": report["seqlen"],
            "windows": report["data"]["windows"], "tokens_trained": report["tokens"],
