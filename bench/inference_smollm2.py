@@ -27,6 +27,7 @@ Its accuracy: the suite with the budget set to that share of each context's prom
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -97,9 +98,8 @@ def prompt_speed(name: str, context: int, args, lm, tokenizer) -> dict:
         pruned = prune_prompt(lm, tokenizer, sample.prompt, cfg)
         seconds.append(time.perf_counter() - started)
     runs = {}
-    for role, ids in (("stock", list(sample.ids)), ("pruned", pruned.input_ids.tolist())):
-        [row] = measure(lm, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                        ids=torch_ids(ids))["rows"]
+    for role, ids in (("stock", sample.ids), ("pruned", pruned.input_ids)):
+        [row] = measure(lm, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, ids=ids)["rows"]
         runs[role] = row
     pruning_ms = 1000 * statistics.median(seconds)
     ttft = {"stock": runs["stock"]["prefill_ms"]["median"],
@@ -111,11 +111,6 @@ def prompt_speed(name: str, context: int, args, lm, tokenizer) -> dict:
             "kv_bytes": {role: runs[role]["kv_cache_bytes"] for role in runs},
             "speedup_ttft": ttft["stock"] / ttft["pruned"], "speedup_decode": decode["pruned"] / decode["stock"],
             "load_average": {"before": before, "after": load_average()}}
-
-
-def torch_ids(ids: list[int]):
-    import torch
-    return torch.tensor([ids], dtype=torch.long)
 
 
 def _ints(text: str) -> list[int]:
@@ -154,12 +149,10 @@ def main(argv=None) -> int:
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
-    loaded = []
 
+    @functools.cache
     def lm_and_tokenizer():                        # loaded once, for the in-process rows and the accuracy
-        if not loaded:
-            loaded.extend(load(args.model))
-        return loaded
+        return load(args.model)
 
     speed, accuracy = [], []
     for context in _ints(args.contexts):
