@@ -31,8 +31,8 @@ arXiv 2310.01382); retention = the model's accuracy / the dense model's.
     (`prunekit recover BASE --method lora --rank 16 --lr 1e-3 --seqlen 256 --batch-size 4 --data POOL`,
     the lr and rank of bench/cpu_recover.py) on (i) 100% of the pool (`--data-select random --budget "ALL
     samples"`) and (ii) a 20% token budget (`--data-select S --budget "0.2 x pool tokens"`) for every selector
-    recover accepts (random, perplexity, clusters, entropy, donod, qtuning; paser is refused by recover, it
-    needs the dense and the pruned model). Every run makes one pass over its data: ceil(windows / batch)
+    recover accepts (random, perplexity, clusters, entropy, donod, qtuning, and paser, which compares the
+    base with the dense model it records as its source). Every run makes one pass over its data: ceil(windows / batch)
     steps, windows = budget tokens // 256 (a selection that packs fewer windows wraps around to its first
     ones for the last steps; each run's report says how many it packed). Share closed = (ppl_base -
     ppl_run) / (ppl_base - ppl_100%); the target is >= 90% for the best selector.
@@ -68,7 +68,7 @@ METHODS = ("wanda", "sparsegpt")
 PATTERNS = {"50": ["--sparsity", "0.5"], "2of4": ["--nm", "2:4"]}        # tag -> prune flags
 PATTERN_NAMES = {"50": "50%", "2of4": "2:4"}
 CALIB_SELECTORS = ("random", "perplexity", "clusters", "entropy")         # `prune --calib-select`'s choices
-RECOVER_SELECTORS = ("random", "perplexity", "clusters", "entropy", "donod", "qtuning")   # `recover --data-select`
+RECOVER_SELECTORS = ("random", "perplexity", "clusters", "entropy", "donod", "qtuning", "paser")  # recover's
 BASE = ("wanda", "2of4", "plain")           # (b) and (c) recover this model of (a)
 SHARE = 0.2                                  # (b): the selected runs' token budget, a share of the pool's tokens
 TARGET = 0.9                                 # (b): the best selector closes >= 90% of the 100% run's improvement

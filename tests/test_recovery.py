@@ -313,7 +313,7 @@ def test_cli_bad_input_fails_early_with_a_clear_message(pruned_dir, tiny_model_d
         ([str(pruned_dir), "--method", "wanda"], "unknown recovery method 'wanda'"),
         ([str(pruned_dir), "--method", "perp", "--rank", "8"], "--rank does not apply to --method perp"),
         ([str(pruned_dir), "--method", "lora", "--teacher", str(tiny_model_dir)], "--teacher applies to"),
-        ([str(tiny_model_dir), "--method", "kd"], "kd needs the dense teacher"),   # no prunekit.json: no source
+        ([str(tiny_model_dir), "--method", "kd"], "kd needs the dense model"),   # no prunekit.json: no source
         ([str(pruned_dir), "--method", "lora", "--steps", "0"], "steps must be"),
         ([str(pruned_dir), "--method", "lora", "--checkpoint-every", "0", "--resume"], "--resume needs"),
     ]

@@ -18,7 +18,7 @@ def test_selector_lists_are_what_the_commands_accept():
     prune = next(a for a in _parser()._subparsers._group_actions[0].choices["prune"]._actions
                  if "--calib-select" in a.option_strings)
     assert tuple(prune.choices) == bench.CALIB_SELECTORS
-    assert set(bench.RECOVER_SELECTORS) == set(SELECTORS) - {"paser"}     # paser: refused by recover
+    assert set(bench.RECOVER_SELECTORS) == set(SELECTORS)
 
 
 def test_selection_bench_runs_tiny(tiny_model_dir, tmp_path, src_on_path):

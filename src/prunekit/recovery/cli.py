@@ -18,7 +18,9 @@ pruning the block pairs come from the removed_blocks DIR/prunekit.json records) 
 
 --data-select METHOD --budget B trains only on what a data selector (prunekit data select's methods,
 scored with the model being recovered) keeps of --data: the kept samples are packed into windows; with
-qtuning (arXiv 2509.23873) the tokens it prunes are left out of the loss (never out of the input). The
+qtuning (arXiv 2509.23873) the tokens it prunes are left out of the loss (never out of the input); paser
+(arXiv 2502.12594) also loads the dense model (--teacher, else the source DIR's prunekit.json records, as
+kd does) and spends the budget where the pruned model lost most against it. The
 selection (method, budget, tokens kept) goes into the report and prunekit.json. --light-peft (lora, kd)
 prunes whole adapter modules and ranks after --light-peft-steps early steps (Light-PEFT, arXiv 2406.03792;
 see light_peft.py) and reports the trainable parameters before and after.
@@ -71,7 +73,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "(arXiv 2411.15558; after depth pruning)")
     p.add_argument("--data-select", metavar="METHOD",
                    help="train only on what this data selector keeps of --data (random, perplexity, clusters, "
-                        "entropy, donod, qtuning; scored with DIR's model); needs --budget")
+                        "entropy, donod, qtuning: scored with DIR's model; paser: DIR against the dense model, "
+                        "--teacher or DIR's recorded source); needs --budget")
     p.add_argument("--budget", help="--data-select: how much it keeps, a fraction (0.2), N samples or N tokens")
     p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     p.add_argument("--tokens", type=int, metavar="N",
@@ -93,7 +96,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--light-peft-ranks", type=float,
                       help="Light-PEFT: share of each kept module's ranks removed (default 0.5)")
     kd = p.add_argument_group("distillation (kd, router-kd, expert-kd, distill)")
-    kd.add_argument("--teacher", help="the model before pruning (default: the source recorded in DIR/prunekit.json)")
+    kd.add_argument("--teacher", help="the model before pruning (default: the source recorded in DIR/prunekit.json); "
+                                      "also the dense model --data-select paser compares DIR with")
     kd.add_argument("--temperature", type=float, help="kd, router-kd, distill: softmax temperature (default 1)")
     kd.add_argument("--kd-weight", type=float,
                     help="kd, router-kd, distill: weight of the KL term; the rest is next-token loss (default 1)")
@@ -171,7 +175,7 @@ def default_teacher(model_dir: Path, method: str = "kd") -> str:
     """The dense source recorded in `model_dir`/prunekit.json, as something `load` accepts."""
     meta = model_dir / METADATA_FILE
     if not meta.is_file():
-        raise ValueError(f"{method} needs the dense teacher and {model_dir} has no {METADATA_FILE} saying where it "
+        raise ValueError(f"{method} needs the dense model and {model_dir} has no {METADATA_FILE} saying where it "
                          f"was pruned from; {TEACHER_HINT}")
     source = json.loads(meta.read_text()).get("source") or {}
     kind = source.get("kind")
@@ -205,15 +209,20 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     model_dir = model_dir.resolve()
     out = check_output_dir(args.out, overwrite=args.overwrite, protect=[model_dir])
     run_dir = _run_dir(args, cfg, out, model_dir)
-    teacher_name = None
+    teacher_name = dense_name = None
     if cfg.needs_teacher:
         teacher_name = args.teacher or default_teacher(model_dir, args.method)
         if Path(teacher_name).exists() and Path(teacher_name).resolve() == model_dir:
             raise ValueError(f"the teacher is {model_dir} itself; {TEACHER_HINT}")
-    elif args.teacher:
+    if args.data_select == "paser":
+        dense_name = args.teacher or default_teacher(model_dir, "--data-select paser")
+        if Path(dense_name).exists() and Path(dense_name).resolve() == model_dir:
+            raise ValueError(f"--data-select paser compares DIR with the dense model, and that is {model_dir} "
+                             f"itself; {TEACHER_HINT}")
+    elif args.teacher and not cfg.needs_teacher:
         distilling = [n for n in recover_methods() if get_method(n).config_cls.objective != "lm"]
-        raise ValueError(f"--teacher applies to the distillation methods ({', '.join(distilling)}) only, "
-                         f"not {args.method}")
+        raise ValueError(f"--teacher applies to the distillation methods ({', '.join(distilling)}) and to "
+                         f"--data-select paser only, not {args.method}")
     device = resolve_device(args.device)
 
     if recorded_widths(model_dir) is not None:      # blocks of different widths: no stock config describes them
@@ -225,15 +234,22 @@ def run_recover_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"{model_dir} has no tokenizer, so --data text cannot become tokens; save the model's "
                          "tokenizer next to it (tokenizer.save_pretrained(DIR))")
     seqlen = _seqlen(model.config, cfg.seqlen)
-    loss_mask = selection = None
+    loss_mask = selection = dense = None
     if args.data_select:
         from .train import selected_windows
+        if dense_name is not None:
+            dense, _ = load(dense_name, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                            trust_remote_code=args.trust_remote_code)
         windows, loss_mask, selection = selected_windows(model, tokenizer, args.data, args.data_select, args.budget,
-                                                         seqlen=seqlen, seed=cfg.seed, progress=not args.no_progress)
+                                                         seqlen=seqlen, seed=cfg.seed, dense=dense,
+                                                         progress=not args.no_progress)
+        if dense is not None:
+            selection["dense"] = dense_name
     else:
         windows = recovery_windows(tokenizer, cfg, args.data, seqlen=seqlen, seed=cfg.seed)
-    teacher = None
-    if teacher_name is not None:
+    teacher = dense if teacher_name is not None and teacher_name == dense_name else None
+    dense = None                                    # the teacher keeps it alive if it is one; else freed
+    if teacher_name is not None and teacher is None:
         teacher, _ = load(teacher_name, dtype=args.dtype, allow_pickle=args.allow_pickle,
                           trust_remote_code=args.trust_remote_code)
     if cfg.objective == "distill":

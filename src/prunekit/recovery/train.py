@@ -860,7 +860,7 @@ def recovery_windows(tokenizer, cfg: RecoverConfig, source: str | os.PathLike, *
 
 
 def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: int, seed: int = 0,
-                     text_field: str = "text", options: dict | None = None,
+                     text_field: str = "text", options: dict | None = None, dense=None,
                      progress: bool = True) -> tuple[Tensor, Tensor | None, dict]:
     """Recovery on a data selection (`prunekit recover --data-select METHOD --budget B`): select samples of
     `source` with `prunekit.selection` (scored with `model`, the model being recovered), pack the kept
@@ -869,8 +869,9 @@ def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: i
 
     Returns (windows (n, seqlen), loss_mask (n, seqlen) bool or None, a record for the report). The mask is
     given when the selection carries loss spans (qtuning): a token counts as a target only inside its
-    sample's spans (a sample's first token never does). Selectors that need more than one model (paser) are
-    refused: run `prunekit data select` first and pass its .jsonl as --data."""
+    sample's spans (a sample's first token never does). PASER compares the pruned model with the one it was
+    pruned from: pass that as `dense` (it scores and embeds; `model`, the one being recovered, is PASER's
+    pruned model)."""
     import json
     import tempfile
 
@@ -880,16 +881,24 @@ def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: i
 
     if method not in SELECTORS:
         raise ValueError(f"unknown --data-select method {method!r}; choose from {', '.join(SELECTORS)}")
+    scorer = model
     if method == "paser":
-        raise ValueError("--data-select paser compares the dense model with the pruned one, and recover holds only "
-                         "the pruned model: run `prunekit data select --method paser --model DENSE --pruned DIR "
-                         "--out sel.jsonl` and recover with --data sel.jsonl")
+        if dense is None:
+            raise ValueError("--data-select paser compares the pruned model with the dense one it was pruned from: "
+                             "pass the dense model (recover: --teacher MODEL, or a DIR whose prunekit.json "
+                             "records its source)")
+        from ..selection.paser import check_models
+        check_models(dense, model)
+        scorer, options = dense, {**(options or {}), "pruned": model}
+        dense.eval()
+    elif dense is not None:
+        raise ValueError(f"a dense model is for --data-select paser only, not {method}")
     was_training = model.training
     model.eval()
     with tempfile.TemporaryDirectory(prefix="prunekit-select-") as folder:
         out = Path(folder) / "selected.jsonl"
         try:
-            report = select(source, method, budget, out, model=model, tokenizer=tokenizer, seed=seed,
+            report = select(source, method, budget, out, model=scorer, tokenizer=tokenizer, seed=seed,
                             text_field=text_field, options=options, progress=progress)
         finally:
             model.train(was_training)
