@@ -51,6 +51,7 @@ def configs(window: int) -> dict:
         "lazyllm-30-obs32": (LazyLLMConfig(keep=0.3, observe=32), None),
         # and each token by the best score within 3 positions (SnapKV's max-pooling, kernel 7)
         "lazyllm-50-obs32-pool7": (LazyLLMConfig(keep=0.5, observe=32, pool=7), None),
+        "lazyllm-30-obs32-pool7": (LazyLLMConfig(keep=0.3, observe=32, pool=7), None),
         "twilight-90": (None, TwilightConfig(top_p=0.9)),
         "twilight-95": (None, TwilightConfig(top_p=0.95)),
         "twilight-quest-90": (None, TwilightConfig(top_p=0.9, selector="quest", page=16, candidates=0.25)),
