@@ -151,6 +151,17 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_pruned_dir(tiny_model_dir, tmp_path_factory):
+    """`tiny_model_dir` magnitude-pruned to 50% by `prunekit prune` (its prunekit.json records the dense source):
+    what `prunekit recover` takes. Tests only read it."""
+    from prunekit.cli import main
+    out = tmp_path_factory.mktemp("pruned") / "tiny-llama-magnitude50"
+    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--no-eval",
+                 "--out", str(out)]) == 0
+    return out
+
+
 # Mixture-of-Experts families (transformers 5 fused experts), 3 blocks, 8 routed experts, top-2.
 # DeepSeek-V3 / GLM-4-MoE route in 2 groups (best 1 group) and keep block 0 dense; Qwen3-MoE keeps
 # block 0 dense through mlp_only_layers; Qwen2-MoE has a gated shared expert.

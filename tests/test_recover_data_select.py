@@ -139,21 +139,12 @@ def test_a_too_small_budget_and_paser_without_the_dense_model_are_refused(tmp_pa
                          progress=False)
 
 
-@pytest.fixture(scope="module")
-def pruned_dir(tiny_model_dir, tmp_path_factory):
-    from prunekit.cli import main
-    out = tmp_path_factory.mktemp("paser") / "pruned"
-    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.6", "--no-eval",
-                 "--out", str(out)]) == 0
-    return out
-
-
-def test_paser_windows_are_what_data_select_paser_keeps(tmp_path, tiny_model_dir, pruned_dir):
+def test_paser_windows_are_what_data_select_paser_keeps(tmp_path, tiny_model_dir, tiny_pruned_dir):
     from prunekit.io.loading import load
     from prunekit.selection.select import select
     _pool(tmp_path / "pool.jsonl")
     dense, tokenizer = load(tiny_model_dir)
-    pruned, _ = load(pruned_dir)
+    pruned, _ = load(tiny_pruned_dir)
     windows, mask, record = selected_windows(pruned, tokenizer, tmp_path / "pool.jsonl", "paser", "0.5", seqlen=16,
                                              dense=dense, progress=False)
     assert mask is None and record["method"] == "paser" and record["samples"]["kept"] == 10
@@ -166,16 +157,16 @@ def test_paser_windows_are_what_data_select_paser_keeps(tmp_path, tiny_model_dir
     assert record["options"].get("pruned") is None                     # a model is not written into reports
 
 
-def test_cli_data_select_paser_takes_the_recorded_source_as_the_dense_model(tmp_path, pruned_dir, tiny_model_dir,
+def test_cli_data_select_paser_takes_the_recorded_source_as_the_dense_model(tmp_path, tiny_pruned_dir, tiny_model_dir,
                                                                            capsys):
     _pool(tmp_path / "pool.jsonl")
-    common = [str(pruned_dir), "--data", str(tmp_path / "pool.jsonl"), "--method", "lora", "--data-select", "paser",
-              "--budget", "0.5", "--steps", "2", "--batch-size", "2", "--seqlen", "16", "--rank", "2",
+    common = [str(tiny_pruned_dir), "--data", str(tmp_path / "pool.jsonl"), "--method", "lora", "--data-select",
+              "paser", "--budget", "0.5", "--steps", "2", "--batch-size", "2", "--seqlen", "16", "--rank", "2",
               "--no-progress"]
     log = tmp_path / "report.json"
     assert recover_cli([*common, "--out", str(tmp_path / "out"), "--json", str(log)]) == 0, capsys.readouterr().err
     report = json.loads(log.read_text())
-    source = json.loads((pruned_dir / "prunekit.json").read_text())["source"]["path"]
+    source = json.loads((tiny_pruned_dir / "prunekit.json").read_text())["source"]["path"]
     assert report["data"]["selection"]["method"] == "paser" and report["data"]["selection"]["dense"] == source
     assert report["teacher"] is None                                    # lora: the dense model is not a teacher
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")                              # stock reload
@@ -189,7 +180,10 @@ def test_cli_data_select_paser_takes_the_recorded_source_as_the_dense_model(tmp_
     assert recover_cli([str(tiny_model_dir), *common[1:], "--out", str(tmp_path / "out3")]) == 2
     assert "--data-select paser needs the dense model" in capsys.readouterr().err
     assert not (tmp_path / "out3").exists()
+    # DIR itself as the dense model: refused
+    assert recover_cli([*common, "--teacher", str(tiny_pruned_dir), "--out", str(tmp_path / "out5")]) == 2
+    assert "needs the dense model DIR was pruned from, not" in capsys.readouterr().err
     # --teacher with a selector that does not compare two models is still refused
-    assert recover_cli([str(pruned_dir), *common[1:6], "random", *common[7:], "--teacher", str(tiny_model_dir),
+    assert recover_cli([str(tiny_pruned_dir), *common[1:6], "random", *common[7:], "--teacher", str(tiny_model_dir),
                         "--out", str(tmp_path / "out4")]) == 2
     assert "--data-select paser only" in capsys.readouterr().err

@@ -264,31 +264,22 @@ def tree_digest(folder):
     return digest.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def pruned_dir(tiny_model_dir, tmp_path_factory):
-    from prunekit.cli import main
-    out = tmp_path_factory.mktemp("recover") / "pruned"
-    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--no-eval",
-                 "--out", str(out)]) == 0
-    return out
-
-
 @pytest.mark.parametrize("method", ["lora", "kd"])
-def test_cli_end_to_end(method, pruned_dir, tmp_path, capsys):
-    before = tree_digest(pruned_dir)
+def test_cli_end_to_end(method, tiny_pruned_dir, tmp_path, capsys):
+    before = tree_digest(tiny_pruned_dir)
     out = tmp_path / "recovered"
     report_path = tmp_path / "report.json"
-    argv = [str(pruned_dir), "--data", "default", "--method", method, "--steps", "3", "--batch-size", "2",
+    argv = [str(tiny_pruned_dir), "--data", "default", "--method", method, "--steps", "3", "--batch-size", "2",
             "--seqlen", "16", "--rank", "4", "--lr", "1e-3", "--checkpoint-every", "2", "--no-progress",
             "--out", str(out), "--json", str(report_path)]
     assert recover_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "sparsity after merge: 50.00% (before 50.00%)" in printed and "loss:" in printed
 
-    assert tree_digest(pruned_dir) == before                    # the input is never written
+    assert tree_digest(tiny_pruned_dir) == before                    # the input is never written
     assert not (tmp_path / "recovered.checkpoints").exists()    # checkpoint removed after the export
     meta = json.loads((out / "prunekit.json").read_text())
-    source = json.loads((pruned_dir / "prunekit.json").read_text())
+    source = json.loads((tiny_pruned_dir / "prunekit.json").read_text())
     assert meta["source"] == source["source"] and meta["steps"] == source["steps"]   # the pruning record stays
     recovery = meta["recovery"]
     assert recovery["method"] == method and recovery["steps"] == 3 and recovery["zeros_kept"]
@@ -297,7 +288,7 @@ def test_cli_end_to_end(method, pruned_dir, tmp_path, capsys):
     assert json.loads(report_path.read_text())["losses"]
 
     loaded = AutoModelForCausalLM.from_pretrained(out)
-    original = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    original = AutoModelForCausalLM.from_pretrained(tiny_pruned_dir)
     assert same_masks(zero_masks(loaded), zero_masks(original))
     assert not any("lora" in key for key in loaded.state_dict())
 
@@ -305,27 +296,27 @@ def test_cli_end_to_end(method, pruned_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_cli_bad_input_fails_early_with_a_clear_message(pruned_dir, tiny_model_dir, tmp_path, capsys):
+def test_cli_bad_input_fails_early_with_a_clear_message(tiny_pruned_dir, tiny_model_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = [
         ([str(tmp_path / "missing"), "--method", "lora"], "model directory not found"),
-        ([str(pruned_dir), "--method", "loar"], "unknown recovery method 'loar'. Did you mean 'lora'?"),
-        ([str(pruned_dir), "--method", "wanda"], "unknown recovery method 'wanda'"),
-        ([str(pruned_dir), "--method", "perp", "--rank", "8"], "--rank does not apply to --method perp"),
-        ([str(pruned_dir), "--method", "lora", "--teacher", str(tiny_model_dir)], "--teacher applies to"),
+        ([str(tiny_pruned_dir), "--method", "loar"], "unknown recovery method 'loar'. Did you mean 'lora'?"),
+        ([str(tiny_pruned_dir), "--method", "wanda"], "unknown recovery method 'wanda'"),
+        ([str(tiny_pruned_dir), "--method", "perp", "--rank", "8"], "--rank does not apply to --method perp"),
+        ([str(tiny_pruned_dir), "--method", "lora", "--teacher", str(tiny_model_dir)], "--teacher applies to"),
         ([str(tiny_model_dir), "--method", "kd"], "kd needs the dense model"),   # no prunekit.json: no source
-        ([str(pruned_dir), "--method", "lora", "--steps", "0"], "steps must be"),
-        ([str(pruned_dir), "--method", "lora", "--checkpoint-every", "0", "--resume"], "--resume needs"),
+        ([str(tiny_pruned_dir), "--method", "lora", "--steps", "0"], "steps must be"),
+        ([str(tiny_pruned_dir), "--method", "lora", "--checkpoint-every", "0", "--resume"], "--resume needs"),
     ]
     for argv, message in cases:
         assert recover_cli([*argv, "--out", out]) == 2, argv
         assert message in capsys.readouterr().err, argv
-    assert recover_cli([str(pruned_dir), "--method", "lora", "--out", str(pruned_dir / "inside")]) == 2
+    assert recover_cli([str(tiny_pruned_dir), "--method", "lora", "--out", str(tiny_pruned_dir / "inside")]) == 2
     assert "never overwritten" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_prunekit_cli_wiring(pruned_dir, tmp_path, capsys):
+def test_prunekit_cli_wiring(tiny_pruned_dir, tmp_path, capsys):
     from prunekit import cli
     if "recover" not in cli._parser().format_help():
         pytest.skip("prunekit.cli does not register `recover` yet")

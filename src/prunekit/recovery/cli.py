@@ -191,6 +191,15 @@ def default_teacher(model_dir: Path, method: str = "kd") -> str:
     raise ValueError(f"{meta} records no usable source model ({source!r}); {TEACHER_HINT}")
 
 
+def _dense_model(args, model_dir: Path, who: str) -> str:
+    """The dense model `who` needs (a distillation method's teacher, PASER's reference): --teacher, else the
+    source DIR's prunekit.json records; never DIR itself."""
+    name = args.teacher or default_teacher(model_dir, who)
+    if Path(name).exists() and Path(name).resolve() == model_dir:
+        raise ValueError(f"{who} needs the dense model DIR was pruned from, not {model_dir} itself; {TEACHER_HINT}")
+    return name
+
+
 def run_recover_cli(args: argparse.Namespace) -> int:
     """Validate everything, load, train, export, print the summary. Returns 0."""
     from ..io.atomic import write_json_atomic
@@ -211,14 +220,9 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args, cfg, out, model_dir)
     teacher_name = dense_name = None
     if cfg.needs_teacher:
-        teacher_name = args.teacher or default_teacher(model_dir, args.method)
-        if Path(teacher_name).exists() and Path(teacher_name).resolve() == model_dir:
-            raise ValueError(f"the teacher is {model_dir} itself; {TEACHER_HINT}")
+        teacher_name = _dense_model(args, model_dir, args.method)
     if args.data_select == "paser":
-        dense_name = args.teacher or default_teacher(model_dir, "--data-select paser")
-        if Path(dense_name).exists() and Path(dense_name).resolve() == model_dir:
-            raise ValueError(f"--data-select paser compares DIR with the dense model, and that is {model_dir} "
-                             f"itself; {TEACHER_HINT}")
+        dense_name = _dense_model(args, model_dir, "--data-select paser")
     elif args.teacher and not cfg.needs_teacher:
         distilling = [n for n in recover_methods() if get_method(n).config_cls.objective != "lm"]
         raise ValueError(f"--teacher applies to the distillation methods ({', '.join(distilling)}) and to "
@@ -234,12 +238,16 @@ def run_recover_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"{model_dir} has no tokenizer, so --data text cannot become tokens; save the model's "
                          "tokenizer next to it (tokenizer.save_pretrained(DIR))")
     seqlen = _seqlen(model.config, cfg.seqlen)
+
+    def load_dense(name):                           # the teacher, or the dense model PASER compares with
+        return load(name, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                    trust_remote_code=args.trust_remote_code)[0]
+
     loss_mask = selection = dense = None
     if args.data_select:
         from .train import selected_windows
         if dense_name is not None:
-            dense, _ = load(dense_name, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                            trust_remote_code=args.trust_remote_code)
+            dense = load_dense(dense_name)
         windows, loss_mask, selection = selected_windows(model, tokenizer, args.data, args.data_select, args.budget,
                                                          seqlen=seqlen, seed=cfg.seed, dense=dense,
                                                          progress=not args.no_progress)
@@ -250,8 +258,7 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     teacher = dense if teacher_name is not None and teacher_name == dense_name else None
     dense = None                                    # the teacher keeps it alive if it is one; else freed
     if teacher_name is not None and teacher is None:
-        teacher, _ = load(teacher_name, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                          trust_remote_code=args.trust_remote_code)
+        teacher = load_dense(teacher_name)
     if cfg.objective == "distill":
         cfg = _distill_setup(cfg, model_dir, model, teacher, int(windows.shape[1]), device)
 
