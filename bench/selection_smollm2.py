@@ -25,8 +25,11 @@ arXiv 2310.01382); retention = the model's accuracy / the dense model's.
     EPYC this was written on, about 30 min a pass: on a CPU a smaller --calib-pool (512: 8 min a pass), or
     --device cuda.
 (b) Recovery. From the plain-calibration Wanda 2:4 model of (a): a pool of --pool-tokens tokens of the
-    default corpus's calibration side (`prunekit data select default --method random --budget "N tokens"`,
-    seed 0; recover reads its calibration side, every 10th sample held out, so the pool is the 90% recover
+    default corpus's calibration side, its documents first cut into passages of at most --pool-split-tokens
+    tokens (default: the training window, 256; 0 keeps whole documents, hundreds to thousands of tokens, which
+    leaves a 20% budget a handful to choose from) (`prunekit data select default --method random --budget
+    "N tokens" --split-tokens 256`, seed 0; kept under WORK/b-split256, or WORK/b for whole documents; recover
+    reads its calibration side, every 10th sample held out, so the pool is the 90% recover
     trains on; its size is counted by a `data select` census with the model's tokenizer). Masked LoRA
     (`prunekit recover BASE --method lora --rank 16 --lr 1e-3 --seqlen 256 --batch-size 4 --data POOL`,
     the lr and rank of bench/cpu_recover.py) on (i) 100% of the pool (`--data-select random --budget "ALL
@@ -91,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-eval-tokens", type=int, default=8192)
     p.add_argument("--no-knowledge", action="store_true", help="perplexity only (no knowledge suite)")
     p.add_argument("--pool-tokens", type=int, default=102_400, help="(b), (c): tokens of the recovery pool file")
+    p.add_argument("--pool-split-tokens", type=int, default=None, metavar="N",
+                   help="(b), (c): the pool's documents cut into pieces of at most N tokens (`data select "
+                        "--split-tokens`) so selectors choose among passages (default: --train-seqlen); 0: whole "
+                        "documents (the tables of 2026-12-05/06)")
     p.add_argument("--train-seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
@@ -117,6 +124,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--tiny needs --model DIR (a tiny checkpoint with a tokenizer)")
         args.samples, args.calib_pool, args.seqlen, args.eval_seqlen, args.max_eval_tokens = 4, 16, 32, 32, 256
         args.pool_tokens, args.train_seqlen, args.batch_size = 3000, 32, 4
+    if args.pool_split_tokens is None:
+        args.pool_split_tokens = args.train_seqlen
+    if args.pool_split_tokens < 0:
+        p.error("--pool-split-tokens must be 0 (whole documents) or a number of tokens")
+    # (b) and (c) keep their pool and runs in a folder of their own per pool: a step is reused by its command,
+    # and the same command on another pool file of the same name would be reused wrongly
+    args.b_dir = "b" if args.pool_split_tokens == 0 else f"b-split{args.pool_split_tokens}"
     args.parts = [part for part in PARTS if part in (args.only or PARTS)]
     args.methods = _names(p, "--methods", args.methods, METHODS)
     args.patterns = _names(p, "--patterns", args.patterns, PATTERNS)
@@ -275,12 +289,15 @@ def base_model(args, steps: Steps) -> dict:
 def recovery_pool(args, steps: Steps) -> dict:
     """The pool file (a seeded random --pool-tokens of the default corpus) and its census: the samples and
     tokens on its calibration side, the side recover reads."""
-    pool = args.work / "b" / "pool.jsonl"
-    steps("b/pool", ["data", "select", "default", "--method", "random", "--budget", f"{args.pool_tokens} tokens",
-                     "--model", args.model, "--seed", 0, "--out", pool], [pool])
-    census = args.work / "b" / "pool-census.jsonl"
-    steps("b/pool-census", ["data", "select", pool, "--method", "random", "--budget", "1 samples", "--model",
-                            args.model, "--seed", 0, "--out", census], [census])
+    folder = args.work / args.b_dir
+    pool = folder / "pool.jsonl"
+    split = ["--split-tokens", args.pool_split_tokens] if args.pool_split_tokens else []
+    steps(f"{args.b_dir}/pool", ["data", "select", "default", "--method", "random", "--budget",
+                                 f"{args.pool_tokens} tokens", *split, "--model", args.model, "--seed", 0, "--out",
+                                 pool], [pool])
+    census = folder / "pool-census.jsonl"
+    steps(f"{args.b_dir}/pool-census", ["data", "select", pool, "--method", "random", "--budget", "1 samples",
+                                        "--model", args.model, "--seed", 0, "--out", census], [census])
     report = json.loads((census.parent / (census.name + ".report.json")).read_text())
     tokens, samples = report["tokens"]["pool"], report["samples"]["pool"]
     budget = int(SHARE * tokens)
@@ -288,8 +305,12 @@ def recovery_pool(args, steps: Steps) -> dict:
         raise SystemExit(f"the pool's calibration side holds {tokens:,} tokens: {SHARE:.0%} of it is less than one "
                          f"training window of {args.train_seqlen}; raise --pool-tokens")
     return {"file": str(pool), "samples": samples, "tokens": tokens, "budget_tokens": budget,
+            "split_tokens": args.pool_split_tokens,
             "protocol": (f"{pool}, a seeded random {args.pool_tokens:,} tokens of the default corpus's calibration "
-                         f"side; recover reads its calibration side (every 10th sample held out): {samples:,} "
+                         "side" + (f", its documents cut into pieces of at most {args.pool_split_tokens} tokens "
+                                   "first (`data select --split-tokens`)" if args.pool_split_tokens else
+                                   ", whole documents") +
+                         f"; recover reads its calibration side (every 10th sample held out): {samples:,} "
                          f"samples, {tokens:,} tokens counted with the model's tokenizer")}
 
 
@@ -301,7 +322,7 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
             light_peft: bool = False, count: int | None = None) -> dict:
     """One masked-LoRA recovery of the base model on (a selection of) the pool, and its evaluation: one pass
     over its data, or `count` steps (the data repeated)."""
-    out, record = args.work / "b" / name, args.work / "b" / f"{name}.json"
+    out, record = args.work / args.b_dir / name, args.work / args.b_dir / f"{name}.json"
     budget = f"{pool['samples']} samples" if full else f"{pool['budget_tokens']} tokens"
     count = count or one_pass_steps(pool["tokens"] if full else pool["budget_tokens"], args)
     command = ["recover", base["dir"], "--method", "lora", "--rank", args.rank, "--lr", args.lr, "--seqlen",
@@ -314,7 +335,7 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
         command += ["--light-peft", "--light-peft-steps", early]
     command += ["--checkpoint-every", 0, "--no-progress", *_device(args), "--out", out, "--overwrite", "--json",
                 record]
-    entry = steps(f"b/{name}", command, [out / "prunekit.json", record])
+    entry = steps(f"{args.b_dir}/{name}", command, [out / "prunekit.json", record])
     report = json.loads(record.read_text())
     selection = report["data"].get("selection") or {}
     windows = max(1, report["data"]["windows"])
@@ -333,7 +354,7 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
     if light_peft:
         row["light_peft"] = report["light_peft"]
         row["light_peft_steps"] = early
-    return {**row, **evaluate(args, steps, f"b-{name}", out)}
+    return {**row, **evaluate(args, steps, f"{args.b_dir}-{name}", out)}
 
 
 def part_b(args, steps: Steps, base: dict, pool: dict) -> dict:
@@ -432,6 +453,7 @@ def _settings(args) -> dict:
                   "calib_selectors": args.calib_selectors, "samples": args.samples, "calib_pool": args.calib_pool,
                   "seqlen": args.seqlen},
             "b": {"selectors": args.recover_selectors, "pool_tokens": args.pool_tokens, "share": SHARE,
+                  "pool_split_tokens": args.pool_split_tokens,
                   "equal_steps": args.equal_steps,
                   "train_seqlen": args.train_seqlen, "batch_size": args.batch_size, "rank": args.rank, "lr": args.lr,
                   "steps": ("20% runs: the 100% run's steps (data repeated)" if args.equal_steps else

@@ -113,6 +113,8 @@ def test_cli_data_select_qtuning_end_to_end(tmp_path, tiny_model_dir, capsys):
     (["--data-select", "random", "--budget", "0"], "fraction of the pool"),
     (["--data-select", "random", "--budget", "0.5", "--samples", "4"], "drop --samples"),
     (["--data-select", "qtuning", "--budget", "0.5", "--method", "kd", "--teacher", "default"], "next-token loss"),
+    (["--split-tokens", "8"], "give --data-select"),
+    (["--data-select", "random", "--budget", "0.5", "--split-tokens", "0"], "at least 1"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir, capsys, extra, message):
     _pool(tmp_path / "pool.jsonl")
@@ -137,6 +139,22 @@ def test_a_too_small_budget_and_paser_without_the_dense_model_are_refused(tmp_pa
     with pytest.raises(ValueError, match="fewer than one training window"):
         selected_windows(model, tokenizer, tmp_path / "pool.jsonl", "random", "1 samples", seqlen=512,
                          progress=False)
+
+
+def test_split_tokens_select_among_pieces_of_the_samples(tmp_path, tiny_model_dir):
+    from prunekit.io.loading import load
+    from prunekit.selection.select import select
+    _pool(tmp_path / "pool.jsonl")
+    model, tokenizer = load(tiny_model_dir)
+    windows, _, record = selected_windows(model, tokenizer, tmp_path / "pool.jsonl", "perplexity", "0.5", seqlen=16,
+                                          split_tokens=8, progress=False)
+    report = select(tmp_path / "pool.jsonl", "perplexity", "0.5", tmp_path / "sel.jsonl", model=model,
+                    tokenizer=tokenizer, split_tokens=8, progress=False)
+    kept = [json.loads(line)["text"] for line in (tmp_path / "sel.jsonl").read_text().splitlines()]
+    assert record["split_tokens"] == 8 and record["samples"] == report["samples"]
+    assert report["samples"]["pool"] > 20 and all(len(tokenize(tokenizer, text)) <= 8 for text in kept)
+    stream = torch.cat([tokenize(tokenizer, text) for text in kept])
+    assert torch.equal(windows.flatten(), stream[:windows.numel()])
 
 
 def test_paser_windows_are_what_data_select_paser_keeps(tmp_path, tiny_model_dir, tiny_pruned_dir):

@@ -168,6 +168,11 @@ def test_cli_select_and_report(tmp_path, capsys):
     assert "kept 10 of 27 samples" in capsys.readouterr().out
     assert main(["data", "select", str(source), "--method", "random", "--budget", "2", "--out",
                  str(tmp_path / "t.jsonl")]) != 0
+    for bad, message in ((["--split-tokens", "8"], "pass --model"), (["--split-tokens", "0"], "at least 1")):
+        assert main(["data", "select", str(source), "--method", "random", "--budget", "0.5", *bad, "--out",
+                     str(tmp_path / "u.jsonl")]) != 0
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "u.jsonl").exists()
 
 
 def test_calibration_selection_picks_windows_of_the_pool(tiny_model_dir, tmp_path):
@@ -245,3 +250,46 @@ def test_calibration_scores_are_refused_across_processes(tiny_model_dir, tmp_pat
         api._calibration(recipe, tokenizer, {}, lambda *_: None, model)
     monkeypatch.setattr(distributed, "is_distributed", lambda: False)
     assert api._calibration(recipe, tokenizer, {}, lambda *_: None, model).shape == (4, 16)
+
+
+def test_split_text_cuts_at_token_boundaries_and_joins_back_exactly():
+    from prunekit.data import tokenize
+    from prunekit.selection.pool import split_text
+    text = "alpha beta, gamma delta.\nepsilon zeta eta theta iota kappa lambda mu"
+    tokenizer = word_tokenizer([text])
+    count = len(tokenize(tokenizer, text))
+    assert count == 14                                         # the punctuation is a token
+    pieces = split_text(text, tokenizer, 4)
+    assert "".join(pieces) == text                              # slices of the text, nothing lost or added
+    assert [len(tokenize(tokenizer, p)) for p in pieces] == [4, 4, 4, 2]
+    assert split_text(text, tokenizer, 14) == [text] == split_text(text, tokenizer, 100)
+    assert split_text("alpha beta   ", tokenizer, 1) == ["alpha ", "beta   "]
+    with pytest.raises(ValueError, match="at least 1"):
+        split_text(text, tokenizer, 0)
+
+
+def test_a_split_pool_holds_out_whole_samples_and_a_budget_chooses_pieces(tmp_path):
+    docs = [" ".join(f"d{d}w{i}" for i in range(31)) for d in range(20)]          # 31 words of its own each
+    source = write_pool(tmp_path / "p.jsonl", docs)
+    tokenizer = word_tokenizer(docs)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Pool(source, split_tokens=8)
+    pool = Pool(source, split_tokens=8, tokenizer=tokenizer)
+    pieces = list(pool)
+    assert len(pieces) == 18 * 4                                 # docs 10 and 20 held out whole, 31 = 8+8+8+7
+    origin = lambda piece: piece.split()[0].split("w")[0]       # noqa: E731  (the document a piece is from)
+    assert {origin(p) for p in pieces} == {f"d{d}" for d in range(20) if d not in (9, 19)}
+    assert "split into pieces of at most 8 tokens" in pool.describe()
+    whole = select(source, "random", "0.2", tmp_path / "whole.jsonl", tokenizer=tokenizer, progress=False)
+    split = select(source, "random", "0.2", tmp_path / "split.jsonl", tokenizer=tokenizer, split_tokens=8,
+                   progress=False)
+    assert whole["samples"]["kept"] == 4 and split["samples"]["kept"] == 14     # 20% of 18 documents / 72 pieces
+    assert split["tokens"]["pool"] == whole["tokens"]["pool"] == 18 * 31
+    kept = [r["text"] for r in read(tmp_path / "split.jsonl")]
+    assert len({origin(p) for p in kept}) > 4                  # pieces of more documents than 4 whole ones
+    assert "split into pieces" in split["protocol"]
+    again = select(source, "random", "240 tokens", tmp_path / "t.jsonl", tokenizer=tokenizer, split_tokens=8,
+                   progress=False)
+    assert 240 - 7 <= again["tokens"]["kept"] <= 240             # never over; short of it by less than a piece
+    with pytest.raises(ValueError, match="--split-tokens"):
+        select(source, "random", "0.2", tmp_path / "x.jsonl", split_tokens=8, progress=False)

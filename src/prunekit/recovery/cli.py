@@ -20,7 +20,9 @@ pruning the block pairs come from the removed_blocks DIR/prunekit.json records) 
 scored with the model being recovered) keeps of --data: the kept samples are packed into windows; with
 qtuning (arXiv 2509.23873) the tokens it prunes are left out of the loss (never out of the input); paser
 (arXiv 2502.12594) also loads the dense model (--teacher, else the source DIR's prunekit.json records, as
-kd does) and spends the budget where the pruned model lost most against it. The
+kd does) and spends the budget where the pruned model lost most against it. --split-tokens N cuts
+--data's samples into passages of at most N tokens before the selection (a corpus of long documents
+otherwise leaves a budget a handful of whole documents to choose from). The
 selection (method, budget, tokens kept) goes into the report and prunekit.json. --light-peft (lora, kd)
 prunes whole adapter modules and ranks after --light-peft-steps early steps (Light-PEFT, arXiv 2406.03792;
 see light_peft.py) and reports the trainable parameters before and after.
@@ -76,6 +78,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "entropy, donod, qtuning: scored with DIR's model; paser: DIR against the dense model, "
                         "--teacher or DIR's recorded source); needs --budget")
     p.add_argument("--budget", help="--data-select: how much it keeps, a fraction (0.2), N samples or N tokens")
+    p.add_argument("--split-tokens", type=int, metavar="N",
+                   help="--data-select: cut --data's samples into pieces of at most N tokens before selecting (a "
+                        "budget then chooses among passages, not whole documents; --seqlen is a natural N)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     p.add_argument("--tokens", type=int, metavar="N",
                    help="distill: the training budget in tokens instead of --steps: ceil(N / (batch size x seqlen)) "
@@ -250,6 +255,7 @@ def run_recover_cli(args: argparse.Namespace) -> int:
             dense = load_dense(dense_name)
         windows, loss_mask, selection = selected_windows(model, tokenizer, args.data, args.data_select, args.budget,
                                                          seqlen=seqlen, seed=cfg.seed, dense=dense,
+                                                         split_tokens=getattr(args, "split_tokens", None),
                                                          progress=not args.no_progress)
         if dense is not None:
             selection["dense"] = dense_name
@@ -310,10 +316,17 @@ def _light_peft_from_args(args, cfg):
 def _check_data_select(args, cfg) -> None:
     """--data-select / --budget: both or neither; what a selection cannot do is refused before any loading."""
     method, budget = getattr(args, "data_select", None), getattr(args, "budget", None)
+    split = getattr(args, "split_tokens", None)
     if method is None:
         if budget is not None:
             raise ValueError("--budget sizes a data selection: give --data-select METHOD with it")
+        if split is not None:
+            raise ValueError("--split-tokens cuts the samples a data selection chooses from: give --data-select "
+                             "METHOD --budget B with it (without a selection, training windows are drawn from the "
+                             "whole text anyway)")
         return
+    if split is not None and split < 1:
+        raise ValueError(f"--split-tokens must be at least 1, got {split}")
     if budget is None:
         raise ValueError(f"--data-select {method} needs --budget (a fraction such as 0.2, N samples or N tokens)")
     from ..selection.pool import parse_budget

@@ -861,7 +861,7 @@ def recovery_windows(tokenizer, cfg: RecoverConfig, source: str | os.PathLike, *
 
 def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: int, seed: int = 0,
                      text_field: str = "text", options: dict | None = None, dense=None,
-                     progress: bool = True) -> tuple[Tensor, Tensor | None, dict]:
+                     split_tokens: int | None = None, progress: bool = True) -> tuple[Tensor, Tensor | None, dict]:
     """Recovery on a data selection (`prunekit recover --data-select METHOD --budget B`): select samples of
     `source` with `prunekit.selection` (scored with `model`, the model being recovered), pack the kept
     samples' tokens one after another in pool order and cut them into whole windows of `seqlen` tokens (a
@@ -871,7 +871,8 @@ def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: i
     given when the selection carries loss spans (qtuning): a token counts as a target only inside its
     sample's spans (a sample's first token never does). PASER compares the pruned model with the one it was
     pruned from: pass that as `dense` (it scores and embeds; `model`, the one being recovered, is PASER's
-    pruned model)."""
+    pruned model). `split_tokens` cuts the source's samples into pieces of at most that many tokens before
+    selecting (`prunekit.selection.pool.Pool`)."""
     import json
     import tempfile
 
@@ -899,7 +900,7 @@ def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: i
         out = Path(folder) / "selected.jsonl"
         try:
             report = select(source, method, budget, out, model=scorer, tokenizer=tokenizer, seed=seed,
-                            text_field=text_field, options=options, progress=progress)
+                            text_field=text_field, options=options, progress=progress, split_tokens=split_tokens)
         finally:
             model.train(was_training)
         ids, masks, spanned = [], [], False
@@ -924,7 +925,7 @@ def selected_windows(model, tokenizer, source, method: str, budget, *, seqlen: i
         raise ValueError(f"the {method} selection leaves no target token in the loss; raise --budget")
     record = {"method": method, "budget": report["budget"], "samples": report["samples"],
               "tokens_selected": int(len(stream)), "tokens_trained": int(count * seqlen), "windows": count,
-              "options": report["options"]}
+              "options": report["options"], **({"split_tokens": split_tokens} if split_tokens is not None else {})}
     if loss_mask is not None:
         record["loss_targets"] = {"targets": int(loss_mask[:, 1:].numel()), "counted": int(loss_mask[:, 1:].sum())}
     if report.get("clusters"):

@@ -43,6 +43,10 @@ def add_parser(subparsers) -> None:
     select.add_argument("--pruned", type=Path, default=None,
                         help="paser: the pruned model to recover (a prunekit export of --model), compared with "
                              "the dense --model")
+    select.add_argument("--split-tokens", type=int, default=None, metavar="N",
+                        help="cut every sample longer than N tokens into consecutive pieces of at most N tokens "
+                             "before selecting (needs --model), so that a budget chooses among passages, not whole "
+                             "documents; default: samples as the source gives them")
     select.add_argument("--text-field", default="text", help="the text field of .jsonl records (default text)")
     select.add_argument("--seed", type=int, default=0)
     select.add_argument("--run-dir", type=Path, default=None, help="keep scores there; a rerun resumes them")
@@ -66,6 +70,10 @@ def _select(args: argparse.Namespace) -> int:
         raise ValueError(f"--token-keep must be in (0, 1], got {args.token_keep}")
     if not 0 <= args.neighbour_weight <= 1:
         raise ValueError(f"--neighbour-weight must be in [0, 1], got {args.neighbour_weight}")
+    if args.split_tokens is not None and args.split_tokens < 1:
+        raise ValueError(f"--split-tokens must be at least 1, got {args.split_tokens}")
+    if args.split_tokens is not None and args.model is None:
+        raise ValueError("--split-tokens counts tokens with a model's tokenizer: pass --model")
     if not args.probe_lr > 0:
         raise ValueError(f"--probe-lr must be positive, got {args.probe_lr}")
     model = tokenizer = None
@@ -92,7 +100,7 @@ def _select(args: argparse.Namespace) -> int:
         check_models(model, pruned)
         options = {**options, "pruned": pruned}
     report = select(args.source, args.method, args.budget, args.out, model=model, tokenizer=tokenizer, seed=args.seed,
-                    text_field=args.text_field, run_dir=args.run_dir, options=options)
+                    text_field=args.text_field, run_dir=args.run_dir, options=options, split_tokens=args.split_tokens)
     print("\n".join(report_lines(report)))
     print(f"wrote {args.out} and {args.out.name}.report.json")
     return 0

@@ -14,6 +14,12 @@ numbers per sample:
   * a Hugging Face dataset name (``wikitext2``, ``c4``, ``ptb``): its calibration split, streamed
     (`datasets.load_dataset(..., streaming=True)`).
 
+With `split_tokens` (``data select --split-tokens N``, ``recover --split-tokens N``) every sample longer
+than N tokens is cut into consecutive pieces of at most N tokens, at token boundaries, after the held-out
+rule has been applied to the whole samples (so a document is never half held out). A budget then chooses
+among passages instead of whole documents: a pool of a few long documents, as the offline corpora are
+(hundreds of words, some thousands), leaves a selector nothing to choose between at 20% of its tokens.
+
 A *budget* is a fraction of the pool's samples (``0.2``), a number of samples (``500 samples``) or of
 tokens (``20000 tokens``, counted with the model's tokenizer).
 """
@@ -61,11 +67,40 @@ def parse_budget(text) -> Budget:
     return Budget("tokens" if unit and unit.startswith("t") else "samples", int(number))
 
 
+def split_text(text: str, tokenizer, size: int) -> list[str]:
+    """`text` cut into consecutive pieces of at most `size` tokens, at token boundaries. With a fast
+    tokenizer (character offsets) the pieces are slices of `text` that join back to it exactly; a tokenizer
+    without offsets cuts its token ids and decodes each piece. Pieces of nothing but whitespace are left out."""
+    if size < 1:
+        raise ValueError(f"split_tokens must be at least 1, got {size}")
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False,
+                            return_attention_mask=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError):
+        offsets = None
+    if offsets is not None:
+        if len(offsets) <= size:
+            return [text]
+        cuts = [0, *(offsets[i][0] for i in range(size, len(offsets), size)), len(text)]
+        pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    else:
+        ids = data.tokenize(tokenizer, text).tolist()
+        if len(ids) <= size:
+            return [text]
+        pieces = [tokenizer.decode(ids[i:i + size]) for i in range(0, len(ids), size)]
+    return [piece for piece in pieces if piece.strip()]
+
+
 class Pool:
     """A re-iterable stream of the text samples of one source's calibration side (see the module doc)."""
 
-    def __init__(self, source: str | os.PathLike = "default", text_field: str = "text"):
+    def __init__(self, source: str | os.PathLike = "default", text_field: str = "text", *,
+                 split_tokens: int | None = None, tokenizer=None):
+        if split_tokens is not None and (tokenizer is None or split_tokens < 1):
+            raise ValueError("splitting samples into pieces of N tokens needs a tokenizer (pass --model) and N >= 1; "
+                             f"got N={split_tokens}")
         self.source, self.text_field = source, text_field
+        self.split_tokens, self.tokenizer = split_tokens, tokenizer
         name = data.ALIASES.get(source, source) if isinstance(source, str) else source
         if isinstance(name, str) and name in ("default", "code"):
             self.kind = name
@@ -92,14 +127,25 @@ class Pool:
         return [path]
 
     def describe(self) -> str:
+        split = (f"; samples split into pieces of at most {self.split_tokens} tokens"
+                 if self.split_tokens is not None else "")
         if self.kind in ("default", "code"):
-            return f"{self.kind} (offline corpus, calibration side: every {HELD_OUT_EVERY}th unique document held out)"
+            return (f"{self.kind} (offline corpus, calibration side: every {HELD_OUT_EVERY}th unique document held "
+                    f"out{split})")
         if self.kind == "hub":
-            return f"{data.HUB_DATASETS[self.source].description}, calibration split, streamed"
+            return f"{data.HUB_DATASETS[self.source].description}, calibration split, streamed{split}"
         return (f"{self.path} ({len(self.files)} file{'s' if len(self.files) > 1 else ''}; every {HELD_OUT_EVERY}th "
-                "sample held out for evaluation)")
+                f"sample held out for evaluation{split})")
 
     def __iter__(self) -> Iterator[str]:
+        if self.split_tokens is None:
+            yield from self._samples()
+        else:
+            for text in self._samples():
+                yield from split_text(text, self.tokenizer, self.split_tokens)
+
+    def _samples(self) -> Iterator[str]:
+        """The source's whole samples on the calibration side (held-out ones skipped)."""
         if self.kind in ("default", "code"):
             docs, _ = data._default_documents() if self.kind == "default" else data._code_documents()
             unique = list(dict.fromkeys(d for d in docs if d.strip()))

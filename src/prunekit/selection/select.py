@@ -154,8 +154,9 @@ def fill(priority: list[int], lengths, budget: Budget) -> list[int]:
 
 
 def select(source, method: str, budget, out, *, model=None, tokenizer=None, seed: int = 0, text_field: str = "text",
-           run_dir=None, options: dict | None = None, progress: bool = True) -> dict:
-    """Select from `source` with `method` within `budget`, write OUT (+ OUT.report.json); returns the report."""
+           run_dir=None, options: dict | None = None, progress: bool = True, split_tokens: int | None = None) -> dict:
+    """Select from `source` with `method` within `budget`, write OUT (+ OUT.report.json); returns the report.
+    `split_tokens`: cut the source's samples into pieces of at most that many tokens first (`pool.Pool`)."""
     if method not in SELECTORS:
         raise ValueError(f"unknown selection method {method!r}; choose from {', '.join(SELECTORS)}")
     selector = SELECTORS[method]
@@ -164,9 +165,11 @@ def select(source, method: str, budget, out, *, model=None, tokenizer=None, seed
         raise ValueError(f"{method} scores samples with a model: pass --model")
     if budget.kind == "tokens" and tokenizer is None:
         raise ValueError("a token budget counts tokens with a model's tokenizer: pass --model (or budget in samples)")
+    if split_tokens is not None and tokenizer is None:
+        raise ValueError("--split-tokens counts tokens with a model's tokenizer: pass --model")
     options = {"seed": seed, **(options or {})}
     started = time.perf_counter()
-    pool = Pool(source, text_field)
+    pool = Pool(source, text_field, split_tokens=split_tokens, tokenizer=tokenizer)
     _check_out(out, pool)
     scores, lengths, embeddings = score_pool(pool, method, model, tokenizer, options, run_dir, progress=progress)
     if not lengths:
