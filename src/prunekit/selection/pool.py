@@ -70,7 +70,9 @@ def parse_budget(text) -> Budget:
 def split_text(text: str, tokenizer, size: int) -> list[str]:
     """`text` cut into consecutive pieces of at most `size` tokens, at token boundaries. With a fast
     tokenizer (character offsets) the pieces are slices of `text` that join back to it exactly; a tokenizer
-    without offsets cuts its token ids and decodes each piece. Pieces of nothing but whitespace are left out."""
+    without offsets cuts its token ids and decodes each piece. Pieces of nothing but whitespace are left out.
+    The count is of the whole text's tokens: tokenised on its own, a piece can differ by a token at a cut
+    (a character split between two byte-level tokens goes whole to the next piece)."""
     if size < 1:
         raise ValueError(f"split_tokens must be at least 1, got {size}")
     try:
