@@ -7,9 +7,9 @@ model is best served by, and what Light-PEFT saves.
     python bench/selection_smollm2.py --tiny --model DIR     # tiny (tests): a few windows, a handful of steps
 
 Protocol: float32, every step its own `prunekit` process (--in-process runs them in this interpreter: for
-tests only), outputs under --work (not the repository), seed 0 everywhere. Evaluation of every model:
-`prunekit eval DIR --suite perplexity,knowledge --seqlen 512 --max-tokens 8192`: perplexity on the held-out
-split of the offline default corpus, non-overlapping 512-token windows over its first 8,192 tokens (the
+tests only), outputs under --work (not the repository), seed 0 everywhere (but (b) --recover-seed). Evaluation
+of every model: `prunekit eval DIR --suite perplexity,knowledge --seqlen 512 --max-tokens 8192`: perplexity on
+the held-out split of the offline default corpus, non-overlapping 512-token windows over its first 8,192 tokens (the
 BENCHMARKS protocol), and the bundled factual questions (exact match and multiple choice, LLM-KICK style,
 arXiv 2310.01382); retention = the model's accuracy / the dense model's.
 
@@ -105,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--equal-steps", action="store_true",
                    help="(b): the 20%% runs take as many steps as the 100%% run (their data repeated, about 5 "
                         "passes): the budget is then the data, not the compute")
+    p.add_argument("--recover-seed", type=int, default=0,
+                   help="(b): the seed of the 20%% runs' recover (their selection and their training order; the "
+                        "runs are named -seedN when it is not 0), to measure what a seed moves; the 100%% run keeps "
+                        "seed 0")
     p.add_argument("--device", default="cpu", help="prune, eval and recover run here (cpu, cuda, ...)")
     p.add_argument("--work", type=Path, default=Path("/tmp/prunekit-selection-bench"))
     p.add_argument("--reuse", action="store_true",
@@ -322,11 +326,13 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
             light_peft: bool = False, count: int | None = None) -> dict:
     """One masked-LoRA recovery of the base model on (a selection of) the pool, and its evaluation: one pass
     over its data, or `count` steps (the data repeated)."""
+    seed = 0 if full else args.recover_seed
+    name = name if seed == 0 else f"{name}-seed{seed}"
     out, record = args.work / args.b_dir / name, args.work / args.b_dir / f"{name}.json"
     budget = f"{pool['samples']} samples" if full else f"{pool['budget_tokens']} tokens"
     count = count or one_pass_steps(pool["tokens"] if full else pool["budget_tokens"], args)
     command = ["recover", base["dir"], "--method", "lora", "--rank", args.rank, "--lr", args.lr, "--seqlen",
-               args.train_seqlen, "--batch-size", args.batch_size, "--seed", 0, "--steps", count, "--data",
+               args.train_seqlen, "--batch-size", args.batch_size, "--seed", seed, "--steps", count, "--data",
                pool["file"], "--data-select", selector, "--budget", budget]
     early = max(1, count // 10)
     if light_peft:
@@ -350,7 +356,7 @@ def recover(args, steps: Steps, base: dict, pool: dict, name: str, selector: str
            "sparsity_after": report["sparsity_after"], "recover_command": entry["command"],
            "recover_wall_seconds": entry["seconds"], "recover_seconds": report["seconds"],
            "train_protocol": (f"masked LoRA r{args.rank}, lr {args.lr:g}, {report['steps']} steps x "
-                              f"{report['batch_size']} windows x {report['seqlen']} tokens ({over}), seed 0")}
+                              f"{report['batch_size']} windows x {report['seqlen']} tokens ({over}), seed {seed}")}
     if light_peft:
         row["light_peft"] = report["light_peft"]
         row["light_peft_steps"] = early
@@ -453,7 +459,7 @@ def _settings(args) -> dict:
                   "calib_selectors": args.calib_selectors, "samples": args.samples, "calib_pool": args.calib_pool,
                   "seqlen": args.seqlen},
             "b": {"selectors": args.recover_selectors, "pool_tokens": args.pool_tokens, "share": SHARE,
-                  "pool_split_tokens": args.pool_split_tokens,
+                  "pool_split_tokens": args.pool_split_tokens, "recover_seed": args.recover_seed,
                   "equal_steps": args.equal_steps,
                   "train_seqlen": args.train_seqlen, "batch_size": args.batch_size, "rank": args.rank, "lr": args.lr,
                   "steps": ("20% runs: the 100% run's steps (data repeated)" if args.equal_steps else
