@@ -276,8 +276,8 @@ def test_cli_end_to_end(method, tiny_pruned_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sparsity after merge: 50.00% (before 50.00%)" in printed and "loss:" in printed
 
-    assert tree_digest(tiny_pruned_dir) == before                    # the input is never written
-    assert not (tmp_path / "recovered.checkpoints").exists()    # checkpoint removed after the export
+    assert tree_digest(tiny_pruned_dir) == before               # the input is never written
+    assert not (tmp_path / "recovered.checkpoints").exists()  # checkpoint removed after the export
     meta = json.loads((out / "prunekit.json").read_text())
     source = json.loads((tiny_pruned_dir / "prunekit.json").read_text())
     assert meta["source"] == source["source"] and meta["steps"] == source["steps"]   # the pruning record stays

@@ -72,8 +72,6 @@ def _select(args: argparse.Namespace) -> int:
         raise ValueError(f"--neighbour-weight must be in [0, 1], got {args.neighbour_weight}")
     if args.split_tokens is not None and args.split_tokens < 1:
         raise ValueError(f"--split-tokens must be at least 1, got {args.split_tokens}")
-    if args.split_tokens is not None and args.model is None:
-        raise ValueError("--split-tokens counts tokens with a model's tokenizer: pass --model")
     if not args.probe_lr > 0:
         raise ValueError(f"--probe-lr must be positive, got {args.probe_lr}")
     model = tokenizer = None

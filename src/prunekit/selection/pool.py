@@ -99,8 +99,8 @@ class Pool:
     def __init__(self, source: str | os.PathLike = "default", text_field: str = "text", *,
                  split_tokens: int | None = None, tokenizer=None):
         if split_tokens is not None and (tokenizer is None or split_tokens < 1):
-            raise ValueError("splitting samples into pieces of N tokens needs a tokenizer (pass --model) and N >= 1; "
-                             f"got N={split_tokens}")
+            raise ValueError("--split-tokens N cuts samples into pieces of N tokens: it needs a model's tokenizer "
+                             f"(pass --model) and N >= 1; got N={split_tokens}")
         self.source, self.text_field = source, text_field
         self.split_tokens, self.tokenizer = split_tokens, tokenizer
         name = data.ALIASES.get(source, source) if isinstance(source, str) else source

@@ -165,8 +165,6 @@ def select(source, method: str, budget, out, *, model=None, tokenizer=None, seed
         raise ValueError(f"{method} scores samples with a model: pass --model")
     if budget.kind == "tokens" and tokenizer is None:
         raise ValueError("a token budget counts tokens with a model's tokenizer: pass --model (or budget in samples)")
-    if split_tokens is not None and tokenizer is None:
-        raise ValueError("--split-tokens counts tokens with a model's tokenizer: pass --model")
     options = {"seed": seed, **(options or {})}
     started = time.perf_counter()
     pool = Pool(source, text_field, split_tokens=split_tokens, tokenizer=tokenizer)
