@@ -293,3 +293,32 @@ def test_a_split_pool_holds_out_whole_samples_and_a_budget_chooses_pieces(tmp_pa
     assert 240 - 7 <= again["tokens"]["kept"] <= 240             # never over; short of it by less than a piece
     with pytest.raises(ValueError, match="--split-tokens"):
         select(source, "random", "0.2", tmp_path / "x.jsonl", split_tokens=8, progress=False)
+
+
+def test_clusters_and_entropy_share_their_stored_embeddings(tiny_model_dir, tmp_path):
+    """Both store only the model's embeddings, so the second of them reuses the first's scoring pass, for
+    calibration windows (`--calib-scores`) as for `data select --run-dir`; other selectors are refused there."""
+    import torch
+
+    from prunekit.io.loading import load
+    from prunekit.selection.windows import select_windows
+    model, tokenizer = load(str(tiny_model_dir))
+    windows = torch.randint(3, 100, (12, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))     # any pass of the model
+    select_windows(model, tokenizer, windows, "clusters", 4, scores_dir=tmp_path)
+    assert calls and [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["embedding"]
+    calls.clear()
+    select_windows(model, tokenizer, windows, "entropy", 4, scores_dir=tmp_path)
+    assert not calls and len(list(tmp_path.iterdir())) == 1
+    source = write_pool(tmp_path / "p.jsonl", [f"text number {i} of the pool" for i in range(12)])
+    run = tmp_path / "run"
+    select(source, "entropy", "0.5", tmp_path / "a.jsonl", model=model, tokenizer=tokenizer, run_dir=run,
+           progress=False)
+    calls.clear()
+    select(source, "clusters", "0.5", tmp_path / "b.jsonl", model=model, tokenizer=tokenizer, run_dir=run,
+           progress=False)
+    assert not calls
+    with pytest.raises(ValueError, match="holds scores of 'entropy', not 'perplexity'"):
+        select(source, "perplexity", "0.5", tmp_path / "c.jsonl", model=model, tokenizer=tokenizer, run_dir=run,
+               progress=False)

@@ -31,6 +31,7 @@ from . import embed as embedding
 from .embed import embed_batch  # noqa: F401  (the selector's embedding hook, see select.py)
 
 NEEDS_MODEL = True
+STORED_AS = "embedding"    # it stores only embed.py's vectors, as clusters does: one run directory serves both
 MAX_ROUNDS = 16
 
 

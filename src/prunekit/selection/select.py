@@ -23,6 +23,8 @@ kept sample and per-cluster kept / dropped counts into the report. A selector wi
 `write_selection(out, pool, keep, labels, model, tokenizer, options) -> {"written", ...}` (qtuning: the
 quadrant and the loss spans of every kept sample) writes step 4's records itself; the rest of what it
 returns goes into the report as `loss_mask`.
+A selector whose stored record is only the shared embedding (`STORED_AS = "embedding"`: clusters, entropy)
+reads and writes the same run directory as the others of its kind: scoring once serves both.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def _batches(pool: Pool, skip: int, size: int):
         yield batch
 
 
+def stored_as(method: str) -> str:
+    """What a selector's stored scores are: its own name, or the kind it shares with others (`STORED_AS`)."""
+    return getattr(SELECTORS.get(method), "STORED_AS", method)
+
+
 def _load_run(run_dir: Path | None, method: str) -> tuple[array, array, array]:
     scores, lengths, vectors = array("d"), array("q"), array("H")      # vectors: float16 bit patterns
     if run_dir is None or not (run_dir / "scores.jsonl").is_file():
@@ -66,7 +73,7 @@ def _load_run(run_dir: Path | None, method: str) -> tuple[array, array, array]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 break                                  # a line cut by an interruption: score it again
-            if record.get("method") != method:
+            if stored_as(record.get("method")) != stored_as(method):
                 raise ValueError(f"--run-dir {run_dir} holds scores of {record.get('method')!r}, not {method!r}; "
                                  "use another run directory")
             scores.append(record["score"])

@@ -11,6 +11,8 @@ With `scores_dir` the selector's scores of the pool are kept under it (`DIR/METH
 run directory of `prunekit data select --run-dir`), KEY a hash of the model's weights, the candidate windows
 and the options: another pruning of the same model from the same pool (Wanda and SparseGPT, 50% and 2:4)
 reuses them instead of running the model over every candidate again, and an interrupted scoring resumes.
+METHOD is `select.stored_as(method)`: clusters and entropy both store the model's embeddings (`embedding-KEY`),
+so choosing with one after the other runs the model over the pool once.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .pool import Budget
-from .select import SELECTORS, fill, score_pool
+from .select import SELECTORS, fill, score_pool, stored_as
 
 
 def select_windows(model, tokenizer, windows: Tensor, method: str, keep: int, *, seed: int = 0,
@@ -38,7 +40,9 @@ def select_windows(model, tokenizer, windows: Tensor, method: str, keep: int, *,
     was_training = model.training
     model.eval()
     try:
-        run_dir = None if scores_dir is None else Path(scores_dir) / f"{method}-{pool_key(model, windows, options)}"
+        run_dir = None
+        if scores_dir is not None:
+            run_dir = Path(scores_dir) / f"{stored_as(method)}-{pool_key(model, windows, options)}"
         scores, lengths, embeddings = score_pool(texts, method, model, tokenizer, options, run_dir=run_dir,
                                                  progress=False)
     finally:
