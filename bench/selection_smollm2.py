@@ -16,7 +16,7 @@ arXiv 2310.01382); retention = the model's accuracy / the dense model's.
 (a) Calibration. `prunekit prune MODEL --method {wanda,sparsegpt} {--sparsity 0.5 | --nm 2:4} --calib default
     --samples 128 --seqlen 512 --seed 0 --no-eval` with plain random windows (128 windows drawn at seeded
     random starts: the baseline) and with `--calib-select S --calib-pool 2048 --calib-scores WORK/a/scores`
-    for every S that `prune --calib-select` accepts (random, perplexity, clusters, entropy): 2,048 random
+    for every S that `prune --calib-select` accepts (random, perplexity, clusters, entropy, statistic): 2,048 random
     windows drawn, 128 of them chosen by S (scored with the model being pruned, the dense one). Both draw their
     windows from the same seeded generator, so the plain windows are the pool's first 128: every selector
     chooses from a pool that holds the baseline's windows. Cost: each scoring selector runs the dense model
@@ -70,7 +70,7 @@ PARTS = ("a", "b", "c")
 METHODS = ("wanda", "sparsegpt")
 PATTERNS = {"50": ["--sparsity", "0.5"], "2of4": ["--nm", "2:4"]}        # tag -> prune flags
 PATTERN_NAMES = {"50": "50%", "2of4": "2:4"}
-CALIB_SELECTORS = ("random", "perplexity", "clusters", "entropy")         # `prune --calib-select`'s choices
+CALIB_SELECTORS = ("random", "perplexity", "clusters", "entropy", "statistic")   # `prune --calib-select`'s
 RECOVER_SELECTORS = ("random", "perplexity", "clusters", "entropy", "donod", "qtuning", "paser")  # recover's
 BASE = ("wanda", "2of4", "plain")           # (b) and (c) recover this model of (a)
 SHARE = 0.2                                  # (b): the selected runs' token budget, a share of the pool's tokens

@@ -114,8 +114,8 @@ def test_embed_batch_shape_padding_and_projection():
     assert torch.equal(reduced, embed.project(vectors, 16, seed=0))
     assert not torch.equal(reduced, embed.project(vectors, 16, seed=1))
     assert embed.project(vectors, 64).shape == (3, 64)             # already small enough: kept as is
-    with pytest.raises(ValueError, match="between 1 and 64"):
-        embed.project(vectors, 65)
+    with pytest.raises(ValueError, match="between 1 and 1024"):
+        embed.project(vectors, 1025)
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="prune for this text domain (code, prose, or any --calib source): calibrate and evaluate "
                             "on it, and give it to methods that take a domain (d-pruner: regularised by the other one)")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    prune.add_argument("--calib-select", default=None, choices=["random", "perplexity", "clusters", "entropy"],
+    prune.add_argument("--calib-select", default=None,
+                       choices=["random", "perplexity", "clusters", "entropy", "statistic"],
                        help="choose the --samples windows from --calib-pool random ones with a data selector "
                             "(prunekit data select's methods, scored with the model being pruned)")
     prune.add_argument("--calib-pool", type=int, default=None,

@@ -27,7 +27,7 @@ from .catalog import get_method
 from .registry import method_for_config
 
 
-CALIBRATION_SELECTORS = ("random", "perplexity", "clusters", "entropy")   # prunekit.selection methods
+CALIBRATION_SELECTORS = ("random", "perplexity", "clusters", "entropy", "statistic")   # prunekit.selection methods
 
 
 @dataclass(frozen=True)

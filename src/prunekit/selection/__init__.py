@@ -7,6 +7,7 @@
     embed.py       per-sample embeddings from the model's own hidden states, projected and stored compactly
     clusters.py    k-means concept clusters, quotas by cluster complexity, duplicates last (arXiv 2401.04578)
     entropy.py     a greedy minimum set cover of embedding neighbourhoods (after arXiv 2511.10561)
+    statistic.py   the samples whose linear-layer input moments best match the pool's (calibration)
     donod.py       DONOD's model-intrinsic norm signals of one probe step, ranked by TOPSIS (arXiv 2504.14810)
     qtuning.py     Q-Tuning: error-uncertainty quadrants, token pruning of the loss mask (arXiv 2509.23873)
     paser.py       PASER: budget per concept cluster by the pruned model's capability loss (arXiv 2502.12594)

@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
     select.add_argument("source", help="default, code, a .jsonl/.txt file or a directory of them, or a hub "
                                        "dataset name (its calibration side; see prunekit.selection.pool)")
     select.add_argument("--method", required=True, choices=["random", "perplexity", "clusters", "entropy", "donod",
-                                                               "paser", "qtuning"],
+                                                               "paser", "qtuning", "statistic"],
                         help="random (seeded), perplexity (a band of the reference model's perplexity), "
                              "clusters (k-means of the model's embeddings, each concept kept in proportion to "
                              "its complexity, duplicates first to go), entropy (a greedy cover of embedding "
@@ -21,14 +21,16 @@ def add_parser(subparsers) -> None:
                              "delta under a one-step probe) or paser (for recovering --pruned: clusters get the "
                              "budget in proportion to the pruned model's loss on them) or qtuning (Q-Tuning's "
                              "error-uncertainty quadrants: noise and redundant samples dropped, the highest-"
-                             "perplexity tokens of misconception samples taken out of the loss)")
+                             "perplexity tokens of misconception samples taken out of the loss) or statistic "
+                             "(greedily, the samples whose linear-layer input moments keep the selection's mean "
+                             "closest to the pool's: what Wanda and SparseGPT calibrate on)")
     select.add_argument("--budget", required=True, help="a fraction (0.2), N samples or N tokens")
-    select.add_argument("--model", default=None, help="the reference model (perplexity, clusters, entropy; token "
-                                                     "budgets count with its tokenizer)")
+    select.add_argument("--model", default=None, help="the reference model (perplexity, clusters, entropy, "
+                                                     "statistic; token budgets count with its tokenizer)")
     select.add_argument("--band", default="middle", choices=["middle", "low", "high"],
                         help="perplexity: which part of the distribution to keep first (default middle)")
-    select.add_argument("--max-tokens", type=int, default=512, help="perplexity, clusters, entropy: tokens read "
-                                                                   "per sample")
+    select.add_argument("--max-tokens", type=int, default=512, help="perplexity, clusters, entropy, statistic: "
+                                                                   "tokens read per sample")
     select.add_argument("--clusters", type=int, default=None, help="clusters, paser: k of k-means (default sqrt of the "
                                                                   "pool's size, at most 64)")
     select.add_argument("--radius-quantile", type=float, default=0.5,

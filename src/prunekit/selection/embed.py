@@ -6,7 +6,7 @@
                   batch; a sample with no tokens embeds as zeros. Using the model being pruned (not a
                   separate sentence encoder) means no extra download and that "similar" is judged by the
                   representations the pruned model will be calibrated on.
-    project       a seeded random Gaussian projection to `dim` (<= 64) dimensions (Johnson-Lindenstrauss:
+    project       a seeded random Gaussian projection to `dim` (<= 1,024) dimensions (Johnson-Lindenstrauss:
                   pairwise distances are kept up to a small relative error), so the pool keeps 2 * dim
                   bytes per sample in float16 instead of hidden_size floats.
     prepare       what the selectors measure distances on: the stored vectors centred on the pool's mean
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 DIM = 32                   # stored dimensions by default: 64 bytes per sample in float16
-MAX_DIM = 64
+MAX_DIM = 1024             # statistic.py stores 256 by default: its profiles have ~10^5 channels
 
 
 def embed_batch(texts: list[str], model, tokenizer, options: dict) -> torch.Tensor:

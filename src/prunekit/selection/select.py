@@ -11,18 +11,18 @@
     4. write   a second pass writes the kept samples to the output (`pool.write_selection`) and the
                report beside it (OUT.report.json: method, budget, pool, what was kept and dropped).
 
-Selectors live one per file (`random.py`, `perplexity.py`, `clusters.py`, `entropy.py`): `NEEDS_MODEL`,
-an optional `score_batch(texts, model, tokenizer, options) -> scores` and `order(scores, lengths, options) ->
+Selectors live one per file (`random.py`, `perplexity.py`, `clusters.py`, `entropy.py`): `NEEDS_MODEL`, an
+optional `score_batch(texts, model, tokenizer, options) -> scores` and `order(scores, lengths, options) ->
 indices`. A selector that needs a vector per sample, not a number, has `embed_batch(texts, model, tokenizer,
-options) -> Tensor (B, width)` instead: step 1 keeps each vector projected to `embed_dim` (default 32, at most
-64) dimensions by a seeded random projection, as float16 bits in a flat `array("H")` (2 * embed_dim bytes per
-sample; see embed.py), appends it to `scores.jsonl` with the run, and step 2 passes the (N, d) tensor as
-`options["embeddings"]` (in a copy of the options: the report's options stay plain). A selector that also
-has `order_and_labels` (clusters) returns each sample's cluster with its order: the cluster goes beside each
-kept sample and per-cluster kept / dropped counts into the report. A selector with its own
-`write_selection(out, pool, keep, labels, model, tokenizer, options) -> {"written", ...}` (qtuning: the
-quadrant and the loss spans of every kept sample) writes step 4's records itself; the rest of what it
-returns goes into the report as `loss_mask`.
+options) -> Tensor (B, width)` instead (clusters and entropy: an embedding; statistic: an activation profile):
+step 1 keeps each vector projected to `embed_dim` (default 32, or the selector's `EMBED_DIM`) dimensions by a
+seeded random projection, as float16 bits in a flat `array("H")` (2 * embed_dim bytes per sample; see embed.py),
+appends it to `scores.jsonl` with the run, and step 2 passes the (N, d) tensor as `options["embeddings"]` (in a
+copy of the options: the report's options stay plain). A selector that also has `order_and_labels` (clusters)
+returns each sample's cluster with its order: the cluster goes beside each kept sample and per-cluster kept /
+dropped counts into the report. A selector with its own `write_selection(out, pool, keep, labels, model,
+tokenizer, options) -> {"written", ...}` (qtuning: the quadrant and the loss spans of every kept sample) writes
+step 4's records itself; the rest of what it returns goes into the report as `loss_mask`.
 A selector whose stored record is only the shared embedding (`STORED_AS = "embedding"`: clusters, entropy)
 reads and writes the same run directory as the others of its kind: scoring once serves both.
 """
@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from . import clusters, donod, entropy, paser, perplexity, qtuning, random as random_selector
+from . import clusters, donod, entropy, paser, perplexity, qtuning, random as random_selector, statistic
 from .pool import Budget, Pool, parse_budget, write_selection
 
 SELECTORS = {"random": random_selector, "perplexity": perplexity, "clusters": clusters, "entropy": entropy,
-             "donod": donod, "paser": paser, "qtuning": qtuning}
+             "donod": donod, "paser": paser, "qtuning": qtuning, "statistic": statistic}
 BATCH = 8
 
 
@@ -93,7 +93,7 @@ def score_pool(pool: Pool, method: str, model=None, tokenizer=None, options: dic
     from . import embed
     selector, options = SELECTORS[method], options or {}
     embeds = hasattr(selector, "embed_batch")
-    dim = int(options.get("embed_dim", embed.DIM))
+    dim = int(options.get("embed_dim", getattr(selector, "EMBED_DIM", embed.DIM)))
     run_dir = Path(run_dir) if run_dir is not None else None
     scores, lengths, vectors = _load_run(run_dir, method)
     width = len(vectors) // len(lengths) if len(lengths) else None    # the stored dimension of a resumed run
