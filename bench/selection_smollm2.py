@@ -71,7 +71,8 @@ METHODS = ("wanda", "sparsegpt")
 PATTERNS = {"50": ["--sparsity", "0.5"], "2of4": ["--nm", "2:4"]}        # tag -> prune flags
 PATTERN_NAMES = {"50": "50%", "2of4": "2:4"}
 CALIB_SELECTORS = ("random", "perplexity", "clusters", "entropy", "statistic")   # `prune --calib-select`'s
-RECOVER_SELECTORS = ("random", "perplexity", "clusters", "entropy", "donod", "qtuning", "paser")  # recover's
+RECOVER_SELECTORS = ("random", "perplexity", "clusters", "entropy", "donod", "qtuning", "paser",
+                     "statistic")                                                   # recover's
 BASE = ("wanda", "2of4", "plain")           # (b) and (c) recover this model of (a)
 SHARE = 0.2                                  # (b): the selected runs' token budget, a share of the pool's tokens
 TARGET = 0.9                                 # (b): the best selector closes >= 90% of the 100% run's improvement

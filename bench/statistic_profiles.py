@@ -89,7 +89,7 @@ def main(argv=None) -> None:
              "Protocol: windows of 512 tokens of the default corpus (seed 0), SmolLM2-135M float32; mismatch with "
              "the whole pool in the full profile space (lower is closer): geometric = ||mean log m - pool's||, "
              "arithmetic = ||log mean m - pool's|| (m: per-channel mean square input of every linear layer).", "",
-             f"Variance of the centred profiles in the top 8 / 32 / 64 principal components: "
+             "Variance of the centred profiles in the top 8 / 32 / 64 principal components: "
              + " / ".join(f"{share[t]:.1%}" for t in (8, 32, 64)), "",
              "| choice | geometric | arithmetic |", "|---|---:|---:|"]
     lines += [f"| {name} | {g:.2f} | {a:.2f} |" for name, g, a in rows]
