@@ -34,17 +34,13 @@ Options: `max_tokens` (512), `embed_dim` (256), `greedy_picks` (4,096), `seed` (
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ..models.spec import is_linear
 from .perplexity import padded_batch
 
 NEEDS_MODEL = True
 GREEDY_PICKS = 4096
 EMBED_DIM = 256
-
-
-def _linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"   # GPT-2 stores (in, out)
 
 
 def profile_batch(texts: list[str], model, tokenizer, options: dict) -> torch.Tensor:
@@ -67,7 +63,7 @@ def profile_batch(texts: list[str], model, tokenizer, options: dict) -> torch.Te
         last[:] = [x]
         parts.append(((x.float() ** 2 * weights).sum(1) / counts).cpu())
 
-    hooks = [m.register_forward_pre_hook(record) for m in body.modules() if _linear(m)]
+    hooks = [m.register_forward_pre_hook(record) for m in body.modules() if is_linear(m)]
     try:
         with torch.inference_mode():
             body(input_ids=ids.to(device), attention_mask=mask.to(device))
