@@ -104,19 +104,44 @@ def test_registered_as_a_compensation_step():
     assert method.scope == "compensate" and method.stats is Hessian and method.needs_calibration
     delta, H = anisotropic_problem(4)
     stats = Hessian(32, torch.device("cpu"))
-    stats.H += H
+    stats.H = H
     compensate = method.fn(EoraConfig(budget=0.1))                          # the engine's callback
     layer = torch.nn.Linear(32, 24, bias=False)
-    W_pruned = torch.randn(24, 32)
-    compensate("layer", layer, W_pruned + delta, W_pruned, stats)
+    W_pruned = torch.randn(24, 32, generator=torch.Generator().manual_seed(5))
+    W_dense = W_pruned + delta
+    compensate("layer", layer, W_dense, W_pruned, stats)
     B, A = compensate.adapters["layer"]
     assert B.shape == (24, 1) and A.shape == (1, 32)                        # floor(0.1*24*32/56) = 1
-    B_direct, A_direct = eora_factors(delta, H, 1)
+    # the same float32 difference the callback sees ((W + delta) - W is delta up to rounding)
+    B_direct, A_direct = eora_factors(W_dense - W_pruned, H, 1)
     torch.testing.assert_close(B @ A, B_direct @ A_direct)
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer(x), x @ layer.weight.T + x @ A.T @ B.T)   # the hook adds the residual
     compensate.remove_hooks()
     torch.testing.assert_close(layer(x), x @ layer.weight.T)
+
+
+def test_a_new_stats_object_gets_its_own_basis_even_at_a_reused_id():
+    """The callback caches one eigenbasis per stats object (q/k/v share one). A freed stats object's
+    id can be reused by the next one, of another width: that must not hand back the old basis (the
+    CI failure of sparsegpt-eora in two processes: 64x64 @ 96x96)."""
+    compensate = get_method("eora").fn(EoraConfig(rank=2))
+    g = torch.Generator().manual_seed(0)
+
+    def call(width):
+        stats = Hessian(width, torch.device("cpu"))
+        X = torch.randn(64, width, generator=g)
+        stats.H64 += (X.T @ X).double()
+        stats.sums_changed()
+        W = torch.randn(8, width, generator=g)
+        compensate(f"w{width}", torch.nn.Linear(width, 8, bias=False), W, W * (W.abs() > 1), stats)
+        return id(stats)
+
+    call(6)
+    for _ in range(50):          # CPython soon hands the freed 6-wide object's address to a 10-wide one
+        call(10)
+    B, A = compensate.adapters["w10"]
+    assert B.shape == (8, 2) and A.shape == (2, 10)
 
 
 def _prune_and_compensate(model, blocks_prefix):
