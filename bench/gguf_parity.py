@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,13 +33,6 @@ PRUNED = {
     "sublayer-drop-6-attention": ["--method", "sublayer-drop", "--layers", "6", "--sublayers", "attention"],
     "depth-block-influence-6": ["--method", "block-influence", "--layers", "6"],
 }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def compare(model, tokenizer, path: Path, text) -> dict:
@@ -98,6 +90,7 @@ def main() -> int:
                 row.update(compare(model, tokenizer, result.path, text))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    from prunekit.bench_host import cpu_model
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "cpu": cpu_model(), "commit": commit.strip(), "command": "python bench/gguf_parity.py", "rows": rows}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -146,16 +147,8 @@ def markdown(result: dict) -> str:
 
 
 def machine() -> str:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-    return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    from prunekit.bench_host import cpu_model
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def commit() -> str:

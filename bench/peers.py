@@ -50,7 +50,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -105,17 +104,17 @@ def format_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- machine facts
 
 def cpu_facts() -> dict:
-    model, flags = None, set()
+    from prunekit.bench_host import cpu_model
+    flags = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
+            if key.strip() == "flags":
                 flags = set(value.split())
+                break
     except OSError:
         pass
-    return {"model": model or platform.processor(), "cpus": os.cpu_count(),
+    return {"model": cpu_model(), "cpus": os.cpu_count(),
             "bf16_flags": [f for f in BF16_FLAGS if f in flags]}
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--cache", type=Path, default=None, help="keep (or reuse) the full profiles in this .pt file")
     p.add_argument("--out", type=Path, default=Path("bench/results/statistic_profiles.md"))
     args = p.parse_args(argv)
+    from prunekit.bench_host import cpu_model
     from prunekit.selection import embed, statistic
     started = time.perf_counter()
     logs = profiles(args.windows, args.cache).double()
@@ -81,8 +81,7 @@ def main(argv=None) -> None:
     chosen = statistic.order(None, [1] * n, {"embeddings": logs})[:k]
     rows.append((f"statistic on the full {logs.shape[1]:,} dims (no projection)", *mismatch(logs, moments, chosen)))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     lines = [f"# statistic selector: profile mismatch of {k} chosen of {n} windows", "",
              f"`python bench/statistic_profiles.py --windows {n} --keep {k}`; {cpu}; "
              f"{datetime.date.today()}; commit {commit}; {time.perf_counter() - started:.0f} s.", "",
