@@ -2,8 +2,10 @@
 probe's DON / NOD against a real SGD step, noise ranked last by DONOD, PASER's budget following a planted
 capability loss, exact and deterministic budgets, JSON-clean reports and bad input."""
 import copy
+import gc
 import json
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -200,3 +202,20 @@ def test_cli_paser_and_donod_end_to_end(tmp_path, capsys):
     report = json.loads(report_path(tmp_path / "d.jsonl").read_text())
     assert report["options"]["probe_lr"] == 1e-3 and report["samples"]["kept"] == 9
     assert "donod selection" in capsys.readouterr().out
+
+
+def test_paser_dense_outputs_belong_to_their_model_and_do_not_keep_it_alive():
+    """score_batch keeps the last batch's dense outputs for embed_batch. They are matched to the model by
+    identity through a weak reference: another model gets its own outputs, and a freed model is not kept
+    alive by the cache (whose id() a later model could then reuse)."""
+    tokenizer = word_tokenizer([SENTENCE, NUMBERS])
+    texts = [SENTENCE, NUMBERS]
+    ids, mask = paser._batch(texts, tokenizer, 512)
+    first, second = llama(0), llama(1)
+    for model in (first, second, first):
+        got = paser._dense(texts, model, tokenizer, {})["nll"]
+        torch.testing.assert_close(got, paser._forward(model, ids, mask, hidden=False)[0])
+    watch = weakref.ref(first)
+    del first, model
+    gc.collect()
+    assert watch() is None

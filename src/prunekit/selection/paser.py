@@ -34,6 +34,7 @@ normalisation.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -44,7 +45,10 @@ from .clusters import default_clusters, kmeans
 
 NEEDS_MODEL = True
 OUTLIER = 3.5
-_CACHE: dict = {}                   # the last batch's dense outputs: score_batch computes, embed_batch reuses
+# The last batch's dense outputs: score_batch computes them, embed_batch reuses them. The model and the
+# tokenizer are held by weak reference and compared by identity: an id() could be reused by a model
+# loaded after this one was freed, and a strong reference would keep a freed model alive.
+_CACHE: dict = {}
 
 
 def vocabulary(model) -> int:
@@ -98,12 +102,14 @@ def _forward(model, ids, mask, hidden: bool):
 
 
 def _dense(texts, model, tokenizer, options):
-    key = (id(model), tuple(texts), options.get("max_tokens", 512))
-    if _CACHE.get("key") != key:
+    key = (tuple(texts), options.get("max_tokens", 512))
+    cached = _CACHE.get("key") == key and _CACHE["model"]() is model and _CACHE["tokenizer"]() is tokenizer
+    if not cached:
         ids, mask = _batch(texts, tokenizer, options.get("max_tokens", 512))
         nll, pooled = _forward(model, ids, mask, hidden=True)
         _CACHE.clear()
-        _CACHE.update(key=key, ids=ids, mask=mask, nll=nll, pooled=pooled)
+        _CACHE.update(key=key, model=weakref.ref(model), tokenizer=weakref.ref(tokenizer), ids=ids, mask=mask,
+                      nll=nll, pooled=pooled)
     return _CACHE
 
 
