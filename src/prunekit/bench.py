@@ -67,7 +67,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .bench_host import cpu_model, load_average, peak_rss, reset_peak_rss, run_worker, worker_main
+from .bench_host import check_run_shape, cpu_model, load_average, peak_rss, reset_peak_rss, run_worker, worker_main
 from .bench_host import fmt_bytes as _bytes
 from .bench_host import fmt_load as _load
 from .bench_host import fmt_ratio as _ratio
@@ -119,12 +119,7 @@ def benchmark(model_or_dir: str | os.PathLike, *, baseline: str | os.PathLike | 
     from prunekit.io.loading import describe_source, resolve_dtype
 
     batches = _check_batches(batches)
-    for flag, value, least in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 1),
-                               ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+    check_run_shape(prompt_len, new_tokens, repeats, warmup, threads)
     if prompt not in PROMPTS:
         raise ValueError(f"--prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
     dev = _check_device(device)

@@ -68,6 +68,16 @@ def fmt_ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
+def check_run_shape(prompt_len, new_tokens, repeats, warmup, threads) -> None:
+    """ValueError, naming the CLI flag, for a count that is not an integer in range (both benchmarks)."""
+    for flag, value, least in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 1),
+                               ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+
+
 def fmt_load(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 

@@ -60,7 +60,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .bench_host import OtherCpu, cpu_model, load_average, peak_rss, reset_peak_rss, run_worker, worker_main
+from .bench_host import (OtherCpu, check_run_shape, cpu_model, load_average, peak_rss, reset_peak_rss, run_worker,
+                         worker_main)
 from .bench_host import fmt_bytes as _bytes
 from .bench_host import fmt_load as _load
 from .bench_host import fmt_ratio as _ratio
@@ -103,12 +104,7 @@ def benchmark(model: str | os.PathLike, *, baseline: str | os.PathLike | None = 
     from prunekit.io.gguf_writer import OUTTYPES
     from prunekit.io.loading import classify_source
 
-    for flag, value, least in (("--prompt-len", prompt_len, 1), ("--new-tokens", new_tokens, 1),
-                               ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+    check_run_shape(prompt_len, new_tokens, repeats, warmup, threads)
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     version = require_llama_cpp()

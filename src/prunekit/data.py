@@ -51,6 +51,7 @@ import sysconfig
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -358,8 +359,10 @@ def code_description() -> str:
 # Local files
 # ----------------------------------------------------------------------------------------------
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def jsonl_texts(path: Path, field: str = "text", hint: str = "") -> Iterator[str]:
+    """The `field` string of each object of a .jsonl file, streamed line by line (blank lines skipped).
+    A line that is not a JSON object with a string `field` raises a ValueError naming the file and line,
+    followed by `hint` (how the caller chooses the field)."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -368,12 +371,11 @@ def _read_jsonl(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise ValueError(f"{path}, line {number}: expected a JSON object with a 'text' field")
-            if not isinstance(record["text"], str):
-                raise ValueError(f"{path}, line {number}: the 'text' field is not a string")
-            docs.append(record["text"])
-    return docs
+            if not isinstance(record, dict) or field not in record:
+                raise ValueError(f"{path}, line {number}: expected a JSON object with a {field!r} field{hint}")
+            if not isinstance(record[field], str):
+                raise ValueError(f"{path}, line {number}: the {field!r} field is not a string")
+            yield record[field]
 
 
 def _read_file(path: Path) -> list[str]:
@@ -381,7 +383,8 @@ def _read_file(path: Path) -> list[str]:
     if path.suffix.lower() not in _JSONL_SUFFIXES + _TEXT_SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
     try:
-        docs = _read_jsonl(path) if path.suffix.lower() in _JSONL_SUFFIXES else [path.read_text(encoding="utf-8")]
+        docs = (list(jsonl_texts(path)) if path.suffix.lower() in _JSONL_SUFFIXES
+                else [path.read_text(encoding="utf-8")])
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); calibration and evaluation "
                          "files must be UTF-8 .txt or .jsonl") from None

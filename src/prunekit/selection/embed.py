@@ -25,14 +25,8 @@ MAX_DIM = 1024             # statistic.py stores 256 by default: its profiles ha
 def embed_batch(texts: list[str], model, tokenizer, options: dict) -> torch.Tensor:
     """(len(texts), hidden_size) float32: each text's mean last hidden state over its first `max_tokens`
     tokens, on the CPU."""
-    from ..data import tokenize
-    max_tokens = options.get("max_tokens", 512)
-    rows = [tokenize(tokenizer, text)[:max_tokens] for text in texts]
-    longest = max(1, max(len(r) for r in rows))
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    from .perplexity import padded_batch
+    _, ids, mask = padded_batch(texts, tokenizer, options.get("max_tokens", 512), min_width=1)
     device = next(model.parameters()).device
     body = getattr(model, "base_model", model)          # the decoder without its LM head: no logits computed
     with torch.inference_mode():

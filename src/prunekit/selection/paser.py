@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from . import embed as embedding
 from .clusters import default_clusters, kmeans
+from .perplexity import padded_batch
 
 NEEDS_MODEL = True
 OUTLIER = 3.5
@@ -72,13 +73,8 @@ def check_models(model, pruned) -> None:
 
 
 def _batch(texts, tokenizer, max_tokens):
-    from ..data import tokenize
-    rows = [tokenize(tokenizer, text)[:max_tokens] for text in texts]
-    longest = max(1, max(len(r) for r in rows))
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    """(ids, mask) of the texts' first `max_tokens` tokens, at least one column wide (the model always runs)."""
+    _, ids, mask = padded_batch(texts, tokenizer, max_tokens, min_width=1)
     return ids, mask
 
 

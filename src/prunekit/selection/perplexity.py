@@ -21,12 +21,14 @@ NEEDS_MODEL = True
 BANDS = ("middle", "low", "high")
 
 
-def padded_batch(texts: list[str], tokenizer, max_tokens: int) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """(rows, ids, mask): each text's first `max_tokens` tokens, right-padded into (B, longest) ids with a
-    (B, longest) attention mask; shared by the model-scored selectors (perplexity, qtuning)."""
+def padded_batch(texts: list[str], tokenizer, max_tokens: int,
+                 min_width: int = 0) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """(rows, ids, mask): each text's first `max_tokens` tokens, right-padded into (B, width) ids with a
+    (B, width) attention mask, width = max(longest row, `min_width`) (1 for callers that always run the
+    model, even on a batch of empty texts); shared by the model-scored selectors."""
     from ..data import tokenize
     rows = [tokenize(tokenizer, text)[:max_tokens] for text in texts]
-    longest = max((len(r) for r in rows), default=0)
+    longest = max(min_width, max((len(r) for r in rows), default=0))
     ids = torch.zeros(len(rows), longest, dtype=torch.long)
     mask = torch.zeros(len(rows), longest, dtype=torch.long)
     for i, row in enumerate(rows):

@@ -181,22 +181,9 @@ class Pool:
                 yield from self._paragraphs(path)
 
     def _jsonl(self, path: Path) -> Iterator[str]:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or self.text_field not in record:
-                    raise ValueError(f"{path}, line {number}: expected a JSON object with a {self.text_field!r} "
-                                     "field (choose the field with --text-field)")
-                text = record[self.text_field]
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}, line {number}: the {self.text_field!r} field is not a string")
-                if text.strip():
-                    yield text
+        for text in data.jsonl_texts(path, self.text_field, " (choose the field with --text-field)"):
+            if text.strip():
+                yield text
 
     @staticmethod
     def _paragraphs(path: Path) -> Iterator[str]:
