@@ -180,9 +180,10 @@ def test_calibration_selection_picks_windows_of_the_pool(tiny_model_dir, tmp_pat
 
     from prunekit.io.loading import load
     from prunekit.recipe import CALIBRATION_SELECTORS, Calibration
+    from prunekit.selection import NAMES
     from prunekit.selection.select import SELECTORS
     from prunekit.selection.windows import select_windows
-    assert set(CALIBRATION_SELECTORS) <= set(SELECTORS)
+    assert set(CALIBRATION_SELECTORS) <= set(SELECTORS) and set(NAMES) == set(SELECTORS)
     model, tokenizer = load(str(tiny_model_dir))
     windows = torch.randint(3, 100, (12, 16), generator=torch.Generator().manual_seed(0))
     windows[6:] = windows[0]                                    # half the pool is one window repeated

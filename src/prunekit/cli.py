@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .interrupts import Terminated, close_progress_bars, interrupted_line, output_states, signals
 from .io.atomic import write_json_atomic
+from .selection import CALIBRATION as CALIBRATION_SELECTORS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
                             "on it, and give it to methods that take a domain (d-pruner: regularised by the other one)")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--calib-select", default=None,
-                       choices=["random", "perplexity", "clusters", "entropy", "statistic"],
+                       choices=CALIBRATION_SELECTORS,
                        help="choose the --samples windows from --calib-pool random ones with a data selector "
                             "(prunekit data select's methods, scored with the model being pruned)")
     prune.add_argument("--calib-pool", type=int, default=None,

@@ -25,9 +25,10 @@ import yaml
 
 from .catalog import get_method
 from .registry import method_for_config
+from .selection import CALIBRATION
 
 
-CALIBRATION_SELECTORS = ("random", "perplexity", "clusters", "entropy", "statistic")   # prunekit.selection methods
+CALIBRATION_SELECTORS = CALIBRATION        # the prunekit.selection methods that choose calibration windows
 
 
 @dataclass(frozen=True)

@@ -14,3 +14,10 @@
     windows.py     calibration selection: the `samples` windows of a larger pool (`--calib-select`)
     cli.py         `prunekit data select` / `prunekit data report`
 """
+
+# The selectors' names, here and not beside their code so that the CLI lists them without importing torch
+# (select.SELECTORS maps the same names to the modules; tests/test_selection.py keeps the two in step).
+NAMES = ("random", "perplexity", "clusters", "entropy", "donod", "paser", "qtuning", "statistic")  # data select
+# those that choose calibration windows (`prune --calib-select`, a recipe's calibration.select): the ones that
+# need neither a second (pruned) model nor a training probe nor a loss mask to act on
+CALIBRATION = ("random", "perplexity", "clusters", "entropy", "statistic")

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import NAMES
+
 
 def add_parser(subparsers) -> None:
     data = subparsers.add_parser("data", help="choose the text a model is calibrated or recovered on")
@@ -12,8 +14,7 @@ def add_parser(subparsers) -> None:
     select = commands.add_parser("select", help="select samples of a source within a budget")
     select.add_argument("source", help="default, code, a .jsonl/.txt file or a directory of them, or a hub "
                                        "dataset name (its calibration side; see prunekit.selection.pool)")
-    select.add_argument("--method", required=True, choices=["random", "perplexity", "clusters", "entropy", "donod",
-                                                               "paser", "qtuning", "statistic"],
+    select.add_argument("--method", required=True, choices=NAMES,
                         help="random (seeded), perplexity (a band of the reference model's perplexity), "
                              "clusters (k-means of the model's embeddings, each concept kept in proportion to "
                              "its complexity, duplicates first to go), entropy (a greedy cover of embedding "
