@@ -2,6 +2,7 @@
 computes exactly W_pruned x + B A x on a stock model."""
 import json
 import sys
+import weakref
 
 import pytest
 import torch
@@ -140,6 +141,12 @@ def test_a_new_stats_object_gets_its_own_basis_even_at_a_reused_id():
     call(6)
     for _ in range(50):          # CPython soon hands the freed 6-wide object's address to a 10-wide one
         call(10)
+    stats = Hessian(4, torch.device("cpu"))
+    stats.H = torch.eye(4)
+    compensate("w4", torch.nn.Linear(4, 8, bias=False), torch.ones(8, 4), torch.zeros(8, 4), stats)
+    watch = weakref.ref(stats)
+    del stats
+    assert watch() is None                   # the cached basis does not keep the group's Hessian alive
     B, A = compensate.adapters["w10"]
     assert B.shape == (8, 2) and A.shape == (2, 10)
 

@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,14 +195,15 @@ class EoraCompensation:
         self.cfg = cfg
         self.adapters: dict[str, tuple[Tensor, Tensor]] = {}     # layer name -> (B, A) on the CPU
         self.hooks: list = []
-        # (stats, eigenbasis of its H) for the last stats seen. The object itself is held, not its
-        # id(): once freed, a later stats object can reuse the id and get a basis of the wrong size.
+        # (weak reference to the last stats seen, eigenbasis of its H). Not its id(): once freed, a later
+        # stats object can reuse the id and would get a basis of the wrong size. Weak, so that a group's
+        # Hessian is freed when the engine is done with it, not held until the next group's.
         self.basis: tuple | None = None
 
     def __call__(self, name: str, module: nn.Module, W_dense: Tensor, W_pruned: Tensor, stats) -> None:
         rank = layer_rank(self.cfg, *W_dense.shape)
-        if self.basis is None or self.basis[0] is not stats:
-            self.basis = (stats, eigen_basis(stats.H))
+        if self.basis is None or self.basis[0]() is not stats:
+            self.basis = (weakref.ref(stats), eigen_basis(stats.H))
         B, A = eora_factors(W_dense - W_pruned, stats.H, rank, basis=self.basis[1])   # (out, r), (r, in)
         self.adapters[name] = (B.cpu(), A.cpu())
         self.hooks.append(module.register_forward_hook(residual_hook(B, A)))
