@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DIM = 32                   # stored dimensions by default: 64 bytes per sample in float16
@@ -40,9 +42,6 @@ def embed_batch(texts: list[str], model, tokenizer, options: dict) -> torch.Tens
     return (sums / counts).cpu()
 
 
-_PROJECTIONS: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
 def projection(width: int, dim: int, seed: int) -> torch.Tensor | None:
     """The (width, dim) Gaussian matrix for `seed`, scaled by 1/sqrt(dim) so lengths are kept on average;
     None when `width` <= `dim` (the vectors are already small enough and are kept exactly)."""
@@ -50,11 +49,14 @@ def projection(width: int, dim: int, seed: int) -> torch.Tensor | None:
         raise ValueError(f"embedding dimensions must be between 1 and {MAX_DIM}, got {dim}")
     if width <= dim:
         return None
-    key = (width, dim, seed)
-    if key not in _PROJECTIONS:
-        generator = torch.Generator().manual_seed(seed)
-        _PROJECTIONS[key] = torch.randn(width, dim, generator=generator) / dim ** 0.5
-    return _PROJECTIONS[key]
+    return _gaussian(width, dim, seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _gaussian(width: int, dim: int, seed: int) -> torch.Tensor:
+    """Made once per selection, not once per batch; at most two kept (statistic's is 100 MB)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(width, dim, generator=generator) / dim ** 0.5
 
 
 def project(vectors: torch.Tensor, dim: int = DIM, seed: int = 0) -> torch.Tensor:
