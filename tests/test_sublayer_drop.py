@@ -50,6 +50,21 @@ def test_generate_with_cache_when_block_0_has_no_attention():
     assert torch.equal(cached, uncached)
 
 
+def test_a_decode_step_on_the_cache_matches_the_full_forward_when_block_0_has_no_attention():
+    """A hand-written decode loop (the evaluators', the benchmarks') gives no positions: the model takes them
+    from layer 0's cache length, so the removed attention must have counted the prefix into the cache."""
+    model = build("llama")
+    drop_sublayer_(model, 0, "attention")
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        prefix = model(input_ids=ids[:, :-1], use_cache=True)
+        cache = prefix.past_key_values
+        assert cache.get_seq_length(0) == ids.shape[1] - 1
+        step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
 def test_scores_rank_a_silent_sublayer_first():
     model = build("llama")
     with torch.no_grad():

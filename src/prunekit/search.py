@@ -93,7 +93,8 @@ from .registry import register, registered
 from .report import StructureReport, parameter_counts
 from .stats import InputNorm
 from .structured import Coupled, WidthConfig, choose_units, coupled_groups, keep_units_, kept_columns, reconstruct_
-from .surgery import SUBLAYER_FAMILIES, SUBLAYER_NORMS, block_widths, drop_sublayer_, keep_experts_, write_config
+from .surgery import (SUBLAYER_FAMILIES, SUBLAYER_NORMS, NoAttention, block_widths, drop_sublayer_, keep_experts_,
+                      write_config)
 
 log = logging.getLogger("prunekit")
 
@@ -574,7 +575,9 @@ def kv_table(model: nn.Module, groups: list[list], ladder: list[Ladder], context
              element_size: int) -> list[dict]:
     """KV-cache bytes per block and level at `context` tokens, batch 1 (sliding-window layers hold at most
     their window). Query-head levels keep every KV head; KV-group levels keep `kept` of them; an attention
-    kept whole (density, fixed) keeps the cache of the dense model's layer (`_kv_per_token`)."""
+    kept whole (density, fixed) keeps the cache of the dense model's layer (`_kv_per_token`). A removed
+    attention in a kept block still caches a position counter (`NoAttention.CACHE_PER_TOKEN`); a removed
+    block, nothing."""
     config = model.config
     types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
@@ -587,7 +590,7 @@ def kv_table(model: nn.Module, groups: list[list], ladder: list[Ladder], context
         for a, f in lad.allowed:
             kept = lad.heads[a]
             if kept == 0:
-                per_token = 0
+                per_token = NoAttention.CACHE_PER_TOKEN if lad.channels[f] else 0
             elif isinstance(heads, Coupled):
                 # per_group > 1: the units are query heads and every KV head stays; else the units are KV groups
                 kv_heads = heads.units // heads.per_group if heads.per_group > 1 else kept

@@ -297,18 +297,23 @@ SUBLAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 class NoAttention(nn.Module):
     """A removed attention sublayer: adds nothing to the residual stream. It still tells the KV cache how
-    many positions went by (an empty key/value of 0 heads), since `generate` reads the sequence length from
-    the cache of layer 0, which may be this one."""
+    many positions went by, since the model reads the sequence length (and so the positions of new tokens)
+    from the cache of layer 0, which may be this one: it stores a zero key and value of one head of one
+    number per token (a cache of 0 heads would hold no elements, and transformers counts an empty cache
+    layer as length 0). The block passes the cache as `cache` (recent transformers) or `past_key_values`
+    (earlier ones): both are accepted."""
 
-    def __init__(self, layer_idx: int, head_dim: int):
+    CACHE_PER_TOKEN = 2          # cached elements per token: one key number and one value number
+
+    def __init__(self, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.head_dim = head_dim
 
-    def forward(self, hidden_states: Tensor, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
+    def forward(self, hidden_states: Tensor, *args, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            zero = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(zero, zero, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 
@@ -334,7 +339,7 @@ def drop_sublayer_(model: nn.Module, index: int, kind: str) -> None:
     if isinstance(current, (NoAttention, NoMLP)):
         raise ValueError(f"block {index}'s {kind} was already removed")
     if kind == "attention":
-        replacement = NoAttention(getattr(current, "layer_idx", index), head_dim(model.config, spec))
+        replacement = NoAttention(getattr(current, "layer_idx", index))
     else:
         replacement = NoMLP()
     setattr(block, name, replacement)
