@@ -15,6 +15,7 @@ from test_gguf_export import IDS, assert_runs_the_same, build, calibration
 from prunekit import prune_
 from prunekit.io.gguf_writer import plan_gguf, write_gguf
 from prunekit.methods.sublayer_drop import SublayerDropConfig
+from prunekit.models.cache import cache_keyword, returned_cache
 from prunekit.surgery import NoAttention, NoMLP, drop_sublayer_, structure_record
 
 
@@ -58,10 +59,9 @@ def test_a_decode_step_on_the_cache_matches_the_full_forward_when_block_0_has_no
     ids = torch.tensor([IDS])
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]
-        prefix = model(input_ids=ids[:, :-1], use_cache=True)
-        cache = prefix.past_key_values
+        cache = returned_cache(model(input_ids=ids[:, :-1], use_cache=True))
         assert cache.get_seq_length(0) == ids.shape[1] - 1
-        step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1]
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{cache_keyword(model): cache}).logits[0, -1]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 

@@ -25,7 +25,7 @@ Protocol and why:
   download); both models get the same ids as long as they share a vocabulary, which pruning
   never changes. Content does not matter for timing: no early stop, every run does exactly
   ``new_tokens`` steps.
-* Decoding is a plain loop -- call the model with ``past_key_values`` and the last token, take
+* Decoding is a plain loop -- call the model with its KV cache (`models.cache`) and the last token, take
   the argmax -- not ``model.generate``: generate adds logits processors, stopping criteria and
   per-step bookkeeping that change between transformers versions, and we want the time of the
   model and its KV cache, the minimum any serving loop pays. Prefill asks for the logits of the
@@ -521,9 +521,11 @@ def _prefill_and_decode(lm, prompt: torch.Tensor, new_tokens: int, prefill_kwarg
     import torch
 
     from prunekit.inference.runtime import cache_bytes
+    from prunekit.models.cache import cache_keyword, returned_cache
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    extra = {"cache": new_cache()} if new_cache is not None else {}
+    keyword = cache_keyword(lm)
+    extra = {keyword: new_cache()} if new_cache is not None else {}
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
@@ -531,10 +533,10 @@ def _prefill_and_decode(lm, prompt: torch.Tensor, new_tokens: int, prefill_kwarg
         token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
         sync()
         prefilled = time.perf_counter()
-        cache = out.past_key_values
+        cache = returned_cache(out)
         for _ in range(new_tokens):
-            out = lm(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = lm(input_ids=token, use_cache=True, **{keyword: cache})
+            cache = returned_cache(out)
             token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
         sync()
     return prefilled - start, time.perf_counter() - prefilled, cache_bytes(cache)

@@ -52,6 +52,7 @@ from .bench_llama_cpp import PROMPT_SEED, _measure_in_subprocess, require_llama_
 from .core.stream import model_device
 from .depth import PER_LAYER_FIELDS
 from .io.gguf_writer import GgufUnsupportedError, write_gguf
+from .models.cache import cache_keyword, returned_cache
 from .surgery import SUBLAYER_FAMILIES, block_widths, resize_to_
 
 RUNTIMES = ("transformers", "llama.cpp")
@@ -69,9 +70,10 @@ def decode_latency(model: nn.Module, context: int, steps: int = 16, repeats: int
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=generator).to(device)
     times = []
+    keyword = cache_keyword(model)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         token = ids[:, -1:]
         for repeat in range(repeats + 1):
             count = 2 if repeat == 0 else steps
@@ -79,8 +81,8 @@ def decode_latency(model: nn.Module, context: int, steps: int = 16, repeats: int
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
             for _ in range(count):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(input_ids=token, use_cache=True, **{keyword: cache})
+                cache = returned_cache(out)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if repeat:

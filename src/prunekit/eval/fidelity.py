@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.cache import cache_keyword, returned_cache
+
 
 # ----------------------------------------------------------------------------------------------
 # Pure metrics
@@ -168,11 +170,11 @@ def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int, batch_si
     for start in range(0, prompts.shape[0], batch_size):
         batch = prompts[start:start + batch_size].to(device)
         out = model(input_ids=batch, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        past, token = returned_cache(out), out.logits[:, -1].argmax(-1)
         generated = [token]
         for _ in range(new_tokens - 1):
-            out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+            out = model(input_ids=token[:, None], use_cache=True, **{cache_keyword(model): past})
+            past, token = returned_cache(out), out.logits[:, -1].argmax(-1)
             generated.append(token)
         parts.append(torch.stack(generated, dim=1).cpu())
         del past, out

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..models.cache import cache_keyword, returned_cache
+
 MAX_NEW_TOKENS = 8
 CHOICES = 4
 ROWS_PER_FORWARD = 64      # questions per forward pass (the few-shot prefix is shared, rows are short)
@@ -190,7 +192,7 @@ class _Prefix:
         self.past = None
         if ids:
             self.past = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([ids], device=device), past_key_values=self.past, use_cache=True)
+            model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_keyword(model): self.past})
 
     def cache(self, rows: int):
         if self.past is None:
@@ -223,14 +225,15 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, devi
     answers: list[str] = [""] * len(prompts)
     # many short rows per forward: on a CPU one forward costs about the same for 8 or 64 short rows
     # (reading the weights dominates), and answers need up to MAX_NEW_TOKENS forwards per batch
+    keyword = cache_keyword(model)
     for rows in _same_length_batches([len(t) for t in tails], max(batch_size, ROWS_PER_FORWARD)):
         past = prefix.cache(len(rows))
         ids = torch.tensor([tails[r] for r in rows], device=device)
         generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         for _ in range(MAX_NEW_TOKENS):
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids, use_cache=True, **{keyword: past})
+            past = returned_cache(out)
             tokens = out.logits[:, -1].argmax(-1)                                  # (rows,)
             for k, token in enumerate(tokens.tolist()):
                 if done[k]:
@@ -271,7 +274,7 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[list[str]
                                                 LOGITS_BUDGET_BYTES // (longest * vocab_size(model) * 4)))
     for batch in _same_length_batches([len(c) + len(t) for c, t in rows], per_forward):
         ids = torch.tensor([rows[r][0] + rows[r][1] for r in batch], device=device)
-        logits = model(input_ids=ids, past_key_values=prefix.cache(len(batch)), use_cache=True).logits
+        logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): prefix.cache(len(batch))}).logits
         for k, r in enumerate(batch):
             tail, continuation = rows[r]
             # the logits at position p predict the token at p + 1

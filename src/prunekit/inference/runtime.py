@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.cache import cache_keyword
+
 ATTENTION_PREFIX = "prunekit_"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -144,7 +146,7 @@ def activate(model: nn.Module, mechanisms: list):
             if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
                 raise ValueError("this inference-time pruning keeps its own KV cache (appended in place; entries "
                                  "differ per head or layer); call generate without past_key_values")
-            kwargs["cache"] = state.new_cache()
+            kwargs[cache_keyword(model)] = state.new_cache()
         return generate(*args, **kwargs)
 
     for module in modules:
