@@ -49,9 +49,9 @@ import os
 import platform
 import sysconfig
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import torch
