@@ -300,7 +300,7 @@ class NoAttention(nn.Module):
     many positions went by, since the model reads the sequence length (and so the positions of new tokens)
     from the cache of layer 0, which may be this one: it stores a zero key and value of one head of one
     number per token (a cache of 0 heads would hold no elements, and transformers counts an empty cache
-    layer as length 0). The block passes the cache as `cache` (recent transformers) or `past_key_values`
+    layer as length 0). The block passes the cache as `cache` (transformers >= 5.24) or `past_key_values`
     (earlier ones): both are accepted."""
 
     CACHE_PER_TOKEN = 2          # cached elements per token: one key number and one value number

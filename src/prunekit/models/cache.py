@@ -1,9 +1,10 @@
 """The KV cache's keyword across transformers releases.
 
-transformers 5.2x renamed a model's `past_key_values` argument and output to `cache` (the old name still
-works with a FutureWarning and is to be removed in 5.40; earlier releases know only `past_key_values`). A
-decode loop that passed the wrong name to a release without the alias would run without its cache, silently.
-So every hand-written decode loop asks the model which name its forward takes.
+transformers 5.24 renamed a model's `past_key_values` argument and output to `cache` (the old name still
+works with a FutureWarning and is to be removed in 5.40; 5.23 and earlier know only `past_key_values`). A
+decode loop that passed a name the release does not know would run without its cache, silently (the
+forward swallows unknown keywords). So every hand-written decode loop asks the model which name its forward
+takes.
 """
 from __future__ import annotations
 
