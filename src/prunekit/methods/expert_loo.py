@@ -35,6 +35,7 @@ class ExpertLooConfig(ExpertsConfig):
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
 
 
+@torch.no_grad()
 def loo_errors(routed: RoutedTokens, rows: Tensor) -> Tensor:
     """(E,) float64: sum over the tokens `rows` of ||MoE output - MoE output without expert j||^2."""
     errors = torch.zeros(routed.num_experts, dtype=torch.float64)

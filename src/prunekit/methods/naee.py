@@ -59,6 +59,7 @@ def subset_count(num_experts: int, drop: int, groups: int = 1) -> int:
 
 
 @register("naee", NaeeConfig, scope="experts", calibrated=True)
+@torch.no_grad()
 def naee(routed: RoutedTokens, cfg: NaeeConfig, keep: int | None) -> Tensor:
     if keep is None:
         raise ValueError("naee needs the number of experts to keep per block (uniform mode)")
