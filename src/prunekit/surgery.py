@@ -300,8 +300,7 @@ class NoAttention(nn.Module):
     many positions went by, since the model reads the sequence length (and so the positions of new tokens)
     from the cache of layer 0, which may be this one: it stores a zero key and value of one head of one
     number per token (a cache of 0 heads would hold no elements, and transformers counts an empty cache
-    layer as length 0). The block passes the cache as `cache` (transformers >= 5.24) or `past_key_values`
-    (earlier ones): both are accepted."""
+    layer as length 0). The block passes it the cache as `cache` (transformers >= 5.24, the floor)."""
 
     CACHE_PER_TOKEN = 2          # cached elements per token: one key number and one value number
 
@@ -309,8 +308,7 @@ class NoAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: Tensor, *args, cache=None, past_key_values=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
+    def forward(self, hidden_states: Tensor, *args, cache=None, **kwargs):
         if cache is not None:
             zero = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             cache.update(zero, zero, self.layer_idx)
