@@ -166,14 +166,14 @@ def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int, batch_si
     prompts = prompts.to(torch.long)
     if new_tokens < 1:
         return torch.zeros(prompts.shape[0], 0, dtype=torch.long)
-    parts = []
+    parts, keyword = [], cache_keyword(model)
     for start in range(0, prompts.shape[0], batch_size):
         batch = prompts[start:start + batch_size].to(device)
         out = model(input_ids=batch, use_cache=True)
         past, token = returned_cache(out), out.logits[:, -1].argmax(-1)
         generated = [token]
         for _ in range(new_tokens - 1):
-            out = model(input_ids=token[:, None], use_cache=True, **{cache_keyword(model): past})
+            out = model(input_ids=token[:, None], use_cache=True, **{keyword: past})
             past, token = returned_cache(out), out.logits[:, -1].argmax(-1)
             generated.append(token)
         parts.append(torch.stack(generated, dim=1).cpu())

@@ -272,9 +272,10 @@ def choice_logliks(model, tokenizer, prompts: list[str], choices: list[list[str]
     longest = max(len(c) + len(t) for c, t in rows)
     per_forward = max(batch_size * CHOICES, min(ROWS_PER_FORWARD * CHOICES,
                                                 LOGITS_BUDGET_BYTES // (longest * vocab_size(model) * 4)))
+    keyword = cache_keyword(model)
     for batch in _same_length_batches([len(c) + len(t) for c, t in rows], per_forward):
         ids = torch.tensor([rows[r][0] + rows[r][1] for r in batch], device=device)
-        logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): prefix.cache(len(batch))}).logits
+        logits = model(input_ids=ids, use_cache=True, **{keyword: prefix.cache(len(batch))}).logits
         for k, r in enumerate(batch):
             tail, continuation = rows[r]
             # the logits at position p predict the token at p + 1

@@ -1,10 +1,10 @@
 """The KV cache's keyword across transformers releases.
 
-transformers 5.24 renamed a model's `past_key_values` argument and output to `cache` (the old name still
-works with a FutureWarning and is to be removed in 5.40; 5.23 and earlier know only `past_key_values`). A
-decode loop that passed a name the release does not know would run without its cache, silently (the
-forward swallows unknown keywords). So every hand-written decode loop asks the model which name its forward
-takes.
+transformers 5.24 (prunekit's floor) renamed a model's `past_key_values` argument and output to `cache`;
+the old name still works with a FutureWarning and is to be removed in 5.40. A model with its own modeling
+code (trust_remote_code) may know only `past_key_values`. A decode loop that passed a name the forward does
+not know would run without its cache, silently (the forward swallows unknown keywords). So every
+hand-written decode loop asks the model, once, which name its forward takes.
 """
 from __future__ import annotations
 
