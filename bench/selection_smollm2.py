@@ -430,28 +430,13 @@ def main(argv=None) -> int:
 
 
 def _commit() -> str | None:
-    """The checkout's commit, read from .git (no git process). In a linked worktree .git is a file naming
-    the worktree's git folder ("gitdir: ..."), which has HEAD; branches live in the common folder."""
-    git = Path(__file__).resolve().parents[1] / ".git"
+    """The checkout's commit (git resolves a linked worktree too), or None outside a git checkout."""
     try:
-        if git.is_file():
-            git = (git.parent / git.read_text().strip().removeprefix("gitdir:").strip()).resolve()
-        common = git
-        if (git / "commondir").is_file():
-            common = (git / (git / "commondir").read_text().strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        for folder in (git, common):
-            if (folder / ref).is_file():
-                return (folder / ref).read_text().strip()[:12]
-        for line in (common / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0][:12]
+        done = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=False)
     except OSError:
-        pass
-    return None
+        return None
+    return done.stdout.strip() or None
 
 
 def _host() -> dict:
